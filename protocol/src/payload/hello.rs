@@ -1,0 +1,69 @@
+//! HELLO and HELLO_ACK: version negotiation and the parameters each side announces.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Who is speaking: shown in logs and audit records, never used for decisions.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Implementation {
+    pub name: String,
+    pub version: String,
+}
+
+/// What one side can receive. Each value limits the *peer's* sending.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ReceiveParams {
+    /// Largest frame payload this side accepts, in bytes (4 KiB ..= 16 MiB).
+    pub max_frame: u32,
+    /// DATA bytes the peer may send on a new stream before a WINDOW_UPDATE (1 ..= 2^31-1).
+    pub initial_stream_window: u32,
+    /// DATA bytes the peer may send across all streams before a WINDOW_UPDATE on stream 0 (1 ..= 2^31-1).
+    pub initial_connection_window: u32,
+}
+
+/// Guest → host, first frame of a session (type 0x01, stream 0).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Hello {
+    /// Protocol major versions the client speaks, in any order. This document defines version 1.
+    pub versions: Vec<u16>,
+    pub implementation: Implementation,
+    /// Optional capabilities; unknown names are ignored. Version 1 defines none.
+    #[serde(default)]
+    pub features: Vec<String>,
+    /// What this side accepts from the peer.
+    pub receive: ReceiveParams,
+}
+
+/// Limits the host enforces on this session, so the guest can refuse early instead of being cut off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Limits {
+    /// Streams the guest may have open at once; one more is refused with `resource_exhausted`.
+    pub max_concurrent_streams: u32,
+    /// Largest request body, in bytes (`body_too_large` beyond).
+    pub max_request_bytes: u64,
+    /// Largest response body, in bytes (`response_too_large` beyond).
+    pub max_response_bytes: u64,
+    /// Redirect hops followed in `follow` mode (`too_many_redirects` beyond).
+    pub max_redirects: u32,
+    pub connect_timeout_ms: u64,
+    /// Longest silence on an upstream response before `upstream_timeout`.
+    pub idle_timeout_ms: u64,
+    /// Upper bound for a whole request, whatever the guest's own `timeout_ms` says.
+    pub total_timeout_ms: u64,
+}
+
+/// Host → guest answer to an acceptable HELLO (type 0x02, stream 0). A HELLO the host cannot accept is
+/// answered with an ERROR on stream 0 instead (`unsupported_version`, `protocol_error`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct HelloAck {
+    /// The highest version both sides speak.
+    pub version: u16,
+    /// Assigned by the host; names this session in audit records.
+    pub session_id: u64,
+    pub implementation: Implementation,
+    #[serde(default)]
+    pub features: Vec<String>,
+    /// What this side accepts from the peer.
+    pub receive: ReceiveParams,
+    pub limits: Limits,
+}
