@@ -12,10 +12,26 @@ use support::{check_generated, repo_root};
 
 fn schemas() -> Vec<(&'static str, &'static str, Schema)> {
     vec![
-        ("hello.schema.json", "HELLO payload (frame 0x01)", schema_for!(Hello)),
-        ("hello-ack.schema.json", "HELLO_ACK payload (frame 0x02)", schema_for!(HelloAck)),
-        ("goaway.schema.json", "GOAWAY payload (frame 0x06)", schema_for!(GoAway)),
-        ("open.schema.json", "OPEN payload (frame 0x10): method and its params", schema_for!(MethodCall)),
+        (
+            "hello.schema.json",
+            "HELLO payload (frame 0x01)",
+            schema_for!(Hello),
+        ),
+        (
+            "hello-ack.schema.json",
+            "HELLO_ACK payload (frame 0x02)",
+            schema_for!(HelloAck),
+        ),
+        (
+            "goaway.schema.json",
+            "GOAWAY payload (frame 0x06)",
+            schema_for!(GoAway),
+        ),
+        (
+            "open.schema.json",
+            "OPEN payload (frame 0x10): method and its params",
+            schema_for!(MethodCall),
+        ),
         (
             "head.pep.http.request.schema.json",
             "HEAD payload (frame 0x12) of a pep.http.request stream",
@@ -26,15 +42,26 @@ fn schemas() -> Vec<(&'static str, &'static str, Schema)> {
             "HEAD payload (frame 0x12) of a pep.policy.check stream",
             schema_for!(PolicyDecision),
         ),
-        ("end.schema.json", "END payload (frame 0x13) when it carries trailers", schema_for!(End)),
-        ("error.schema.json", "ERROR payload (frame 0x14)", schema_for!(ErrorPayload)),
+        (
+            "end.schema.json",
+            "END payload (frame 0x13) when it carries trailers",
+            schema_for!(End),
+        ),
+        (
+            "error.schema.json",
+            "ERROR payload (frame 0x14)",
+            schema_for!(ErrorPayload),
+        ),
     ]
 }
 
 fn render(file: &str, title: &str, schema: Schema) -> String {
     let mut value = schema.to_value();
     let object = value.as_object_mut().expect("schema is an object");
-    object.insert("$id".into(), format!("https://pexi.invalid/schemas/{file}").into());
+    object.insert(
+        "$id".into(),
+        format!("https://pexi.invalid/schemas/{file}").into(),
+    );
     object.insert("title".into(), title.into());
     serde_json::to_string_pretty(&value).expect("json") + "\n"
 }
@@ -61,7 +88,8 @@ fn checked_in_schemas_match_the_code() {
 #[test]
 fn schemas_are_valid_json_schema_and_describe_byte_strings() {
     for (file, title, schema) in schemas() {
-        let value: serde_json::Value = serde_json::from_str(&render(file, title, schema)).expect("json");
+        let value: serde_json::Value =
+            serde_json::from_str(&render(file, title, schema)).expect("json");
         if let Err(err) = jsonschema::meta::validate(&value) {
             panic!("{file} is not a valid JSON Schema: {err}");
         }
@@ -69,5 +97,8 @@ fn schemas_are_valid_json_schema_and_describe_byte_strings() {
     let head: serde_json::Value =
         serde_json::from_str(&render("h", "t", schema_for!(HttpResponseHead))).expect("json");
     let text = head.to_string();
-    assert!(text.contains("\"x-cbor-type\":\"bytes\""), "header values must be marked as CBOR byte strings");
+    assert!(
+        text.contains("\"x-cbor-type\":\"bytes\""),
+        "header values must be marked as CBOR byte strings"
+    );
 }

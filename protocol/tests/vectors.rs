@@ -59,12 +59,7 @@ fn roundtrip<T: serde::Serialize + serde::de::DeserializeOwned>(bytes: &[u8]) ->
     cbor::encode(&cbor::decode::<T>("vector", bytes).expect("vector payload decodes"))
 }
 
-fn valid(
-    name: &'static str,
-    description: &'static str,
-    frame: Frame,
-    payload: Payload,
-) -> Vector {
+fn valid(name: &'static str, description: &'static str, frame: Frame, payload: Payload) -> Vector {
     Vector {
         name,
         description,
@@ -99,7 +94,13 @@ fn receive_params() -> ReceiveParams {
 }
 
 /// A header with a correct header CRC around whatever fields we like.
-fn raw_header(version: u8, frame_type: u8, stream_id: u32, length: u32, payload_crc: u32) -> Vec<u8> {
+fn raw_header(
+    version: u8,
+    frame_type: u8,
+    stream_id: u32,
+    length: u32,
+    payload_crc: u32,
+) -> Vec<u8> {
     let mut h = Vec::with_capacity(HEADER_LEN);
     h.extend_from_slice(b"PEXI");
     h.push(version);
@@ -138,18 +139,18 @@ fn catalog() -> Vec<Vector> {
         receive: receive_params(),
         limits: Limits::default(),
     };
-    let denied = ErrorPayload::new(ErrorCode::PolicyDenied, "request denied by policy").with_details(
-        ErrorDetails {
+    let denied = ErrorPayload::new(ErrorCode::PolicyDenied, "request denied by policy")
+        .with_details(ErrorDetails {
             reasons: vec!["host evil.example is not in the allowlist".into()],
             decision_id: Some("d-000001".into()),
             ..ErrorDetails::default()
-        },
-    );
-    let unsupported = ErrorPayload::new(ErrorCode::UnsupportedVersion, "no common protocol version")
-        .with_details(ErrorDetails {
-            supported_versions: vec![1],
-            ..ErrorDetails::default()
         });
+    let unsupported =
+        ErrorPayload::new(ErrorCode::UnsupportedVersion, "no common protocol version")
+            .with_details(ErrorDetails {
+                supported_versions: vec![1],
+                ..ErrorDetails::default()
+            });
     let response_head = HttpResponseHead {
         status: 200,
         headers: vec![
@@ -291,8 +292,8 @@ fn render(vectors: &[Vector]) -> String {
                         "payload_hex": hex::encode(&frame.payload),
                     });
                     if let Payload::Cbor { schema, .. } = payload {
-                        let value: ciborium::Value =
-                            ciborium::from_reader(&frame.payload[..]).expect("vector payload is CBOR");
+                        let value: ciborium::Value = ciborium::from_reader(&frame.payload[..])
+                            .expect("vector payload is CBOR");
                         entry["payload"] = cbor_to_json(&value);
                         entry["schema"] = json!(schema);
                     }
@@ -354,7 +355,12 @@ fn valid_vectors_decode_to_the_same_frame_and_payload() {
         assert_eq!(&decoded, frame, "{}", v.name);
         assert!(input.is_empty() && decoder.decode(&mut input).is_none());
         if let Payload::Cbor { roundtrip, .. } = payload {
-            assert_eq!(roundtrip(&decoded.payload), decoded.payload.to_vec(), "{}: re-encoding differs", v.name);
+            assert_eq!(
+                roundtrip(&decoded.payload),
+                decoded.payload.to_vec(),
+                "{}: re-encoding differs",
+                v.name
+            );
         }
     }
 }
@@ -401,7 +407,11 @@ fn invalid_vectors_have_the_documented_decoder_outcome() {
 #[test]
 fn an_established_host_reacts_to_special_vectors_as_documented() {
     for v in catalog() {
-        let Kind::Special { bytes, session: Some(expected) } = &v.kind else {
+        let Kind::Special {
+            bytes,
+            session: Some(expected),
+        } = &v.kind
+        else {
             continue;
         };
         let (_guest, mut host) = established();
@@ -419,7 +429,8 @@ fn an_established_host_reacts_to_special_vectors_as_documented() {
             "protocol_error" => {
                 assert!(
                     matches!(events.as_slice(), [Event::Rejected { stream_id: 0, error }] if error.code == ErrorCode::ProtocolError),
-                    "{}: {events:?}", v.name
+                    "{}: {events:?}",
+                    v.name
                 );
                 assert_eq!(sent, vec![FrameType::Error], "{}", v.name);
                 assert!(host.is_established());
@@ -427,7 +438,8 @@ fn an_established_host_reacts_to_special_vectors_as_documented() {
             "resync" => {
                 assert!(
                     matches!(events.first(), Some(Event::Rejected { stream_id: 0, error }) if error.code == ErrorCode::ProtocolError && error.details.frame_error.is_some()),
-                    "{}: {events:?}", v.name
+                    "{}: {events:?}",
+                    v.name
                 );
                 assert_eq!(sent, vec![FrameType::Error, FrameType::Sync], "{}", v.name);
                 assert!(host.is_resyncing(), "{}", v.name);
@@ -449,9 +461,11 @@ fn cbor_payloads_validate_against_their_schemas() {
         };
         let schema_path = repo_root().join("schemas").join(schema_name);
         let schema: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&schema_path).expect("schema file")).expect("json");
+            serde_json::from_str(&std::fs::read_to_string(&schema_path).expect("schema file"))
+                .expect("json");
         // The JSON in the file must be exactly the mapping of the CBOR in the hex.
-        let payload = hex::decode(entry["frame"]["payload_hex"].as_str().expect("hex")).expect("hex");
+        let payload =
+            hex::decode(entry["frame"]["payload_hex"].as_str().expect("hex")).expect("hex");
         let value: ciborium::Value = ciborium::from_reader(&payload[..]).expect("cbor");
         assert_eq!(cbor_to_json(&value), entry["payload"], "{}", entry["name"]);
         if let Err(err) = jsonschema::validate(&schema, &entry["payload"]) {
@@ -476,6 +490,9 @@ fn schemas_reject_what_the_decoder_rejects() {
         json!({"method": "pep.http.request", "params": {"method": "GET", "url": "u", "headers": [["a", 5]]}}),
     ];
     for instance in bad {
-        assert!(jsonschema::validate(&schema, &instance).is_err(), "{instance} accepted");
+        assert!(
+            jsonschema::validate(&schema, &instance).is_err(),
+            "{instance} accepted"
+        );
     }
 }

@@ -29,12 +29,11 @@ pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
 
 pub fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, PayloadError> {
     let mut reader = bytes;
-    let value = ciborium::de::from_reader_with_recursion_limit(&mut reader, RECURSION_LIMIT).map_err(
-        |err| PayloadError {
+    let value = ciborium::de::from_reader_with_recursion_limit(&mut reader, RECURSION_LIMIT)
+        .map_err(|err| PayloadError {
             what,
             reason: describe(err),
-        },
-    )?;
+        })?;
     if !reader.is_empty() {
         return Err(PayloadError {
             what,

@@ -124,11 +124,20 @@ pub enum Event {
     /// Client only: the host refused the HELLO. The session is closed.
     Refused(ErrorPayload),
     /// Server only: the guest opened a stream.
-    Opened { stream_id: u32, call: MethodCall },
+    Opened {
+        stream_id: u32,
+        call: MethodCall,
+    },
     /// Client only: the response head.
-    Head { stream_id: u32, head: ResponseHead },
+    Head {
+        stream_id: u32,
+        head: ResponseHead,
+    },
     /// DATA arrived. Call [`Session::release`] once it is consumed, or the peer runs out of credit.
-    Data { stream_id: u32, data: Bytes },
+    Data {
+        stream_id: u32,
+        data: Bytes,
+    },
     /// The peer finished its direction of the stream.
     End {
         stream_id: u32,
@@ -141,7 +150,9 @@ pub enum Event {
         origin: Origin,
     },
     /// More send credit: on that stream, or for every stream when `stream_id` is 0.
-    SendCapacity { stream_id: u32 },
+    SendCapacity {
+        stream_id: u32,
+    },
     Pong([u8; 8]),
     /// The peer accepts no new streams; streams above `last_stream_id` were failed with `session_reset`.
     GoAway(GoAway),
@@ -149,7 +160,10 @@ pub enum Event {
     PeerError(ErrorPayload),
     /// This side refused something the peer sent and told the peer so (ERROR on `stream_id`, 0 for the
     /// session). For logs; no action needed.
-    Rejected { stream_id: u32, error: ErrorPayload },
+    Rejected {
+        stream_id: u32,
+        error: ErrorPayload,
+    },
     /// A resynchronisation finished: the session is usable again.
     Resynced,
     /// The session is over (client refused or after GOAWAY for a fatal error).
@@ -488,7 +502,11 @@ impl Session {
         let nonce = self.next_random();
         self.state = State::Resyncing { nonce };
         self.reset_connection_windows();
-        self.push_control(FrameType::Sync, SESSION_STREAM, nonce.to_be_bytes().to_vec());
+        self.push_control(
+            FrameType::Sync,
+            SESSION_STREAM,
+            nonce.to_be_bytes().to_vec(),
+        );
     }
 
     /// The transport was re-established underneath (a virtio-serial port reconnected): anything buffered
@@ -621,8 +639,9 @@ impl Session {
             });
         }
         self.ordered.clear();
-        self.control
-            .retain(|frame| frame.stream_id == SESSION_STREAM && frame.frame_type != FrameType::WindowUpdate);
+        self.control.retain(|frame| {
+            frame.stream_id == SESSION_STREAM && frame.frame_type != FrameType::WindowUpdate
+        });
     }
 
     fn reset_connection_windows(&mut self) {

@@ -9,7 +9,7 @@ use bytes::Bytes;
 
 use super::{Event, Origin, Session, SessionInfo, State, Stream};
 use crate::frame::{
-    DecodeError, Frame, FrameType, Flags, HARD_MAX_PAYLOAD, MIN_MAX_PAYLOAD, SESSION_STREAM,
+    DecodeError, Flags, Frame, FrameType, HARD_MAX_PAYLOAD, MIN_MAX_PAYLOAD, SESSION_STREAM,
 };
 use crate::payload::{
     cbor, decode_nonce, decode_ping, decode_window_update, End, ErrorCode, ErrorDetails,
@@ -68,7 +68,8 @@ impl Session {
             }
             (Role::Server, FrameType::Sync) => self.tell_peer(
                 SESSION_STREAM,
-                ErrorPayload::new(ErrorCode::SessionReset, "no session: send HELLO").retryable(true),
+                ErrorPayload::new(ErrorCode::SessionReset, "no session: send HELLO")
+                    .retryable(true),
             ),
             (Role::Server, FrameType::Unknown(_)) if frame.flags.contains(Flags::IGNORABLE) => {}
             (Role::Server, other) => self.tell_peer(
@@ -268,7 +269,11 @@ impl Session {
         };
         self.reset_streams("the peer resynchronised the session");
         self.reset_connection_windows();
-        self.push_control(FrameType::SyncAck, SESSION_STREAM, nonce.to_be_bytes().to_vec());
+        self.push_control(
+            FrameType::SyncAck,
+            SESSION_STREAM,
+            nonce.to_be_bytes().to_vec(),
+        );
     }
 
     fn handle_open(&mut self, id: u32, payload: &[u8]) {
@@ -283,7 +288,10 @@ impl Session {
             return self.reject_stream(
                 id,
                 ErrorCode::ProtocolError,
-                format!("stream id {id} is not above the last one opened ({})", self.highest_stream),
+                format!(
+                    "stream id {id} is not above the last one opened ({})",
+                    self.highest_stream
+                ),
             );
         }
         self.highest_stream = id;
@@ -480,7 +488,10 @@ impl Session {
             self.reject_stream(
                 id,
                 ErrorCode::ProtocolError,
-                format!("{} for stream {id}, which was never opened", frame_type.name()),
+                format!(
+                    "{} for stream {id}, which was never opened",
+                    frame_type.name()
+                ),
             );
         }
     }
@@ -567,7 +578,10 @@ impl Session {
 /// An ERROR payload that cannot be decoded still ends the stream; keep what is known.
 fn decode_error_payload(payload: &[u8]) -> ErrorPayload {
     cbor::decode::<ErrorPayload>("ERROR", payload).unwrap_or_else(|err| {
-        ErrorPayload::new(ErrorCode::ProtocolError, format!("undecodable ERROR: {err}"))
+        ErrorPayload::new(
+            ErrorCode::ProtocolError,
+            format!("undecodable ERROR: {err}"),
+        )
     })
 }
 
@@ -580,7 +594,10 @@ fn check_receive_params(params: &ReceiveParams) -> Result<(), String> {
     }
     for (name, value) in [
         ("initial_stream_window", params.initial_stream_window),
-        ("initial_connection_window", params.initial_connection_window),
+        (
+            "initial_connection_window",
+            params.initial_connection_window,
+        ),
     ] {
         if !(1..=MAX_WINDOW).contains(&value) {
             return Err(format!("{name} {value} outside 1..=2^31-1"));

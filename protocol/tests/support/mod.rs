@@ -116,7 +116,13 @@ pub fn established() -> (Session, Session) {
 pub fn established_with(mut host: Session) -> (Session, Session) {
     let mut guest = client();
     settle(&mut guest, &mut host);
-    assert!(matches!(events(&mut guest).as_slice(), [Event::Established(_)]));
-    assert!(matches!(events(&mut host).as_slice(), [Event::Established(_)]));
+    assert!(matches!(
+        events(&mut guest).as_slice(),
+        [Event::Established(_)]
+    ));
+    assert!(matches!(
+        events(&mut host).as_slice(),
+        [Event::Established(_)]
+    ));
     (guest, host)
 }

@@ -1,0 +1,838 @@
+//! The session state machine driven deterministically: two real sessions joined by a byte pump.
+
+mod support;
+
+use bytes::Bytes;
+use pexi_protocol::frame::{Frame, FrameType};
+use pexi_protocol::payload::{
+    cbor, ErrorCode, HeaderField, HttpRequest, HttpResponseHead, Limits, MethodCall,
+    PolicyDecision, ResponseHead,
+};
+use pexi_protocol::session::{Config, Event, Origin, Session, SessionError};
+use support::{client, established, established_with, events, pump, server, server_with, settle};
+
+fn get(url: &str) -> MethodCall {
+    MethodCall::HttpRequest(HttpRequest::new("GET", url))
+}
+
+fn http_head(status: u16) -> ResponseHead {
+    ResponseHead::Http(HttpResponseHead {
+        status,
+        headers: vec![HeaderField::new("content-type", "text/plain")],
+        final_url: "https://example.com/".into(),
+        redirect_count: 0,
+        decision_id: "d-1".into(),
+    })
+}
+
+/// Frames queued by `session`, decoded back from bytes, without delivering them anywhere.
+fn drain_frames(session: &mut Session) -> Vec<Frame> {
+    std::iter::from_fn(|| session.poll_transmit()).collect()
+}
+
+fn failed_codes(events: &[Event]) -> Vec<(u32, ErrorCode, Origin)> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::StreamFailed {
+                stream_id,
+                error,
+                origin,
+            } => Some((*stream_id, error.code.clone(), *origin)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn handshake_agrees_on_version_session_id_and_limits() {
+    let limits = Limits {
+        max_concurrent_streams: 3,
+        max_redirects: 2,
+        ..Limits::default()
+    };
+    let mut guest = client();
+    let mut host = server_with(Config::new("test-host", "1.0"), limits);
+    settle(&mut guest, &mut host);
+    let (g, h) = match (events(&mut guest).as_slice(), events(&mut host).as_slice()) {
+        ([Event::Established(g)], [Event::Established(h)]) => (g.clone(), h.clone()),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(g.session_id, h.session_id);
+    assert_eq!((g.version, h.version), (1, 1));
+    assert_eq!(g.limits, limits);
+    assert_eq!(g.peer.name, "test-host");
+    assert_eq!(h.peer.name, "test-guest");
+}
+
+#[test]
+fn version_mismatch_is_refused_and_the_host_waits_for_a_better_hello() {
+    let mut config = Config::new("future-guest", "9.0");
+    config.versions = vec![2, 3];
+    let mut guest = Session::client(config);
+    let mut host = server();
+    settle(&mut guest, &mut host);
+    let guest_events = events(&mut guest);
+    match guest_events.as_slice() {
+        [Event::Refused(error), Event::Closed] => {
+            assert_eq!(error.code, ErrorCode::UnsupportedVersion);
+            assert_eq!(error.details.supported_versions, vec![1]);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(guest.is_closed());
+    assert_eq!(
+        guest.open(get("https://a.example/")),
+        Err(SessionError::Closed)
+    );
+    assert!(matches!(
+        events(&mut host).as_slice(),
+        [Event::Rejected { stream_id: 0, error }] if error.code == ErrorCode::UnsupportedVersion
+    ));
+    assert!(!host.is_established());
+
+    // The same host session (same port) accepts a guest that speaks version 1.
+    let mut guest = client();
+    settle(&mut guest, &mut host);
+    assert!(guest.is_established() && host.is_established());
+}
+
+#[test]
+fn nothing_but_hello_is_accepted_before_the_handshake() {
+    let mut host = server();
+    let open = Frame::new(FrameType::Open, 1, get("https://a.example/").encode());
+    let ping = Frame::new(FrameType::Ping, 0, b"12345678".to_vec());
+    host.receive(&[open.encode(), ping.encode()].concat());
+    let evs = events(&mut host);
+    assert_eq!(evs.len(), 2);
+    assert!(evs.iter().all(|e| matches!(e,
+        Event::Rejected { stream_id: 0, error } if error.code == ErrorCode::ProtocolError)));
+    let sent = drain_frames(&mut host);
+    assert!(sent
+        .iter()
+        .all(|f| f.frame_type == FrameType::Error && f.stream_id == 0));
+    assert!(!host.is_established());
+    // The client may not open either.
+    let mut guest = client();
+    assert_eq!(
+        guest.open(get("https://a.example/")),
+        Err(SessionError::NotEstablished)
+    );
+}
+
+#[test]
+fn a_request_and_its_streamed_response() {
+    let (mut guest, mut host) = established();
+    let id = guest
+        .open(MethodCall::HttpRequest(HttpRequest {
+            content_length: Some(11),
+            ..HttpRequest::new("POST", "https://a.example/upload")
+        }))
+        .expect("open");
+    assert_eq!(id, 1);
+    guest
+        .send_data(id, Bytes::from_static(b"hello "))
+        .expect("data");
+    guest
+        .send_data(id, Bytes::from_static(b"world"))
+        .expect("data");
+    guest.send_end(id, Vec::new()).expect("end");
+    settle(&mut guest, &mut host);
+
+    let evs = events(&mut host);
+    assert!(
+        matches!(&evs[0], Event::Opened { stream_id: 1, call: MethodCall::HttpRequest(r) } if r.method == "POST")
+    );
+    let body: Vec<u8> = evs
+        .iter()
+        .filter_map(|e| match e {
+            Event::Data { data, .. } => Some(data.to_vec()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    assert_eq!(body, b"hello world");
+    assert!(matches!(evs.last(), Some(Event::End { stream_id: 1, .. })));
+    host.release(id, body.len());
+
+    host.send_head(id, &http_head(404)).expect("head");
+    host.send_data(id, Bytes::from_static(b"not here"))
+        .expect("data");
+    host.send_end(id, vec![HeaderField::new("x-trailer", "t")])
+        .expect("end");
+    settle(&mut guest, &mut host);
+    let evs = events(&mut guest);
+    match evs.as_slice() {
+        [Event::Head {
+            stream_id: 1,
+            head: ResponseHead::Http(head),
+        }, Event::Data { data, .. }, Event::End { trailers, .. }] => {
+            assert_eq!(head.status, 404, "an upstream 4xx is a normal HEAD");
+            assert_eq!(&data[..], b"not here");
+            assert_eq!(trailers, &vec![HeaderField::new("x-trailer", "t")]);
+        }
+        other => panic!("{other:?}"),
+    }
+    guest.release(id, 8);
+    assert_eq!(guest.active_streams(), 0);
+    assert_eq!(host.active_streams(), 0);
+}
+
+#[test]
+fn policy_check_heads_are_typed_by_the_method() {
+    let (mut guest, mut host) = established();
+    let id = guest
+        .open(MethodCall::PolicyCheck(HttpRequest::new(
+            "GET",
+            "https://a.example/",
+        )))
+        .expect("open");
+    guest.send_end(id, Vec::new()).expect("end");
+    settle(&mut guest, &mut host);
+    events(&mut host);
+    let decision = PolicyDecision {
+        allow: true,
+        reasons: vec!["allowlisted".into()],
+        decision_id: "d-9".into(),
+    };
+    host.send_head(id, &ResponseHead::PolicyDecision(decision.clone()))
+        .expect("head");
+    host.send_end(id, Vec::new()).expect("end");
+    settle(&mut guest, &mut host);
+    assert!(matches!(
+        events(&mut guest).as_slice(),
+        [Event::Head { head: ResponseHead::PolicyDecision(d), .. }, Event::End { .. }] if *d == decision
+    ));
+}
+
+#[test]
+fn the_host_must_send_head_before_data_or_end() {
+    let (mut guest, mut host) = established();
+    let id = guest.open(get("https://a.example/")).expect("open");
+    settle(&mut guest, &mut host);
+    assert_eq!(
+        host.send_data(id, Bytes::from_static(b"x")),
+        Err(SessionError::HeadNotSent(id))
+    );
+    assert_eq!(
+        host.send_end(id, vec![]),
+        Err(SessionError::HeadNotSent(id))
+    );
+    assert_eq!(
+        guest.send_head(id, &http_head(200)),
+        Err(SessionError::WrongRole(
+            pexi_protocol::session::Role::Server
+        ))
+    );
+}
+
+#[test]
+fn unknown_methods_and_bad_params_get_their_own_codes() {
+    let (mut guest, mut host) = established();
+    #[derive(serde::Serialize)]
+    struct Raw<'a> {
+        method: &'a str,
+        params: serde_json::Value,
+    }
+    let frames = [
+        Frame::new(
+            FrameType::Open,
+            1,
+            cbor::encode(&Raw {
+                method: "pep.fs.write",
+                params: serde_json::json!({}),
+            }),
+        ),
+        Frame::new(
+            FrameType::Open,
+            3,
+            cbor::encode(&Raw {
+                method: "pep.http.request",
+                params: serde_json::json!({"method": "GET"}),
+            }),
+        ),
+        Frame::new(FrameType::Open, 5, b"\xff\x00not cbor".to_vec()),
+    ];
+    host.receive(&frames.iter().flat_map(Frame::encode).collect::<Vec<u8>>());
+    let codes: Vec<(u32, ErrorCode)> = events(&mut host)
+        .into_iter()
+        .map(|e| match e {
+            Event::Rejected { stream_id, error } => (stream_id, error.code),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        codes,
+        vec![
+            (1, ErrorCode::MethodNotFound),
+            (3, ErrorCode::InvalidRequest),
+            (5, ErrorCode::InvalidRequest)
+        ]
+    );
+    // And the guest hears each as a stream ERROR. (It never opened these through its API, so it reports them
+    // as frames for unknown streams; what matters here is what crossed the wire.)
+    let sent = drain_frames(&mut host);
+    assert_eq!(
+        sent.iter()
+            .map(|f| (f.frame_type, f.stream_id))
+            .collect::<Vec<_>>(),
+        vec![
+            (FrameType::Error, 1),
+            (FrameType::Error, 3),
+            (FrameType::Error, 5)
+        ]
+    );
+    let _ = &mut guest;
+}
+
+#[test]
+fn stream_ids_must_be_odd_and_increasing() {
+    let (_guest, mut host) = established();
+    let open = |id| Frame::new(FrameType::Open, id, get("https://a.example/").encode()).encode();
+    host.receive(&open(5));
+    assert!(matches!(
+        events(&mut host).as_slice(),
+        [Event::Opened { stream_id: 5, .. }]
+    ));
+    for bad in [3, 5, 8] {
+        host.receive(&open(bad));
+        let evs = events(&mut host);
+        assert!(
+            evs.iter().any(|e| matches!(e,
+                Event::Rejected { stream_id, error } | Event::StreamFailed { stream_id, error, .. }
+                    if *stream_id == bad && error.code == ErrorCode::ProtocolError)),
+            "id {bad}: {evs:?}"
+        );
+    }
+    host.receive(&open(7));
+    assert!(matches!(
+        events(&mut host).as_slice(),
+        [Event::Opened { stream_id: 7, .. }]
+    ));
+}
+
+#[test]
+fn concurrent_stream_limit_is_enforced_on_both_sides() {
+    let limits = Limits {
+        max_concurrent_streams: 2,
+        ..Limits::default()
+    };
+    let (mut guest, mut host) = established_with(server_with(Config::new("h", "1"), limits));
+    guest.open(get("https://a.example/1")).expect("first");
+    guest.open(get("https://a.example/2")).expect("second");
+    assert_eq!(
+        guest.open(get("https://a.example/3")),
+        Err(SessionError::TooManyStreams(2))
+    );
+    settle(&mut guest, &mut host);
+    // A guest that ignores the limit is refused by the host with a retryable resource_exhausted.
+    host.receive(&Frame::new(FrameType::Open, 5, get("https://a.example/3").encode()).encode());
+    let evs = events(&mut host);
+    assert!(
+        matches!(evs.last(), Some(Event::Rejected { stream_id: 5, error })
+        if error.code == ErrorCode::ResourceExhausted && error.retryable && error.details.limit == Some(2))
+    );
+}
+
+#[test]
+fn a_sender_never_exceeds_its_credit() {
+    // Small windows so that the 1 MiB body needs many round trips.
+    let mut host_config = Config::new("h", "1");
+    host_config.receive.initial_stream_window = 10_000;
+    host_config.receive.initial_connection_window = 25_000;
+    let (mut guest, mut host) = established_with(server_with(host_config, Limits::default()));
+    let ids: Vec<u32> = (0..3)
+        .map(|i| {
+            guest
+                .open(get(&format!("https://a.example/{i}")))
+                .expect("open")
+        })
+        .collect();
+    settle(&mut guest, &mut host);
+    events(&mut host);
+
+    let total = 1 << 20;
+    let mut sent = vec![0usize; ids.len()];
+    let mut received = vec![0usize; ids.len()];
+    for _round in 0..10_000 {
+        for (i, &id) in ids.iter().enumerate() {
+            let room = guest.send_capacity(id).min(total - sent[i]).min(3_000);
+            if room > 0 {
+                guest
+                    .send_data(id, Bytes::from(vec![i as u8; room]))
+                    .expect("within capacity");
+                sent[i] += room;
+            }
+            assert_eq!(
+                guest.send_data(id, Bytes::from(vec![0; guest.send_capacity(id) + 1])),
+                Err(SessionError::InsufficientCapacity {
+                    requested: guest.send_capacity(id) + 1,
+                    available: guest.send_capacity(id)
+                })
+            );
+        }
+        pump(&mut guest, &mut host);
+        // Held-but-unreleased data can never exceed the windows granted.
+        let mut held = vec![0usize; ids.len()];
+        for event in events(&mut host) {
+            match event {
+                Event::Data { stream_id, data } => {
+                    let i = ids
+                        .iter()
+                        .position(|&x| x == stream_id)
+                        .expect("known stream");
+                    assert!(data.iter().all(|&b| b == i as u8), "streams do not mix");
+                    held[i] += data.len();
+                }
+                Event::StreamFailed { .. } | Event::Rejected { .. } => panic!("{event:?}"),
+                _ => {}
+            }
+        }
+        assert!(
+            held.iter().all(|&h| h <= 10_000),
+            "stream window exceeded: {held:?}"
+        );
+        assert!(
+            held.iter().sum::<usize>() <= 25_000,
+            "session window exceeded: {held:?}"
+        );
+        for (i, &id) in ids.iter().enumerate() {
+            received[i] += held[i];
+            host.release(id, held[i]);
+        }
+        pump(&mut host, &mut guest);
+        events(&mut guest);
+        if received.iter().all(|&r| r == total) {
+            return;
+        }
+    }
+    panic!("transfer did not complete: {received:?}");
+}
+
+#[test]
+fn data_beyond_credit_fails_the_stream_or_the_session() {
+    let mut host_config = Config::new("h", "1");
+    host_config.receive.initial_stream_window = 100;
+    host_config.receive.initial_connection_window = 150;
+    let (mut guest, mut host) = established_with(server_with(host_config, Limits::default()));
+    let a = guest.open(get("https://a.example/a")).expect("open");
+    let b = guest.open(get("https://a.example/b")).expect("open");
+    settle(&mut guest, &mut host);
+    events(&mut host);
+    // A misbehaving guest ignores the stream window: that stream alone fails.
+    host.receive(&Frame::new(FrameType::Data, a, vec![0u8; 101]).encode());
+    assert_eq!(
+        failed_codes(&events(&mut host)),
+        vec![(a, ErrorCode::ProtocolError, Origin::Local)]
+    );
+    // The 101 discarded bytes went back into the session window, so 100 more fit on stream b.
+    host.receive(&Frame::new(FrameType::Data, b, vec![0u8; 100]).encode());
+    assert!(matches!(events(&mut host).as_slice(), [Event::Data { .. }]));
+    // Past the session window the peer's accounting is broken: GOAWAY.
+    host.receive(&Frame::new(FrameType::Data, b, vec![0u8; 60]).encode());
+    let evs = events(&mut host);
+    assert!(evs.iter().any(|e| matches!(e, Event::Rejected { stream_id: 0, error } if error.code == ErrorCode::ProtocolError)), "{evs:?}");
+    assert!(drain_frames(&mut host)
+        .iter()
+        .any(|f| f.frame_type == FrameType::GoAway));
+    assert!(!host.is_established());
+}
+
+#[test]
+fn discarded_data_still_returns_session_credit() {
+    let mut host_config = Config::new("h", "1");
+    host_config.receive.initial_stream_window = 8_000;
+    host_config.receive.initial_connection_window = 8_000;
+    let (mut guest, mut host) = established_with(server_with(host_config, Limits::default()));
+    for round in 0..5 {
+        let id = guest
+            .open(get(&format!("https://a.example/{round}")))
+            .expect("open");
+        pump(&mut guest, &mut host);
+        // The host refuses the stream at once...
+        host.send_error(
+            id,
+            pexi_protocol::payload::ErrorPayload::new(ErrorCode::PolicyDenied, "no"),
+        )
+        .expect("error");
+        // ...while the guest, not yet aware, spends the whole session window on it.
+        assert_eq!(
+            guest.send_capacity(id),
+            8_000,
+            "round {round}: session credit leaked"
+        );
+        guest
+            .send_data(id, Bytes::from(vec![1u8; 8_000]))
+            .expect("data");
+        settle(&mut guest, &mut host);
+        let evs = events(&mut guest);
+        assert!(failed_codes(&evs).contains(&(id, ErrorCode::PolicyDenied, Origin::Peer)));
+        assert!(
+            events(&mut host)
+                .iter()
+                .all(|e| !matches!(e, Event::Data { .. })),
+            "discarded, not delivered"
+        );
+    }
+}
+
+#[test]
+fn data_held_by_a_failed_stream_is_released_with_it() {
+    let mut host_config = Config::new("h", "1");
+    host_config.receive.initial_stream_window = 5_000;
+    host_config.receive.initial_connection_window = 5_000;
+    let (mut guest, mut host) = established_with(server_with(host_config, Limits::default()));
+    let a = guest.open(get("https://a.example/a")).expect("open");
+    guest
+        .send_data(a, Bytes::from(vec![0u8; 5_000]))
+        .expect("data");
+    settle(&mut guest, &mut host);
+    events(&mut host); // the host application never releases these 5000 bytes...
+    guest.cancel(a).expect("cancel"); // ...and the guest gives up on the stream.
+    settle(&mut guest, &mut host);
+    assert_eq!(
+        failed_codes(&events(&mut host)),
+        vec![(a, ErrorCode::Cancelled, Origin::Peer)]
+    );
+    let b = guest.open(get("https://a.example/b")).expect("open");
+    assert_eq!(guest.send_capacity(b), 5_000);
+}
+
+#[test]
+fn control_frames_overtake_queued_data() {
+    let (mut guest, mut host) = established();
+    let id = guest.open(get("https://a.example/")).expect("open");
+    guest
+        .send_data(id, Bytes::from(vec![0u8; 200_000]))
+        .expect("data");
+    guest.ping(*b"urgent!!").expect("ping");
+    let order: Vec<FrameType> = drain_frames(&mut guest)
+        .iter()
+        .map(|f| f.frame_type)
+        .collect();
+    assert_eq!(order[0], FrameType::Ping);
+    assert_eq!(order[1], FrameType::Open, "stream frames keep their order");
+    assert!(order[2..].iter().all(|t| *t == FrameType::Data));
+    assert_eq!(order.len(), 2 + 200_000usize.div_ceil(65_536));
+    let _ = &mut host;
+}
+
+#[test]
+fn ping_is_answered_with_the_same_bytes() {
+    let (mut guest, mut host) = established();
+    guest.ping(*b"pexi-ok!").expect("ping");
+    settle(&mut guest, &mut host);
+    assert_eq!(events(&mut guest), vec![Event::Pong(*b"pexi-ok!")]);
+}
+
+#[test]
+fn cancel_before_open_left_sends_nothing() {
+    let (mut guest, mut host) = established();
+    let id = guest.open(get("https://a.example/")).expect("open");
+    guest
+        .send_data(id, Bytes::from_static(b"abc"))
+        .expect("data");
+    guest.cancel(id).expect("cancel");
+    assert!(drain_frames(&mut guest).is_empty());
+    // The id stays used: the next stream gets a higher one, and the host accepts the gap.
+    let next = guest.open(get("https://a.example/")).expect("open");
+    assert_eq!(next, id + 2);
+    settle(&mut guest, &mut host);
+    assert!(
+        matches!(events(&mut host).as_slice(), [Event::Opened { stream_id, .. }] if *stream_id == next)
+    );
+}
+
+#[test]
+fn cancel_mid_response_stops_the_host_and_late_frames_are_harmless() {
+    let (mut guest, mut host) = established();
+    let id = guest.open(get("https://a.example/sse")).expect("open");
+    guest.send_end(id, vec![]).expect("end");
+    settle(&mut guest, &mut host);
+    events(&mut host);
+    host.send_head(id, &http_head(200)).expect("head");
+    host.send_data(id, Bytes::from_static(b"data: 1\n\n"))
+        .expect("data");
+    settle(&mut guest, &mut host);
+    events(&mut guest);
+    guest.cancel(id).expect("cancel");
+    // The host is still writing when the CANCEL crosses.
+    host.send_data(id, Bytes::from_static(b"data: 2\n\n"))
+        .expect("data");
+    settle(&mut guest, &mut host);
+    assert_eq!(
+        failed_codes(&events(&mut host)),
+        vec![(id, ErrorCode::Cancelled, Origin::Peer)]
+    );
+    assert!(
+        events(&mut guest).is_empty(),
+        "late DATA for a cancelled stream is dropped quietly"
+    );
+    assert_eq!(
+        host.send_data(id, Bytes::from_static(b"x")),
+        Err(SessionError::UnknownStream(id))
+    );
+}
+
+#[test]
+fn resync_after_garbage_fails_in_flight_streams_and_recovers() {
+    let (mut guest, mut host) = established();
+    let ids: Vec<u32> = (0..3)
+        .map(|i| {
+            guest
+                .open(get(&format!("https://a.example/{i}")))
+                .expect("open")
+        })
+        .collect();
+    settle(&mut guest, &mut host);
+    events(&mut host);
+
+    // Half a frame and some noise, as a virtio-serial reconnect can leave behind, then a valid PING.
+    let half = Frame::new(FrameType::Data, 1, vec![7u8; 1000]).encode();
+    let mut garbage = half[..500].to_vec();
+    garbage.extend_from_slice(b"\x00\xffPEXInoise");
+    garbage.extend_from_slice(&Frame::new(FrameType::Ping, 0, b"after-gb".to_vec()).encode());
+    // The byte stream lost the tail of a DATA frame: the PING header lands inside its "payload". Force the
+    // loss to be detected by corrupting the header CRC of the cut frame instead.
+    garbage[21] ^= 0xff;
+    host.receive(&garbage);
+
+    let evs = events(&mut host);
+    assert!(
+        matches!(&evs[0], Event::Rejected { stream_id: 0, error } if error.details.frame_error.as_deref() == Some("bad_header_crc"))
+    );
+    let failed = failed_codes(&evs);
+    assert_eq!(failed.len(), 3);
+    assert!(failed
+        .iter()
+        .all(|(_, code, origin)| *code == ErrorCode::SessionReset && *origin == Origin::Local));
+    assert!(host.is_resyncing());
+    // The PING after the garbage was found, but frames other than SYNC/SYNC_ACK/HELLO wait for the resync.
+    let sent: Vec<FrameType> = drain_frames(&mut host)
+        .iter()
+        .map(|f| f.frame_type)
+        .collect();
+    assert_eq!(sent, vec![FrameType::Error, FrameType::Sync]);
+
+    // Replay for real through the guest.
+    let (mut guest, mut host) = established();
+    let ids2: Vec<u32> = (0..3)
+        .map(|i| {
+            guest
+                .open(get(&format!("https://a.example/{i}")))
+                .expect("open")
+        })
+        .collect();
+    settle(&mut guest, &mut host);
+    events(&mut host);
+    host.receive(&garbage);
+    events(&mut host);
+    settle(&mut guest, &mut host);
+    let guest_events = events(&mut guest);
+    assert!(matches!(&guest_events[0], Event::PeerError(e) if e.code == ErrorCode::ProtocolError));
+    let guest_failed = failed_codes(&guest_events);
+    assert_eq!(guest_failed.iter().map(|f| f.0).collect::<Vec<_>>(), ids2);
+    assert!(guest_failed
+        .iter()
+        .all(|(_, code, _)| *code == ErrorCode::SessionReset));
+    assert!(matches!(events(&mut host).as_slice(), [Event::Resynced]));
+    assert!(host.is_established() && guest.is_established());
+
+    // The session is usable again, with the same session id and fresh stream ids.
+    let id = guest.open(get("https://a.example/after")).expect("open");
+    assert!(id > *ids2.last().expect("ids"));
+    settle(&mut guest, &mut host);
+    assert!(
+        matches!(events(&mut host).as_slice(), [Event::Opened { stream_id, .. }] if *stream_id == id)
+    );
+    assert_eq!(
+        guest.info().map(|i| i.session_id),
+        host.info().map(|i| i.session_id)
+    );
+    let _ = ids;
+}
+
+#[test]
+fn the_guest_can_resync_after_a_reconnect_and_a_lost_sync_is_retried() {
+    let (mut guest, mut host) = established();
+    let id = guest.open(get("https://a.example/")).expect("open");
+    settle(&mut guest, &mut host);
+    events(&mut host);
+    guest.transport_reconnected();
+    assert_eq!(
+        failed_codes(&events(&mut guest)),
+        vec![(id, ErrorCode::SessionReset, Origin::Local)]
+    );
+    // The first SYNC is lost on the wire.
+    assert_eq!(
+        drain_frames(&mut guest)
+            .iter()
+            .map(|f| f.frame_type)
+            .collect::<Vec<_>>(),
+        vec![FrameType::Sync]
+    );
+    assert!(guest.is_resyncing());
+    // The adapter's retry timer fires: a fresh nonce goes out and is answered.
+    guest.resync();
+    settle(&mut guest, &mut host);
+    assert_eq!(events(&mut guest), vec![Event::Resynced]);
+    assert_eq!(
+        failed_codes(&events(&mut host)),
+        vec![(id, ErrorCode::SessionReset, Origin::Local)]
+    );
+    assert!(guest.open(get("https://a.example/")).is_ok());
+}
+
+#[test]
+fn a_sync_to_a_host_without_a_session_asks_for_hello() {
+    let mut host = server();
+    host.receive(&Frame::new(FrameType::Sync, 0, 42u64.to_be_bytes().to_vec()).encode());
+    assert!(matches!(events(&mut host).as_slice(),
+        [Event::Rejected { stream_id: 0, error }] if error.code == ErrorCode::SessionReset));
+}
+
+#[test]
+fn a_new_hello_restarts_the_session() {
+    let (mut guest, mut host) = established();
+    let id = guest.open(get("https://a.example/")).expect("open");
+    settle(&mut guest, &mut host);
+    events(&mut host);
+    let first_id = host.info().expect("info").session_id;
+    // The guest rebooted: a fresh client on the same port.
+    let mut guest = client();
+    settle(&mut guest, &mut host);
+    let evs = events(&mut host);
+    assert_eq!(
+        failed_codes(&evs),
+        vec![(id, ErrorCode::SessionReset, Origin::Local)]
+    );
+    assert!(matches!(evs.last(), Some(Event::Established(info)) if info.session_id != first_id));
+    assert_eq!(
+        guest.open(get("https://a.example/")),
+        Ok(1),
+        "stream ids start over in a new session"
+    );
+}
+
+#[test]
+fn goaway_fails_unprocessed_streams_and_blocks_new_ones() {
+    let (mut guest, mut host) = established();
+    let a = guest.open(get("https://a.example/a")).expect("open");
+    pump(&mut guest, &mut host);
+    let b = guest.open(get("https://a.example/b")).expect("open");
+    // The host decides to shut down after seeing only stream a.
+    host.go_away(ErrorCode::SessionReset, "host shutting down");
+    settle(&mut guest, &mut host);
+    let evs = events(&mut guest);
+    assert_eq!(
+        failed_codes(&evs),
+        vec![(b, ErrorCode::SessionReset, Origin::Peer)]
+    );
+    assert!(matches!(evs.last(), Some(Event::GoAway(g)) if g.last_stream_id == a));
+    assert_eq!(
+        guest.open(get("https://a.example/c")),
+        Err(SessionError::GoingAway)
+    );
+    // Stream a still completes.
+    host.send_head(a, &http_head(200)).expect("head");
+    host.send_end(a, vec![]).expect("end");
+    settle(&mut guest, &mut host);
+    assert!(matches!(
+        events(&mut guest).as_slice(),
+        [Event::Head { .. }, Event::End { .. }]
+    ));
+}
+
+#[test]
+fn a_hundred_interleaved_streams() {
+    let limits = Limits {
+        max_concurrent_streams: 100,
+        ..Limits::default()
+    };
+    let (mut guest, mut host) = established_with(server_with(Config::new("h", "1"), limits));
+    let ids: Vec<u32> = (0..100)
+        .map(|i| {
+            guest
+                .open(get(&format!("https://a.example/{i}")))
+                .expect("open")
+        })
+        .collect();
+    for &id in &ids {
+        guest.send_end(id, vec![]).expect("end");
+    }
+    settle(&mut guest, &mut host);
+    events(&mut host);
+    for (n, &id) in ids.iter().enumerate().rev() {
+        host.send_head(id, &http_head(200)).expect("head");
+        host.send_data(id, Bytes::from(format!("body {n}")))
+            .expect("data");
+        host.send_end(id, vec![]).expect("end");
+    }
+    settle(&mut guest, &mut host);
+    let mut bodies = std::collections::BTreeMap::new();
+    for event in events(&mut guest) {
+        if let Event::Data { stream_id, data } = event {
+            guest.release(stream_id, data.len());
+            bodies.insert(stream_id, String::from_utf8(data.to_vec()).expect("utf8"));
+        }
+    }
+    assert_eq!(bodies.len(), 100);
+    for (n, id) in ids.iter().enumerate() {
+        assert_eq!(bodies[id], format!("body {n}"));
+    }
+    assert_eq!(guest.active_streams(), 0);
+    assert_eq!(host.active_streams(), 0);
+}
+
+#[test]
+fn frames_that_break_stream_rules_fail_only_that_stream() {
+    let (mut guest, mut host) = established();
+    let a = guest.open(get("https://a.example/a")).expect("open");
+    let b = guest.open(get("https://a.example/b")).expect("open");
+    settle(&mut guest, &mut host);
+    events(&mut host);
+    // The host sends DATA on a before any HEAD: the guest fails a, tells the host, and b is untouched.
+    guest.receive(&Frame::new(FrameType::Data, a, b"early".to_vec()).encode());
+    assert_eq!(
+        failed_codes(&events(&mut guest)),
+        vec![(a, ErrorCode::ProtocolError, Origin::Local)]
+    );
+    settle(&mut guest, &mut host);
+    assert_eq!(
+        failed_codes(&events(&mut host)),
+        vec![(a, ErrorCode::ProtocolError, Origin::Peer)]
+    );
+    host.send_head(b, &http_head(200)).expect("head");
+    host.send_end(b, vec![]).expect("end");
+    settle(&mut guest, &mut host);
+    assert!(matches!(
+        events(&mut guest).as_slice(),
+        [Event::Head { .. }, Event::End { .. }]
+    ));
+    // A HEAD that does not decode for its method.
+    let c = guest.open(get("https://a.example/c")).expect("open");
+    settle(&mut guest, &mut host);
+    events(&mut host);
+    guest.receive(
+        &Frame::new(
+            FrameType::Head,
+            c,
+            cbor::encode(&serde_json::json!({"status": "two hundred"})),
+        )
+        .encode(),
+    );
+    assert_eq!(
+        failed_codes(&events(&mut guest)),
+        vec![(c, ErrorCode::ProtocolError, Origin::Local)]
+    );
+    // Frames for a stream nobody opened are refused; frames in the wrong place on stream 0 too.
+    host.receive(&Frame::new(FrameType::End, 99, Vec::new()).encode());
+    host.receive(&Frame::new(FrameType::Data, 0, b"x".to_vec()).encode());
+    host.receive(&Frame::new(FrameType::Ping, 3, b"12345678".to_vec()).encode());
+    let evs = events(&mut host);
+    assert_eq!(evs.len(), 3, "{evs:?}");
+    assert!(evs.iter().all(
+        |e| matches!(e, Event::Rejected { error, .. } if error.code == ErrorCode::ProtocolError)
+    ));
+    assert!(host.is_established());
+}
