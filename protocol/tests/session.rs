@@ -98,6 +98,43 @@ fn version_mismatch_is_refused_and_the_host_waits_for_a_better_hello() {
 }
 
 #[test]
+fn a_new_guest_ignores_answers_left_in_the_port_by_an_earlier_session() {
+    // An earlier guest on this port was refused and then answered; those bytes are still in the port.
+    let mut config = Config::new("old-guest", "0");
+    config.versions = vec![9];
+    config.seed = 1;
+    let mut old = Session::client(config);
+    let mut host = server();
+    pump(&mut old, &mut host);
+    let mut stale = Vec::new();
+    while let Some(frame) = host.poll_transmit() {
+        frame.encode_into(&mut stale);
+    }
+    let mut old = client();
+    pump(&mut old, &mut host);
+    while let Some(frame) = host.poll_transmit() {
+        frame.encode_into(&mut stale);
+    }
+    events(&mut host);
+    // The rebooted guest reads the stale refusal and the stale HELLO_ACK before the host answers it.
+    let mut config = Config::new("new-guest", "1");
+    config.seed = 99;
+    let mut guest = Session::client(config);
+    guest.receive(&stale);
+    assert!(
+        events(&mut guest).is_empty(),
+        "stale answers must not count"
+    );
+    assert!(!guest.is_established() && !guest.is_closed());
+    settle(&mut guest, &mut host);
+    assert!(guest.is_established());
+    assert_eq!(
+        guest.info().map(|i| i.session_id),
+        host.info().map(|i| i.session_id)
+    );
+}
+
+#[test]
 fn nothing_but_hello_is_accepted_before_the_handshake() {
     let mut host = server();
     let open = Frame::new(FrameType::Open, 1, get("https://a.example/").encode());

@@ -121,6 +121,7 @@ fn ping() -> Frame {
 fn catalog() -> Vec<Vector> {
     let hello = Hello {
         versions: vec![1],
+        nonce: 0x1122_3344_5566_7788,
         implementation: Implementation {
             name: "pexi-guest".into(),
             version: "0.1.0".into(),
@@ -130,6 +131,7 @@ fn catalog() -> Vec<Vector> {
     };
     let ack = HelloAck {
         version: 1,
+        nonce: 0x1122_3344_5566_7788,
         session_id: 0x0123_4567_89ab_cdef,
         implementation: Implementation {
             name: "pexi-host".into(),

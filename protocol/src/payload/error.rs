@@ -115,6 +115,9 @@ pub struct ErrorDetails {
     /// With `unsupported_version`: the versions the host speaks.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub supported_versions: Vec<u16>,
+    /// In a refusal of a HELLO: that HELLO's nonce.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hello_nonce: Option<u64>,
     /// With `protocol_error` after a framing failure: which check failed (`bad_header_crc`, ...).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub frame_error: Option<String>,

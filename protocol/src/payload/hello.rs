@@ -26,6 +26,10 @@ pub struct ReceiveParams {
 pub struct Hello {
     /// Protocol major versions the client speaks, in any order. This document defines version 1.
     pub versions: Vec<u16>,
+    /// Chosen by the guest for this HELLO and echoed in the answer (HELLO_ACK `nonce`, or a refusal's
+    /// `details.hello_nonce`), so that stale bytes left in a port by an earlier session are never taken
+    /// for the answer.
+    pub nonce: u64,
     pub implementation: Implementation,
     /// Optional capabilities; unknown names are ignored. Version 1 defines none.
     #[serde(default)]
@@ -58,6 +62,8 @@ pub struct Limits {
 pub struct HelloAck {
     /// The highest version both sides speak.
     pub version: u16,
+    /// The HELLO's nonce.
+    pub nonce: u64,
     /// Assigned by the host; names this session in audit records.
     pub session_id: u64,
     pub implementation: Implementation,

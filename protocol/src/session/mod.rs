@@ -232,14 +232,19 @@ pub struct Session {
     local_goaway: Option<u32>,
     /// Set once the peer sent GOAWAY.
     peer_goaway: Option<u32>,
+    /// Client: the nonce of its HELLO, which the answer must echo.
+    hello_nonce: u64,
 }
 
 impl Session {
     /// A guest session; HELLO is queued at once.
     pub fn client(config: Config) -> Session {
         let mut session = Session::new(Role::Client, config, Limits::default());
+        let nonce = session.next_random();
+        session.hello_nonce = nonce;
         let hello = Hello {
             versions: session.config.versions.clone(),
+            nonce,
             implementation: session.config.implementation.clone(),
             features: session.config.features.clone(),
             receive: session.config.receive,
@@ -271,6 +276,7 @@ impl Session {
             events: VecDeque::new(),
             local_goaway: None,
             peer_goaway: None,
+            hello_nonce: 0,
         }
     }
 

@@ -84,9 +84,12 @@ impl Session {
             }
             (Role::Client, FrameType::Error) if frame.stream_id == SESSION_STREAM => {
                 let error = decode_error_payload(&frame.payload);
-                self.close(Event::Refused(error));
+                if error.details.hello_nonce == Some(self.hello_nonce) {
+                    self.close(Event::Refused(error));
+                }
             }
-            // Anything else may be left over from an earlier session on the same port.
+            // Anything else, and answers to someone else's HELLO, may be left over from an earlier session
+            // on the same port.
             (Role::Client, _) => {}
         }
     }
@@ -180,12 +183,22 @@ impl Session {
             self.state = State::Handshaking;
             self.info = None;
         }
+        // Whatever was still queued answered an earlier session; the new guest must not read it.
+        self.control.clear();
+        self.ordered.clear();
         let hello: Hello = match cbor::decode("HELLO", payload) {
             Ok(hello) => hello,
             Err(err) => return self.reject_session(err.to_string()),
         };
+        let refuse = |code, message: String| {
+            ErrorPayload::new(code, message).with_details(ErrorDetails {
+                hello_nonce: Some(hello.nonce),
+                ..ErrorDetails::default()
+            })
+        };
         if let Err(reason) = check_receive_params(&hello.receive) {
-            return self.reject_session(format!("HELLO: {reason}"));
+            let error = refuse(ErrorCode::ProtocolError, format!("HELLO: {reason}"));
+            return self.tell_peer(SESSION_STREAM, error);
         }
         let Some(version) = hello
             .versions
@@ -194,22 +207,20 @@ impl Session {
             .filter(|v| self.config.versions.contains(v))
             .max()
         else {
-            let error = ErrorPayload::new(
+            let mut error = refuse(
                 ErrorCode::UnsupportedVersion,
                 format!(
                     "no common protocol version: guest offers {:?}, host speaks {:?}",
                     hello.versions, self.config.versions
                 ),
-            )
-            .with_details(ErrorDetails {
-                supported_versions: self.config.versions.clone(),
-                ..ErrorDetails::default()
-            });
+            );
+            error.details.supported_versions = self.config.versions.clone();
             return self.tell_peer(SESSION_STREAM, error);
         };
         let session_id = self.next_random();
         let ack = HelloAck {
             version,
+            nonce: hello.nonce,
             session_id,
             implementation: self.config.implementation.clone(),
             features: self.config.features.clone(),
@@ -232,6 +243,10 @@ impl Session {
             Ok(ack) => ack,
             Err(err) => return self.refuse_locally(err.to_string()),
         };
+        if ack.nonce != self.hello_nonce {
+            // The answer to an earlier guest's HELLO, still in the port.
+            return;
+        }
         if !self.config.versions.contains(&ack.version) {
             return self.refuse_locally(format!(
                 "HELLO_ACK chose version {} which was not offered",
