@@ -14,6 +14,9 @@
 //! - [`io`] (feature `tokio`, on by default): a thin async loop that moves bytes between a
 //!   [`session::Session`] and any `AsyncRead + AsyncWrite` transport.
 //!
+//! The README's example runs as a doc test, so it stays true:
+#![doc = include_str!("../README.md")]
+//!
 //! ```
 //! use pexi_protocol::payload::{HttpRequest, MethodCall};
 //! use pexi_protocol::session::{Config, Event, Session};

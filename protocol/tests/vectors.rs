@@ -151,6 +151,7 @@ fn catalog() -> Vec<Vector> {
         ErrorPayload::new(ErrorCode::UnsupportedVersion, "no common protocol version")
             .with_details(ErrorDetails {
                 supported_versions: vec![1],
+                hello_nonce: Some(0x1122_3344_5566_7788),
                 ..ErrorDetails::default()
             });
     let response_head = HttpResponseHead {
