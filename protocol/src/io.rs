@@ -2,7 +2,7 @@
 //!
 //! It adds nothing to the protocol. It writes what the session queues (control frames first, as the session
 //! orders them), reads what the transport delivers, turns EOF into [`Session::transport_closed`], and
-//! retries a resynchronisation whose SYNC got no answer. Commands are issued on [`Connection::session_mut`]
+//! retries a HELLO or SYNC that got no answer. Commands are issued on [`Connection::session_mut`]
 //! between calls to [`Connection::next_event`]; a component that needs commands and events concurrently
 //! (one task per request, say) runs this loop in its own task and talks to it over channels.
 
@@ -13,8 +13,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use crate::frame::HEADER_LEN;
 use crate::session::{Event, Session};
 
-/// How long a SYNC may go unanswered before a fresh one is sent.
-pub const RESYNC_RETRY: Duration = Duration::from_secs(1);
+/// How long a HELLO or SYNC may go unanswered before a fresh one is sent.
+pub const RETRY_AFTER: Duration = Duration::from_secs(1);
 
 pub struct Connection<T> {
     io: T,
@@ -68,11 +68,11 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Connection<T> {
             if self.eof {
                 return Ok(None);
             }
-            let read = if self.session.is_resyncing() {
-                match tokio::time::timeout(RESYNC_RETRY, self.io.read(&mut self.read_buf)).await {
+            let read = if self.session.awaiting_answer() {
+                match tokio::time::timeout(RETRY_AFTER, self.io.read(&mut self.read_buf)).await {
                     Ok(read) => read,
                     Err(_elapsed) => {
-                        self.session.resync();
+                        self.session.retry();
                         continue;
                     }
                 }

@@ -1,12 +1,15 @@
-//! The decoder never allocates more than one header plus the negotiated max frame, whatever it is fed.
-//! A counting global allocator records the largest single allocation made while decoding hostile input.
+//! The frame decoder never allocates more than one header plus the negotiated max frame, whatever it is
+//! fed; decoding a hostile CBOR payload inside a valid frame allocates at most serde's preallocation cap
+//! (1 MiB) at once. A counting global allocator records the largest single allocation made while decoding.
 //! This file holds one test so that no other test's allocations are counted.
 #![allow(unsafe_code)]
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use pexi_protocol::frame::{crc32c, FrameDecoder, HARD_MAX_PAYLOAD, HEADER_LEN};
+use pexi_protocol::frame::{crc32c, Frame, FrameDecoder, FrameType, HARD_MAX_PAYLOAD, HEADER_LEN};
+use pexi_protocol::payload::Limits;
+use pexi_protocol::session::{Config, Session};
 
 struct Counting;
 
@@ -80,5 +83,46 @@ fn hostile_input_never_allocates_beyond_the_max_frame() {
     assert!(
         largest <= HEADER_LEN + max as usize,
         "largest allocation {largest} bytes exceeds header + max frame"
+    );
+
+    // Valid frames whose CBOR payloads declare absurd lengths: 2^32 headers, 2^64 versions, a 4 GiB text.
+    let mut host = Session::server(Config::new("h", "1"), Limits::default());
+    let mut hostile = Vec::new();
+    let open_prefix =
+        b"\xa2\x66method\x70pep.http.request\x66params\xa3\x66method\x63GET\x63url\x61u\x67headers";
+    for tail in [
+        &b"\x9b\x00\x00\x00\x01\x00\x00\x00\x00"[..],
+        &[0x99, 0xff, 0xff][..],
+    ] {
+        let mut payload = open_prefix.to_vec();
+        payload.extend_from_slice(tail);
+        payload.extend(std::iter::repeat_n(0x82u8, 60_000));
+        hostile.extend(Frame::new(FrameType::Hello, 0, payload.clone()).encode());
+        hostile.extend(Frame::new(FrameType::Open, 1, payload).encode());
+    }
+    let mut hello = b"\xa1\x68versions\x9b\xff\xff\xff\xff\xff\xff\xff\xff".to_vec();
+    hello.extend(std::iter::repeat_n(0x01u8, 60_000));
+    hostile.extend(Frame::new(FrameType::Hello, 0, hello).encode());
+    hostile.extend(
+        Frame::new(
+            FrameType::Hello,
+            0,
+            b"\xa1\x68versions\x7b\x00\x00\x00\x01\x00\x00\x00\x00".to_vec(),
+        )
+        .encode(),
+    );
+    LARGEST.store(0, Ordering::Relaxed);
+    ARMED.store(true, Ordering::Relaxed);
+    host.receive(&hostile);
+    ARMED.store(false, Ordering::Relaxed);
+    let largest = LARGEST.load(Ordering::Relaxed);
+    assert!(largest > 0, "the counter saw no allocation at all");
+    assert!(
+        largest <= 1024 * 1024,
+        "largest allocation {largest} bytes while decoding hostile payloads exceeds 1 MiB"
+    );
+    assert!(
+        !host.is_established(),
+        "none of those was an acceptable HELLO"
     );
 }

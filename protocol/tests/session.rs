@@ -25,6 +25,20 @@ fn http_head(status: u16) -> ResponseHead {
     })
 }
 
+/// Opens `n` GET streams, delivers the OPENs and drains the host's `Opened` events.
+fn open_streams(guest: &mut Session, host: &mut Session, n: usize) -> Vec<u32> {
+    let ids = (0..n)
+        .map(|i| {
+            guest
+                .open(get(&format!("https://a.example/{i}")))
+                .expect("open")
+        })
+        .collect();
+    settle(guest, host);
+    events(host);
+    ids
+}
+
 /// Frames queued by `session`, decoded back from bytes, without delivering them anywhere.
 fn drain_frames(session: &mut Session) -> Vec<Frame> {
     std::iter::from_fn(|| session.poll_transmit()).collect()
@@ -378,15 +392,7 @@ fn a_sender_never_exceeds_its_credit() {
     host_config.receive.initial_stream_window = 10_000;
     host_config.receive.initial_connection_window = 25_000;
     let (mut guest, mut host) = established_with(server_with(host_config, Limits::default()));
-    let ids: Vec<u32> = (0..3)
-        .map(|i| {
-            guest
-                .open(get(&format!("https://a.example/{i}")))
-                .expect("open")
-        })
-        .collect();
-    settle(&mut guest, &mut host);
-    events(&mut host);
+    let ids = open_streams(&mut guest, &mut host, 3);
 
     let total = 1 << 20;
     let mut sent = vec![0usize; ids.len()];
@@ -469,10 +475,22 @@ fn data_beyond_credit_fails_the_stream_or_the_session() {
     host.receive(&Frame::new(FrameType::Data, b, vec![0u8; 60]).encode());
     let evs = events(&mut host);
     assert!(evs.iter().any(|e| matches!(e, Event::Rejected { stream_id: 0, error } if error.code == ErrorCode::ProtocolError)), "{evs:?}");
-    assert!(drain_frames(&mut host)
-        .iter()
-        .any(|f| f.frame_type == FrameType::GoAway));
+    let sent = drain_frames(&mut host);
+    assert!(sent.iter().any(|f| f.frame_type == FrameType::GoAway));
     assert!(!host.is_established());
+    // The guest's streams cannot complete on a session the host ended: all fail, and the guest closes.
+    guest.receive(&sent.iter().flat_map(Frame::encode).collect::<Vec<u8>>());
+    let evs = events(&mut guest);
+    let failed = failed_codes(&evs);
+    assert_eq!(
+        failed,
+        vec![
+            (a, ErrorCode::SessionReset, Origin::Local),
+            (b, ErrorCode::SessionReset, Origin::Local)
+        ]
+    );
+    assert!(matches!(evs.last(), Some(Event::Closed)));
+    assert!(guest.is_closed());
 }
 
 #[test]
@@ -614,24 +632,14 @@ fn cancel_mid_response_stops_the_host_and_late_frames_are_harmless() {
 #[test]
 fn resync_after_garbage_fails_in_flight_streams_and_recovers() {
     let (mut guest, mut host) = established();
-    let ids: Vec<u32> = (0..3)
-        .map(|i| {
-            guest
-                .open(get(&format!("https://a.example/{i}")))
-                .expect("open")
-        })
-        .collect();
-    settle(&mut guest, &mut host);
-    events(&mut host);
+    let ids = open_streams(&mut guest, &mut host, 3);
 
-    // Half a frame and some noise, as a virtio-serial reconnect can leave behind, then a valid PING.
-    let half = Frame::new(FrameType::Data, 1, vec![7u8; 1000]).encode();
-    let mut garbage = half[..500].to_vec();
+    // Half of a DATA frame whose header was damaged (as a reconnect mid-frame leaves it), noise holding a
+    // false magic, then a valid PING.
+    let mut garbage = Frame::new(FrameType::Data, 1, vec![7u8; 1000]).encode()[..500].to_vec();
+    garbage[21] ^= 0xff;
     garbage.extend_from_slice(b"\x00\xffPEXInoise");
     garbage.extend_from_slice(&Frame::new(FrameType::Ping, 0, b"after-gb".to_vec()).encode());
-    // The byte stream lost the tail of a DATA frame: the PING header lands inside its "payload". Force the
-    // loss to be detected by corrupting the header CRC of the cut frame instead.
-    garbage[21] ^= 0xff;
     host.receive(&garbage);
 
     let evs = events(&mut host);
@@ -639,36 +647,25 @@ fn resync_after_garbage_fails_in_flight_streams_and_recovers() {
         matches!(&evs[0], Event::Rejected { stream_id: 0, error } if error.details.frame_error.as_deref() == Some("bad_header_crc"))
     );
     let failed = failed_codes(&evs);
-    assert_eq!(failed.len(), 3);
+    assert_eq!(failed.iter().map(|f| f.0).collect::<Vec<_>>(), ids);
     assert!(failed
         .iter()
         .all(|(_, code, origin)| *code == ErrorCode::SessionReset && *origin == Origin::Local));
     assert!(host.is_resyncing());
-    // The PING after the garbage was found, but frames other than SYNC/SYNC_ACK/HELLO wait for the resync.
-    let sent: Vec<FrameType> = drain_frames(&mut host)
-        .iter()
-        .map(|f| f.frame_type)
-        .collect();
-    assert_eq!(sent, vec![FrameType::Error, FrameType::Sync]);
+    // The PING after the garbage was found, but only SYNC, SYNC_ACK and HELLO count until the resync ends.
+    let sent = drain_frames(&mut host);
+    assert_eq!(
+        sent.iter().map(|f| f.frame_type).collect::<Vec<_>>(),
+        vec![FrameType::Error, FrameType::Sync]
+    );
 
-    // Replay for real through the guest.
-    let (mut guest, mut host) = established();
-    let ids2: Vec<u32> = (0..3)
-        .map(|i| {
-            guest
-                .open(get(&format!("https://a.example/{i}")))
-                .expect("open")
-        })
-        .collect();
-    settle(&mut guest, &mut host);
-    events(&mut host);
-    host.receive(&garbage);
-    events(&mut host);
+    // The guest learns what happened, fails the same streams, and answers the SYNC.
+    guest.receive(&sent.iter().flat_map(Frame::encode).collect::<Vec<u8>>());
     settle(&mut guest, &mut host);
     let guest_events = events(&mut guest);
     assert!(matches!(&guest_events[0], Event::PeerError(e) if e.code == ErrorCode::ProtocolError));
     let guest_failed = failed_codes(&guest_events);
-    assert_eq!(guest_failed.iter().map(|f| f.0).collect::<Vec<_>>(), ids2);
+    assert_eq!(guest_failed.iter().map(|f| f.0).collect::<Vec<_>>(), ids);
     assert!(guest_failed
         .iter()
         .all(|(_, code, _)| *code == ErrorCode::SessionReset));
@@ -677,7 +674,7 @@ fn resync_after_garbage_fails_in_flight_streams_and_recovers() {
 
     // The session is usable again, with the same session id and fresh stream ids.
     let id = guest.open(get("https://a.example/after")).expect("open");
-    assert!(id > *ids2.last().expect("ids"));
+    assert!(id > *ids.last().expect("ids"));
     settle(&mut guest, &mut host);
     assert!(
         matches!(events(&mut host).as_slice(), [Event::Opened { stream_id, .. }] if *stream_id == id)
@@ -686,7 +683,6 @@ fn resync_after_garbage_fails_in_flight_streams_and_recovers() {
         guest.info().map(|i| i.session_id),
         host.info().map(|i| i.session_id)
     );
-    let _ = ids;
 }
 
 #[test]
@@ -710,7 +706,8 @@ fn the_guest_can_resync_after_a_reconnect_and_a_lost_sync_is_retried() {
     );
     assert!(guest.is_resyncing());
     // The adapter's retry timer fires: a fresh nonce goes out and is answered.
-    guest.resync();
+    assert!(guest.awaiting_answer());
+    guest.retry();
     settle(&mut guest, &mut host);
     assert_eq!(events(&mut guest), vec![Event::Resynced]);
     assert_eq!(
@@ -718,6 +715,33 @@ fn the_guest_can_resync_after_a_reconnect_and_a_lost_sync_is_retried() {
         vec![(id, ErrorCode::SessionReset, Origin::Local)]
     );
     assert!(guest.open(get("https://a.example/")).is_ok());
+}
+
+#[test]
+fn an_unanswered_hello_is_retried_with_a_fresh_nonce() {
+    let mut guest = client();
+    let mut host = server();
+    // The first HELLO reaches the host, but its answer is lost on the way back.
+    pump(&mut guest, &mut host);
+    let first_answer = drain_frames(&mut host);
+    assert!(guest.awaiting_answer());
+    guest.retry();
+    pump(&mut guest, &mut host);
+    // The late answer to the first HELLO arrives before the answer to the second: it must not count.
+    guest.receive(
+        &first_answer
+            .iter()
+            .flat_map(Frame::encode)
+            .collect::<Vec<u8>>(),
+    );
+    assert!(!guest.is_established());
+    pump(&mut host, &mut guest);
+    assert!(guest.is_established() && !guest.awaiting_answer());
+    assert_eq!(
+        guest.info().map(|i| i.session_id),
+        host.info().map(|i| i.session_id),
+        "both sides agree on the session the second HELLO started"
+    );
 }
 
 #[test]
@@ -787,13 +811,7 @@ fn a_hundred_interleaved_streams() {
         ..Limits::default()
     };
     let (mut guest, mut host) = established_with(server_with(Config::new("h", "1"), limits));
-    let ids: Vec<u32> = (0..100)
-        .map(|i| {
-            guest
-                .open(get(&format!("https://a.example/{i}")))
-                .expect("open")
-        })
-        .collect();
+    let ids = open_streams(&mut guest, &mut host, 100);
     for &id in &ids {
         guest.send_end(id, vec![]).expect("end");
     }

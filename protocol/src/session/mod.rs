@@ -240,17 +240,20 @@ impl Session {
     /// A guest session; HELLO is queued at once.
     pub fn client(config: Config) -> Session {
         let mut session = Session::new(Role::Client, config, Limits::default());
-        let nonce = session.next_random();
-        session.hello_nonce = nonce;
-        let hello = Hello {
-            versions: session.config.versions.clone(),
-            nonce,
-            implementation: session.config.implementation.clone(),
-            features: session.config.features.clone(),
-            receive: session.config.receive,
-        };
-        session.push_control(FrameType::Hello, SESSION_STREAM, cbor::encode(&hello));
+        session.send_hello();
         session
+    }
+
+    fn send_hello(&mut self) {
+        self.hello_nonce = self.next_random();
+        let hello = Hello {
+            versions: self.config.versions.clone(),
+            nonce: self.hello_nonce,
+            implementation: self.config.implementation.clone(),
+            features: self.config.features.clone(),
+            receive: self.config.receive,
+        };
+        self.push_control(FrameType::Hello, SESSION_STREAM, cbor::encode(&hello));
     }
 
     /// A host session waiting for HELLO.
@@ -497,22 +500,43 @@ impl Session {
         self.push_control(FrameType::GoAway, SESSION_STREAM, cbor::encode(&goaway));
     }
 
-    /// Starts a resynchronisation, or restarts one with a fresh nonce: the SYNC or its SYNC_ACK may have
-    /// been lost in the same corruption, so adapters call this again if no [`Event::Resynced`] arrives
-    /// within about a second.
+    /// Starts a resynchronisation (§8 of the spec): in-flight streams fail with `session_reset`, a SYNC
+    /// with a fresh nonce goes out, and everything but SYNC, SYNC_ACK and HELLO is dropped until it is
+    /// answered.
     pub fn resync(&mut self) {
         if matches!(self.state, State::Handshaking | State::Closed) {
             return;
         }
         self.reset_streams("the session is resynchronising");
+        self.reset_connection_windows();
+        self.send_sync();
+    }
+
+    fn send_sync(&mut self) {
         let nonce = self.next_random();
         self.state = State::Resyncing { nonce };
-        self.reset_connection_windows();
         self.push_control(
             FrameType::Sync,
             SESSION_STREAM,
             nonce.to_be_bytes().to_vec(),
         );
+    }
+
+    /// True while this side waits for the answer to its HELLO (client) or SYNC. The answer or the request
+    /// may have been lost, so the adapter calls [`Session::retry`] if this stays true for about a second.
+    pub fn awaiting_answer(&self) -> bool {
+        matches!(self.state, State::Resyncing { .. })
+            || (self.role == Role::Client && self.state == State::Handshaking)
+    }
+
+    /// Sends the unanswered HELLO or SYNC again, with a fresh nonce so that a late answer to the first one
+    /// is not mistaken for the answer to this one. Does nothing when no answer is awaited.
+    pub fn retry(&mut self) {
+        match (self.state, self.role) {
+            (State::Resyncing { .. }, _) => self.send_sync(),
+            (State::Handshaking, Role::Client) => self.send_hello(),
+            _ => {}
+        }
     }
 
     /// The transport was re-established underneath (a virtio-serial port reconnected): anything buffered

@@ -465,6 +465,10 @@ impl Session {
             Ok(goaway) => goaway,
             Err(err) => return self.reject_session(err.to_string()),
         };
+        if goaway.code == ErrorCode::ProtocolError {
+            // The peer ended the session over a breach: it has already dropped every stream.
+            return self.end_session(Event::GoAway(goaway));
+        }
         self.peer_goaway = Some(goaway.last_stream_id);
         let unprocessed: Vec<u32> = self
             .streams
@@ -565,26 +569,29 @@ impl Session {
     /// The peer broke session-wide accounting: nothing it sends can be trusted to line up any more.
     fn fatal(&mut self, message: String) {
         let error = ErrorPayload::new(ErrorCode::ProtocolError, message);
-        self.reset_streams("the session failed");
         let goaway = GoAway {
             code: ErrorCode::ProtocolError,
             message: error.message.clone(),
             last_stream_id: self.highest_stream,
         };
-        self.push_control(FrameType::GoAway, SESSION_STREAM, cbor::encode(&goaway));
-        self.events.push_back(Event::Rejected {
+        self.end_session(Event::Rejected {
             stream_id: SESSION_STREAM,
             error,
         });
+        self.push_control(FrameType::GoAway, SESSION_STREAM, cbor::encode(&goaway));
+    }
+
+    /// Fails every stream and ends the session: a guest closes; a host waits for a new HELLO, because the
+    /// port stays.
+    fn end_session(&mut self, event: Event) {
         match self.role {
-            // The port stays; a new HELLO may start over.
+            Role::Client => self.close(event),
             Role::Server => {
+                self.reset_streams("the session ended");
+                self.control.clear();
                 self.state = State::Handshaking;
                 self.info = None;
-            }
-            Role::Client => {
-                self.state = State::Closed;
-                self.events.push_back(Event::Closed);
+                self.events.push_back(event);
             }
         }
     }
