@@ -313,10 +313,6 @@ impl Session {
         self.decoder.buffered()
     }
 
-    pub fn buffer_capacity(&self) -> usize {
-        self.decoder.buffer_capacity()
-    }
-
     pub fn poll_event(&mut self) -> Option<Event> {
         self.events.pop_front()
     }
