@@ -573,6 +573,40 @@ fn control_frames_overtake_queued_data() {
 }
 
 #[test]
+fn an_error_after_data_arrives_after_that_data() {
+    let (mut guest, mut host) = established();
+    let id = guest.open(get("https://a.example/big")).expect("open");
+    guest.send_end(id, vec![]).expect("end");
+    settle(&mut guest, &mut host);
+    events(&mut host);
+    // The host streams the response up to its cap, then fails the stream, all before anything is written.
+    host.send_head(id, &http_head(200)).expect("head");
+    host.send_data(id, Bytes::from(vec![b'x'; 100_000]))
+        .expect("data");
+    host.send_error(
+        id,
+        pexi_protocol::payload::ErrorPayload::new(ErrorCode::ResponseTooLarge, "cap"),
+    )
+    .expect("error");
+    settle(&mut guest, &mut host);
+    let evs = events(&mut guest);
+    let received: usize = evs
+        .iter()
+        .map(|e| match e {
+            Event::Data { data, .. } => data.len(),
+            _ => 0,
+        })
+        .sum();
+    assert!(matches!(evs.first(), Some(Event::Head { .. })));
+    assert_eq!(received, 100_000, "every byte before the error arrives");
+    assert_eq!(
+        failed_codes(&evs),
+        vec![(id, ErrorCode::ResponseTooLarge, Origin::Peer)]
+    );
+    assert!(matches!(evs.last(), Some(Event::StreamFailed { .. })));
+}
+
+#[test]
 fn ping_is_answered_with_the_same_bytes() {
     let (mut guest, mut host) = established();
     guest.ping(*b"pexi-ok!").expect("ping");

@@ -12,9 +12,10 @@
 //! HELLO was refused, or either side after a fatal error, is `Closed`; a server instead goes back to
 //! waiting for a new HELLO, because a virtio-serial port has no "new connection" to wait for.
 //!
-//! Outgoing frames sit in two queues: session control frames and stream terminations (ERROR, CANCEL) in
-//! one, stream frames whose order matters (OPEN, HEAD, DATA, END) in the other. [`Session::poll_transmit`]
-//! drains control first, so a PING or WINDOW_UPDATE never waits behind a megabyte of DATA.
+//! Outgoing frames sit in two queues: session control frames and CANCEL in one, stream frames whose order
+//! matters (OPEN, HEAD, DATA, END, and a stream's ERROR, which must follow the data it cuts short) in the
+//! other. [`Session::poll_transmit`] drains control first, so a PING or WINDOW_UPDATE never waits behind a
+//! megabyte of DATA.
 
 mod flow;
 mod receive;
@@ -56,8 +57,9 @@ pub struct Config {
     pub versions: Vec<u16>,
     pub features: Vec<String>,
     pub receive: ReceiveParams,
-    /// Seeds SYNC nonces and (server) session ids. Production code passes OS randomness; tests pass a
-    /// constant so runs are reproducible.
+    /// Seeds HELLO and SYNC nonces and (server) session ids. [`Config::new`] draws it from the process's
+    /// random hasher seed; tests set a constant so runs are reproducible. Not a secret: nonces and session
+    /// ids only have to differ.
     pub seed: u64,
 }
 
@@ -75,7 +77,12 @@ impl Config {
                 initial_stream_window: DEFAULT_STREAM_WINDOW,
                 initial_connection_window: DEFAULT_CONNECTION_WINDOW,
             },
-            seed: 0,
+            // std seeds RandomState from the OS once per process: enough for ids and nonces that must differ
+            // between sessions and processes, without a dependency and without I/O here.
+            seed: std::hash::BuildHasher::hash_one(
+                &std::collections::hash_map::RandomState::new(),
+                0u8,
+            ),
         }
     }
 }
@@ -201,6 +208,15 @@ pub enum SessionError {
         length: usize,
         max: u32,
     },
+}
+
+/// What happens to a removed stream's queued HEAD / DATA / END.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Unsent {
+    /// They still go out (ahead of the ERROR that ends the stream).
+    Keep,
+    /// They are dropped: the stream was cancelled or broke the rules, nobody wants them.
+    Drop,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -430,7 +446,9 @@ impl Session {
         Ok(())
     }
 
-    /// Ends the stream in both directions with an error for the peer.
+    /// Ends the stream in both directions with an error for the peer. The ERROR is queued behind the
+    /// stream's HEAD and DATA already queued, so the peer sees the data up to the failure, then the error
+    /// (a response cut at the size cap arrives as its first bytes followed by `response_too_large`).
     pub fn send_error(&mut self, stream_id: u32, error: ErrorPayload) -> Result<(), SessionError> {
         self.require_established()?;
         if !self.streams.contains_key(&stream_id) {
@@ -438,17 +456,18 @@ impl Session {
         }
         let payload = cbor::encode(&error);
         self.check_frame_size("ERROR", payload.len())?;
-        self.remove_stream(stream_id);
-        self.push_control(FrameType::Error, stream_id, payload);
+        self.remove_stream(stream_id, Unsent::Keep);
+        self.push_ordered(FrameType::Error, stream_id, payload);
         Ok(())
     }
 
-    /// Abandons the stream in both directions. If its OPEN had not left yet, the peer never hears of it.
+    /// Abandons the stream in both directions at once: its unsent frames are dropped and CANCEL goes ahead
+    /// of queued DATA. If its OPEN had not left yet, the peer never hears of the stream.
     pub fn cancel(&mut self, stream_id: u32) -> Result<(), SessionError> {
         if !self.streams.contains_key(&stream_id) {
             return Err(SessionError::UnknownStream(stream_id));
         }
-        let open_was_queued = self.remove_stream(stream_id);
+        let open_was_queued = self.remove_stream(stream_id, Unsent::Drop);
         if !open_was_queued && self.state == State::Established {
             self.push_control(FrameType::Cancel, stream_id, Bytes::new());
         }
@@ -611,12 +630,18 @@ impl Session {
             .push_back(Frame::new(frame_type, stream_id, payload));
     }
 
-    /// Forgets a stream: drops its queued frames (giving back the send credit of unsent DATA) and releases
-    /// the connection credit of data the application still held. Returns whether its OPEN was still queued.
-    fn remove_stream(&mut self, stream_id: u32) -> bool {
+    /// Forgets a stream and releases the connection credit of data the application still held. With
+    /// [`Unsent::Drop`] its queued stream frames go too (giving back the send credit of unsent DATA).
+    /// Returns whether its OPEN was among the frames dropped.
+    fn remove_stream(&mut self, stream_id: u32, unsent_frames: Unsent) -> bool {
         let Some(stream) = self.streams.remove(&stream_id) else {
             return false;
         };
+        self.control.retain(|frame| frame.stream_id != stream_id);
+        self.release_connection(stream.recv.held());
+        if unsent_frames == Unsent::Keep {
+            return false;
+        }
         let mut open_was_queued = false;
         let mut unsent = 0u32;
         self.ordered.retain(|frame| {
@@ -630,10 +655,8 @@ impl Session {
             }
             false
         });
-        self.control.retain(|frame| frame.stream_id != stream_id);
         // Cannot overflow: the credit being returned was taken from this same window.
         let _ = self.conn_send.grant(unsent);
-        self.release_connection(stream.recv.held());
         open_was_queued
     }
 

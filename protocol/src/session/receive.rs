@@ -7,7 +7,7 @@
 
 use bytes::Bytes;
 
-use super::{Event, Origin, Session, SessionInfo, State, Stream};
+use super::{Event, Origin, Session, SessionInfo, State, Stream, Unsent};
 use crate::frame::{
     DecodeError, Flags, Frame, FrameType, HARD_MAX_PAYLOAD, MIN_MAX_PAYLOAD, SESSION_STREAM,
 };
@@ -476,7 +476,7 @@ impl Session {
             .map(|(id, _)| *id)
             .collect();
         for id in unprocessed {
-            self.remove_stream(id);
+            self.remove_stream(id, Unsent::Drop);
             self.events.push_back(Event::StreamFailed {
                 stream_id: id,
                 error: ErrorPayload::new(ErrorCode::SessionReset, "not processed: peer going away")
@@ -489,7 +489,7 @@ impl Session {
 
     fn peer_ended_stream(&mut self, id: u32, error: ErrorPayload) {
         if self.streams.contains_key(&id) {
-            self.remove_stream(id);
+            self.remove_stream(id, Unsent::Drop);
             self.events.push_back(Event::StreamFailed {
                 stream_id: id,
                 error,
@@ -523,7 +523,7 @@ impl Session {
     fn reject_stream(&mut self, id: u32, code: ErrorCode, message: impl Into<String>) {
         let error = ErrorPayload::new(code, message);
         if self.streams.contains_key(&id) {
-            self.remove_stream(id);
+            self.remove_stream(id, Unsent::Drop);
             self.events.push_back(Event::StreamFailed {
                 stream_id: id,
                 error: error.clone(),
