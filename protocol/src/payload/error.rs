@@ -139,8 +139,10 @@ pub struct ErrorPayload {
     /// Whether the same request may succeed if sent again unchanged.
     #[serde(default)]
     pub retryable: bool,
+    /// Structured context; omitted when empty.
+    // Boxed: usually empty, and inline it would triple the size of every `Result` carrying an error.
     #[serde(default, skip_serializing_if = "ErrorDetails::is_empty")]
-    pub details: ErrorDetails,
+    pub details: Box<ErrorDetails>,
 }
 
 impl ErrorPayload {
@@ -149,7 +151,7 @@ impl ErrorPayload {
             code,
             message: message.into(),
             retryable: false,
-            details: ErrorDetails::default(),
+            details: Box::default(),
         }
     }
 
@@ -159,7 +161,7 @@ impl ErrorPayload {
     }
 
     pub fn with_details(mut self, details: ErrorDetails) -> Self {
-        self.details = details;
+        self.details = Box::new(details);
         self
     }
 }

@@ -1,0 +1,177 @@
+//! The `pexi` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use pexi_protocol::payload::{HttpRequest, Implementation};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Config, Listen};
+use crate::pipeline::{Caller, Pipeline};
+
+#[derive(Parser)]
+#[command(name = "pexi", version, about = "pexi host Policy Enforcement Point")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the pexi protocol to guests until SIGINT or SIGTERM.
+    Serve {
+        /// Configuration file (default: the embedded config.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Listen here instead of the configured listeners (repeatable): unix:PATH, connect:PATH, vsock:PORT.
+        #[arg(long = "listen")]
+        listen: Vec<Listen>,
+    },
+    /// Decide a request with the configured policy, as pep.policy.check does: no DNS, no network.
+    /// Exit status 0 on allow, 1 on deny, 2 on error.
+    Check {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// HTTP method, e.g. GET.
+        method: String,
+        /// Absolute http(s) URL.
+        url: String,
+    },
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Serve { config, listen } => serve(config, listen),
+        Command::Check {
+            config,
+            method,
+            url,
+        } => check(config, method, url),
+    }
+}
+
+fn load(config: Option<PathBuf>) -> Result<Pipeline, String> {
+    let config = Config::load(config.as_deref()).map_err(|err| err.to_string())?;
+    Pipeline::new(config).map_err(|err| err.to_string())
+}
+
+fn check(config: Option<PathBuf>, method: String, url: String) -> ExitCode {
+    let pipeline = match load(config) {
+        Ok(pipeline) => pipeline,
+        Err(err) => {
+            eprintln!("pexi: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    let caller = Caller {
+        session_id: 0,
+        guest: Implementation {
+            name: "pexi check".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+        },
+        stream_id: 0,
+    };
+    match pipeline.policy_check(&caller, &HttpRequest::new(method, url)) {
+        Ok(decision) => {
+            println!(
+                "{} (decision {})",
+                if decision.allow { "allow" } else { "deny" },
+                decision.decision_id
+            );
+            for reason in &decision.reasons {
+                println!("  {reason}");
+            }
+            ExitCode::from(if decision.allow { 0 } else { 1 })
+        }
+        Err(error) => {
+            eprintln!("pexi: {}: {}", error.code, error.message);
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn serve(config: Option<PathBuf>, listen: Vec<Listen>) -> ExitCode {
+    let mut pipeline = match load(config) {
+        Ok(pipeline) => pipeline,
+        Err(err) => {
+            eprintln!("pexi: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    if !listen.is_empty() {
+        pipeline.config.pep.listen = listen;
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("pexi: cannot start the runtime: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    runtime.block_on(run(Arc::new(pipeline)))
+}
+
+async fn run(pipeline: Arc<Pipeline>) -> ExitCode {
+    let shutdown = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    for listen in pipeline.config.pep.listen.clone() {
+        if let Err(err) =
+            crate::transport::start(&listen, pipeline.clone(), shutdown.clone(), &tasks).await
+        {
+            eprintln!("pexi: {listen}: {err}");
+            shutdown.cancel();
+            return ExitCode::from(2);
+        }
+    }
+    tracing::info!(
+        config = %pipeline.config.source,
+        audit = %pipeline.audit().path().display(),
+        "pexi serving"
+    );
+    wait_for_signal().await;
+    tracing::info!("shutting down: in-flight streams get session_reset");
+    shutdown.cancel();
+    tasks.close();
+    if tokio::time::timeout(Duration::from_secs(5), tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections still open after 5 s; exiting anyway");
+    }
+    if let Err(err) = pipeline.audit().flush() {
+        tracing::error!(%err, "audit flush failed");
+        return ExitCode::from(1);
+    }
+    ExitCode::SUCCESS
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        // Without signal handlers the process would be killed by the default action anyway.
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = int.recv() => {}
+        _ = term.recv() => {}
+    }
+}

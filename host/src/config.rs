@@ -1,0 +1,453 @@
+//! Configuration: the `[pep]` tables of `config.toml`, embedded as the default, overridable by the spike's
+//! `PEP_*` environment variables. Every value is checked while parsing, so a bad file fails at start with
+//! a message that names the file, the line and the problem.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The repository's `config.toml`, compiled in: `pexi serve` with no flags runs on it.
+pub const EMBEDDED_CONFIG: &str = include_str!("../../config.toml");
+/// Policy files the embedded configuration names, compiled in beside it.
+const EMBEDDED_POLICIES: &[(&str, &str)] = &[(
+    "policies/pexi.rego",
+    include_str!("../../policies/pexi.rego"),
+)];
+const EMBEDDED_NAME: &str = "<embedded config.toml>";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}:{line}:{column}: {message}")]
+    Parse {
+        file: String,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("{file}: {message}")]
+    Invalid { file: String, message: String },
+    #[error("cannot read {file}: {source}")]
+    Read {
+        file: String,
+        source: std::io::Error,
+    },
+    #[error("environment variable {name}={value:?}: {message}")]
+    Env {
+        name: &'static str,
+        value: String,
+        message: String,
+    },
+}
+
+/// The whole file: `[pep]` is ours; the other tables belong to other tools and are only checked to exist
+/// under known names, so that a misspelt table is an error rather than silently ignored.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    pep: PepConfig,
+    #[serde(default, rename = "commands")]
+    _commands: serde::de::IgnoredAny,
+    #[serde(default, rename = "paths")]
+    _paths: serde::de::IgnoredAny,
+    #[serde(default, rename = "protocol")]
+    _protocol: serde::de::IgnoredAny,
+    #[serde(default, rename = "guardrails")]
+    _guardrails: serde::de::IgnoredAny,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PepConfig {
+    pub listen: Vec<Listen>,
+    pub limits: LimitsConfig,
+    pub policy: PolicyConfig,
+    pub network: NetworkConfig,
+    pub audit: AuditConfig,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    pub max_concurrent_streams: u32,
+    pub max_request_bytes: u64,
+    pub max_response_bytes: u64,
+    pub max_redirects: u32,
+    pub connect_timeout_ms: u64,
+    pub idle_timeout_ms: u64,
+    pub total_timeout_ms: u64,
+    pub dns_timeout_ms: u64,
+}
+
+impl LimitsConfig {
+    pub fn protocol_limits(&self) -> pexi_protocol::payload::Limits {
+        pexi_protocol::payload::Limits {
+            max_concurrent_streams: self.max_concurrent_streams,
+            max_request_bytes: self.max_request_bytes,
+            max_response_bytes: self.max_response_bytes,
+            max_redirects: self.max_redirects,
+            connect_timeout_ms: self.connect_timeout_ms,
+            idle_timeout_ms: self.idle_timeout_ms,
+            total_timeout_ms: self.total_timeout_ms,
+        }
+    }
+
+    pub fn dns_timeout(&self) -> Duration {
+        Duration::from_millis(self.dns_timeout_ms)
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    pub files: Vec<String>,
+    pub query: String,
+    pub timeout_ms: u64,
+    #[serde(default)]
+    pub data: serde_json::Map<String, serde_json::Value>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkConfig {
+    #[serde(default)]
+    pub allowed_cidrs: Vec<ipnet::IpNet>,
+    #[serde(default)]
+    pub extra_ca_file: String,
+    #[serde(default)]
+    pub dns_overrides: BTreeMap<String, Vec<IpAddr>>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    pub path: PathBuf,
+    pub redact_headers: Vec<String>,
+    pub redact_query_params: Vec<String>,
+}
+
+/// One place guests reach the PEP.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Listen {
+    Unix(PathBuf),
+    Connect(PathBuf),
+    Vsock(u32),
+}
+
+impl FromStr for Listen {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (kind, rest) = s
+            .split_once(':')
+            .ok_or_else(|| format!("{s:?}: expected unix:PATH, connect:PATH or vsock:PORT"))?;
+        match kind {
+            "unix" if !rest.is_empty() => Ok(Listen::Unix(PathBuf::from(rest))),
+            "connect" if !rest.is_empty() => Ok(Listen::Connect(PathBuf::from(rest))),
+            "vsock" => rest
+                .parse()
+                .map(Listen::Vsock)
+                .map_err(|_| format!("{s:?}: vsock port must be a number")),
+            _ => Err(format!(
+                "{s:?}: expected unix:PATH, connect:PATH or vsock:PORT"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Listen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Listen::Unix(path) => write!(f, "unix:{}", path.display()),
+            Listen::Connect(path) => write!(f, "connect:{}", path.display()),
+            Listen::Vsock(port) => write!(f, "vsock:{port}"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Listen {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// The configuration the PEP runs on, with the policy sources it names already read.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Where it came from, for messages.
+    pub source: String,
+    pub pep: PepConfig,
+    /// `(name, rego text)` for every file in `pep.policy.files`.
+    pub policies: Vec<(String, String)>,
+    /// The extra CA bundle's PEM text, if one is configured.
+    pub extra_ca_pem: Option<Vec<u8>>,
+}
+
+impl Config {
+    /// The embedded default, with environment overrides applied.
+    pub fn embedded() -> Result<Config, ConfigError> {
+        Config::load(None)
+    }
+
+    /// Reads `path` (or the embedded default when `None`) and applies the environment overrides.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        Config::load_with_env(path, &env)
+    }
+
+    pub fn load_with_env(
+        path: Option<&Path>,
+        env: &[(String, String)],
+    ) -> Result<Config, ConfigError> {
+        let (source, text, base) = match path {
+            None => (EMBEDDED_NAME.to_string(), EMBEDDED_CONFIG.to_string(), None),
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    file: path.display().to_string(),
+                    source,
+                })?;
+                let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+                (path.display().to_string(), text, Some(base))
+            }
+        };
+        let mut pep = parse(&source, &text)?;
+        apply_env(&mut pep, env)?;
+        let invalid = |message: String| ConfigError::Invalid {
+            file: source.clone(),
+            message,
+        };
+        if pep.listen.is_empty() {
+            return Err(invalid("pep.listen names no listener".into()));
+        }
+        if pep.policy.files.is_empty() {
+            return Err(invalid("pep.policy.files names no policy".into()));
+        }
+        let mut policies = Vec::new();
+        for name in &pep.policy.files {
+            let text = match &base {
+                None => EMBEDDED_POLICIES
+                    .iter()
+                    .find(|(embedded, _)| embedded == name)
+                    .map(|(_, text)| text.to_string())
+                    .ok_or_else(|| invalid(format!("no embedded policy named {name:?}")))?,
+                Some(base) => {
+                    let path = base.join(name);
+                    std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+                        file: path.display().to_string(),
+                        source,
+                    })?
+                }
+            };
+            policies.push((name.clone(), text));
+        }
+        let extra_ca_pem = match pep.network.extra_ca_file.as_str() {
+            "" => None,
+            file => {
+                let path = base.as_deref().unwrap_or(Path::new(".")).join(file);
+                Some(std::fs::read(&path).map_err(|source| ConfigError::Read {
+                    file: path.display().to_string(),
+                    source,
+                })?)
+            }
+        };
+        Ok(Config {
+            source,
+            pep,
+            policies,
+            extra_ca_pem,
+        })
+    }
+}
+
+fn parse(source: &str, text: &str) -> Result<PepConfig, ConfigError> {
+    toml::from_str::<File>(text)
+        .map(|file| file.pep)
+        .map_err(|err| {
+            let (line, column) = err
+                .span()
+                .map(|span| line_and_column(text, span.start))
+                .unwrap_or((0, 0));
+            ConfigError::Parse {
+                file: source.to_string(),
+                line,
+                column,
+                message: err.message().to_string(),
+            }
+        })
+}
+
+fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    (line, column)
+}
+
+/// The spike's environment variables, applied over the file.
+fn apply_env(pep: &mut PepConfig, env: &[(String, String)]) -> Result<(), ConfigError> {
+    fn number<T: FromStr>(name: &'static str, value: &str) -> Result<T, ConfigError> {
+        value.trim().parse().map_err(|_| ConfigError::Env {
+            name,
+            value: value.to_string(),
+            message: "expected a non-negative whole number".into(),
+        })
+    }
+    for (name, value) in env {
+        match name.as_str() {
+            "PEP_ALLOWED_DOMAINS" => {
+                let domains: Vec<serde_json::Value> = value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|d| !d.is_empty())
+                    .map(|d| serde_json::Value::String(d.to_ascii_lowercase()))
+                    .collect();
+                pep.policy
+                    .data
+                    .insert("allowed_domains".into(), serde_json::Value::Array(domains));
+            }
+            "PEP_MAX_REQUEST_BYTES" => {
+                pep.limits.max_request_bytes = number("PEP_MAX_REQUEST_BYTES", value)?
+            }
+            "PEP_MAX_RESPONSE_BYTES" => {
+                pep.limits.max_response_bytes = number("PEP_MAX_RESPONSE_BYTES", value)?
+            }
+            "PEP_MAX_REDIRECTS" => pep.limits.max_redirects = number("PEP_MAX_REDIRECTS", value)?,
+            "PEP_AUDIT_LOG" => pep.audit.path = PathBuf::from(value),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn the_embedded_default_loads_and_denies_everything() {
+        let config = Config::load_with_env(None, &[]).expect("embedded config loads");
+        assert_eq!(
+            config.pep.policy.data["allowed_domains"],
+            serde_json::json!([])
+        );
+        assert_eq!(config.policies.len(), 1);
+        assert!(config.pep.network.allowed_cidrs.is_empty());
+        assert_eq!(config.pep.limits.max_redirects, 5);
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let config = Config::load_with_env(
+            None,
+            &env(&[
+                ("PEP_ALLOWED_DOMAINS", " Example.com, *.api.test ,"),
+                ("PEP_MAX_REQUEST_BYTES", "10"),
+                ("PEP_MAX_RESPONSE_BYTES", "20"),
+                ("PEP_MAX_REDIRECTS", "0"),
+                ("PEP_AUDIT_LOG", "/var/log/pexi.jsonl"),
+            ]),
+        )
+        .expect("loads");
+        assert_eq!(
+            config.pep.policy.data["allowed_domains"],
+            serde_json::json!(["example.com", "*.api.test"])
+        );
+        assert_eq!(config.pep.limits.max_request_bytes, 10);
+        assert_eq!(config.pep.limits.max_response_bytes, 20);
+        assert_eq!(config.pep.limits.max_redirects, 0);
+        assert_eq!(config.pep.audit.path, PathBuf::from("/var/log/pexi.jsonl"));
+    }
+
+    #[test]
+    fn a_bad_environment_value_names_the_variable() {
+        let err = Config::load_with_env(None, &env(&[("PEP_MAX_REDIRECTS", "five")]))
+            .expect_err("refused");
+        assert!(err.to_string().contains("PEP_MAX_REDIRECTS"), "{err}");
+    }
+
+    fn parse_error(edit: impl Fn(&str) -> String) -> String {
+        let dir = std::env::temp_dir().join(format!("pexi-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("policies")).expect("mkdir");
+        std::fs::write(dir.join("policies/pexi.rego"), EMBEDDED_POLICIES[0].1)
+            .expect("write policy");
+        let path = dir.join(format!("config-{}.toml", rand_suffix()));
+        std::fs::write(&path, edit(EMBEDDED_CONFIG)).expect("write config");
+        let result = Config::load_with_env(Some(&path), &[]);
+        std::fs::remove_file(&path).expect("cleanup");
+        match result {
+            Ok(_) => "loaded".to_string(),
+            Err(err) => err.to_string(),
+        }
+    }
+
+    fn rand_suffix() -> u64 {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static N: AtomicU64 = AtomicU64::new(0);
+        N.fetch_add(1, Ordering::Relaxed)
+    }
+
+    #[test]
+    fn bad_files_fail_with_file_line_and_problem() {
+        let line_of = |needle: &str| {
+            EMBEDDED_CONFIG
+                .lines()
+                .position(|l| l.starts_with(needle))
+                .expect("line present")
+                + 1
+        };
+        let err =
+            parse_error(|t| t.replace("allowed_cidrs = []", "allowed_cidrs = [\"10.0.0.0/33\"]"));
+        assert!(
+            err.contains(&format!(".toml:{}:", line_of("allowed_cidrs"))),
+            "{err}"
+        );
+        assert!(err.contains("invalid IP address"), "{err}");
+
+        let err = parse_error(|t| {
+            t.replace(
+                "listen = [\"unix:/tmp/pexi/pep.sock\"]",
+                "listen = [\"tcp:0.0.0.0:80\"]",
+            )
+        });
+        assert!(
+            err.contains(&format!(".toml:{}:", line_of("listen ="))),
+            "{err}"
+        );
+        assert!(err.contains("expected unix:PATH"), "{err}");
+
+        let err = parse_error(|t| t.replace("max_redirects = 5", "max_redirect = 5"));
+        assert!(err.contains("unknown field `max_redirect`"), "{err}");
+
+        let err = parse_error(|t| t.replace("[pep.audit]", "[pep.audti]"));
+        assert!(err.contains("pep.audti") || err.contains("audti"), "{err}");
+
+        assert_eq!(parse_error(|t| t.to_string()), "loaded");
+    }
+
+    #[test]
+    fn listen_specs_parse() {
+        assert_eq!(
+            "unix:/run/p.sock".parse(),
+            Ok(Listen::Unix("/run/p.sock".into()))
+        );
+        assert_eq!(
+            "connect:/run/qemu.sock".parse(),
+            Ok(Listen::Connect("/run/qemu.sock".into()))
+        );
+        assert_eq!("vsock:4041".parse(), Ok(Listen::Vsock(4041)));
+        assert!("vsock:x".parse::<Listen>().is_err());
+        assert!("unix:".parse::<Listen>().is_err());
+    }
+}

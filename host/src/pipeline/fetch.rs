@@ -1,0 +1,583 @@
+//! Steps 4–8 for `pep.http.request`: resolve after the allow, keep only permitted addresses, connect to
+//! exactly those, send, and treat every redirect as a new hop that goes through the whole pipeline again.
+//! Also where the worker for each stream starts ([`Pipeline::serve_stream`]).
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderName, Method, StatusCode};
+use pexi_protocol::payload::{
+    ErrorCode, ErrorDetails, ErrorPayload, HeaderField, HttpRequest, HttpResponseHead, MethodCall,
+    RedirectMode, ResponseHead,
+};
+use serde_json::json;
+
+use super::request::Prepared;
+use super::resolve::Resolver;
+use super::target::{CanonicalHost, Target};
+use super::{Caller, Pipeline};
+use crate::config::Config;
+use crate::serve::{RequestBody, Responder, StreamRequest};
+
+const METHOD: &str = "pep.http.request";
+/// Request bodies up to this size are kept so a 307/308 redirect can send them again.
+const REPLAY_LIMIT: usize = 1024 * 1024;
+
+/// Builds one `reqwest` client per hop, pinned to the addresses that hop was allowed to reach.
+pub struct HttpClient {
+    extra_roots: Vec<reqwest::Certificate>,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+    pub(super) resolver: Resolver,
+}
+
+impl HttpClient {
+    pub fn new(config: &Config) -> Result<HttpClient, String> {
+        let extra_roots = match &config.extra_ca_pem {
+            Some(pem) => reqwest::Certificate::from_pem_bundle(pem).map_err(|err| {
+                format!("extra CA file {}: {err}", config.pep.network.extra_ca_file)
+            })?,
+            None => Vec::new(),
+        };
+        let limits = &config.pep.limits;
+        Ok(HttpClient {
+            extra_roots,
+            connect_timeout: Duration::from_millis(limits.connect_timeout_ms),
+            idle_timeout: Duration::from_millis(limits.idle_timeout_ms),
+            resolver: Resolver::new(&config.pep.network.dns_overrides, limits.dns_timeout()),
+        })
+    }
+
+    /// A client that can reach `target` only at `addrs`: no system DNS, no environment proxies, no
+    /// redirects of its own, certificate verification against the Mozilla roots plus the configured CA.
+    fn pinned(&self, target: &Target, addrs: &[IpAddr]) -> Result<reqwest::Client, ErrorPayload> {
+        let mut builder = reqwest::Client::builder()
+            .use_rustls_tls()
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            .referer(false)
+            .http1_only()
+            .pool_max_idle_per_host(0)
+            .connect_timeout(self.connect_timeout)
+            .read_timeout(self.idle_timeout);
+        for root in &self.extra_roots {
+            builder = builder.add_root_certificate(root.clone());
+        }
+        if let CanonicalHost::Dns(name) = &target.host {
+            let socket_addrs: Vec<SocketAddr> = addrs
+                .iter()
+                .map(|ip| SocketAddr::new(*ip, target.port))
+                .collect();
+            builder = builder.resolve_to_addrs(name, &socket_addrs);
+        }
+        builder
+            .build()
+            .map_err(|err| ErrorPayload::new(ErrorCode::Internal, format!("HTTP client: {err}")))
+    }
+}
+
+/// How a request ended, for the audit log and the guest.
+struct Failure {
+    error: ErrorPayload,
+    decision_id: Option<String>,
+}
+
+impl From<ErrorPayload> for Failure {
+    fn from(error: ErrorPayload) -> Self {
+        Failure {
+            error,
+            decision_id: None,
+        }
+    }
+}
+
+struct Done {
+    status: u16,
+    final_url: String,
+    redirects: u32,
+    response_bytes: u64,
+    decision_id: String,
+}
+
+/// The request body as the first hop streams it, with what a redirect needs to resend it.
+#[derive(Default)]
+struct BodyTap {
+    sent: AtomicU64,
+    too_large: AtomicBool,
+    /// A copy for 307/308, dropped once it passes [`REPLAY_LIMIT`].
+    replay: Mutex<Option<Vec<u8>>>,
+    complete: AtomicBool,
+}
+
+impl Pipeline {
+    /// The worker of one stream: runs the method and answers the guest. Cancellation (guest CANCEL,
+    /// session reset, shutdown) drops the work in flight, which aborts the upstream connection.
+    pub async fn serve_stream(self: Arc<Self>, request: StreamRequest) {
+        let StreamRequest {
+            caller,
+            call,
+            body,
+            responder,
+            cancel,
+        } = request;
+        match call {
+            MethodCall::PolicyCheck(params) => match self.policy_check(&caller, &params) {
+                Ok(decision) => {
+                    if responder
+                        .head(ResponseHead::PolicyDecision(decision))
+                        .is_ok()
+                    {
+                        responder.end();
+                    }
+                }
+                Err(error) => responder.error(error),
+            },
+            MethodCall::HttpRequest(params) => {
+                let total = Duration::from_millis(
+                    params
+                        .timeout_ms
+                        .unwrap_or(u64::MAX)
+                        .min(self.config.pep.limits.total_timeout_ms),
+                );
+                let work = self.http_request(&caller, &params, body, &responder);
+                let result = tokio::select! {
+                    _ = cancel.cancelled() => Err(Failure::from(ErrorPayload::new(ErrorCode::Cancelled, "cancelled"))),
+                    result = tokio::time::timeout(total, work) => result.unwrap_or_else(|_| Err(Failure::from(
+                        ErrorPayload::new(ErrorCode::UpstreamTimeout, format!("request took longer than {total:?}")).retryable(true),
+                    ))),
+                };
+                match result {
+                    Ok(done) => {
+                        self.log_outcome(
+                            &caller,
+                            METHOD,
+                            Some(&done.decision_id),
+                            json!({
+                                "status": done.status,
+                                "final_url": done.final_url,
+                                "redirects": done.redirects,
+                                "response_bytes": done.response_bytes,
+                            }),
+                        );
+                        responder.end();
+                    }
+                    Err(failure) => {
+                        self.log_outcome(
+                            &caller,
+                            METHOD,
+                            failure.decision_id.as_deref(),
+                            json!({
+                                "error": failure.error.code.as_str(),
+                                "message": failure.error.message,
+                            }),
+                        );
+                        responder.error(failure.error);
+                    }
+                }
+            }
+        }
+    }
+
+    async fn http_request(
+        &self,
+        caller: &Caller,
+        params: &HttpRequest,
+        body: RequestBody,
+        responder: &Responder,
+    ) -> Result<Done, Failure> {
+        let limits = &self.config.pep.limits;
+        let mut prepared = self.prepare(caller, METHOD, params)?;
+        if let Some(length) = prepared
+            .content_length
+            .filter(|n| *n > limits.max_request_bytes)
+        {
+            return Err(ErrorPayload::new(
+                ErrorCode::BodyTooLarge,
+                format!(
+                    "request body of {length} bytes exceeds {}",
+                    limits.max_request_bytes
+                ),
+            )
+            .with_details(ErrorDetails {
+                limit: Some(limits.max_request_bytes),
+                ..ErrorDetails::default()
+            })
+            .into());
+        }
+        let tap = Arc::new(BodyTap {
+            replay: Mutex::new(Some(Vec::new())),
+            ..BodyTap::default()
+        });
+        let mut guest_body = carries_body(&prepared).then_some(body);
+        let mut replay_body: Option<Bytes> = None;
+        let mut previous: Option<url::Url> = None;
+        let mut hop = 0u32;
+        loop {
+            let logged = self.decide(caller, METHOD, &prepared, hop, previous.as_ref())?;
+            let decision_id = logged.decision_id.clone();
+            let fail = |error: ErrorPayload| Failure {
+                error,
+                decision_id: Some(decision_id.clone()),
+            };
+            if !logged.decision.allow {
+                return Err(fail(Pipeline::denied(&logged)));
+            }
+            let addrs = self
+                .allowed_addresses(&prepared, &decision_id)
+                .await
+                .map_err(&fail)?;
+            let client = self.http.pinned(&prepared.target, &addrs).map_err(&fail)?;
+            let mut builder = client.request(prepared.method.clone(), prepared.target.url.clone());
+            for (name, value) in &prepared.headers {
+                builder = builder.header(name, value);
+            }
+            if let Some(length) = prepared.content_length {
+                builder = builder.header(http::header::CONTENT_LENGTH, length);
+            }
+            if let Some(body) = guest_body.take() {
+                builder = builder.body(reqwest::Body::wrap_stream(body_stream(
+                    body,
+                    tap.clone(),
+                    limits.max_request_bytes,
+                )));
+            } else if let Some(bytes) = replay_body.take() {
+                builder = builder.body(bytes);
+            }
+            let response = builder.send().await.map_err(|err| {
+                if tap.too_large.load(Ordering::Relaxed) {
+                    fail(body_too_large(limits.max_request_bytes))
+                } else {
+                    fail(upstream_error(&err))
+                }
+            })?;
+            let status = response.status();
+            let location = response
+                .headers()
+                .get(http::header::LOCATION)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            if let (true, Some(location)) = (status.is_redirection(), location) {
+                match prepared.redirect {
+                    RedirectMode::Manual => {}
+                    RedirectMode::Error => {
+                        return Err(fail(ErrorPayload::new(
+                            ErrorCode::RedirectNotAllowed,
+                            format!("{status} redirect to {location} in redirect mode error"),
+                        )));
+                    }
+                    RedirectMode::Follow => {
+                        if hop >= limits.max_redirects {
+                            return Err(fail(
+                                ErrorPayload::new(
+                                    ErrorCode::TooManyRedirects,
+                                    format!("more than {} redirects", limits.max_redirects),
+                                )
+                                .with_details(ErrorDetails {
+                                    limit: Some(u64::from(limits.max_redirects)),
+                                    ..ErrorDetails::default()
+                                }),
+                            ));
+                        }
+                        let next = self.next_hop(&prepared, status, &location).map_err(&fail)?;
+                        if carries_body(&next) && next.method == prepared.method {
+                            replay_body = Some(replayable(&tap).map_err(&fail)?);
+                        }
+                        previous = Some(prepared.target.url.clone());
+                        prepared = next;
+                        hop += 1;
+                        continue;
+                    }
+                }
+            }
+            let head = HttpResponseHead {
+                status: status.as_u16(),
+                headers: response_headers(response.headers()),
+                final_url: prepared.target.url.to_string(),
+                redirect_count: hop,
+                decision_id: logged.decision_id.clone(),
+            };
+            if responder.head(ResponseHead::Http(head)).is_err() {
+                return Err(fail(ErrorPayload::new(
+                    ErrorCode::Cancelled,
+                    "the stream is gone",
+                )));
+            }
+            let response_bytes = self
+                .stream_response(response, responder)
+                .await
+                .map_err(&fail)?;
+            return Ok(Done {
+                status: status.as_u16(),
+                final_url: self.redactor.url(&prepared.target.url),
+                redirects: hop,
+                response_bytes,
+                decision_id: logged.decision_id,
+            });
+        }
+    }
+
+    /// Steps 4–5: the addresses this hop may connect to, or why there are none. Logged either way.
+    async fn allowed_addresses(
+        &self,
+        prepared: &Prepared,
+        decision_id: &str,
+    ) -> Result<Vec<IpAddr>, ErrorPayload> {
+        let target = &prepared.target;
+        let resolved = self.http.resolver.resolve(&target.host, target.port).await;
+        let (source, addrs) = match resolved {
+            Ok(found) => found,
+            Err(error) => {
+                let _ = self.audit.append(
+                    "resolve",
+                    json!({"decision_id": decision_id, "host": target.host.to_string(), "error": error.message}),
+                );
+                return Err(error);
+            }
+        };
+        let mut allowed = Vec::new();
+        let mut refused = Vec::new();
+        for ip in addrs {
+            match self.guard.check(ip) {
+                Ok(()) => allowed.push(ip),
+                Err(class) => refused.push((ip, class.0)),
+            }
+        }
+        let _ = self.audit.append(
+            "resolve",
+            json!({
+                "decision_id": decision_id,
+                "host": target.host.to_string(),
+                "source": source.as_str(),
+                "allowed": allowed.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "refused": refused.iter().map(|(ip, class)| json!({"address": ip.to_string(), "class": class})).collect::<Vec<_>>(),
+            }),
+        );
+        if allowed.is_empty() {
+            let reasons = refused
+                .iter()
+                .map(|(ip, class)| format!("{ip}: {class}"))
+                .collect();
+            return Err(ErrorPayload::new(
+                ErrorCode::BlockedAddress,
+                format!("{} resolves only to refused addresses", target.host),
+            )
+            .with_details(ErrorDetails {
+                reasons,
+                decision_id: Some(decision_id.to_string()),
+                ..ErrorDetails::default()
+            }));
+        }
+        Ok(allowed)
+    }
+
+    /// The next hop of a redirect, with the method, body and headers a browser would carry over.
+    fn next_hop(
+        &self,
+        current: &Prepared,
+        status: StatusCode,
+        location: &str,
+    ) -> Result<Prepared, ErrorPayload> {
+        let target =
+            Target::resolve_against(Some(&current.target.url), location).map_err(|err| {
+                ErrorPayload::new(
+                    ErrorCode::InvalidRequest,
+                    format!("redirect Location refused: {err}"),
+                )
+            })?;
+        let becomes_get = status == StatusCode::SEE_OTHER && current.method != Method::HEAD
+            || matches!(status, StatusCode::MOVED_PERMANENTLY | StatusCode::FOUND)
+                && current.method == Method::POST;
+        let cross_origin = target.url.origin() != current.target.url.origin();
+        let mut headers = current.headers.clone();
+        if becomes_get {
+            headers.retain(|(name, _)| !is_content_header(name));
+        }
+        if cross_origin {
+            // Credentials and cookies belong to the origin they were meant for.
+            headers.retain(|(name, _)| {
+                name != http::header::AUTHORIZATION
+                    && name != http::header::COOKIE
+                    && !self.redactor.is_secret_header(name.as_str())
+            });
+        }
+        Ok(Prepared {
+            method: if becomes_get {
+                Method::GET
+            } else {
+                current.method.clone()
+            },
+            target,
+            headers,
+            content_length: if becomes_get {
+                None
+            } else {
+                current.content_length
+            },
+            redirect: current.redirect,
+            timeout_ms: current.timeout_ms,
+        })
+    }
+
+    /// Forwards the response body as it arrives, up to the cap; returns the bytes forwarded.
+    async fn stream_response(
+        &self,
+        mut response: reqwest::Response,
+        responder: &Responder,
+    ) -> Result<u64, ErrorPayload> {
+        let limits = &self.config.pep.limits;
+        let idle = Duration::from_millis(limits.idle_timeout_ms);
+        let mut total: u64 = 0;
+        loop {
+            let chunk = match tokio::time::timeout(idle, response.chunk()).await {
+                Err(_) => {
+                    return Err(ErrorPayload::new(
+                        ErrorCode::UpstreamTimeout,
+                        format!("no response data for {idle:?}"),
+                    )
+                    .retryable(true))
+                }
+                Ok(Err(err)) => return Err(upstream_error(&err)),
+                Ok(Ok(None)) => return Ok(total),
+                Ok(Ok(Some(chunk))) => chunk,
+            };
+            let room = limits.max_response_bytes.saturating_sub(total);
+            let over = chunk.len() as u64 > room;
+            let chunk = if over {
+                chunk.slice(..room as usize)
+            } else {
+                chunk
+            };
+            total += chunk.len() as u64;
+            if responder.data(chunk).await.is_err() {
+                return Err(ErrorPayload::new(
+                    ErrorCode::Cancelled,
+                    "the stream is gone",
+                ));
+            }
+            if over {
+                return Err(ErrorPayload::new(
+                    ErrorCode::ResponseTooLarge,
+                    format!("response body exceeds {} bytes", limits.max_response_bytes),
+                )
+                .with_details(ErrorDetails {
+                    limit: Some(limits.max_response_bytes),
+                    ..ErrorDetails::default()
+                }));
+            }
+        }
+    }
+}
+
+/// Whether the guest's body goes upstream: when it announced one, or may send one without a length.
+fn carries_body(prepared: &Prepared) -> bool {
+    match prepared.content_length {
+        Some(n) => n > 0,
+        None => !matches!(
+            prepared.method,
+            Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::DELETE
+        ),
+    }
+}
+
+fn is_content_header(name: &HeaderName) -> bool {
+    name == http::header::CONTENT_TYPE
+        || name == http::header::CONTENT_ENCODING
+        || name == http::header::CONTENT_LANGUAGE
+        || name == http::header::CONTENT_LOCATION
+}
+
+fn body_too_large(limit: u64) -> ErrorPayload {
+    ErrorPayload::new(
+        ErrorCode::BodyTooLarge,
+        format!("request body exceeds {limit} bytes"),
+    )
+    .with_details(ErrorDetails {
+        limit: Some(limit),
+        ..ErrorDetails::default()
+    })
+}
+
+/// The guest's body as a stream for the first hop: counted against the cap, copied for a possible replay.
+fn body_stream(
+    body: RequestBody,
+    tap: Arc<BodyTap>,
+    limit: u64,
+) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
+    futures_util::stream::unfold(Some(body), move |body| {
+        let tap = tap.clone();
+        async move {
+            let mut body = body?;
+            match body.next().await {
+                None => {
+                    tap.complete.store(true, Ordering::Relaxed);
+                    None
+                }
+                Some(chunk) => {
+                    let sent = tap.sent.fetch_add(chunk.len() as u64, Ordering::Relaxed)
+                        + chunk.len() as u64;
+                    if sent > limit {
+                        tap.too_large.store(true, Ordering::Relaxed);
+                        return Some((Err(std::io::Error::other("request body too large")), None));
+                    }
+                    let mut replay = tap.replay.lock().unwrap_or_else(|p| p.into_inner());
+                    let keep = replay
+                        .as_ref()
+                        .is_some_and(|copy| copy.len() + chunk.len() <= REPLAY_LIMIT);
+                    match (keep, replay.as_mut()) {
+                        (true, Some(copy)) => copy.extend_from_slice(&chunk),
+                        _ => *replay = None,
+                    }
+                    drop(replay);
+                    Some((Ok(chunk), Some(body)))
+                }
+            }
+        }
+    })
+}
+
+fn replayable(tap: &BodyTap) -> Result<Bytes, ErrorPayload> {
+    let replay = tap.replay.lock().unwrap_or_else(|p| p.into_inner());
+    match (tap.complete.load(Ordering::Relaxed), replay.as_ref()) {
+        (true, Some(copy)) => Ok(Bytes::from(copy.clone())),
+        _ => Err(ErrorPayload::new(
+            ErrorCode::RedirectNotAllowed,
+            format!("a 307/308 redirect needs the request body again, and only bodies up to {REPLAY_LIMIT} bytes that were fully sent are kept"),
+        )),
+    }
+}
+
+/// Response headers for the guest, minus the ones that describe this connection.
+fn response_headers(headers: &http::HeaderMap) -> Vec<HeaderField> {
+    headers
+        .iter()
+        .filter(|(name, _)| {
+            !matches!(
+                name.as_str(),
+                "connection" | "keep-alive" | "transfer-encoding" | "proxy-connection" | "upgrade"
+            )
+        })
+        .map(|(name, value)| HeaderField::new(name.as_str(), value.as_bytes().to_vec()))
+        .collect()
+}
+
+fn upstream_error(err: &reqwest::Error) -> ErrorPayload {
+    let mut chain = err.to_string();
+    let mut source = std::error::Error::source(err);
+    while let Some(cause) = source {
+        chain.push_str(": ");
+        chain.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    let lower = chain.to_ascii_lowercase();
+    if err.is_timeout() {
+        ErrorPayload::new(ErrorCode::UpstreamTimeout, chain).retryable(true)
+    } else if lower.contains("certificate") || lower.contains("tls") || lower.contains("handshake")
+    {
+        ErrorPayload::new(ErrorCode::UpstreamTls, chain)
+    } else {
+        ErrorPayload::new(ErrorCode::UpstreamConnect, chain).retryable(true)
+    }
+}

@@ -1,0 +1,260 @@
+//! The request pipeline: what happens to every hop of every request, in this order (see
+//! `shared/notes/egress-security.md`, and `docs/architecture.md`):
+//!
+//! 1. validate the parameters ([`request`]) and parse the URL strictly ([`target`]);
+//! 2. canonicalise the host ([`target`]);
+//! 3. decide with policy ([`crate::policy`]) and log the decision before anything else happens;
+//! 4. only after an allow, resolve the name ([`resolve`]);
+//! 5. drop refused addresses ([`address`]);
+//! 6. connect to exactly the checked addresses, 7. send, 8. treat redirects as new hops ([`fetch`]).
+//!
+//! `pep.policy.check` and `pexi check` run steps 1–3 only.
+
+pub mod address;
+pub mod fetch;
+pub mod request;
+pub mod resolve;
+pub mod target;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use pexi_protocol::payload::{
+    ErrorCode, ErrorDetails, ErrorPayload, HttpRequest, Implementation, PolicyDecision,
+};
+use serde_json::{json, Value};
+
+use crate::audit::{AuditLog, Redactor, REDACTED};
+use crate::config::Config;
+use crate::policy::{Decision, PolicyEngine, PolicyError};
+use address::AddressGuard;
+use request::{prepare, InvalidRequest, Prepared};
+
+/// Who is asking: names the decision in the audit log and in the policy input.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    pub session_id: u64,
+    pub guest: Implementation,
+    pub stream_id: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    #[error("audit log {path}: {source}")]
+    Audit {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("HTTP client: {0}")]
+    Http(String),
+}
+
+pub struct Pipeline {
+    pub config: Config,
+    policy: PolicyEngine,
+    guard: AddressGuard,
+    audit: AuditLog,
+    redactor: Redactor,
+    http: fetch::HttpClient,
+    decision_prefix: String,
+    decisions: AtomicU64,
+}
+
+/// A decision that was logged, ready to be reported or acted on.
+#[derive(Clone, Debug)]
+pub struct Logged {
+    pub decision_id: String,
+    pub decision: Decision,
+}
+
+impl Pipeline {
+    pub fn new(config: Config) -> Result<Pipeline, StartError> {
+        let policy = PolicyEngine::load(&config.pep.policy, &config.policies)?;
+        let audit = AuditLog::open(&config.pep.audit.path).map_err(|source| StartError::Audit {
+            path: config.pep.audit.path.display().to_string(),
+            source,
+        })?;
+        let redactor = Redactor::new(
+            &config.pep.audit.redact_headers,
+            &config.pep.audit.redact_query_params,
+        );
+        let guard = AddressGuard::new(config.pep.network.allowed_cidrs.clone(), Vec::new());
+        let http = fetch::HttpClient::new(&config).map_err(StartError::Http)?;
+        let seed = std::hash::BuildHasher::hash_one(
+            &std::collections::hash_map::RandomState::new(),
+            std::process::id(),
+        );
+        Ok(Pipeline {
+            config,
+            policy,
+            guard,
+            audit,
+            redactor,
+            http,
+            decision_prefix: format!("{:08x}", seed as u32),
+            decisions: AtomicU64::new(0),
+        })
+    }
+
+    pub fn audit(&self) -> &AuditLog {
+        &self.audit
+    }
+
+    /// `pep.policy.check`: steps 1–3, no DNS, no network.
+    pub fn policy_check(
+        &self,
+        caller: &Caller,
+        request: &HttpRequest,
+    ) -> Result<PolicyDecision, ErrorPayload> {
+        let prepared = self.prepare(caller, "pep.policy.check", request)?;
+        let logged = self.decide(caller, "pep.policy.check", &prepared, 0, None)?;
+        Ok(PolicyDecision {
+            allow: logged.decision.allow,
+            reasons: logged.decision.reasons,
+            decision_id: logged.decision_id,
+        })
+    }
+
+    /// Step 1–2, with a refusal logged as an outcome.
+    pub fn prepare(
+        &self,
+        caller: &Caller,
+        method: &str,
+        request: &HttpRequest,
+    ) -> Result<Prepared, ErrorPayload> {
+        prepare(request).map_err(|err: InvalidRequest| {
+            let error = ErrorPayload::new(ErrorCode::InvalidRequest, err.to_string());
+            self.log_outcome(
+                caller,
+                method,
+                None,
+                json!({"error": error.code.as_str(), "message": error.message}),
+            );
+            error
+        })
+    }
+
+    /// Step 3: evaluates policy for one hop and logs the decision before returning it. A decision that
+    /// cannot be logged is not acted on.
+    pub fn decide(
+        &self,
+        caller: &Caller,
+        method: &str,
+        prepared: &Prepared,
+        hop: u32,
+        previous: Option<&url::Url>,
+    ) -> Result<Logged, ErrorPayload> {
+        let decision_id = format!(
+            "{}-{:08}",
+            self.decision_prefix,
+            self.decisions.fetch_add(1, Ordering::Relaxed)
+        );
+        let input = self.policy_input(caller, method, prepared, hop, previous);
+        let decision = self.policy.decide(&input);
+        let record = json!({
+            "decision_id": decision_id,
+            "session_id": format!("{:016x}", caller.session_id),
+            "stream_id": caller.stream_id,
+            "method": method,
+            "query": self.policy.query(),
+            "input": input,
+            "allow": decision.allow,
+            "reasons": decision.reasons,
+        });
+        self.audit.append("decision", record).map_err(|err| {
+            tracing::error!(%err, "audit log write failed; refusing to act on the decision");
+            ErrorPayload::new(ErrorCode::Internal, "the audit log cannot be written")
+        })?;
+        Ok(Logged {
+            decision_id,
+            decision,
+        })
+    }
+
+    /// The error a denied hop is answered with.
+    pub fn denied(logged: &Logged) -> ErrorPayload {
+        ErrorPayload::new(ErrorCode::PolicyDenied, "request denied by policy").with_details(
+            ErrorDetails {
+                reasons: logged.decision.reasons.clone(),
+                decision_id: Some(logged.decision_id.clone()),
+                ..ErrorDetails::default()
+            },
+        )
+    }
+
+    /// Records how a request ended. Best effort: the effect has already happened or failed.
+    pub fn log_outcome(
+        &self,
+        caller: &Caller,
+        method: &str,
+        decision_id: Option<&str>,
+        mut detail: Value,
+    ) {
+        if let Some(object) = detail.as_object_mut() {
+            object.insert("decision_id".into(), json!(decision_id));
+            object.insert(
+                "session_id".into(),
+                json!(format!("{:016x}", caller.session_id)),
+            );
+            object.insert("stream_id".into(), json!(caller.stream_id));
+            object.insert("method".into(), json!(method));
+        }
+        if let Err(err) = self.audit.append("outcome", detail) {
+            tracing::error!(%err, "audit log write failed for an outcome");
+        }
+    }
+
+    fn policy_input(
+        &self,
+        caller: &Caller,
+        method: &str,
+        prepared: &Prepared,
+        hop: u32,
+        previous: Option<&url::Url>,
+    ) -> Value {
+        let url = &prepared.target.url;
+        let mut headers = serde_json::Map::new();
+        for (name, value) in &prepared.headers {
+            let value = if self.redactor.is_secret_header(name.as_str()) {
+                REDACTED.to_string()
+            } else {
+                String::from_utf8_lossy(value.as_bytes()).into_owned()
+            };
+            if let Some(values) = headers
+                .entry(name.as_str().to_string())
+                .or_insert_with(|| json!([]))
+                .as_array_mut()
+            {
+                values.push(json!(value));
+            }
+        }
+        let query = url.query().map(|_| {
+            self.redactor
+                .url(url)
+                .split_once('?')
+                .map(|(_, q)| q.to_string())
+        });
+        json!({
+            "method": method,
+            "request": {
+                "method": prepared.method.as_str(),
+                "scheme": url.scheme(),
+                "host": prepared.target.host.to_string(),
+                "host_kind": prepared.target.host.kind().as_str(),
+                "port": prepared.target.port,
+                "path": url.path(),
+                "query": query.flatten(),
+                "headers": headers,
+                "body_length": prepared.content_length,
+                "url": self.redactor.url(url),
+            },
+            "hop": hop,
+            "previous_url": previous.map(|u| self.redactor.url(u)),
+            "session": {
+                "id": format!("{:016x}", caller.session_id),
+                "guest": {"name": caller.guest.name, "version": caller.guest.version},
+            },
+        })
+    }
+}

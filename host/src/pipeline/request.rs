@@ -1,0 +1,220 @@
+//! Step 1: validate the guest's request parameters and turn them into what the rest of the pipeline works
+//! with. Everything refused here is answered with `invalid_request` before policy, DNS or the network.
+
+use http::{HeaderName, HeaderValue, Method};
+use pexi_protocol::payload::{HeaderField, HttpRequest, RedirectMode};
+
+use super::target::{Target, UrlError};
+
+/// A request that passed validation.
+#[derive(Clone, Debug)]
+pub struct Prepared {
+    pub method: Method,
+    pub target: Target,
+    /// End-to-end headers only, in the guest's order; `Host` and framing headers are the PEP's to set.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub content_length: Option<u64>,
+    pub redirect: RedirectMode,
+    pub timeout_ms: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidRequest {
+    #[error(transparent)]
+    Url(#[from] UrlError),
+    #[error("invalid method {0:?}")]
+    Method(String),
+    #[error("invalid header name {0:?}")]
+    HeaderName(String),
+    #[error("invalid header value for {0}")]
+    HeaderValue(String),
+    #[error("Host header {given:?} disagrees with the URL's authority {expected:?}")]
+    HostMismatch { given: String, expected: String },
+    #[error("Content-Length header {header} disagrees with content_length {param}")]
+    LengthMismatch { header: String, param: u64 },
+    #[error("{0} may not carry a request body")]
+    BodyNotAllowed(Method),
+}
+
+/// Connection-specific headers (RFC 9110 §7.6.1) that a proxy never forwards, plus the framing headers the
+/// HTTP client sets itself.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+pub fn prepare(request: &HttpRequest) -> Result<Prepared, InvalidRequest> {
+    let method = Method::from_bytes(request.method.as_bytes())
+        .map_err(|_| InvalidRequest::Method(request.method.clone()))?;
+    let target = Target::parse(&request.url)?;
+    let mut content_length = request.content_length;
+    let mut parsed = Vec::with_capacity(request.headers.len());
+    for HeaderField(name, value) in &request.headers {
+        let name = HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| InvalidRequest::HeaderName(name.clone()))?;
+        let value = HeaderValue::from_bytes(value)
+            .map_err(|_| InvalidRequest::HeaderValue(name.to_string()))?;
+        parsed.push((name, value));
+    }
+    // Headers named in Connection are hop-by-hop too.
+    let named_by_connection: Vec<String> = parsed
+        .iter()
+        .filter(|(name, _)| name == http::header::CONNECTION)
+        .filter_map(|(_, value)| value.to_str().ok())
+        .flat_map(|v| v.split(',').map(|t| t.trim().to_ascii_lowercase()))
+        .collect();
+    let mut headers = Vec::with_capacity(parsed.len());
+    for (name, value) in parsed {
+        if name == http::header::HOST {
+            let given = String::from_utf8_lossy(value.as_bytes()).to_ascii_lowercase();
+            let expected = target.authority();
+            let with_default_port = format!("{expected}:{}", target.port);
+            if given != expected && given != with_default_port {
+                return Err(InvalidRequest::HostMismatch { given, expected });
+            }
+            continue;
+        }
+        if name == http::header::CONTENT_LENGTH {
+            let header = String::from_utf8_lossy(value.as_bytes()).trim().to_string();
+            match (header.parse::<u64>(), content_length) {
+                (Ok(n), None) => content_length = Some(n),
+                (Ok(n), Some(param)) if n == param => {}
+                (_, Some(param)) => return Err(InvalidRequest::LengthMismatch { header, param }),
+                (Err(_), None) => {
+                    return Err(InvalidRequest::HeaderValue("content-length".into()));
+                }
+            }
+            continue;
+        }
+        if HOP_BY_HOP.contains(&name.as_str())
+            || named_by_connection.iter().any(|n| n == name.as_str())
+        {
+            continue;
+        }
+        headers.push((name, value));
+    }
+    if matches!(method, Method::GET | Method::HEAD | Method::TRACE)
+        && content_length.is_some_and(|n| n > 0)
+    {
+        return Err(InvalidRequest::BodyNotAllowed(method));
+    }
+    Ok(Prepared {
+        method,
+        target,
+        headers,
+        content_length,
+        redirect: request.redirect,
+        timeout_ms: request.timeout_ms,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(method: &str, url: &str, headers: &[(&str, &[u8])]) -> HttpRequest {
+        HttpRequest {
+            headers: headers
+                .iter()
+                .map(|(n, v)| HeaderField::new(*n, v.to_vec()))
+                .collect(),
+            ..HttpRequest::new(method, url)
+        }
+    }
+
+    #[test]
+    fn hop_by_hop_and_framing_headers_are_stripped() {
+        let p = prepare(&req(
+            "POST",
+            "https://a.example/",
+            &[
+                ("Connection", b"close, X-Secret-Hop"),
+                ("x-secret-hop", b"1"),
+                ("Transfer-Encoding", b"chunked"),
+                ("Upgrade", b"websocket"),
+                ("Proxy-Authorization", b"Basic x"),
+                ("Content-Length", b"4"),
+                ("Host", b"A.example"),
+                ("accept", b"*/*"),
+                ("x-keep", b"2"),
+                ("x-keep", b"3"),
+            ],
+        ))
+        .expect("valid");
+        let names: Vec<&str> = p.headers.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, vec!["accept", "x-keep", "x-keep"]);
+        assert_eq!(p.content_length, Some(4));
+    }
+
+    #[test]
+    fn malformed_requests_are_refused() {
+        let bad: Vec<(HttpRequest, &str)> = vec![
+            (req("GE T", "https://a.example/", &[]), "method"),
+            (req("", "https://a.example/", &[]), "method"),
+            (
+                req("GET", "https://a.example/", &[("bad name", b"x")]),
+                "header name",
+            ),
+            (
+                req("GET", "https://a.example/", &[("x", b"a\r\nInjected: 1")]),
+                "header value",
+            ),
+            (
+                req("GET", "https://a.example/", &[("x", b"a\0b")]),
+                "header value",
+            ),
+            (
+                req("GET", "https://a.example/", &[("host", b"evil.example")]),
+                "Host",
+            ),
+            (
+                req("GET", "https://a.example/", &[("host", b"a.example:8443")]),
+                "Host",
+            ),
+            (
+                req("GET", "https://a.example/", &[("content-length", b"5")]),
+                "body",
+            ),
+            (
+                req("POST", "https://a.example/", &[("content-length", b"x")]),
+                "content-length",
+            ),
+            (req("GET", "ftp://a.example/", &[]), "URL"),
+        ];
+        for (request, what) in bad {
+            let err = prepare(&request).expect_err(what);
+            assert!(
+                err.to_string()
+                    .to_lowercase()
+                    .contains(&what.to_lowercase()),
+                "{what}: {err}"
+            );
+        }
+        let mut both = req("POST", "https://a.example/", &[("content-length", b"5")]);
+        both.content_length = Some(6);
+        assert!(matches!(
+            prepare(&both),
+            Err(InvalidRequest::LengthMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn a_host_header_that_agrees_is_accepted() {
+        for host in [&b"a.example"[..], b"A.EXAMPLE", b"a.example:443"] {
+            assert!(prepare(&req("GET", "https://a.example/", &[("host", host)])).is_ok());
+        }
+        assert!(prepare(&req(
+            "GET",
+            "http://[::1]:8080/",
+            &[("host", b"[::1]:8080")]
+        ))
+        .is_ok());
+    }
+}

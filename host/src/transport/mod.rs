@@ -1,0 +1,157 @@
+//! Where guest connections come from. Each transport hands byte streams to [`serve_connection`]; nothing
+//! here knows the protocol.
+//!
+//! - `unix:PATH`: a Unix listener — development clients, QEMU chardevs in client mode, and hybrid vsock
+//!   (Firecracker, Cloud Hypervisor), whose guest connections to port P arrive on `<uds>_P`.
+//! - `connect:PATH`: the PEP connects to a QEMU chardev that listens (`server=on`), and connects again with
+//!   back-off when the VM restarts. virtio-serial gives no disconnect signal inside the guest, so the
+//!   session re-handshakes (a new HELLO) or resynchronises on its own.
+//! - `vsock:PORT`: an `AF_VSOCK` listener for Linux hosts with vhost-vsock.
+
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Listen;
+use crate::pipeline::Pipeline;
+use crate::serve::serve_connection;
+
+/// Starts serving `listen`; connections are tracked in `tasks` so shutdown can wait for them.
+pub async fn start(
+    listen: &Listen,
+    pipeline: Arc<Pipeline>,
+    shutdown: CancellationToken,
+    tasks: &TaskTracker,
+) -> std::io::Result<()> {
+    match listen {
+        Listen::Unix(path) => {
+            let listener = bind_unix(path)?;
+            tracing::info!(listen = %listen, "listening");
+            tasks.spawn(accept_unix(
+                listener,
+                path.clone(),
+                pipeline,
+                shutdown,
+                tasks.clone(),
+            ));
+        }
+        Listen::Connect(path) => {
+            tracing::info!(listen = %listen, "connecting");
+            tasks.spawn(connect_loop(path.clone(), pipeline, shutdown));
+        }
+        Listen::Vsock(port) => {
+            let addr = tokio_vsock::VsockAddr::new(tokio_vsock::VMADDR_CID_ANY, *port);
+            let listener = tokio_vsock::VsockListener::bind(addr)?;
+            tracing::info!(listen = %listen, "listening");
+            tasks.spawn(accept_vsock(listener, pipeline, shutdown, tasks.clone()));
+        }
+    }
+    Ok(())
+}
+
+fn bind_unix(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    // A socket left by an earlier run is replaced; anything else at that path is not ours to delete.
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path)?,
+        Ok(_) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!("{} exists and is not a socket", path.display()),
+            ))
+        }
+        Err(_) => {}
+    }
+    let listener = tokio::net::UnixListener::bind(path)?;
+    // Only the owner (the VM runner, the developer) may connect.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+async fn accept_unix(
+    listener: tokio::net::UnixListener,
+    path: std::path::PathBuf,
+    pipeline: Arc<Pipeline>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+) {
+    let mut serial = 0u64;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    serial += 1;
+                    let peer = format!("unix:{}#{serial}", path.display());
+                    tasks.spawn(serve_connection(stream, pipeline.clone(), shutdown.clone(), peer));
+                }
+                Err(err) => {
+                    tracing::warn!(%err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+    let _ = std::fs::remove_file(&path);
+}
+
+async fn connect_loop(
+    path: std::path::PathBuf,
+    pipeline: Arc<Pipeline>,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(100);
+    let mut serial = 0u64;
+    while !shutdown.is_cancelled() {
+        let connected = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            connected = tokio::net::UnixStream::connect(&path) => connected,
+        };
+        match connected {
+            Ok(stream) => {
+                backoff = Duration::from_millis(100);
+                serial += 1;
+                let peer = format!("connect:{}#{serial}", path.display());
+                tracing::info!(%peer, "connected");
+                serve_connection(stream, pipeline.clone(), shutdown.clone(), peer).await;
+            }
+            Err(err) => {
+                tracing::debug!(path = %path.display(), %err, "connect failed; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+async fn accept_vsock(
+    listener: tokio_vsock::VsockListener,
+    pipeline: Arc<Pipeline>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, addr)) => {
+                    let peer = format!("vsock:cid{}:{}", addr.cid(), addr.port());
+                    tasks.spawn(serve_connection(stream, pipeline.clone(), shutdown.clone(), peer));
+                }
+                Err(err) => {
+                    tracing::warn!(%err, "vsock accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+}
