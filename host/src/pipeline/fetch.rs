@@ -242,6 +242,7 @@ impl Pipeline {
                     body,
                     tap.clone(),
                     limits.max_request_bytes,
+                    prepared.content_length,
                 )));
             } else if let Some(bytes) = replay_body.take() {
                 builder = builder.body(bytes);
@@ -501,10 +502,12 @@ fn body_too_large(limit: u64) -> ErrorPayload {
 }
 
 /// The guest's body as a stream for the first hop: counted against the cap, copied for a possible replay.
+/// With a known length the HTTP client stops polling after that many bytes, so reaching it is the end too.
 fn body_stream(
     body: RequestBody,
     tap: Arc<BodyTap>,
     limit: u64,
+    expected: Option<u64>,
 ) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
     futures_util::stream::unfold(Some(body), move |body| {
         let tap = tap.clone();
@@ -531,6 +534,9 @@ fn body_stream(
                         _ => *replay = None,
                     }
                     drop(replay);
+                    if expected == Some(sent) {
+                        tap.complete.store(true, Ordering::Relaxed);
+                    }
                     Some((Ok(chunk), Some(body)))
                 }
             }

@@ -124,8 +124,15 @@ impl Driver {
                 biased;
                 _ = shutdown.cancelled(), if !shutting_down => {
                     shutting_down = true;
+                    // Each in-flight stream learns its outcome is unknown, then no new stream is accepted.
+                    let ids: Vec<u32> = self.streams.keys().copied().collect();
+                    for id in ids {
+                        let error = ErrorPayload::new(ErrorCode::SessionReset, "the PEP is shutting down")
+                            .retryable(true);
+                        let _ = self.session.send_error(id, error);
+                        self.forget(id);
+                    }
                     self.session.go_away(ErrorCode::SessionReset, "the PEP is shutting down");
-                    self.fail_all("the PEP is shutting down");
                 }
                 permit = output.reserve(), if self.session.has_pending_transmit() => {
                     let Ok(permit) = permit else { break };
