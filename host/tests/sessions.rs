@@ -1,0 +1,383 @@
+//! Session-level behaviour of a real `pexi serve`: concurrency, isolation between streams and between
+//! sessions, hostile bytes, shutdown, and the reconnecting `connect:` transport.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use pexi_protocol::frame::{crc32c, Frame, FrameDecoder, FrameType};
+use pexi_protocol::payload::{cbor, ErrorPayload, HttpRequest, MethodCall};
+use pexi_protocol::session::{Config as SessionConfig, Event, Session};
+use support::{loopback_options, Guest, TestPep, Upstream};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+
+fn get(url: &str) -> MethodCall {
+    MethodCall::HttpRequest(HttpRequest::new("GET", url))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hundred_concurrent_streams_on_one_session() {
+    let upstream = Upstream::http("127.0.0.1").await;
+    let mut options = loopback_options(&[("api.test", "127.0.0.1")], &["api.test"]);
+    options.limits = vec![("max_concurrent_streams", 100)];
+    let pep = TestPep::start(options);
+    let mut guest = pep.guest().await;
+    let mut ids = Vec::new();
+    for i in 0..100 {
+        let id = guest
+            .session()
+            .open(get(&format!(
+                "http://api.test:{}/big?n={}",
+                upstream.port(),
+                1000 + i
+            )))
+            .expect("open");
+        guest.session().send_end(id, vec![]).expect("end");
+        ids.push(id);
+    }
+    let mut sizes = std::collections::HashMap::new();
+    let mut done = 0;
+    while done < 100 {
+        match guest.conn.next_event().await.expect("io").expect("open") {
+            Event::Data { stream_id, data } => {
+                *sizes.entry(stream_id).or_insert(0usize) += data.len();
+                guest.session().release(stream_id, data.len());
+            }
+            Event::End { .. } => done += 1,
+            Event::StreamFailed {
+                stream_id, error, ..
+            } => panic!("stream {stream_id}: {error:?}"),
+            _ => {}
+        }
+    }
+    for (i, id) in ids.iter().enumerate() {
+        assert_eq!(sizes[id], 1000 + i, "stream {id}");
+    }
+    assert_eq!(upstream.hits().len(), 100);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_reader_on_one_stream_does_not_stall_the_others() {
+    let upstream = Upstream::http("127.0.0.1").await;
+    let pep = TestPep::start(loopback_options(
+        &[("api.test", "127.0.0.1")],
+        &["api.test"],
+    ));
+    let mut guest = pep.guest().await;
+    // 5 MB that the guest never consumes: it fills that stream's window and the PEP's buffer for it.
+    let stuck = guest
+        .session()
+        .open(get(&format!(
+            "http://api.test:{}/big?n=5000000",
+            upstream.port()
+        )))
+        .expect("open");
+    guest.session().send_end(stuck, vec![]).expect("end");
+    let mut stuck_bytes = 0;
+    let started = Instant::now();
+    // Meanwhile ten other requests complete.
+    for i in 0..10 {
+        let id = guest
+            .session()
+            .open(get(&format!(
+                "http://api.test:{}/big?n={}",
+                upstream.port(),
+                10_000 + i
+            )))
+            .expect("open");
+        guest.session().send_end(id, vec![]).expect("end");
+        let mut got = 0;
+        loop {
+            match guest.conn.next_event().await.expect("io").expect("open") {
+                Event::Data { stream_id, data } if stream_id == id => {
+                    got += data.len();
+                    guest.session().release(id, data.len());
+                }
+                Event::Data { stream_id, data } if stream_id == stuck => stuck_bytes += data.len(),
+                Event::End { stream_id, .. } if stream_id == id => break,
+                Event::StreamFailed {
+                    stream_id, error, ..
+                } => panic!("{stream_id}: {error:?}"),
+                _ => {}
+            }
+        }
+        assert_eq!(got, 10_000 + i);
+    }
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(
+        stuck_bytes <= 256 * 1024,
+        "the stuck stream stays within its window: {stuck_bytes}"
+    );
+    // Consuming it now lets it finish.
+    guest.session().release(stuck, stuck_bytes);
+    let reply = guest.collect(stuck).await;
+    assert_eq!(
+        stuck_bytes + reply.body.len(),
+        5_000_000,
+        "{:?}",
+        reply.error
+    );
+}
+
+/// Reads frames from a raw socket until `want` says stop, with a deadline.
+async fn read_frames(stream: &mut UnixStream, mut want: impl FnMut(&Frame) -> bool) -> Vec<Frame> {
+    let mut decoder = FrameDecoder::new(65_536);
+    let mut frames = Vec::new();
+    let mut buf = vec![0u8; 65_536];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let n = tokio::time::timeout_at(deadline, stream.read(&mut buf))
+            .await
+            .expect("frames in time")
+            .expect("read");
+        assert!(n > 0, "connection closed; frames so far {frames:?}");
+        let mut input = &buf[..n];
+        while let Some(frame) = decoder.decode(&mut input) {
+            let frame = frame.expect("the PEP sends valid frames");
+            let stop = want(&frame);
+            frames.push(frame);
+            if stop {
+                return frames;
+            }
+        }
+    }
+}
+
+fn error_of(frame: &Frame) -> ErrorPayload {
+    cbor::decode("ERROR", &frame.payload).expect("ERROR payload")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hostile_bytes_get_protocol_errors_and_other_sessions_carry_on() {
+    let upstream = Upstream::http("127.0.0.1").await;
+    let pep = TestPep::start(loopback_options(
+        &[("api.test", "127.0.0.1")],
+        &["api.test"],
+    ));
+    let url = format!("http://api.test:{}/hello", upstream.port());
+    let mut good = pep.guest().await;
+
+    // Garbage before any HELLO.
+    let mut raw = UnixStream::connect(&pep.socket).await.expect("connect");
+    raw.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let frames = read_frames(&mut raw, |f| f.frame_type == FrameType::Error).await;
+    let error = error_of(frames.last().expect("frame"));
+    assert_eq!(error.code.as_str(), "protocol_error");
+    assert_eq!(error.details.frame_error.as_deref(), Some("bad_magic"));
+
+    // An oversize length with a valid header CRC: refused from the header alone.
+    let mut header = b"PEXI\x01\x11\x00\x00\x00\x00\x00\x01".to_vec();
+    header.extend_from_slice(&0x7fff_ffffu32.to_be_bytes());
+    header.extend_from_slice(&0u32.to_be_bytes());
+    let crc = crc32c(&header);
+    header.extend_from_slice(&crc.to_be_bytes());
+    let mut raw2 = UnixStream::connect(&pep.socket).await.expect("connect");
+    raw2.write_all(&header).await.expect("write");
+    let frames = read_frames(&mut raw2, |f| f.frame_type == FrameType::Error).await;
+    let error = error_of(frames.last().expect("frame"));
+    assert_eq!(
+        error.details.frame_error.as_deref(),
+        Some("oversize_length")
+    );
+
+    // The same socket can still say HELLO and be served: bad input never wedges a connection.
+    let mut session = Session::client(SessionConfig::new("raw", "1"));
+    let mut out = Vec::new();
+    while let Some(f) = session.poll_transmit() {
+        f.encode_into(&mut out);
+    }
+    raw2.write_all(&out).await.expect("hello");
+    let frames = read_frames(&mut raw2, |f| f.frame_type == FrameType::HelloAck).await;
+    assert_eq!(
+        frames.last().map(|f| f.frame_type),
+        Some(FrameType::HelloAck)
+    );
+
+    // An established session that then sends garbage mid-stream gets an ERROR and a resync.
+    let mut bad = pep.guest().await;
+    let id = bad.session().open(get(&url)).expect("open");
+    bad.conn.flush().await.expect("flush");
+    let (mut stream, mut session) = bad.conn.into_inner();
+    stream.write_all(&[0xff; 64]).await.expect("garbage");
+    let frames = read_frames(&mut stream, |f| f.frame_type == FrameType::Sync).await;
+    let error = frames
+        .iter()
+        .find(|f| f.frame_type == FrameType::Error && f.stream_id == 0)
+        .map(error_of)
+        .expect("ERROR on stream 0");
+    assert_eq!(error.code.as_str(), "protocol_error");
+    // The guest's session processes the same frames: the in-flight stream fails with session_reset.
+    for frame in &frames {
+        session.receive(&frame.encode());
+    }
+    let failed: Vec<_> = std::iter::from_fn(|| session.poll_event())
+        .filter_map(|e| match e {
+            Event::StreamFailed {
+                stream_id, error, ..
+            } => Some((stream_id, error.code)),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        failed
+            .iter()
+            .any(|(s, c)| *s == id && c.as_str() == "session_reset"),
+        "{failed:?}"
+    );
+
+    // Meanwhile the well-behaved session was never disturbed.
+    for _ in 0..3 {
+        let reply = good.get(&url).await;
+        assert_eq!(reply.body, b"hello");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_misbehaving_guest_cannot_exceed_the_stream_limit() {
+    let mut options = loopback_options(&[], &[]);
+    options.limits = vec![("max_concurrent_streams", 2)];
+    let pep = TestPep::start(options);
+    let guest = pep.guest().await;
+    let (mut stream, _) = guest.conn.into_inner();
+    let mut out = Vec::new();
+    for id in [1u32, 3, 5] {
+        Frame::new(FrameType::Open, id, get("https://blocked.test/").encode())
+            .encode_into(&mut out);
+    }
+    stream.write_all(&out).await.expect("write");
+    let frames = read_frames(&mut stream, |f| {
+        f.frame_type == FrameType::Error && f.stream_id == 5
+    })
+    .await;
+    let error = error_of(frames.last().expect("frame"));
+    assert_eq!(error.code.as_str(), "resource_exhausted");
+    assert_eq!(error.details.limit, Some(2));
+    assert!(error.retryable);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_resets_in_flight_streams_and_exits_cleanly() {
+    let upstream = Upstream::http("127.0.0.1").await;
+    let mut pep = TestPep::start(loopback_options(
+        &[("api.test", "127.0.0.1")],
+        &["api.test"],
+    ));
+    let mut guest = pep.guest().await;
+    let id = guest
+        .session()
+        .open(get(&format!(
+            "http://api.test:{}/forever?gap_ms=50",
+            upstream.port()
+        )))
+        .expect("open");
+    guest.session().send_end(id, vec![]).expect("end");
+    // Wait until the response is flowing.
+    loop {
+        if let Some(Event::Data { stream_id, data }) = guest.conn.next_event().await.expect("io") {
+            guest.session().release(stream_id, data.len());
+            break;
+        }
+    }
+    let audit = pep.audit.clone();
+    let status = pep.terminate();
+    assert!(status.success(), "{status:?}");
+    let mut saw_reset = false;
+    let mut saw_goaway = false;
+    while let Some(event) = guest.conn.next_event().await.expect("io") {
+        match event {
+            Event::StreamFailed {
+                stream_id, error, ..
+            } if stream_id == id => {
+                assert_eq!(error.code.as_str(), "session_reset");
+                saw_reset = true;
+            }
+            Event::GoAway(_) => saw_goaway = true,
+            Event::Data { stream_id, data } => guest.session().release(stream_id, data.len()),
+            _ => {}
+        }
+    }
+    assert!(saw_reset && saw_goaway);
+    // The audit log was flushed with the decision for that stream.
+    let text = std::fs::read_to_string(&audit).unwrap_or_default();
+    assert!(text
+        .lines()
+        .any(|l| l.contains("\"decision\"") && l.contains("forever")));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !upstream.aborted.load(std::sync::atomic::Ordering::SeqCst) {
+        assert!(
+            Instant::now() < deadline,
+            "upstream request survived shutdown"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connect_mode_reconnects_and_rehandshakes() {
+    // The test plays QEMU: a chardev that listens; the PEP connects to it.
+    let dir = support::temp_dir("chardev");
+    let chardev = dir.join("serial.sock");
+    let listener = tokio::net::UnixListener::bind(&chardev).expect("bind");
+    let config_dir = support::temp_dir("connect-config");
+    let audit = config_dir.join("audit.jsonl");
+    let mut doc: toml::Table = include_str!("../../config.toml").parse().expect("toml");
+    let pep_table = doc["pep"].as_table_mut().expect("pep");
+    pep_table.insert(
+        "listen".into(),
+        toml::Value::Array(vec![format!("connect:{}", chardev.display()).into()]),
+    );
+    pep_table["audit"]
+        .as_table_mut()
+        .expect("audit")
+        .insert("path".into(), audit.display().to_string().into());
+    std::fs::create_dir_all(config_dir.join("policies")).expect("mkdir");
+    std::fs::write(
+        config_dir.join("policies/pexi.rego"),
+        include_str!("../../policies/pexi.rego"),
+    )
+    .expect("policy");
+    let config = config_dir.join("config.toml");
+    std::fs::write(&config, toml::to_string(&doc).expect("toml")).expect("config");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pexi"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .expect("spawn");
+
+    for round in 0..2 {
+        let (stream, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
+            .await
+            .expect("the PEP connects")
+            .expect("accept");
+        let mut guest = Guest {
+            conn: pexi_protocol::io::Connection::new(
+                stream,
+                Session::client(SessionConfig::new("vm", "1")),
+            ),
+        };
+        assert!(
+            matches!(
+                guest.conn.next_event().await.expect("io"),
+                Some(Event::Established(_))
+            ),
+            "round {round}"
+        );
+        let reply = guest
+            .call(
+                MethodCall::PolicyCheck(HttpRequest::new("GET", "https://example.com/")),
+                b"",
+            )
+            .await;
+        assert!(reply.head.is_some(), "round {round}: {:?}", reply.error);
+        // The VM goes away; the PEP must come back for the next one.
+        drop(guest);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&config_dir);
+}
