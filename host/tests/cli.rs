@@ -1,0 +1,129 @@
+//! The `pexi` command line, run as a process.
+
+mod support;
+
+use std::process::{Command, Output};
+
+fn pexi(args: &[&str], env: &[(&str, &str)], audit_dir: &std::path::Path) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_pexi"));
+    command
+        .args(args)
+        .env("PEP_AUDIT_LOG", audit_dir.join("audit.jsonl"))
+        .env_remove("PEP_ALLOWED_DOMAINS")
+        .env("RUST_LOG", "warn");
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    command.output().expect("run pexi")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn check_exits_0_on_allow_1_on_deny_2_on_error() {
+    let dir = support::temp_dir("cli");
+    let denied = pexi(&["check", "GET", "https://example.com"], &[], &dir);
+    assert_eq!(denied.status.code(), Some(1));
+    assert!(
+        text(&denied.stdout).starts_with("deny (decision "),
+        "{}",
+        text(&denied.stdout)
+    );
+    assert!(text(&denied.stdout).contains("not on the allowlist"));
+
+    let allowed = pexi(
+        &["check", "POST", "https://API.example.com./v1"],
+        &[("PEP_ALLOWED_DOMAINS", "api.example.com")],
+        &dir,
+    );
+    assert_eq!(allowed.status.code(), Some(0), "{}", text(&allowed.stderr));
+    assert!(text(&allowed.stdout).contains("host api.example.com is on the allowlist"));
+
+    let invalid = pexi(&["check", "GET", "https://user@example.com/"], &[], &dir);
+    assert_eq!(invalid.status.code(), Some(2));
+    assert!(
+        text(&invalid.stderr).contains("invalid_request"),
+        "{}",
+        text(&invalid.stderr)
+    );
+
+    // Every decision went to the audit log named by PEP_AUDIT_LOG.
+    let log = std::fs::read_to_string(dir.join("audit.jsonl")).expect("audit log");
+    assert_eq!(
+        log.lines()
+            .filter(|l| l.contains("\"kind\":\"decision\""))
+            .count(),
+        2
+    );
+    std::fs::remove_dir_all(&dir).expect("cleanup");
+}
+
+#[test]
+fn a_bad_config_or_policy_fails_at_start_naming_file_and_line() {
+    let dir = support::temp_dir("cli-bad");
+    std::fs::create_dir_all(dir.join("policies")).expect("mkdir");
+    let config =
+        include_str!("../../config.toml").replace("max_redirects = 5", "max_redirects = -1");
+    std::fs::write(dir.join("config.toml"), &config).expect("write");
+    std::fs::write(
+        dir.join("policies/pexi.rego"),
+        include_str!("../../policies/pexi.rego"),
+    )
+    .expect("write");
+    let line = config
+        .lines()
+        .position(|l| l.starts_with("max_redirects"))
+        .expect("line")
+        + 1;
+    let config_path = dir.join("config.toml");
+    let out = pexi(
+        &["serve", "--config", config_path.to_str().expect("utf8")],
+        &[],
+        &dir,
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains(&format!("config.toml:{line}:")),
+        "{}",
+        text(&out.stderr)
+    );
+
+    std::fs::write(dir.join("config.toml"), include_str!("../../config.toml")).expect("write");
+    std::fs::write(
+        dir.join("policies/pexi.rego"),
+        "package pexi.egress\ndecision := {\n",
+    )
+    .expect("write");
+    let out = pexi(
+        &[
+            "check",
+            "--config",
+            config_path.to_str().expect("utf8"),
+            "GET",
+            "https://a.test/",
+        ],
+        &[],
+        &dir,
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("policies/pexi.rego:3:"), "{stderr}");
+    std::fs::remove_dir_all(&dir).expect("cleanup");
+}
+
+#[test]
+fn help_lists_every_subcommand() {
+    let dir = support::temp_dir("cli-help");
+    let out = pexi(&["--help"], &[], &dir);
+    assert!(out.status.success());
+    let help = text(&out.stdout);
+    for sub in ["serve", "check"] {
+        assert!(help.contains(sub), "{help}");
+        let sub_help = pexi(&[sub, "--help"], &[], &dir);
+        assert!(sub_help.status.success(), "{sub} --help");
+        assert!(text(&sub_help.stdout).contains("--config"));
+    }
+    std::fs::remove_dir_all(&dir).expect("cleanup");
+}
