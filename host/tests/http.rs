@@ -475,3 +475,33 @@ async fn upstream_timeouts() {
     let reply = guest.call(MethodCall::HttpRequest(timed), b"").await;
     assert_eq!(reply.error_code(), "upstream_timeout");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn environment_proxies_are_ignored() {
+    let upstream = Upstream::http("127.0.0.1").await;
+    let mut options = loopback_options(&[("api.test", "127.0.0.1")], &["api.test"]);
+    // Nothing listens there: a PEP that honoured these would fail to connect.
+    let dead = "http://127.0.0.9:9".to_string();
+    options.env = [
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "all_proxy",
+    ]
+    .iter()
+    .map(|k| (k.to_string(), dead.clone()))
+    .collect();
+    let pep = TestPep::start(options);
+    let mut guest = pep.guest().await;
+    let reply = guest
+        .get(&format!("http://api.test:{}/hello", upstream.port()))
+        .await;
+    assert_eq!(reply.body, b"hello", "{:?}", reply.error);
+    assert_eq!(
+        upstream.hits().len(),
+        1,
+        "the request went straight to the checked address"
+    );
+}

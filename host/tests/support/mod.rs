@@ -36,6 +36,8 @@ pub struct PepOptions {
     pub limits: Vec<(&'static str, i64)>,
     /// Run the PEP in a fresh network namespace with only loopback up.
     pub isolated_network: bool,
+    /// Extra environment for the PEP process.
+    pub env: Vec<(String, String)>,
 }
 
 pub struct TestPep {
@@ -95,6 +97,9 @@ impl TestPep {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
+        for (key, value) in &options.env {
+            command.env(key, value);
+        }
         let child = command.spawn().expect("spawn pexi");
         let pep = TestPep {
             child,
