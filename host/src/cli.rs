@@ -41,6 +41,29 @@ enum Command {
         /// Absolute http(s) URL.
         url: String,
     },
+    /// Work with policy bundles.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Run every test_* rule of the *_test.rego files under DIR (OPA's `opa test` layout) with the data in
+    /// DIR/data/*.json. Exit status 0 when all pass, 1 when any fails, 2 when the bundle does not load.
+    Test {
+        #[arg(default_value = "policies")]
+        dir: PathBuf,
+    },
+    /// Evaluate the configured query for the input document in FILE and print the whole result.
+    Eval {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// A JSON input document (see docs/policy.md); `-` reads standard input.
+        #[arg(long)]
+        input: PathBuf,
+    },
 }
 
 pub fn main() -> ExitCode {
@@ -59,7 +82,84 @@ pub fn main() -> ExitCode {
             method,
             url,
         } => check(config, method, url),
+        Command::Policy {
+            command: PolicyCommand::Test { dir },
+        } => policy_test(&dir),
+        Command::Policy {
+            command: PolicyCommand::Eval { config, input },
+        } => policy_eval(config, &input),
     }
+}
+
+fn policy_test(dir: &std::path::Path) -> ExitCode {
+    use crate::policy::{compile, run_tests, Bundle, PolicyRoot};
+    let outcomes = Bundle::load(&PolicyRoot::Dir(dir.to_path_buf()), &[], &[])
+        .and_then(|bundle| run_tests(&compile(&bundle, 10_000)?, &bundle.tests));
+    let outcomes = match outcomes {
+        Ok(outcomes) => outcomes,
+        Err(err) => {
+            eprintln!("pexi: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    for test in &outcomes {
+        match (&test.passed, &test.detail) {
+            (true, _) => println!("PASS {}", test.name),
+            (false, detail) => println!("FAIL {}: {}", test.name, detail.as_deref().unwrap_or("")),
+        }
+    }
+    let failed = outcomes.iter().filter(|t| !t.passed).count();
+    println!(
+        "policy: {} passed, {failed} failed",
+        outcomes.len() - failed
+    );
+    if outcomes.is_empty() {
+        eprintln!("pexi: no test_* rules found under {}", dir.display());
+        return ExitCode::from(1);
+    }
+    ExitCode::from(if failed == 0 { 0 } else { 1 })
+}
+
+fn policy_eval(config: Option<PathBuf>, input: &std::path::Path) -> ExitCode {
+    let text = if input == std::path::Path::new("-") {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text).map(|_| text)
+    } else {
+        std::fs::read_to_string(input)
+    };
+    let document: serde_json::Value = match text
+        .map_err(|err| err.to_string())
+        .and_then(|t| serde_json::from_str(&t).map_err(|err| err.to_string()))
+    {
+        Ok(document) => document,
+        Err(err) => {
+            eprintln!("pexi: input {}: {err}", input.display());
+            return ExitCode::from(2);
+        }
+    };
+    let engine = match Config::load(config.as_deref())
+        .map_err(|err| err.to_string())
+        .and_then(|config| crate::pipeline::load_policy(&config).map_err(|err| err.to_string()))
+    {
+        Ok(engine) => engine,
+        Err(err) => {
+            eprintln!("pexi: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = match engine.evaluate(&document) {
+        Ok(value) => {
+            serde_json::json!({"revision": engine.revision(), "query": engine.query(), "result": value})
+        }
+        Err(error) => {
+            serde_json::json!({"revision": engine.revision(), "query": engine.query(), "error": error})
+        }
+    };
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&result).unwrap_or_default()
+    );
+    ExitCode::SUCCESS
 }
 
 fn load(config: Option<PathBuf>) -> Result<Pipeline, String> {
@@ -138,8 +238,10 @@ async fn run(pipeline: Arc<Pipeline>) -> ExitCode {
             return ExitCode::from(2);
         }
     }
+    tasks.spawn(crate::reload::watch(pipeline.clone(), shutdown.clone()));
     tracing::info!(
         config = %pipeline.config.source,
+        policy = %pipeline.policy_revision(),
         audit = %pipeline.audit().path().display(),
         "pexi serving"
     );

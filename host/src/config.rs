@@ -11,13 +11,11 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::policy::entries::Entry;
+use crate::policy::PolicyRoot;
+
 /// The repository's `config.toml`, compiled in: `pexi serve` with no flags runs on it.
 pub const EMBEDDED_CONFIG: &str = include_str!("../../config.toml");
-/// Policy files the embedded configuration names, compiled in beside it.
-const EMBEDDED_POLICIES: &[(&str, &str)] = &[(
-    "policies/pexi.rego",
-    include_str!("../../policies/pexi.rego"),
-)];
 const EMBEDDED_NAME: &str = "<embedded config.toml>";
 
 #[derive(Debug, thiserror::Error)]
@@ -104,11 +102,16 @@ impl LimitsConfig {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyConfig {
-    pub files: Vec<String>,
+    /// Directory of `*.rego` (and `*_test.rego`) files, with data files in its `data/`.
+    pub dir: PathBuf,
     pub query: String,
     pub timeout_ms: u64,
+    /// How often the files are checked for changes (hot reload); SIGHUP reloads at once.
+    pub reload_check_ms: u64,
     #[serde(default)]
-    pub data: serde_json::Map<String, serde_json::Value>,
+    pub allow: Vec<Entry>,
+    #[serde(default)]
+    pub deny: Vec<Entry>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -182,8 +185,11 @@ pub struct Config {
     /// Where it came from, for messages.
     pub source: String,
     pub pep: PepConfig,
-    /// `(name, rego text)` for every file in `pep.policy.files`.
-    pub policies: Vec<(String, String)>,
+    /// Where the policy bundle is read from: compiled in for the embedded config, else `pep.policy.dir`
+    /// relative to the config file.
+    pub policy_root: PolicyRoot,
+    /// The config file, for hot reload; `None` for the embedded default.
+    pub path: Option<PathBuf>,
     /// The extra CA bundle's PEM text, if one is configured.
     pub extra_ca_pem: Option<Vec<u8>>,
 }
@@ -224,27 +230,10 @@ impl Config {
         if pep.listen.is_empty() {
             return Err(invalid("pep.listen names no listener".into()));
         }
-        if pep.policy.files.is_empty() {
-            return Err(invalid("pep.policy.files names no policy".into()));
-        }
-        let mut policies = Vec::new();
-        for name in &pep.policy.files {
-            let text = match &base {
-                None => EMBEDDED_POLICIES
-                    .iter()
-                    .find(|(embedded, _)| embedded == name)
-                    .map(|(_, text)| text.to_string())
-                    .ok_or_else(|| invalid(format!("no embedded policy named {name:?}")))?,
-                Some(base) => {
-                    let path = base.join(name);
-                    std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
-                        file: path.display().to_string(),
-                        source,
-                    })?
-                }
-            };
-            policies.push((name.clone(), text));
-        }
+        let policy_root = match &base {
+            None => PolicyRoot::Embedded,
+            Some(base) => PolicyRoot::Dir(base.join(&pep.policy.dir)),
+        };
         let extra_ca_pem = match pep.network.extra_ca_file.as_str() {
             "" => None,
             file => {
@@ -258,7 +247,8 @@ impl Config {
         Ok(Config {
             source,
             pep,
-            policies,
+            policy_root,
+            path: path.map(Path::to_path_buf),
             extra_ca_pem,
         })
     }
@@ -300,15 +290,14 @@ fn apply_env(pep: &mut PepConfig, env: &[(String, String)]) -> Result<(), Config
     for (name, value) in env {
         match name.as_str() {
             "PEP_ALLOWED_DOMAINS" => {
-                let domains: Vec<serde_json::Value> = value
-                    .split(',')
-                    .map(str::trim)
-                    .filter(|d| !d.is_empty())
-                    .map(|d| serde_json::Value::String(d.to_ascii_lowercase()))
-                    .collect();
-                pep.policy
-                    .data
-                    .insert("allowed_domains".into(), serde_json::Value::Array(domains));
+                for domain in value.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+                    let entry = Entry::host(domain).map_err(|message| ConfigError::Env {
+                        name: "PEP_ALLOWED_DOMAINS",
+                        value: value.to_string(),
+                        message,
+                    })?;
+                    pep.policy.allow.push(entry);
+                }
             }
             "PEP_MAX_REQUEST_BYTES" => {
                 pep.limits.max_request_bytes = number("PEP_MAX_REQUEST_BYTES", value)?
@@ -338,11 +327,8 @@ mod tests {
     #[test]
     fn the_embedded_default_loads_and_denies_everything() {
         let config = Config::load_with_env(None, &[]).expect("embedded config loads");
-        assert_eq!(
-            config.pep.policy.data["allowed_domains"],
-            serde_json::json!([])
-        );
-        assert_eq!(config.policies.len(), 1);
+        assert!(config.pep.policy.allow.is_empty() && config.pep.policy.deny.is_empty());
+        assert_eq!(config.policy_root, PolicyRoot::Embedded);
         assert!(config.pep.network.allowed_cidrs.is_empty());
         assert_eq!(config.pep.limits.max_redirects, 5);
     }
@@ -360,10 +346,14 @@ mod tests {
             ]),
         )
         .expect("loads");
-        assert_eq!(
-            config.pep.policy.data["allowed_domains"],
-            serde_json::json!(["example.com", "*.api.test"])
-        );
+        let hosts: Vec<&str> = config
+            .pep
+            .policy
+            .allow
+            .iter()
+            .map(|e| e.host.as_str())
+            .collect();
+        assert_eq!(hosts, vec!["example.com", "*.api.test"]);
         assert_eq!(config.pep.limits.max_request_bytes, 10);
         assert_eq!(config.pep.limits.max_response_bytes, 20);
         assert_eq!(config.pep.limits.max_redirects, 0);
@@ -375,13 +365,18 @@ mod tests {
         let err = Config::load_with_env(None, &env(&[("PEP_MAX_REDIRECTS", "five")]))
             .expect_err("refused");
         assert!(err.to_string().contains("PEP_MAX_REDIRECTS"), "{err}");
+        let err = Config::load_with_env(None, &env(&[("PEP_ALLOWED_DOMAINS", "ok.test,*.com")]))
+            .expect_err("refused");
+        let text = err.to_string();
+        assert!(
+            text.contains("PEP_ALLOWED_DOMAINS") && text.contains("*.com"),
+            "{text}"
+        );
     }
 
     fn parse_error(edit: impl Fn(&str) -> String) -> String {
         let dir = std::env::temp_dir().join(format!("pexi-config-test-{}", std::process::id()));
-        std::fs::create_dir_all(dir.join("policies")).expect("mkdir");
-        std::fs::write(dir.join("policies/pexi.rego"), EMBEDDED_POLICIES[0].1)
-            .expect("write policy");
+        std::fs::create_dir_all(&dir).expect("mkdir");
         let path = dir.join(format!("config-{}.toml", rand_suffix()));
         std::fs::write(&path, edit(EMBEDDED_CONFIG)).expect("write config");
         let result = Config::load_with_env(Some(&path), &[]);
@@ -432,6 +427,13 @@ mod tests {
 
         let err = parse_error(|t| t.replace("[pep.audit]", "[pep.audti]"));
         assert!(err.contains("pep.audti") || err.contains("audti"), "{err}");
+
+        let err = parse_error(|t| format!("{t}\n[[pep.policy.allow]]\nhost = \"*.com\"\n"));
+        let line = EMBEDDED_CONFIG.lines().count() + 3;
+        assert!(
+            err.contains(&format!(".toml:{line}:")) && err.contains("*.com"),
+            "{err}"
+        );
 
         assert_eq!(parse_error(|t| t.to_string()), "loaded");
     }

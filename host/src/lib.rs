@@ -12,5 +12,6 @@ pub mod cli;
 pub mod config;
 pub mod pipeline;
 pub mod policy;
+pub mod reload;
 pub mod serve;
 pub mod transport;

@@ -31,7 +31,7 @@ fn check_exits_0_on_allow_1_on_deny_2_on_error() {
         "{}",
         text(&denied.stdout)
     );
-    assert!(text(&denied.stdout).contains("not on the allowlist"));
+    assert!(text(&denied.stdout).contains("not in the allowlist"));
 
     let allowed = pexi(
         &["check", "POST", "https://API.example.com./v1"],
@@ -39,7 +39,7 @@ fn check_exits_0_on_allow_1_on_deny_2_on_error() {
         &dir,
     );
     assert_eq!(allowed.status.code(), Some(0), "{}", text(&allowed.stderr));
-    assert!(text(&allowed.stdout).contains("host api.example.com is on the allowlist"));
+    assert!(text(&allowed.stdout).contains("allowed by allowlist entry api.example.com"));
 
     let invalid = pexi(&["check", "GET", "https://user@example.com/"], &[], &dir);
     assert_eq!(invalid.status.code(), Some(2));
@@ -63,15 +63,10 @@ fn check_exits_0_on_allow_1_on_deny_2_on_error() {
 #[test]
 fn a_bad_config_or_policy_fails_at_start_naming_file_and_line() {
     let dir = support::temp_dir("cli-bad");
-    std::fs::create_dir_all(dir.join("policies")).expect("mkdir");
+    support::copy_policies(&dir);
     let config =
         include_str!("../../config.toml").replace("max_redirects = 5", "max_redirects = -1");
     std::fs::write(dir.join("config.toml"), &config).expect("write");
-    std::fs::write(
-        dir.join("policies/pexi.rego"),
-        include_str!("../../policies/pexi.rego"),
-    )
-    .expect("write");
     let line = config
         .lines()
         .position(|l| l.starts_with("max_redirects"))
@@ -92,8 +87,8 @@ fn a_bad_config_or_policy_fails_at_start_naming_file_and_line() {
 
     std::fs::write(dir.join("config.toml"), include_str!("../../config.toml")).expect("write");
     std::fs::write(
-        dir.join("policies/pexi.rego"),
-        "package pexi.egress\ndecision := {\n",
+        dir.join("policies/pexi/http.rego"),
+        "package pexi.http\ndecision := {\n",
     )
     .expect("write");
     let out = pexi(
@@ -109,7 +104,7 @@ fn a_bad_config_or_policy_fails_at_start_naming_file_and_line() {
     );
     assert_eq!(out.status.code(), Some(2));
     let stderr = text(&out.stderr);
-    assert!(stderr.contains("policies/pexi.rego:3:"), "{stderr}");
+    assert!(stderr.contains("pexi/http.rego:3:"), "{stderr}");
     std::fs::remove_dir_all(&dir).expect("cleanup");
 }
 

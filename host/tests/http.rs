@@ -116,7 +116,7 @@ async fn a_denied_request_reaches_neither_dns_nor_upstream() {
         let error = reply.error.expect("denied");
         assert_eq!(error.code.as_str(), "policy_denied", "{url}");
         assert!(
-            error.details.reasons[0].contains("not on the allowlist"),
+            error.details.reasons[0].contains("not in the allowlist"),
             "{:?}",
             error.details
         );

@@ -333,12 +333,7 @@ async fn connect_mode_reconnects_and_rehandshakes() {
         .as_table_mut()
         .expect("audit")
         .insert("path".into(), audit.display().to_string().into());
-    std::fs::create_dir_all(config_dir.join("policies")).expect("mkdir");
-    std::fs::write(
-        config_dir.join("policies/pexi.rego"),
-        include_str!("../../policies/pexi.rego"),
-    )
-    .expect("policy");
+    support::copy_policies(&config_dir);
     let config = config_dir.join("config.toml");
     std::fs::write(&config, toml::to_string(&doc).expect("toml")).expect("config");
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pexi"))

@@ -140,6 +140,7 @@ fn catalog() -> Vec<Vector> {
         features: vec![],
         receive: receive_params(),
         limits: Limits::default(),
+        policy_revision: None,
     };
     let denied = ErrorPayload::new(ErrorCode::PolicyDenied, "request denied by policy")
         .with_details(ErrorDetails {

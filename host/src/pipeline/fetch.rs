@@ -331,7 +331,7 @@ impl Pipeline {
         let (source, addrs) = match resolved {
             Ok(found) => found,
             Err(error) => {
-                let _ = self.audit.append(
+                self.record(
                     "resolve",
                     json!({"decision_id": decision_id, "host": target.host.to_string(), "error": error.message}),
                 );
@@ -346,7 +346,7 @@ impl Pipeline {
                 Err(class) => refused.push((ip, class.0)),
             }
         }
-        let _ = self.audit.append(
+        self.record(
             "resolve",
             json!({
                 "decision_id": decision_id,

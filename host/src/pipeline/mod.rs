@@ -25,7 +25,7 @@ use serde_json::{json, Value};
 
 use crate::audit::{AuditLog, Redactor, REDACTED};
 use crate::config::Config;
-use crate::policy::{Decision, PolicyEngine, PolicyError};
+use crate::policy::{Bundle, Decision, PolicyEngine, PolicyError, PolicyStore};
 use address::AddressGuard;
 use request::{prepare, InvalidRequest, Prepared};
 
@@ -52,7 +52,7 @@ pub enum StartError {
 
 pub struct Pipeline {
     pub config: Config,
-    policy: PolicyEngine,
+    policy: PolicyStore,
     guard: AddressGuard,
     audit: AuditLog,
     redactor: Redactor,
@@ -70,7 +70,7 @@ pub struct Logged {
 
 impl Pipeline {
     pub fn new(config: Config) -> Result<Pipeline, StartError> {
-        let policy = PolicyEngine::load(&config.pep.policy, &config.policies)?;
+        let policy = PolicyStore::new(load_policy(&config)?);
         let audit = AuditLog::open(&config.pep.audit.path).map_err(|source| StartError::Audit {
             path: config.pep.audit.path.display().to_string(),
             source,
@@ -99,6 +99,58 @@ impl Pipeline {
 
     pub fn audit(&self) -> &AuditLog {
         &self.audit
+    }
+
+    /// The revision of the policy bundle in service.
+    pub fn policy_revision(&self) -> String {
+        self.policy.current().revision().to_string()
+    }
+
+    /// The bundle in service, for `pexi policy eval`.
+    pub fn policy(&self) -> std::sync::Arc<PolicyEngine> {
+        self.policy.current()
+    }
+
+    /// Re-reads the config file and the policy bundle and puts the new bundle in service if it compiles,
+    /// passes its own tests and decides a probe request; otherwise the old one keeps serving. Returns the
+    /// new revision, or `None` when nothing changed (or the config is the embedded one). Both outcomes are
+    /// audited.
+    pub fn reload_policy(&self) -> Result<Option<String>, String> {
+        let Some(path) = self.config.path.as_deref() else {
+            return Ok(None);
+        };
+        let loaded = Config::load(Some(path))
+            .map_err(|err| err.to_string())
+            .and_then(|fresh| load_policy(&fresh).map_err(|err| err.to_string()));
+        let engine = match loaded {
+            Ok(engine) => engine,
+            Err(error) => {
+                self.record("policy_reload_rejected", json!({"error": error}));
+                return Err(error);
+            }
+        };
+        if engine.revision() == self.policy.current().revision() {
+            return Ok(None);
+        }
+        let revision = engine.revision().to_string();
+        let previous = self.policy.replace(engine);
+        self.record(
+            "policy_reloaded",
+            json!({"new_revision": revision, "previous_revision": previous}),
+        );
+        Ok(Some(revision))
+    }
+
+    /// Appends an audit record stamped with the revision of the policy in service.
+    pub fn record(&self, kind: &str, mut record: Value) {
+        if let Some(object) = record.as_object_mut() {
+            object
+                .entry("policy_revision")
+                .or_insert_with(|| json!(self.policy.current().revision()));
+        }
+        if let Err(err) = self.audit.append(kind, record) {
+            tracing::error!(%err, kind, "audit log write failed");
+        }
     }
 
     /// `pep.policy.check`: steps 1–3, no DNS, no network.
@@ -151,13 +203,15 @@ impl Pipeline {
             self.decisions.fetch_add(1, Ordering::Relaxed)
         );
         let input = self.policy_input(caller, method, prepared, hop, previous);
-        let decision = self.policy.decide(&input);
+        let policy = self.policy.current();
+        let decision = policy.decide(&input);
         let record = json!({
             "decision_id": decision_id,
+            "policy_revision": policy.revision(),
             "session_id": format!("{:016x}", caller.session_id),
             "stream_id": caller.stream_id,
             "method": method,
-            "query": self.policy.query(),
+            "query": policy.query(),
             "input": input,
             "allow": decision.allow,
             "reasons": decision.reasons,
@@ -200,9 +254,7 @@ impl Pipeline {
             object.insert("stream_id".into(), json!(caller.stream_id));
             object.insert("method".into(), json!(method));
         }
-        if let Err(err) = self.audit.append("outcome", detail) {
-            tracing::error!(%err, "audit log write failed for an outcome");
-        }
+        self.record("outcome", detail);
     }
 
     fn policy_input(
@@ -257,4 +309,18 @@ impl Pipeline {
             },
         })
     }
+}
+
+/// Loads the bundle a configuration names and checks it can serve.
+pub fn load_policy(config: &Config) -> Result<PolicyEngine, PolicyError> {
+    let bundle = Bundle::load(
+        &config.policy_root,
+        &config.pep.policy.allow,
+        &config.pep.policy.deny,
+    )?;
+    PolicyEngine::load(
+        &bundle,
+        &config.pep.policy.query,
+        config.pep.policy.timeout_ms,
+    )
 }

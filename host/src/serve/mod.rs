@@ -38,6 +38,7 @@ pub async fn serve_connection<T>(
 {
     let mut config = SessionConfig::new("pexi-host", env!("CARGO_PKG_VERSION"));
     config.versions = vec![pexi_protocol::session::PROTOCOL_VERSION];
+    config.policy_revision = Some(pipeline.policy_revision());
     let session = Session::server(config, pipeline.config.pep.limits.protocol_limits());
     let (reader, writer) = tokio::io::split(io);
     let (in_tx, in_rx) = mpsc::channel::<Bytes>(8);

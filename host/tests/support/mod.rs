@@ -49,6 +49,19 @@ pub struct TestPep {
 
 static NEXT_DIR: AtomicUsize = AtomicUsize::new(0);
 
+/// Ports of every upstream server this test binary started: the test configs allow them (with 80, 443
+/// and 8080), since the default policy allows only a scheme's default port.
+static UPSTREAM_PORTS: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+
+fn allowed_ports() -> Vec<toml::Value> {
+    let mut ports = vec![80, 443, 8080];
+    ports.extend(UPSTREAM_PORTS.lock().expect("ports").iter().copied());
+    ports
+        .into_iter()
+        .map(|p| toml::Value::Integer(p.into()))
+        .collect()
+}
+
 pub fn temp_dir(tag: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!(
         "pexi-host-test-{}-{}-{tag}",
@@ -66,12 +79,7 @@ impl TestPep {
         let socket = dir.join("pep.sock");
         let audit = dir.join("audit.jsonl");
         let config = test_config(&dir, &socket, &audit, &options);
-        std::fs::create_dir_all(dir.join("policies")).expect("mkdir");
-        std::fs::write(
-            dir.join("policies/pexi.rego"),
-            include_str!("../../../policies/pexi.rego"),
-        )
-        .expect("policy");
+        copy_policies(&dir);
         let config_path = dir.join("config.toml");
         std::fs::write(&config_path, config).expect("config");
         let pexi = env!("CARGO_BIN_EXE_pexi");
@@ -175,17 +183,19 @@ fn test_config(dir: &Path, socket: &Path, audit: &Path, options: &PepOptions) ->
         "listen".into(),
         toml::Value::Array(vec![format!("unix:{}", socket.display()).into()]),
     );
-    let data = pep["policy"]["data"].as_table_mut().expect("data");
-    data.insert(
-        "allowed_domains".into(),
-        toml::Value::Array(
-            options
-                .allowed_domains
-                .iter()
-                .map(|d| d.clone().into())
-                .collect(),
-        ),
-    );
+    let policy = pep["policy"].as_table_mut().expect("policy");
+    let allow: Vec<toml::Value> = options
+        .allowed_domains
+        .iter()
+        .map(|d| {
+            let mut entry = toml::Table::new();
+            entry.insert("host".into(), d.clone().into());
+            entry.insert("ports".into(), toml::Value::Array(allowed_ports()));
+            toml::Value::Table(entry)
+        })
+        .collect();
+    policy.insert("allow".into(), toml::Value::Array(allow));
+    policy.insert("reload_check_ms".into(), 100.into());
     let limits = pep["limits"].as_table_mut().expect("limits");
     for (key, value) in &options.limits {
         assert!(limits.contains_key(*key), "no limit {key}");
@@ -523,6 +533,7 @@ impl Upstream {
             .await
             .expect("bind upstream");
         let addr = listener.local_addr().expect("addr");
+        UPSTREAM_PORTS.lock().expect("ports").push(addr.port());
         let hits = Arc::new(Mutex::new(Vec::new()));
         let aborted = Arc::new(AtomicBool::new(false));
         let (h, a) = (hits.clone(), aborted.clone());
@@ -630,4 +641,20 @@ pub fn overrides(map: &BTreeMap<&str, &str>) -> Vec<(String, Vec<String>)> {
     map.iter()
         .map(|(k, v)| (k.to_string(), vec![v.to_string()]))
         .collect()
+}
+
+/// The repository's policy bundle, copied under `dir/policies`.
+pub fn copy_policies(dir: &Path) {
+    let policies = dir.join("policies/pexi");
+    std::fs::create_dir_all(&policies).expect("mkdir");
+    std::fs::write(
+        policies.join("http.rego"),
+        include_str!("../../../policies/pexi/http.rego"),
+    )
+    .expect("policy");
+    std::fs::write(
+        policies.join("http_test.rego"),
+        include_str!("../../../policies/pexi/http_test.rego"),
+    )
+    .expect("policy tests");
 }

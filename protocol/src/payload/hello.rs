@@ -72,4 +72,8 @@ pub struct HelloAck {
     /// What this side accepts from the peer.
     pub receive: ReceiveParams,
     pub limits: Limits,
+    /// Digest of the policy bundle (Rego and data) deciding this session's requests; also stamped on every
+    /// audit record. Absent when the host has none to report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_revision: Option<String>,
 }

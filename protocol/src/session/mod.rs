@@ -57,6 +57,8 @@ pub struct Config {
     pub versions: Vec<u16>,
     pub features: Vec<String>,
     pub receive: ReceiveParams,
+    /// Server: the policy revision announced in HELLO_ACK.
+    pub policy_revision: Option<String>,
     /// Seeds HELLO and SYNC nonces and (server) session ids. [`Config::new`] draws it from the process's
     /// random hasher seed; tests set a constant so runs are reproducible. Not a secret: nonces and session
     /// ids only have to differ.
@@ -77,6 +79,7 @@ impl Config {
                 initial_stream_window: DEFAULT_STREAM_WINDOW,
                 initial_connection_window: DEFAULT_CONNECTION_WINDOW,
             },
+            policy_revision: None,
             // std seeds RandomState from the OS once per process: enough for ids and nonces that must differ
             // between sessions and processes, without a dependency and without I/O here.
             seed: std::hash::BuildHasher::hash_one(
@@ -105,6 +108,8 @@ impl Default for Limits {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SessionInfo {
     pub session_id: u64,
+    /// The host's policy revision, when it announced one.
+    pub policy_revision: Option<String>,
     pub version: u16,
     pub peer: Implementation,
     pub peer_features: Vec<String>,

@@ -226,10 +226,12 @@ impl Session {
             features: self.config.features.clone(),
             receive: self.config.receive,
             limits: self.limits,
+            policy_revision: self.config.policy_revision.clone(),
         };
         self.push_control(FrameType::HelloAck, SESSION_STREAM, cbor::encode(&ack));
         self.establish(SessionInfo {
             session_id,
+            policy_revision: self.config.policy_revision.clone(),
             version,
             peer: hello.implementation,
             peer_features: hello.features,
@@ -259,6 +261,7 @@ impl Session {
         self.limits = ack.limits;
         self.establish(SessionInfo {
             session_id: ack.session_id,
+            policy_revision: ack.policy_revision,
             version: ack.version,
             peer: ack.implementation,
             peer_features: ack.features,

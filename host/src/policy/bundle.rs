@@ -1,0 +1,164 @@
+//! A policy bundle: the Rego modules, their tests, and the data they decide on, with a revision digest
+//! that names exactly this combination in HELLO_ACK and on every audit record.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use super::entries::Entry;
+use super::PolicyError;
+
+/// The default bundle, compiled in beside the embedded config (no data files: everything is denied).
+const EMBEDDED: &[(&str, &str)] = &[
+    (
+        "pexi/http.rego",
+        include_str!("../../../policies/pexi/http.rego"),
+    ),
+    (
+        "pexi/http_test.rego",
+        include_str!("../../../policies/pexi/http_test.rego"),
+    ),
+];
+
+/// Where the Rego and data files come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PolicyRoot {
+    Embedded,
+    Dir(PathBuf),
+}
+
+impl std::fmt::Display for PolicyRoot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PolicyRoot::Embedded => f.write_str("<embedded policies>"),
+            PolicyRoot::Dir(dir) => write!(f, "{}", dir.display()),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Bundle {
+    /// `(relative path, text)` of every `*.rego` that is not a test, sorted by path.
+    pub modules: Vec<(String, String)>,
+    /// `*_test.rego` files: run before a bundle may serve.
+    pub tests: Vec<(String, String)>,
+    /// `{"pexi": {"allow": [...], "deny": [...]}}`.
+    pub data: serde_json::Value,
+    /// `sha256:` and the hex digest of every file and the merged data.
+    pub revision: String,
+}
+
+/// A `policies/data/*.json` file.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DataFile {
+    #[serde(default)]
+    allow: Vec<Entry>,
+    #[serde(default)]
+    deny: Vec<Entry>,
+}
+
+impl Bundle {
+    /// Reads `root` and merges its data files after the configured entries (config.toml and
+    /// PEP_ALLOWED_DOMAINS, already validated).
+    pub fn load(root: &PolicyRoot, allow: &[Entry], deny: &[Entry]) -> Result<Bundle, PolicyError> {
+        let mut files = match root {
+            PolicyRoot::Embedded => EMBEDDED
+                .iter()
+                .map(|(name, text)| (name.to_string(), text.to_string()))
+                .collect(),
+            PolicyRoot::Dir(dir) => read_rego_files(dir)?,
+        };
+        files.sort();
+        let (tests, modules): (Vec<_>, Vec<_>) = files
+            .into_iter()
+            .partition(|(name, _)| name.ends_with("_test.rego"));
+        if modules.is_empty() {
+            return Err(PolicyError {
+                file: root.to_string(),
+                message: "no .rego policy files".into(),
+            });
+        }
+        let mut allow = allow.to_vec();
+        let mut deny = deny.to_vec();
+        if let PolicyRoot::Dir(dir) = root {
+            for (path, file) in read_data_files(&dir.join("data"))? {
+                tracing::debug!(file = %path.display(), allow = file.allow.len(), deny = file.deny.len(), "policy data");
+                allow.extend(file.allow);
+                deny.extend(file.deny);
+            }
+        }
+        let data = serde_json::json!({"pexi": {"allow": allow, "deny": deny}});
+        let mut hash = Sha256::new();
+        for (name, text) in modules.iter().chain(&tests) {
+            hash.update(name.as_bytes());
+            hash.update([0]);
+            hash.update(text.as_bytes());
+            hash.update([0]);
+        }
+        hash.update(data.to_string().as_bytes());
+        let revision = format!("sha256:{}", hex::encode(hash.finalize()));
+        Ok(Bundle {
+            modules,
+            tests,
+            data,
+            revision,
+        })
+    }
+}
+
+fn read_rego_files(dir: &Path) -> Result<Vec<(String, String)>, PolicyError> {
+    let mut out = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(current) = pending.pop() {
+        let entries = std::fs::read_dir(&current).map_err(|err| PolicyError {
+            file: current.display().to_string(),
+            message: err.to_string(),
+        })?;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                pending.push(path);
+            } else if path.extension().is_some_and(|e| e == "rego") {
+                let text = std::fs::read_to_string(&path).map_err(|err| PolicyError {
+                    file: path.display().to_string(),
+                    message: err.to_string(),
+                })?;
+                let name = path
+                    .strip_prefix(dir)
+                    .unwrap_or(&path)
+                    .display()
+                    .to_string();
+                out.push((name, text));
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn read_data_files(dir: &Path) -> Result<Vec<(PathBuf, DataFile)>, PolicyError> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(Vec::new());
+    };
+    let mut paths: Vec<PathBuf> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .collect();
+    paths.sort();
+    paths
+        .into_iter()
+        .map(|path| {
+            let text = std::fs::read_to_string(&path).map_err(|err| PolicyError {
+                file: path.display().to_string(),
+                message: err.to_string(),
+            })?;
+            let file: DataFile = serde_json::from_str(&text).map_err(|err| PolicyError {
+                file: format!("{}:{}:{}", path.display(), err.line(), err.column()),
+                message: err.to_string(),
+            })?;
+            Ok((path, file))
+        })
+        .collect()
+}

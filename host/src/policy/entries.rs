@@ -1,0 +1,250 @@
+//! Allowlist and denylist entries: the data the default policy decides on. Every field is validated while
+//! it is deserialised, so a bad entry fails the load with the file and line (TOML, JSON) or the variable
+//! that holds it, before any policy sees it.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// One allow or deny entry. Absent fields take the policy's defaults (see `policies/pexi/http.rego`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Entry {
+    pub host: HostPattern,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ports: Option<Vec<Port>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub methods: Option<Vec<MethodName>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paths: Option<Vec<PathPrefix>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schemes: Option<Vec<Scheme>>,
+}
+
+impl Entry {
+    pub fn host(host: &str) -> Result<Entry, String> {
+        Ok(Entry {
+            host: HostPattern::parse(host)?,
+            ports: None,
+            methods: None,
+            paths: None,
+            schemes: None,
+        })
+    }
+}
+
+/// Declares a string newtype that is validated (and normalised) by `parse` whenever it is deserialised.
+macro_rules! validated_string {
+    ($(#[$doc:meta])* $name:ident, $parse:expr) => {
+        $(#[$doc])*
+        #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+        #[serde(transparent)]
+        pub struct $name(String);
+
+        impl $name {
+            pub fn parse(text: &str) -> Result<$name, String> {
+                let parse: fn(&str) -> Result<String, String> = $parse;
+                parse(text).map($name)
+            }
+
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                let text = String::deserialize(deserializer)?;
+                $name::parse(&text).map_err(serde::de::Error::custom)
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+    };
+}
+
+validated_string!(
+    /// `example.com`, `*.example.com` (subdomains only), `**.example.com` (apex and subdomains), an IP
+    /// address or a CIDR. Lowercased; a trailing dot is dropped.
+    HostPattern,
+    parse_host_pattern
+);
+validated_string!(
+    /// An HTTP method token, uppercased.
+    MethodName,
+    |text| {
+        let upper = text.to_ascii_uppercase();
+        match http::Method::from_bytes(upper.as_bytes()) {
+            Ok(_) if !upper.is_empty() => Ok(upper),
+            _ => Err(format!("{text:?} is not an HTTP method")),
+        }
+    }
+);
+validated_string!(
+    /// A path prefix: starts with `/`.
+    PathPrefix,
+    |text| {
+        if text.starts_with('/') && !text.chars().any(|c| c.is_ascii_control() || c == ' ') {
+            Ok(text.to_string())
+        } else {
+            Err(format!("path prefix {text:?} must start with / and contain no spaces"))
+        }
+    }
+);
+validated_string!(
+    /// `http` or `https`.
+    Scheme,
+    |text| match text.to_ascii_lowercase().as_str() {
+        s @ ("http" | "https") => Ok(s.to_string()),
+        _ => Err(format!("scheme {text:?} is not http or https")),
+    }
+);
+
+/// A port number, 1 to 65535.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct Port(u16);
+
+impl<'de> Deserialize<'de> for Port {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let n = i64::deserialize(deserializer)?;
+        match u16::try_from(n) {
+            Ok(port) if port > 0 => Ok(Port(port)),
+            _ => Err(serde::de::Error::custom(format!(
+                "port {n} is not in 1..=65535"
+            ))),
+        }
+    }
+}
+
+fn parse_host_pattern(text: &str) -> Result<String, String> {
+    let refuse = |why: &str| Err(format!("host pattern {text:?}: {why}"));
+    if text.is_empty() {
+        return refuse("empty");
+    }
+    if !text.is_ascii() {
+        return refuse("write international names in punycode (xn--...)");
+    }
+    let lower = text.to_ascii_lowercase();
+    if let Ok(ip) = lower.parse::<std::net::IpAddr>() {
+        return Ok(ip.to_string());
+    }
+    if lower.contains('/') {
+        return match lower.parse::<ipnet::IpNet>() {
+            Ok(net) if net == net.trunc() => Ok(net.to_string()),
+            Ok(net) => refuse(&format!(
+                "CIDR has host bits set; did you mean {}?",
+                net.trunc()
+            )),
+            Err(_) => refuse("not a valid CIDR"),
+        };
+    }
+    let (wildcard, name) = if let Some(rest) = lower.strip_prefix("**.") {
+        ("**.", rest)
+    } else if let Some(rest) = lower.strip_prefix("*.") {
+        ("*.", rest)
+    } else {
+        ("", lower.as_str())
+    };
+    let name = name.strip_suffix('.').unwrap_or(name);
+    if name.contains('*') {
+        return refuse("a wildcard may only be the whole first label (*. or **.)");
+    }
+    let labels: Vec<&str> = name.split('.').collect();
+    if labels.iter().any(|l| l.is_empty()) {
+        return refuse("empty label");
+    }
+    if let Some(bad) = labels.iter().find(|l| {
+        l.len() > 63
+            || !l
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    }) {
+        return refuse(&format!("label {bad:?} is not a DNS label"));
+    }
+    if !wildcard.is_empty() && labels.len() < 2 {
+        return refuse("a wildcard must sit below at least two labels (not *.com)");
+    }
+    if labels.iter().all(|l| l.bytes().all(|b| b.is_ascii_digit())) {
+        return refuse("looks like a partial IP address; write the address or a CIDR");
+    }
+    Ok(format!("{wildcard}{name}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn valid_patterns_are_normalised() {
+        for (input, want) in [
+            ("Example.COM", "example.com"),
+            ("example.com.", "example.com"),
+            ("*.Example.com", "*.example.com"),
+            ("**.example.com", "**.example.com"),
+            ("xn--bcher-kva.example", "xn--bcher-kva.example"),
+            ("10.1.2.3", "10.1.2.3"),
+            ("10.0.0.0/8", "10.0.0.0/8"),
+            ("2001:DB8::/32", "2001:db8::/32"),
+            ("::1", "::1"),
+        ] {
+            assert_eq!(
+                HostPattern::parse(input).map(|p| p.0),
+                Ok(want.to_string()),
+                "{input}"
+            );
+        }
+    }
+
+    #[test]
+    fn invalid_patterns_are_refused_with_a_reason() {
+        for input in [
+            "",
+            "*",
+            "**",
+            "*.com",
+            "**.com",
+            "*.",
+            "a.*.com",
+            "*example.com",
+            "ex*ample.com",
+            "bücher.example",
+            "a..b",
+            ".example.com",
+            "exa mple.com",
+            "10.0.0.1/8",
+            "10.0.0.0/33",
+            "127.1",
+        ] {
+            assert!(HostPattern::parse(input).is_err(), "{input:?} accepted");
+        }
+    }
+
+    #[test]
+    fn entries_reject_unknown_fields_and_bad_values() {
+        let ok: Entry = serde_json::from_str(
+            r#"{"host": "api.example.com", "ports": [443, 8443], "methods": ["get"], "paths": ["/v1"], "schemes": ["HTTPS"]}"#,
+        )
+        .expect("valid");
+        assert_eq!(ok.methods.as_deref().map(|m| m[0].as_str()), Some("GET"));
+        assert_eq!(ok.schemes.as_deref().map(|s| s[0].as_str()), Some("https"));
+        for bad in [
+            r#"{"host": "a.example", "port": [443]}"#,
+            r#"{"host": "a.example", "ports": [0]}"#,
+            r#"{"host": "a.example", "ports": [70000]}"#,
+            r#"{"host": "a.example", "methods": ["GE T"]}"#,
+            r#"{"host": "a.example", "paths": ["v1"]}"#,
+            r#"{"host": "a.example", "schemes": ["ftp"]}"#,
+            r#"{"ports": [443]}"#,
+        ] {
+            assert!(
+                serde_json::from_str::<Entry>(bad).is_err(),
+                "{bad} accepted"
+            );
+        }
+    }
+}

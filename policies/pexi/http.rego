@@ -1,0 +1,167 @@
+# HTTP egress decisions for the pexi PEP. See docs/policy.md.
+#
+# The PEP evaluates `data.pexi.http.decision` for every hop of every request (pep.http.request and
+# pep.policy.check alike) and acts only on exactly one object {"allow": bool, "reasons": [string]}:
+# anything else (undefined, an error, another shape) is a deny.
+#
+# Deny by default. A request is allowed when some entry of data.pexi.allow matches all of it and no entry of
+# data.pexi.deny matches it. Entries come from config.toml ([[pep.policy.allow]], [[pep.policy.deny]]),
+# policies/data/*.json and PEP_ALLOWED_DOMAINS; the PEP validates them at load. An entry:
+#
+#   {"host": "api.example.com"}   exact name         "*.example.com"   subdomains only
+#   {"host": "**.example.com"}    apex + subdomains  "10.1.2.3", "10.0.0.0/8", "2001:db8::/32"  IP literals
+#   "ports":   [443]              default: 443 for https, 80 for http (deny entries: any port)
+#   "methods": ["GET", "POST"]    default: any
+#   "paths":   ["/v1/"]           prefixes; "/v1" matches /v1 and /v1/..., not /v10; default: any
+#   "schemes": ["https"]          default: http and https
+#
+# Name patterns never match IP-literal hosts, and IP patterns never match names.
+package pexi.http
+
+import rego.v1
+
+decision := {"allow": allow, "reasons": reasons}
+
+default allow := false
+
+allow if {
+	count(denied_by) == 0
+	count(allowed_by) > 0
+}
+
+req := input.request
+
+allow_entries := object.get(data, ["pexi", "allow"], [])
+
+deny_entries := object.get(data, ["pexi", "deny"], [])
+
+allowed_by contains entry.host if {
+	some entry in allow_entries
+	host_matches(entry.host)
+	scheme_ok(entry)
+	port_ok(entry)
+	method_ok(entry)
+	path_ok(entry)
+}
+
+denied_by contains entry.host if {
+	some entry in deny_entries
+	host_matches(entry.host)
+	req.scheme in object.get(entry, "schemes", [req.scheme])
+	req.port in object.get(entry, "ports", [req.port])
+	req.method in object.get(entry, "methods", [req.method])
+	path_ok(entry)
+}
+
+reasons := [sprintf("denied by denylist entry %s", [h]) | some h in sort(denied_by)] if {
+	count(denied_by) > 0
+} else := [sprintf("allowed by allowlist entry %s", [h]) | some h in sort(allowed_by)] if {
+	count(allowed_by) > 0
+} else := [sprintf("host %s is not in the allowlist", [req.host])] if {
+	count(host_entries) == 0
+} else := sort(field_misses)
+
+# Entries whose host matches but that refuse something else: say what.
+host_entries := [entry | some entry in allow_entries; host_matches(entry.host)]
+
+field_misses contains sprintf("scheme %s not allowed for %s", [req.scheme, req.host]) if {
+	some entry in host_entries
+	not scheme_ok(entry)
+}
+
+field_misses contains sprintf("port %d not allowed for %s", [req.port, req.host]) if {
+	some entry in host_entries
+	not port_ok(entry)
+}
+
+field_misses contains sprintf("method %s not allowed for %s", [req.method, req.host]) if {
+	some entry in host_entries
+	not method_ok(entry)
+}
+
+field_misses contains sprintf("path %s not allowed for %s", [req.path, req.host]) if {
+	some entry in host_entries
+	not path_ok(entry)
+}
+
+default_port := 443 if req.scheme == "https"
+
+default_port := 80 if req.scheme == "http"
+
+scheme_ok(entry) if req.scheme in object.get(entry, "schemes", ["http", "https"])
+
+port_ok(entry) if req.port in object.get(entry, "ports", [default_port])
+
+method_ok(entry) if req.method in object.get(entry, "methods", [req.method])
+
+path_ok(entry) if not entry.paths
+
+path_ok(entry) if {
+	some prefix in entry.paths
+	path_has_prefix(prefix)
+}
+
+path_has_prefix(prefix) if req.path == prefix
+
+path_has_prefix(prefix) if {
+	endswith(prefix, "/")
+	startswith(req.path, prefix)
+}
+
+path_has_prefix(prefix) if {
+	not endswith(prefix, "/")
+	startswith(req.path, concat("", [prefix, "/"]))
+}
+
+# Host patterns.
+
+host_matches(pattern) if {
+	req.host_kind == "dns"
+	p := lower(pattern)
+	not startswith(p, "*")
+	not is_ip_pattern(p)
+	req.host == p
+}
+
+host_matches(pattern) if {
+	req.host_kind == "dns"
+	p := lower(pattern)
+	startswith(p, "*.")
+	endswith(req.host, substring(p, 1, -1))
+}
+
+host_matches(pattern) if {
+	req.host_kind == "dns"
+	p := lower(pattern)
+	startswith(p, "**.")
+	req.host == substring(p, 3, -1)
+}
+
+host_matches(pattern) if {
+	req.host_kind == "dns"
+	p := lower(pattern)
+	startswith(p, "**.")
+	endswith(req.host, substring(p, 2, -1))
+}
+
+host_matches(pattern) if {
+	req.host_kind != "dns"
+	is_ip_pattern(lower(pattern))
+	net.cidr_contains(as_cidr(lower(pattern)), req.host)
+}
+
+is_ip_pattern(p) if contains(p, ":")
+
+is_ip_pattern(p) if regex.match(`^[0-9./]+$`, p)
+
+as_cidr(p) := p if contains(p, "/")
+
+as_cidr(p) := concat("", [p, "/128"]) if {
+	not contains(p, "/")
+	contains(p, ":")
+}
+
+as_cidr(p) := concat("", [p, "/32"]) if {
+	not contains(p, "/")
+	not contains(p, ":")
+}
