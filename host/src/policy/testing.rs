@@ -53,9 +53,7 @@ pub fn run_tests(
         engine.set_input(regorus::Value::new_object());
         let (passed, detail) = match engine.eval_rule(format!("data.{name}")) {
             Ok(value) if value == regorus::Value::from(true) => (true, None),
-            Ok(value) if value == regorus::Value::Undefined => {
-                (false, Some("undefined".to_string()))
-            }
+            Ok(regorus::Value::Undefined) => (false, Some("undefined".to_string())),
             Ok(value) => (
                 false,
                 Some(format!(
