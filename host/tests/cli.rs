@@ -122,3 +122,97 @@ fn help_lists_every_subcommand() {
     }
     std::fs::remove_dir_all(&dir).expect("cleanup");
 }
+
+#[test]
+fn policy_test_passes_on_the_shipped_bundle_and_fails_on_a_broken_test() {
+    let dir = support::temp_dir("cli-policy-test");
+    let policies = support::repo_root().join("policies");
+    let out = pexi(
+        &["policy", "test", policies.to_str().expect("utf8")],
+        &[],
+        &dir,
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("PASS pexi.http_test.test_deny_wins_over_allow"),
+        "{stdout}"
+    );
+    assert!(
+        stdout
+            .lines()
+            .last()
+            .is_some_and(|l| l.ends_with(" passed, 0 failed")),
+        "{stdout}"
+    );
+
+    support::copy_policies(&dir);
+    std::fs::write(
+        dir.join("policies/pexi/broken_test.rego"),
+        "package pexi.broken_test\nimport rego.v1\nimport data.pexi.http\n\ntest_example_is_allowed if {\n\thttp.decision.allow with input as {\"request\": {\"host\": \"example.com\"}}\n}\n",
+    )
+    .expect("write");
+    let out = pexi(
+        &[
+            "policy",
+            "test",
+            dir.join("policies").to_str().expect("utf8"),
+        ],
+        &[],
+        &dir,
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("FAIL pexi.broken_test.test_example_is_allowed"),
+        "{stdout}"
+    );
+    assert!(stdout.contains(" passed, 1 failed"), "{stdout}");
+    std::fs::remove_dir_all(&dir).expect("cleanup");
+}
+
+#[test]
+fn policy_eval_prints_the_whole_decision() {
+    let dir = support::temp_dir("cli-policy-eval");
+    let input = dir.join("input.json");
+    std::fs::write(
+        &input,
+        r#"{"request": {"method": "DELETE", "scheme": "https", "host": "api.example.com", "host_kind": "dns",
+            "port": 443, "path": "/v1/x", "query": null, "headers": {}, "body_length": null}}"#,
+    )
+    .expect("write");
+    let config = dir.join("config.toml");
+    support::copy_policies(&dir);
+    std::fs::write(
+        &config,
+        format!(
+            "{}\n[[pep.policy.allow]]\nhost = \"api.example.com\"\nmethods = [\"GET\"]\n",
+            include_str!("../../config.toml")
+        ),
+    )
+    .expect("write");
+    let out = pexi(
+        &[
+            "policy",
+            "eval",
+            "--config",
+            config.to_str().expect("utf8"),
+            "--input",
+            input.to_str().expect("utf8"),
+        ],
+        &[],
+        &dir,
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let result: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(result["query"], "data.pexi.http.decision");
+    assert!(result["revision"]
+        .as_str()
+        .expect("revision")
+        .starts_with("sha256:"));
+    assert_eq!(
+        result["result"],
+        serde_json::json!({"allow": false, "reasons": ["method DELETE not allowed for api.example.com"]})
+    );
+    std::fs::remove_dir_all(&dir).expect("cleanup");
+}

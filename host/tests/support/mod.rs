@@ -75,10 +75,17 @@ pub fn temp_dir(tag: &str) -> PathBuf {
 
 impl TestPep {
     pub fn start(options: PepOptions) -> TestPep {
+        TestPep::start_with(options, |_| {})
+    }
+
+    /// Like [`TestPep::start`], with a last edit of the config document.
+    pub fn start_with(options: PepOptions, edit: impl FnOnce(&mut toml::Table)) -> TestPep {
         let dir = temp_dir("pep");
         let socket = dir.join("pep.sock");
         let audit = dir.join("audit.jsonl");
-        let config = test_config(&dir, &socket, &audit, &options);
+        let mut doc = test_config(&dir, &socket, &audit, &options);
+        edit(&mut doc);
+        let config = toml::to_string(&doc).expect("serialise config");
         copy_policies(&dir);
         let config_path = dir.join("config.toml");
         std::fs::write(&config_path, config).expect("config");
@@ -174,7 +181,7 @@ impl Drop for TestPep {
     }
 }
 
-fn test_config(dir: &Path, socket: &Path, audit: &Path, options: &PepOptions) -> String {
+fn test_config(dir: &Path, socket: &Path, audit: &Path, options: &PepOptions) -> toml::Table {
     let mut doc: toml::Table = include_str!("../../../config.toml")
         .parse()
         .expect("config.toml parses");
@@ -229,7 +236,7 @@ fn test_config(dir: &Path, socket: &Path, audit: &Path, options: &PepOptions) ->
     }
     let audit_table = pep["audit"].as_table_mut().expect("audit");
     audit_table.insert("path".into(), audit.display().to_string().into());
-    toml::to_string(&doc).expect("serialise config")
+    doc
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -657,4 +664,11 @@ pub fn copy_policies(dir: &Path) {
         include_str!("../../../policies/pexi/http_test.rego"),
     )
     .expect("policy tests");
+}
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("host/ has a parent")
+        .to_path_buf()
 }
