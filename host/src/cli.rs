@@ -1,5 +1,6 @@
 //! The `pexi` command line.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -102,14 +103,25 @@ fn policy_test(dir: &std::path::Path) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let failed = outcomes.iter().filter(|t| !t.passed).count();
+    // writeln!, not println!: a closed pipe (`| head`) ends the listing instead of panicking.
+    let mut out = std::io::stdout().lock();
     for test in &outcomes {
-        match (&test.passed, &test.detail) {
-            (true, _) => println!("PASS {}", test.name),
-            (false, detail) => println!("FAIL {}: {}", test.name, detail.as_deref().unwrap_or("")),
+        let written = match (&test.passed, &test.detail) {
+            (true, _) => writeln!(out, "PASS {}", test.name),
+            (false, detail) => writeln!(
+                out,
+                "FAIL {}: {}",
+                test.name,
+                detail.as_deref().unwrap_or("")
+            ),
+        };
+        if written.is_err() {
+            break;
         }
     }
-    let failed = outcomes.iter().filter(|t| !t.passed).count();
-    println!(
+    let _ = writeln!(
+        out,
         "policy: {} passed, {failed} failed",
         outcomes.len() - failed
     );

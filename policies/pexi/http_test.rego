@@ -20,10 +20,13 @@ request(method, url_scheme, host, host_kind, port, path) := {"request": {
 
 get(host) := request("GET", "https", host, "dns", 443, "/")
 
+# Tests gate every reload, so they run beside whatever data and extensions are deployed: each one sets the
+# lists and the extensions (none) it relies on.
 decide(inp, allow_list, deny_list) := d if {
 	d := http.decision with input as inp
 		with data.pexi.allow as allow_list
 		with data.pexi.deny as deny_list
+		with data.pexi.rules as {}
 }
 
 allowed(inp, allow_list) if decide(inp, allow_list, []).allow == true
@@ -44,12 +47,8 @@ test_the_decision_has_exactly_two_keys if {
 	d.reasons == ["allowed by allowlist entry example.com"]
 }
 
-# Tests run against whatever data is deployed (they gate every reload), so each one states the lists it
-# relies on instead of assuming the deployed allowlist is empty.
 test_the_decision_is_defined_with_empty_lists if {
-	d := http.decision with input as get("example.com")
-		with data.pexi.allow as []
-		with data.pexi.deny as []
+	d := decide(get("example.com"), [], [])
 	d.allow == false
 }
 
@@ -196,4 +195,16 @@ allows_without_a_request if {
 	http.decision.allow == true with input as {}
 		with data.pexi.allow as [{"host": "example.com"}]
 		with data.pexi.deny as []
+		with data.pexi.rules as {}
+}
+
+# Extensions under pexi.rules add denials.
+
+test_an_extension_denial_wins_over_the_allowlist if {
+	d := http.decision with input as request("DELETE", "https", "api.example.com", "dns", 443, "/v1/x")
+		with data.pexi.allow as [{"host": "api.example.com"}]
+		with data.pexi.deny as []
+		with data.pexi.rules as {"no_deletes": {"denials": {"DELETE is not allowed anywhere"}}}
+	d.allow == false
+	d.reasons == ["DELETE is not allowed anywhere"]
 }

@@ -353,6 +353,33 @@ mod tests {
     }
 
     #[test]
+    fn extension_packages_add_denials_to_the_shipped_policy() {
+        let mut bundle = Bundle::load(
+            &PolicyRoot::Embedded,
+            &[Entry::host("uploads.example.com").expect("entry")],
+            &[],
+        )
+        .expect("bundle");
+        bundle.modules.push((
+            "pexi/rules/body_limits.rego".into(),
+            "package pexi.rules.body_limits\nimport rego.v1\n\ndenials contains sprintf(\"body of %d bytes is over 1 MiB\", [input.request.body_length]) if {\n\tinput.request.body_length > 1048576\n}\n".into(),
+        ));
+        let policy = PolicyEngine::load(&bundle, "data.pexi.http.decision", 1000).expect("loads");
+        let mut small = request("uploads.example.com");
+        small["request"]["body_length"] = json!(1000);
+        assert!(policy.decide(&small).allow);
+        let mut big = request("uploads.example.com");
+        big["request"]["body_length"] = json!(5_000_000);
+        assert_eq!(
+            policy.decide(&big),
+            Decision {
+                allow: false,
+                reasons: vec!["body of 5000000 bytes is over 1 MiB".into()]
+            }
+        );
+    }
+
+    #[test]
     fn the_shipped_tests_pass() {
         let bundle = Bundle::load(&PolicyRoot::Embedded, &[], &[]).expect("bundle");
         let policy = PolicyEngine::load(&bundle, "data.pexi.http.decision", 1000).expect("loads");
