@@ -47,6 +47,42 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// Check and read audit logs.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check that FILEs (a log and its rotated files, any order) form one unbroken hash chain: JSON, format
+    /// version, consecutive seq, each prev matching the previous line. Reports the first broken record with
+    /// its line. Exit status 0 when intact (a torn last line from a crash is reported, not a failure), 1
+    /// when broken, 2 on error.
+    Verify {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Print records of FILEs (oldest first) as indented JSON, filtered.
+    Show {
+        files: Vec<PathBuf>,
+        /// Only this record kind (decision, outcome, resolve, session, policy, ...).
+        #[arg(long)]
+        kind: Option<String>,
+        /// Only records of this decision id.
+        #[arg(long)]
+        decision: Option<String>,
+        /// Only records about this host.
+        #[arg(long)]
+        host: Option<String>,
+        /// Only records at or after this time (RFC 3339, e.g. 2026-11-28T19:00:00Z).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only records before this time (RFC 3339).
+        #[arg(long)]
+        until: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -89,7 +125,113 @@ pub fn main() -> ExitCode {
         Command::Policy {
             command: PolicyCommand::Eval { config, input },
         } => policy_eval(config, &input),
+        Command::Audit {
+            command: AuditCommand::Verify { files },
+        } => audit_verify(&files),
+        Command::Audit {
+            command:
+                AuditCommand::Show {
+                    files,
+                    kind,
+                    decision,
+                    host,
+                    since,
+                    until,
+                },
+        } => audit_show(&files, kind, decision, host, since, until),
     }
+}
+
+fn audit_verify(files: &[PathBuf]) -> ExitCode {
+    match crate::audit::verify::verify(files) {
+        Ok(report) => {
+            println!(
+                "ok: {} records in {} file(s) form one chain",
+                report.records,
+                report.files.len()
+            );
+            if report.starts_mid_chain {
+                println!(
+                    "note: the chain starts before the first file given (earlier files missing)"
+                );
+            }
+            if let Some((file, line)) = &report.torn_end {
+                println!(
+                    "warning: {}:{line} is a torn final record (a write interrupted by a crash); every record before it verifies",
+                    file.display()
+                );
+            }
+            if let Some(head) = &report.head {
+                println!(
+                    "head: {head} (record it elsewhere to detect removal of records from the end)"
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(broken) if broken.line == 0 => {
+            eprintln!("pexi: {broken}");
+            ExitCode::from(2)
+        }
+        Err(broken) => {
+            println!("BROKEN {broken}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn audit_show(
+    files: &[PathBuf],
+    kind: Option<String>,
+    decision: Option<String>,
+    host: Option<String>,
+    since: Option<String>,
+    until: Option<String>,
+) -> ExitCode {
+    let parse_time = |text: &Option<String>| -> Result<Option<std::time::SystemTime>, String> {
+        text.as_deref()
+            .map(|t| humantime::parse_rfc3339_weak(t).map_err(|err| format!("{t}: {err}")))
+            .transpose()
+    };
+    let (since, until) = match (parse_time(&since), parse_time(&until)) {
+        (Ok(since), Ok(until)) => (since, until),
+        (Err(err), _) | (_, Err(err)) => {
+            eprintln!("pexi: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut records: Vec<serde_json::Value> = Vec::new();
+    for file in files {
+        let text = match std::fs::read_to_string(file) {
+            Ok(text) => text,
+            Err(err) => {
+                eprintln!("pexi: {}: {err}", file.display());
+                return ExitCode::from(2);
+            }
+        };
+        records.extend(text.lines().filter_map(|l| serde_json::from_str(l).ok()));
+    }
+    records.sort_by_key(|r| r["seq"].as_u64().unwrap_or(u64::MAX));
+    let mut out = std::io::stdout().lock();
+    for record in records {
+        let matches = kind.as_deref().is_none_or(|k| record["kind"] == k)
+            && decision
+                .as_deref()
+                .is_none_or(|d| record["decision_id"] == d)
+            && host
+                .as_deref()
+                .is_none_or(|h| record["request"]["host"] == h || record["host"] == h)
+            && record["ts"]
+                .as_str()
+                .and_then(|ts| humantime::parse_rfc3339_weak(ts).ok())
+                .is_none_or(|ts| since.is_none_or(|s| ts >= s) && until.is_none_or(|u| ts < u));
+        if matches {
+            let text = serde_json::to_string_pretty(&record).unwrap_or_default();
+            if writeln!(out, "{text}").is_err() {
+                break;
+            }
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 fn policy_test(dir: &std::path::Path) -> ExitCode {
@@ -195,7 +337,19 @@ fn check(config: Option<PathBuf>, method: String, url: String) -> ExitCode {
         },
         stream_id: 0,
     };
-    match pipeline.policy_check(&caller, &HttpRequest::new(method, url)) {
+    // A one-thread runtime for the decision's audit ticket; check itself does no I/O beyond the log.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("pexi: cannot start the runtime: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    let decided = runtime.block_on(pipeline.policy_check(&caller, &HttpRequest::new(method, url)));
+    match decided {
         Ok(decision) => {
             println!(
                 "{} (decision {})",
@@ -267,7 +421,12 @@ async fn run(pipeline: Arc<Pipeline>) -> ExitCode {
     {
         tracing::warn!("connections still open after 5 s; exiting anyway");
     }
-    if let Err(err) = pipeline.audit().flush() {
+    pipeline.record("pep_stop", serde_json::json!({"reason": "signal"}));
+    let audit = pipeline.clone();
+    let flushed = tokio::task::spawn_blocking(move || audit.audit().flush())
+        .await
+        .unwrap_or_else(|err| Err(err.to_string()));
+    if let Err(err) = flushed {
         tracing::error!(%err, "audit flush failed");
         return ExitCode::from(1);
     }

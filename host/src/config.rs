@@ -129,8 +129,39 @@ pub struct NetworkConfig {
 #[serde(deny_unknown_fields)]
 pub struct AuditConfig {
     pub path: PathBuf,
+    pub durability: crate::audit::Durability,
+    pub batch_ms: u64,
+    pub batch_records: usize,
+    pub rotate_bytes: u64,
+    /// Host-only key for digests of redacted values: a path, "" for `<path>.key`, "none" for no digests.
+    pub key_file: String,
     pub redact_headers: Vec<String>,
     pub redact_query_params: Vec<String>,
+}
+
+impl AuditConfig {
+    pub fn settings(&self) -> crate::audit::AuditSettings {
+        crate::audit::AuditSettings {
+            path: self.path.clone(),
+            durability: self.durability,
+            batch_ms: self.batch_ms,
+            batch_records: self.batch_records,
+            rotate_bytes: self.rotate_bytes,
+        }
+    }
+
+    /// Where the redaction key lives, if digests are kept.
+    pub fn key_path(&self) -> Option<PathBuf> {
+        match self.key_file.as_str() {
+            "none" => None,
+            "" => {
+                let mut name = self.path.as_os_str().to_owned();
+                name.push(".key");
+                Some(PathBuf::from(name))
+            }
+            path => Some(PathBuf::from(path)),
+        }
+    }
 }
 
 /// One place guests reach the PEP.

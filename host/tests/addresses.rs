@@ -84,9 +84,9 @@ async fn refused_address_classes_are_blocked_after_an_allow() {
             "{url}: the refused classes are named"
         );
         let decision_id = error.details.decision_id.expect("decision id");
-        let records = pep.records_for(&decision_id);
+        let records = pep.wait_records(&decision_id, &["decision", "resolve"]);
         assert_eq!(
-            records[0]["allow"], true,
+            records[0]["decision"]["allow"], true,
             "{url}: policy allowed, the guard refused"
         );
         let resolve = records

@@ -99,6 +99,7 @@ struct Done {
     final_url: String,
     redirects: u32,
     response_bytes: u64,
+    response_sha256: String,
     decision_id: String,
 }
 
@@ -106,6 +107,8 @@ struct Done {
 #[derive(Default)]
 struct BodyTap {
     sent: AtomicU64,
+    /// SHA-256 of the bytes sent upstream: bodies are never logged, their digests are.
+    hash: Mutex<sha2::Sha256>,
     too_large: AtomicBool,
     /// A copy for 307/308, dropped once it passes [`REPLAY_LIMIT`].
     replay: Mutex<Option<Vec<u8>>>,
@@ -124,7 +127,7 @@ impl Pipeline {
             cancel,
         } = request;
         match call {
-            MethodCall::PolicyCheck(params) => match self.policy_check(&caller, &params) {
+            MethodCall::PolicyCheck(params) => match self.policy_check(&caller, &params).await {
                 Ok(decision) => {
                     if responder
                         .head(ResponseHead::PolicyDecision(decision))
@@ -142,38 +145,46 @@ impl Pipeline {
                         .unwrap_or(u64::MAX)
                         .min(self.config.pep.limits.total_timeout_ms),
                 );
-                let work = self.http_request(&caller, &params, body, &responder);
+                let started = std::time::Instant::now();
+                let tap = Arc::new(BodyTap {
+                    replay: Mutex::new(Some(Vec::new())),
+                    ..BodyTap::default()
+                });
+                let work = self.http_request(&caller, &params, body, &responder, tap.clone());
                 let result = tokio::select! {
                     _ = cancel.cancelled() => Err(Failure::from(ErrorPayload::new(ErrorCode::Cancelled, "cancelled"))),
                     result = tokio::time::timeout(total, work) => result.unwrap_or_else(|_| Err(Failure::from(
                         ErrorPayload::new(ErrorCode::UpstreamTimeout, format!("request took longer than {total:?}")).retryable(true),
                     ))),
                 };
+                let request_body = json!({
+                    "bytes": tap.sent.load(Ordering::Relaxed),
+                    "sha256": hex::encode(sha2::Digest::finalize(
+                        tap.hash.lock().unwrap_or_else(|p| p.into_inner()).clone()
+                    )),
+                });
+                let duration_ms = started.elapsed().as_millis() as u64;
                 match result {
                     Ok(done) => {
-                        self.log_outcome(
-                            &caller,
-                            METHOD,
-                            Some(&done.decision_id),
-                            json!({
-                                "status": done.status,
-                                "final_url": done.final_url,
-                                "redirects": done.redirects,
-                                "response_bytes": done.response_bytes,
-                            }),
-                        );
+                        let detail = json!({
+                            "status": done.status,
+                            "final_url": done.final_url,
+                            "redirects": done.redirects,
+                            "request_body": request_body,
+                            "response_body": {"bytes": done.response_bytes, "sha256": done.response_sha256},
+                            "duration_ms": duration_ms,
+                        });
+                        self.log_outcome(&caller, METHOD, Some(&done.decision_id), detail);
                         responder.end();
                     }
                     Err(failure) => {
-                        self.log_outcome(
-                            &caller,
-                            METHOD,
-                            failure.decision_id.as_deref(),
-                            json!({
-                                "error": failure.error.code.as_str(),
-                                "message": failure.error.message,
-                            }),
-                        );
+                        let detail = json!({
+                            "error": failure.error.code.as_str(),
+                            "message": failure.error.message,
+                            "request_body": request_body,
+                            "duration_ms": duration_ms,
+                        });
+                        self.log_outcome(&caller, METHOD, failure.decision_id.as_deref(), detail);
                         responder.error(failure.error);
                     }
                 }
@@ -187,6 +198,7 @@ impl Pipeline {
         params: &HttpRequest,
         body: RequestBody,
         responder: &Responder,
+        tap: Arc<BodyTap>,
     ) -> Result<Done, Failure> {
         let limits = &self.config.pep.limits;
         let mut prepared = self.prepare(caller, METHOD, params)?;
@@ -207,16 +219,14 @@ impl Pipeline {
             })
             .into());
         }
-        let tap = Arc::new(BodyTap {
-            replay: Mutex::new(Some(Vec::new())),
-            ..BodyTap::default()
-        });
         let mut guest_body = carries_body(&prepared).then_some(body);
         let mut replay_body: Option<Bytes> = None;
         let mut previous: Option<url::Url> = None;
         let mut hop = 0u32;
         loop {
-            let logged = self.decide(caller, METHOD, &prepared, hop, previous.as_ref())?;
+            let logged = self
+                .decide(caller, METHOD, &prepared, hop, previous.as_ref())
+                .await?;
             let decision_id = logged.decision_id.clone();
             let fail = |error: ErrorPayload| Failure {
                 error,
@@ -306,7 +316,7 @@ impl Pipeline {
                     "the stream is gone",
                 )));
             }
-            let response_bytes = self
+            let (response_bytes, response_sha256) = self
                 .stream_response(response, responder)
                 .await
                 .map_err(&fail)?;
@@ -315,6 +325,7 @@ impl Pipeline {
                 final_url: self.redactor.url(&prepared.target.url),
                 redirects: hop,
                 response_bytes,
+                response_sha256,
                 decision_id: logged.decision_id,
             });
         }
@@ -427,10 +438,12 @@ impl Pipeline {
         &self,
         mut response: reqwest::Response,
         responder: &Responder,
-    ) -> Result<u64, ErrorPayload> {
+    ) -> Result<(u64, String), ErrorPayload> {
+        use sha2::Digest;
         let limits = &self.config.pep.limits;
         let idle = Duration::from_millis(limits.idle_timeout_ms);
         let mut total: u64 = 0;
+        let mut hash = sha2::Sha256::new();
         loop {
             let chunk = match tokio::time::timeout(idle, response.chunk()).await {
                 Err(_) => {
@@ -441,7 +454,7 @@ impl Pipeline {
                     .retryable(true))
                 }
                 Ok(Err(err)) => return Err(upstream_error(&err)),
-                Ok(Ok(None)) => return Ok(total),
+                Ok(Ok(None)) => return Ok((total, hex::encode(hash.finalize()))),
                 Ok(Ok(Some(chunk))) => chunk,
             };
             let room = limits.max_response_bytes.saturating_sub(total);
@@ -452,6 +465,7 @@ impl Pipeline {
                 chunk
             };
             total += chunk.len() as u64;
+            hash.update(&chunk);
             if responder.data(chunk).await.is_err() {
                 return Err(ErrorPayload::new(
                     ErrorCode::Cancelled,
@@ -525,6 +539,10 @@ fn body_stream(
                         tap.too_large.store(true, Ordering::Relaxed);
                         return Some((Err(std::io::Error::other("request body too large")), None));
                     }
+                    sha2::Digest::update(
+                        &mut *tap.hash.lock().unwrap_or_else(|p| p.into_inner()),
+                        &chunk,
+                    );
                     let mut replay = tap.replay.lock().unwrap_or_else(|p| p.into_inner());
                     let keep = replay
                         .as_ref()

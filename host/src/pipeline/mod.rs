@@ -23,7 +23,7 @@ use pexi_protocol::payload::{
 };
 use serde_json::{json, Value};
 
-use crate::audit::{AuditLog, Redactor, REDACTED};
+use crate::audit::{AuditLog, Redaction, Redactor};
 use crate::config::Config;
 use crate::policy::{Bundle, Decision, PolicyEngine, PolicyError, PolicyStore};
 use address::AddressGuard;
@@ -71,13 +71,21 @@ pub struct Logged {
 impl Pipeline {
     pub fn new(config: Config) -> Result<Pipeline, StartError> {
         let policy = PolicyStore::new(load_policy(&config)?);
-        let audit = AuditLog::open(&config.pep.audit.path).map_err(|source| StartError::Audit {
+        let audit_error = |source: std::io::Error| StartError::Audit {
             path: config.pep.audit.path.display().to_string(),
             source,
-        })?;
+        };
+        let key = match config.pep.audit.key_path() {
+            Some(path) => {
+                Some(crate::audit::redact::load_or_create_key(&path).map_err(audit_error)?)
+            }
+            None => None,
+        };
+        let audit = AuditLog::open(&config.pep.audit.settings()).map_err(audit_error)?;
         let redactor = Redactor::new(
             &config.pep.audit.redact_headers,
             &config.pep.audit.redact_query_params,
+            key,
         );
         let guard = AddressGuard::new(config.pep.network.allowed_cidrs.clone(), Vec::new());
         let http = fetch::HttpClient::new(&config).map_err(StartError::Http)?;
@@ -85,7 +93,7 @@ impl Pipeline {
             &std::collections::hash_map::RandomState::new(),
             std::process::id(),
         );
-        Ok(Pipeline {
+        let pipeline = Pipeline {
             config,
             policy,
             guard,
@@ -94,7 +102,12 @@ impl Pipeline {
             http,
             decision_prefix: format!("{:08x}", seed as u32),
             decisions: AtomicU64::new(0),
-        })
+        };
+        pipeline.record(
+            "policy",
+            json!({"event": "load", "revision": pipeline.policy_revision(), "source": pipeline.config.policy_root.to_string()}),
+        );
+        Ok(pipeline)
     }
 
     pub fn audit(&self) -> &AuditLog {
@@ -114,7 +127,7 @@ impl Pipeline {
     /// Re-reads the config file and the policy bundle and puts the new bundle in service if it compiles,
     /// passes its own tests and decides a probe request; otherwise the old one keeps serving. Returns the
     /// new revision, or `None` when nothing changed (or the config is the embedded one). Both outcomes are
-    /// audited.
+    /// audited as `policy` records.
     pub fn reload_policy(&self) -> Result<Option<String>, String> {
         let Some(path) = self.config.path.as_deref() else {
             return Ok(None);
@@ -125,7 +138,10 @@ impl Pipeline {
         let engine = match loaded {
             Ok(engine) => engine,
             Err(error) => {
-                self.record("policy_reload_rejected", json!({"error": error}));
+                self.record(
+                    "policy",
+                    json!({"event": "reload_rejected", "error": error}),
+                );
                 return Err(error);
             }
         };
@@ -135,32 +151,33 @@ impl Pipeline {
         let revision = engine.revision().to_string();
         let previous = self.policy.replace(engine);
         self.record(
-            "policy_reloaded",
-            json!({"new_revision": revision, "previous_revision": previous}),
+            "policy",
+            json!({"event": "reload", "new_revision": revision, "previous_revision": previous}),
         );
         Ok(Some(revision))
     }
 
-    /// Appends an audit record stamped with the revision of the policy in service.
+    /// Queues an audit record stamped with the revision of the policy in service. Not waited for: only
+    /// decisions hold up their effect.
     pub fn record(&self, kind: &str, mut record: Value) {
         if let Some(object) = record.as_object_mut() {
             object
                 .entry("policy_revision")
                 .or_insert_with(|| json!(self.policy.current().revision()));
         }
-        if let Err(err) = self.audit.append(kind, record) {
-            tracing::error!(%err, kind, "audit log write failed");
-        }
+        drop(self.audit.record(kind, record));
     }
 
     /// `pep.policy.check`: steps 1–3, no DNS, no network.
-    pub fn policy_check(
+    pub async fn policy_check(
         &self,
         caller: &Caller,
         request: &HttpRequest,
     ) -> Result<PolicyDecision, ErrorPayload> {
         let prepared = self.prepare(caller, "pep.policy.check", request)?;
-        let logged = self.decide(caller, "pep.policy.check", &prepared, 0, None)?;
+        let logged = self
+            .decide(caller, "pep.policy.check", &prepared, 0, None)
+            .await?;
         Ok(PolicyDecision {
             allow: logged.decision.allow,
             reasons: logged.decision.reasons,
@@ -187,9 +204,9 @@ impl Pipeline {
         })
     }
 
-    /// Step 3: evaluates policy for one hop and logs the decision before returning it. A decision that
-    /// cannot be logged is not acted on.
-    pub fn decide(
+    /// Step 3: evaluates policy for one hop and returns once the decision record is durable (per the
+    /// audit durability setting). A decision that cannot be logged is not acted on.
+    pub async fn decide(
         &self,
         caller: &Caller,
         method: &str,
@@ -202,24 +219,40 @@ impl Pipeline {
             self.decision_prefix,
             self.decisions.fetch_add(1, Ordering::Relaxed)
         );
-        let input = self.policy_input(caller, method, prepared, hop, previous);
+        let (input, redactions) = self.policy_input(caller, method, prepared, hop, previous);
         let policy = self.policy.current();
         let decision = policy.decide(&input);
+        let digests: serde_json::Map<String, Value> = redactions
+            .iter()
+            .filter_map(|r| r.digest.as_ref().map(|d| (r.path.clone(), json!(d))))
+            .collect();
         let record = json!({
             "decision_id": decision_id,
-            "policy_revision": policy.revision(),
             "session_id": format!("{:016x}", caller.session_id),
             "stream_id": caller.stream_id,
             "method": method,
-            "query": policy.query(),
-            "input": input,
-            "allow": decision.allow,
-            "reasons": decision.reasons,
+            "guest": input["session"]["guest"],
+            "request": input["request"],
+            "hop": hop,
+            "previous_url": input["previous_url"],
+            "decision": {
+                "allow": decision.allow,
+                "reasons": decision.reasons,
+                "policy_revision": policy.revision(),
+                "query": policy.query(),
+            },
+            "redacted": redactions.iter().map(|r| r.path.clone()).collect::<Vec<_>>(),
+            "redacted_digests": digests,
+            "policy_revision": policy.revision(),
         });
-        self.audit.append("decision", record).map_err(|err| {
-            tracing::error!(%err, "audit log write failed; refusing to act on the decision");
-            ErrorPayload::new(ErrorCode::Internal, "the audit log cannot be written")
-        })?;
+        self.audit
+            .record("decision", record)
+            .done()
+            .await
+            .map_err(|err| {
+                tracing::error!(%err, "audit log write failed; refusing to act on the decision");
+                ErrorPayload::new(ErrorCode::Internal, "the audit log cannot be written")
+            })?;
         Ok(Logged {
             decision_id,
             decision,
@@ -257,6 +290,7 @@ impl Pipeline {
         self.record("outcome", detail);
     }
 
+    /// The policy's input document, and what was redacted from it.
     fn policy_input(
         &self,
         caller: &Caller,
@@ -264,30 +298,27 @@ impl Pipeline {
         prepared: &Prepared,
         hop: u32,
         previous: Option<&url::Url>,
-    ) -> Value {
+    ) -> (Value, Vec<Redaction>) {
         let url = &prepared.target.url;
+        let mut redactions = Vec::new();
         let mut headers = serde_json::Map::new();
         for (name, value) in &prepared.headers {
-            let value = if self.redactor.is_secret_header(name.as_str()) {
-                REDACTED.to_string()
-            } else {
-                String::from_utf8_lossy(value.as_bytes()).into_owned()
-            };
+            let (shown, redaction) = self.redactor.header(name.as_str(), value.as_bytes());
+            redactions.extend(redaction);
             if let Some(values) = headers
                 .entry(name.as_str().to_string())
                 .or_insert_with(|| json!([]))
                 .as_array_mut()
             {
-                values.push(json!(value));
+                values.push(json!(shown));
             }
         }
-        let query = url.query().map(|_| {
-            self.redactor
-                .url(url)
-                .split_once('?')
-                .map(|(_, q)| q.to_string())
-        });
-        json!({
+        let (shown_url, url_redactions) = self.redactor.url_with_redactions(url);
+        redactions.extend(url_redactions);
+        let query = url
+            .query()
+            .and_then(|_| shown_url.split_once('?').map(|(_, q)| q.to_string()));
+        let input = json!({
             "method": method,
             "request": {
                 "method": prepared.method.as_str(),
@@ -296,10 +327,10 @@ impl Pipeline {
                 "host_kind": prepared.target.host.kind().as_str(),
                 "port": prepared.target.port,
                 "path": url.path(),
-                "query": query.flatten(),
+                "query": query,
                 "headers": headers,
                 "body_length": prepared.content_length,
-                "url": self.redactor.url(url),
+                "url": shown_url,
             },
             "hop": hop,
             "previous_url": previous.map(|u| self.redactor.url(u)),
@@ -307,7 +338,8 @@ impl Pipeline {
                 "id": format!("{:016x}", caller.session_id),
                 "guest": {"name": caller.guest.name, "version": caller.guest.version},
             },
-        })
+        });
+        (input, redactions)
     }
 }
 

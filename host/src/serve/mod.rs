@@ -158,18 +158,38 @@ impl Driver {
             }
         }
         self.fail_all("the connection ended");
+        let session_id = self
+            .session
+            .info()
+            .map(|i| format!("{:016x}", i.session_id));
+        self.pipeline.record(
+            "session",
+            serde_json::json!({"event": "close", "session_id": session_id, "peer": self.peer}),
+        );
     }
 
     fn handle_events(&mut self) {
         while let Some(event) = self.session.poll_event() {
             match event {
-                Event::Established(info) => tracing::info!(
-                    peer = %self.peer,
-                    session = format_args!("{:016x}", info.session_id),
-                    guest = %info.peer.name,
-                    guest_version = %info.peer.version,
-                    "session established"
-                ),
+                Event::Established(info) => {
+                    tracing::info!(
+                        peer = %self.peer,
+                        session = format_args!("{:016x}", info.session_id),
+                        guest = %info.peer.name,
+                        guest_version = %info.peer.version,
+                        "session established"
+                    );
+                    self.pipeline.record(
+                        "session",
+                        serde_json::json!({
+                            "event": "open",
+                            "session_id": format!("{:016x}", info.session_id),
+                            "peer": self.peer,
+                            "guest": {"name": info.peer.name, "version": info.peer.version},
+                            "protocol_version": info.version,
+                        }),
+                    );
+                }
                 Event::Opened { stream_id, call } => self.open(stream_id, call),
                 Event::Data { stream_id, data } => {
                     let len = data.len();

@@ -143,6 +143,27 @@ impl TestPep {
             .collect()
     }
 
+    /// Waits until records of every kind in `kinds` exist for `decision_id` (only decision records are
+    /// written before the guest hears back; the rest follow within the batch window), then returns all of
+    /// that decision's records.
+    pub fn wait_records(&self, decision_id: &str, kinds: &[&str]) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let records = self.records_for(decision_id);
+            if kinds
+                .iter()
+                .all(|k| records.iter().any(|r| r["kind"] == *k))
+            {
+                return records;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {kinds:?} records for {decision_id}: {records:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     pub fn records_for(&self, decision_id: &str) -> Vec<Value> {
         self.audit_records()
             .into_iter()

@@ -1,0 +1,189 @@
+//! Redaction: what must never reach the audit log or the policy input in clear. Values of secret headers
+//! and query parameters are replaced; the paths of what was replaced are recorded, never the values.
+
+/// What must never reach the log or the policy input in clear.
+#[derive(Clone, Debug)]
+pub struct Redactor {
+    headers: Vec<String>,
+    query_params: Vec<String>,
+    /// Host-only key for keyed digests of redacted values; `None` keeps no digest.
+    key: Option<Vec<u8>>,
+}
+
+pub const REDACTED: &str = "[redacted]";
+
+/// Parts of a name that make a header or query parameter secret even when no list names it.
+const SECRET_WORDS: &[&str] = &[
+    "token",
+    "secret",
+    "password",
+    "passwd",
+    "apikey",
+    "api-key",
+    "api_key",
+    "signature",
+    "credential",
+    "session",
+    "cookie",
+    "authorization",
+];
+
+/// What one redaction replaced: where (a field path) and, with a key, a digest that lets equal secrets
+/// be correlated without being readable.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Redaction {
+    pub path: String,
+    pub digest: Option<String>,
+}
+
+impl Redactor {
+    pub fn new(headers: &[String], query_params: &[String], key: Option<Vec<u8>>) -> Self {
+        Redactor {
+            headers: headers.iter().map(|h| h.to_ascii_lowercase()).collect(),
+            query_params: query_params
+                .iter()
+                .map(|q| q.to_ascii_lowercase())
+                .collect(),
+            key,
+        }
+    }
+
+    pub fn is_secret_header(&self, name: &str) -> bool {
+        let name = name.to_ascii_lowercase();
+        self.headers.contains(&name) || SECRET_WORDS.iter().any(|w| name.contains(w))
+    }
+
+    pub fn is_secret_param(&self, name: &str) -> bool {
+        let name = name.to_ascii_lowercase();
+        self.query_params.contains(&name) || SECRET_WORDS.iter().any(|w| name.contains(w))
+    }
+
+    /// `hmac-sha256:<hex>` of `value` under the host-only key.
+    pub fn digest(&self, value: &[u8]) -> Option<String> {
+        use hmac::Mac;
+        let key = self.key.as_ref()?;
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key).ok()?;
+        mac.update(value);
+        Some(format!(
+            "hmac-sha256:{}",
+            hex::encode(mac.finalize().into_bytes())
+        ))
+    }
+
+    /// The header value as it may be shown, and the redaction if it was secret.
+    pub fn header(&self, name: &str, value: &[u8]) -> (String, Option<Redaction>) {
+        if self.is_secret_header(name) {
+            let redaction = Redaction {
+                path: format!("request.headers.{}", name.to_ascii_lowercase()),
+                digest: self.digest(value),
+            };
+            (REDACTED.to_string(), Some(redaction))
+        } else {
+            (String::from_utf8_lossy(value).into_owned(), None)
+        }
+    }
+
+    /// The URL with the values of secret query parameters replaced.
+    pub fn url(&self, url: &url::Url) -> String {
+        self.url_with_redactions(url).0
+    }
+
+    pub fn url_with_redactions(&self, url: &url::Url) -> (String, Vec<Redaction>) {
+        if url.query().is_none() {
+            return (url.to_string(), Vec::new());
+        }
+        let mut redactions = Vec::new();
+        let pairs: Vec<(String, String)> = url
+            .query_pairs()
+            .map(|(k, v)| {
+                if self.is_secret_param(&k) {
+                    redactions.push(Redaction {
+                        path: format!("request.query.{k}"),
+                        digest: self.digest(v.as_bytes()),
+                    });
+                    (k.into_owned(), REDACTED.to_string())
+                } else {
+                    (k.into_owned(), v.into_owned())
+                }
+            })
+            .collect();
+        let mut redacted = url.clone();
+        redacted.query_pairs_mut().clear().extend_pairs(pairs);
+        (redacted.to_string(), redactions)
+    }
+}
+
+/// The host-only key for redaction digests: read from `path`, or created there (32 random bytes, 0600).
+pub fn load_or_create_key(path: &std::path::Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::read(path) {
+        Ok(key) if key.len() >= 32 => Ok(key),
+        Ok(_) => Err(std::io::Error::other(format!(
+            "{}: a redaction key must be at least 32 bytes",
+            path.display()
+        ))),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+            let mut key = vec![0u8; 32];
+            getrandom::fill(&mut key).map_err(|err| std::io::Error::other(err.to_string()))?;
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)?;
+            }
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)?;
+            file.write_all(&key)?;
+            file.sync_all()?;
+            Ok(key)
+        }
+        Err(err) => Err(err),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_query_values_are_replaced() {
+        let r = Redactor::new(
+            &["authorization".into()],
+            &["api_key".into(), "code".into()],
+            Some(vec![7; 32]),
+        );
+        let url =
+            url::Url::parse("https://a.example/p?api_key=s3cret&q=cats&TOKEN=x").expect("url");
+        let out = r.url(&url);
+        assert!(!out.contains("s3cret") && !out.contains("=x"), "{out}");
+        assert!(out.contains("q=cats"), "{out}");
+        assert!(r.is_secret_header("Authorization"));
+        assert!(
+            r.is_secret_header("X-Upstream-Token"),
+            "secret-looking names count too"
+        );
+        assert!(!r.is_secret_header("accept"));
+        let (_, redactions) = r.url_with_redactions(
+            &url::Url::parse("https://a.example/cb?code=abc&state=1&client_secret=zz")
+                .expect("url"),
+        );
+        let paths: Vec<&str> = redactions.iter().map(|r| r.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            vec!["request.query.code", "request.query.client_secret"]
+        );
+    }
+
+    #[test]
+    fn equal_secrets_get_equal_digests_under_one_key_only() {
+        let a = Redactor::new(&[], &[], Some(vec![1; 32]));
+        let b = Redactor::new(&[], &[], Some(vec![2; 32]));
+        assert_eq!(a.digest(b"s3cret"), a.digest(b"s3cret"));
+        assert_ne!(a.digest(b"s3cret"), a.digest(b"other"));
+        assert_ne!(a.digest(b"s3cret"), b.digest(b"s3cret"));
+        let digest = a.digest(b"s3cret").expect("digest");
+        assert!(digest.starts_with("hmac-sha256:") && !digest.contains("s3cret"));
+        assert_eq!(Redactor::new(&[], &[], None).digest(b"s3cret"), None);
+    }
+}
