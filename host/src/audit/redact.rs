@@ -89,6 +89,12 @@ impl Redactor {
     }
 
     pub fn url_with_redactions(&self, url: &url::Url) -> (String, Vec<Redaction>) {
+        self.redact_url(url, "request.query", 0)
+    }
+
+    /// A parameter whose value is itself a URL (`redirect_uri=`, `next=`) has that URL's query redacted
+    /// too, a few levels deep.
+    fn redact_url(&self, url: &url::Url, prefix: &str, depth: u8) -> (String, Vec<Redaction>) {
         if url.query().is_none() {
             return (url.to_string(), Vec::new());
         }
@@ -96,14 +102,21 @@ impl Redactor {
         let pairs: Vec<(String, String)> = url
             .query_pairs()
             .map(|(k, v)| {
+                let path = format!("{prefix}.{k}");
                 if self.is_secret_param(&k) {
                     redactions.push(Redaction {
-                        path: format!("request.query.{k}"),
+                        path,
                         digest: self.digest(v.as_bytes()),
                     });
-                    (k.into_owned(), REDACTED.to_string())
-                } else {
-                    (k.into_owned(), v.into_owned())
+                    return (k.into_owned(), REDACTED.to_string());
+                }
+                match url::Url::parse(&v) {
+                    Ok(inner) if depth < 3 && inner.query().is_some() => {
+                        let (shown, inner_redactions) = self.redact_url(&inner, &path, depth + 1);
+                        redactions.extend(inner_redactions);
+                        (k.into_owned(), shown)
+                    }
+                    _ => (k.into_owned(), v.into_owned()),
                 }
             })
             .collect();
@@ -173,6 +186,19 @@ mod tests {
             paths,
             vec!["request.query.code", "request.query.client_secret"]
         );
+    }
+
+    #[test]
+    fn urls_nested_in_parameters_are_redacted_too() {
+        let r = Redactor::new(&[], &[], None);
+        let url = url::Url::parse(
+            "https://a.example/login?next=https%3A%2F%2Fb.example%2Fcb%3Faccess_token%3Ds3cret%26x%3D1&q=2",
+        )
+        .expect("url");
+        let (shown, redactions) = r.url_with_redactions(&url);
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("q=2"), "{shown}");
+        assert_eq!(redactions[0].path, "request.query.next.access_token");
     }
 
     #[test]

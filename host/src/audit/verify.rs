@@ -87,6 +87,12 @@ pub fn verify(paths: &[PathBuf]) -> Result<Report, Broken> {
         torn_end: None,
         starts_mid_chain: false,
     };
+    // Every seq present, so a gap can be told apart from records that were moved.
+    let present: std::collections::HashSet<u64> = lines
+        .iter()
+        .filter_map(|l| serde_json::from_slice::<Value>(l.bytes).ok())
+        .filter_map(|record| record["seq"].as_u64())
+        .collect();
     let mut previous: Option<(&Line, u64)> = None;
     let mut torn: Option<(PathBuf, usize)> = None;
     for (index, line) in lines.iter().enumerate() {
@@ -144,6 +150,12 @@ pub fn verify(paths: &[PathBuf]) -> Result<Report, Broken> {
                 }
             }
             Some((before, before_seq)) => {
+                if seq > before_seq + 1 && present.contains(&(before_seq + 1)) {
+                    return Err(broken(format!(
+                        "out of order: seq {seq} follows {before_seq}, and seq {} comes later",
+                        before_seq + 1
+                    )));
+                }
                 if seq > before_seq + 1 {
                     return Err(broken(format!(
                         "{} record(s) missing before this one (seq {seq} follows {before_seq})",

@@ -175,6 +175,12 @@ impl TestPep {
         self.child.id()
     }
 
+    /// SIGKILL: no chance to flush or clean up, as in a crash.
+    pub fn kill_now(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Sends SIGTERM and waits for the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let status = Command::new("kill")
@@ -455,12 +461,28 @@ fn paced(chunk: Bytes, count: Option<usize>, gap: Duration, aborted: Arc<AtomicB
     StreamBody::new(stream).boxed()
 }
 
-fn query(req: &Request<Incoming>, key: &str) -> Option<String> {
-    req.uri().query().and_then(|q| {
+fn query(req: &impl HasUri, key: &str) -> Option<String> {
+    req.uri_ref().query().and_then(|q| {
         url::form_urlencoded::parse(q.as_bytes())
             .find(|(k, _)| k == key)
             .map(|(_, v)| v.into_owned())
     })
+}
+
+trait HasUri {
+    fn uri_ref(&self) -> &http::Uri;
+}
+
+impl HasUri for Request<Incoming> {
+    fn uri_ref(&self) -> &http::Uri {
+        self.uri()
+    }
+}
+
+impl HasUri for http::Uri {
+    fn uri_ref(&self) -> &http::Uri {
+        self
+    }
 }
 
 async fn handle(
@@ -486,6 +508,7 @@ async fn handle(
             )
         })
         .collect();
+    let req_uri_only = req.uri().clone();
     let status = query(&req, "status").and_then(|s| s.parse::<u16>().ok());
     let to = query(&req, "to");
     let n: usize = query(&req, "n").and_then(|n| n.parse().ok()).unwrap_or(0);
@@ -524,6 +547,13 @@ async fn handle(
             .body(full(""))
             .expect("response"),
         "/big" => Response::new(full(vec![b'x'; n])),
+        "/setcookie" => Response::builder()
+            .header(
+                "set-cookie",
+                query(&req_uri_only, "cookie").unwrap_or_default(),
+            )
+            .body(full("cookie set"))
+            .expect("response"),
         "/sse" => Response::builder()
             .header("content-type", "text/event-stream")
             .body(paced(

@@ -1,0 +1,227 @@
+//! The audit log as a real `pexi serve` writes it: no secret reaches the file, and a crash leaves a log
+//! that verifies and holds the decision of every request the guest saw allowed.
+
+mod support;
+
+use std::collections::HashSet;
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use pexi_host::audit::log_files;
+use pexi_host::audit::verify::verify;
+use pexi_protocol::payload::{HeaderField, HttpRequest, MethodCall, ResponseHead};
+use pexi_protocol::session::Event;
+use support::{loopback_options, TestPep, Upstream};
+
+const SECRETS: &[&str] = &[
+    "SECRET-AUTH-1111",
+    "SECRET-COOKIE-2222",
+    "SECRET-KEY-3333",
+    "SECRET-TOKEN-4444",
+    "SECRET-Q-5555",
+    "SECRET-Q-6666",
+    "SECRET-Q-7777",
+    "SECRET-BODY-8888",
+    "SECRET-SETCOOKIE-9999",
+    "SECRET-PROXY-0000",
+    "SECRET-REDIRECT-1212",
+];
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_secret_value_reaches_the_audit_log() {
+    let upstream = Upstream::http("127.0.0.1").await;
+    let pep = TestPep::start(loopback_options(
+        &[("api.test", "127.0.0.1")],
+        &["api.test"],
+    ));
+    let mut guest = pep.guest().await;
+    let port = upstream.port();
+    let post = HttpRequest {
+        headers: vec![
+            HeaderField::new("authorization", "Bearer SECRET-AUTH-1111"),
+            HeaderField::new("cookie", "session=SECRET-COOKIE-2222"),
+            HeaderField::new("x-api-key", "SECRET-KEY-3333"),
+            HeaderField::new("x-custom-token", "SECRET-TOKEN-4444"),
+            HeaderField::new("proxy-authorization", "Basic SECRET-PROXY-0000"),
+            HeaderField::new("x-visible", "plain-value"),
+        ],
+        content_length: Some(16),
+        ..HttpRequest::new(
+            "POST",
+            &format!("http://api.test:{port}/echo?token=SECRET-Q-5555&api_key=SECRET-Q-6666&code=SECRET-Q-7777&q=visible"),
+        )
+    };
+    let reply = guest
+        .call(MethodCall::HttpRequest(post), b"SECRET-BODY-8888")
+        .await;
+    assert_eq!(reply.status(), 200, "{:?}", reply.error);
+    let decision_id = reply.http_head().decision_id.clone();
+    let reply = guest
+        .get(&format!(
+            "http://api.test:{port}/setcookie?cookie=SECRET-SETCOOKIE-9999"
+        ))
+        .await;
+    assert!(reply
+        .http_head()
+        .headers
+        .iter()
+        .any(|h| h.value() == b"SECRET-SETCOOKIE-9999"));
+    // A redirect whose Location carries a secret: the next hop's previous_url and URL are redacted too.
+    let target = url::form_urlencoded::byte_serialize(
+        format!("http://api.test:{port}/hello?access_token=SECRET-REDIRECT-1212").as_bytes(),
+    )
+    .collect::<String>();
+    let reply = guest
+        .get(&format!("http://api.test:{port}/redirect?to={target}"))
+        .await;
+    assert_eq!(reply.body, b"hello");
+
+    let records = pep.wait_records(&decision_id, &["decision", "outcome"]);
+    let decision = &records[0];
+    let redacted: HashSet<&str> = decision["redacted"]
+        .as_array()
+        .expect("redacted")
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    for path in [
+        "request.headers.authorization",
+        "request.headers.cookie",
+        "request.headers.x-api-key",
+        "request.headers.x-custom-token",
+        "request.query.token",
+        "request.query.api_key",
+        "request.query.code",
+    ] {
+        assert!(redacted.contains(path), "{path} not listed in {redacted:?}");
+        let digest = decision["redacted_digests"][path].as_str().expect("digest");
+        assert!(digest.starts_with("hmac-sha256:"), "{digest}");
+    }
+    assert_eq!(
+        decision["request"]["headers"]["x-visible"][0],
+        "plain-value"
+    );
+    assert!(decision["request"]["query"]
+        .as_str()
+        .expect("query")
+        .contains("q=visible"));
+    // The body is known by its size and digest only.
+    let outcome = records
+        .iter()
+        .find(|r| r["kind"] == "outcome")
+        .expect("outcome");
+    assert_eq!(outcome["request_body"]["bytes"], 16);
+    assert_eq!(
+        outcome["request_body"]["sha256"].as_str().map(str::len),
+        Some(64)
+    );
+    assert_eq!(outcome["response_body"]["bytes"], 16);
+
+    // Grep the bytes of every file of the log.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let files = log_files(&pep.audit);
+    let mut bytes = Vec::new();
+    for file in &files {
+        bytes.extend(std::fs::read(file).expect("read"));
+    }
+    let text = String::from_utf8_lossy(&bytes);
+    for secret in SECRETS {
+        assert!(!text.contains(secret), "{secret} is in the audit log");
+    }
+    assert!(text.contains("\"kind\":\"decision\""));
+    // The redaction key and the log are the host's alone.
+    let key = pep.dir.join("audit.jsonl.key");
+    assert_eq!(
+        std::fs::metadata(&key).expect("key").permissions().mode() & 0o777,
+        0o600
+    );
+    assert_eq!(
+        std::fs::metadata(&pep.audit)
+            .expect("log")
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+    assert!(verify(&files).is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigkill_under_load_leaves_a_verifiable_log_with_every_allowed_decision() {
+    let upstream = Upstream::http("127.0.0.1").await;
+    let mut pep = TestPep::start(loopback_options(
+        &[("api.test", "127.0.0.1")],
+        &["api.test"],
+    ));
+    let url = format!("http://api.test:{}/hello", upstream.port());
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let mut guest = pep.guest().await;
+        let url = url.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut seen = Vec::new();
+            // Keep 8 streams in flight until the PEP dies under us.
+            let mut in_flight = 0;
+            loop {
+                while in_flight < 8 {
+                    let Ok(id) = guest
+                        .session()
+                        .open(MethodCall::HttpRequest(HttpRequest::new("GET", &url)))
+                    else {
+                        return seen;
+                    };
+                    let _ = guest.session().send_end(id, vec![]);
+                    in_flight += 1;
+                }
+                match guest.conn.next_event().await {
+                    Ok(Some(Event::Head {
+                        head: ResponseHead::Http(head),
+                        ..
+                    })) => seen.push(head.decision_id),
+                    Ok(Some(Event::Data { stream_id, data })) => {
+                        guest.session().release(stream_id, data.len())
+                    }
+                    Ok(Some(Event::End { .. } | Event::StreamFailed { .. })) => in_flight -= 1,
+                    Ok(Some(_)) => {}
+                    Ok(None) | Err(_) => return seen,
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    pep.kill_now();
+    let mut allowed = Vec::new();
+    for task in tasks {
+        allowed.extend(
+            tokio::time::timeout(Duration::from_secs(10), task)
+                .await
+                .expect("guest ends")
+                .expect("join"),
+        );
+    }
+    assert!(allowed.len() > 50, "load was light: {}", allowed.len());
+
+    let files = log_files(&pep.audit);
+    let report = verify(&files).expect("every complete record verifies");
+    let text: String = files
+        .iter()
+        .map(|f| String::from_utf8_lossy(&std::fs::read(f).expect("read")).into_owned())
+        .collect();
+    let logged: HashSet<String> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|r| r["kind"] == "decision")
+        .filter_map(|r| r["decision_id"].as_str().map(str::to_string))
+        .collect();
+    let missing: Vec<&String> = allowed.iter().filter(|id| !logged.contains(*id)).collect();
+    assert!(
+        missing.is_empty(),
+        "allowed without a decision record: {missing:?}"
+    );
+    eprintln!(
+        "SIGKILL after {} allowed requests: {} records verify, torn end: {:?}",
+        allowed.len(),
+        report.records,
+        report.torn_end
+    );
+}
