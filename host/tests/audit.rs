@@ -74,7 +74,8 @@ fn every_kind_of_tampering_is_found_at_its_line() {
     assert!(verify(std::slice::from_ref(&settings.path)).is_ok());
 
     // Line numbers are 1-based; line 1 is the chain_start.
-    let cases: Vec<(&str, Box<dyn FnOnce(&mut Vec<String>)>, usize, &str)> = vec![
+    type Tamper = Box<dyn FnOnce(&mut Vec<String>)>;
+    let cases: Vec<(&str, Tamper, usize, &str)> = vec![
         (
             "edited",
             Box::new(|l: &mut Vec<String>| l[10] = l[10].replace("\"d-9\"", "\"d-X\"")),
@@ -122,7 +123,7 @@ fn every_kind_of_tampering_is_found_at_its_line() {
     ];
     for (what, change, line, problem) in cases {
         let path = tampered(&original, change);
-        let broken = verify(&[path.clone()]).expect_err(what);
+        let broken = verify(std::slice::from_ref(&path)).expect_err(what);
         assert_eq!(broken.line, line, "{what}: {broken}");
         assert!(broken.problem.contains(problem), "{what}: {broken}");
         std::fs::remove_dir_all(path.parent().expect("dir")).expect("cleanup");

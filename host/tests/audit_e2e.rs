@@ -48,7 +48,7 @@ async fn no_secret_value_reaches_the_audit_log() {
         content_length: Some(16),
         ..HttpRequest::new(
             "POST",
-            &format!("http://api.test:{port}/echo?token=SECRET-Q-5555&api_key=SECRET-Q-6666&code=SECRET-Q-7777&q=visible"),
+            format!("http://api.test:{port}/echo?token=SECRET-Q-5555&api_key=SECRET-Q-6666&code=SECRET-Q-7777&q=visible"),
         )
     };
     let reply = guest
@@ -144,6 +144,31 @@ async fn no_secret_value_reaches_the_audit_log() {
         0o600
     );
     assert!(verify(&files).is_ok());
+    // Every record matches the published schema.
+    let schema: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(support::repo_root().join("schemas/audit/record.schema.json"))
+            .expect("schema"),
+    )
+    .expect("json");
+    let validator = jsonschema::validator_for(&schema).expect("valid schema");
+    let mut kinds = HashSet::new();
+    for line in text.lines() {
+        let record: serde_json::Value = serde_json::from_str(line).expect("json");
+        if let Err(err) = validator.validate(&record) {
+            panic!("{err}: {record}");
+        }
+        kinds.insert(record["kind"].as_str().expect("kind").to_string());
+    }
+    for kind in [
+        "chain_start",
+        "policy",
+        "session",
+        "decision",
+        "resolve",
+        "outcome",
+    ] {
+        assert!(kinds.contains(kind), "no {kind} record to check: {kinds:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

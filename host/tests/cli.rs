@@ -216,3 +216,67 @@ fn policy_eval_prints_the_whole_decision() {
     );
     std::fs::remove_dir_all(&dir).expect("cleanup");
 }
+
+#[test]
+fn audit_verify_and_show() {
+    use pexi_host::audit::{AuditLog, AuditSettings, Durability};
+    let dir = support::temp_dir("cli-audit");
+    let path = dir.join("audit.jsonl");
+    let log = AuditLog::open(&AuditSettings {
+        path: path.clone(),
+        durability: Durability::None,
+        batch_ms: 1,
+        batch_records: 1,
+        rotate_bytes: u64::MAX,
+    })
+    .expect("open");
+    for i in 0..5 {
+        drop(log.record(
+            "decision",
+            serde_json::json!({"decision_id": format!("d-{i}"), "request": {"host": format!("h{i}.test")}}),
+        ));
+    }
+    log.close();
+    let file = path.to_str().expect("utf8");
+
+    let ok = pexi(&["audit", "verify", file], &[], &dir);
+    assert_eq!(ok.status.code(), Some(0), "{}", text(&ok.stdout));
+    assert!(
+        text(&ok.stdout).starts_with("ok: 6 records in 1 file(s)"),
+        "{}",
+        text(&ok.stdout)
+    );
+    assert!(text(&ok.stdout).contains("head: sha256:"));
+
+    let shown = pexi(&["audit", "show", "--decision", "d-3", file], &[], &dir);
+    let shown = text(&shown.stdout);
+    assert!(
+        shown.contains("\"d-3\"") && !shown.contains("\"d-2\""),
+        "{shown}"
+    );
+    let by_host = pexi(
+        &[
+            "audit", "show", "--host", "h1.test", "--kind", "decision", file,
+        ],
+        &[],
+        &dir,
+    );
+    assert!(text(&by_host.stdout).contains("\"d-1\""));
+    let future = pexi(
+        &["audit", "show", "--since", "2100-01-01T00:00:00Z", file],
+        &[],
+        &dir,
+    );
+    assert!(text(&future.stdout).is_empty());
+
+    let original = std::fs::read_to_string(&path).expect("read");
+    std::fs::write(&path, original.replacen("\"d-2\"", "\"d-9\"", 1)).expect("tamper");
+    let broken = pexi(&["audit", "verify", file], &[], &dir);
+    assert_eq!(broken.status.code(), Some(1));
+    assert!(
+        text(&broken.stdout).contains("audit.jsonl:4: altered"),
+        "{}",
+        text(&broken.stdout)
+    );
+    std::fs::remove_dir_all(&dir).expect("cleanup");
+}

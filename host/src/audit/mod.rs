@@ -34,8 +34,9 @@ pub const FORMAT_VERSION: u64 = 1;
 pub enum Durability {
     /// `fsync` after every record: a completed ticket survives power loss.
     Always,
-    /// Group commit: records are written and `fsync`ed together every `batch_ms` or `batch_records`;
-    /// a ticket completes after its batch's `fsync`.
+    /// Group commit: the records queued while the previous `fsync` ran are written and `fsync`ed together
+    /// (at most `batch_records`; `batch_ms` > 0 waits that long for more); a ticket completes after its
+    /// group's `fsync`.
     Batch,
     /// Written to the OS, never `fsync`ed: survives a crash of the PEP, not of the machine. For tests.
     None,

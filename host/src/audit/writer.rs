@@ -243,8 +243,17 @@ impl Writer {
         while let Ok(first) = queue.recv() {
             let mut jobs = vec![first];
             if let Some((window, max)) = batch {
-                let deadline = Instant::now() + window;
+                // Group commit: everything that queued up while the previous group was syncing goes into
+                // this group, with no added wait...
                 while jobs.len() < max {
+                    match queue.try_recv() {
+                        Ok(job) => jobs.push(job),
+                        Err(_) => break,
+                    }
+                }
+                // ...unless a window is configured, which trades latency for fewer fsyncs.
+                let deadline = Instant::now() + window;
+                while jobs.len() < max && !window.is_zero() {
                     let left = deadline.saturating_duration_since(Instant::now());
                     match queue.recv_timeout(left) {
                         Ok(job) => jobs.push(job),
