@@ -1,0 +1,197 @@
+//! Where the PEP is: a virtio-serial port, vsock, or a Unix socket.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::str::FromStr;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::Error;
+
+/// The virtio-serial port name the host exposes.
+pub const DEFAULT_PORT_NAME: &str = pexi_protocol::transport::VIRTIO_SERIAL_PORT_NAME;
+/// The host's CID as seen from a guest.
+pub const HOST_CID: u32 = 2;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `virtio:NAME`: the virtio-serial port with that name (`/sys/class/virtio-ports/*/name`).
+    Virtio(String),
+    /// `vsock:CID:PORT` (`vsock` alone is CID 2, port 4041).
+    Vsock { cid: u32, port: u32 },
+    /// `unix:PATH`: development without a VM, and tests.
+    Unix(PathBuf),
+}
+
+impl FromStr for Endpoint {
+    type Err = Error;
+
+    fn from_str(text: &str) -> Result<Endpoint, Error> {
+        let bad = || {
+            Error::Endpoint(format!(
+                "{text:?}: expected virtio:NAME, vsock:CID:PORT or unix:PATH"
+            ))
+        };
+        let (kind, rest) = text.split_once(':').unwrap_or((text, ""));
+        match kind {
+            "virtio" if !rest.is_empty() => Ok(Endpoint::Virtio(rest.to_string())),
+            "virtio" => Ok(Endpoint::Virtio(DEFAULT_PORT_NAME.to_string())),
+            "vsock" if rest.is_empty() => Ok(Endpoint::Vsock {
+                cid: HOST_CID,
+                port: pexi_protocol::transport::VSOCK_PORT,
+            }),
+            "vsock" => {
+                let (cid, port) = rest.split_once(':').ok_or_else(bad)?;
+                Ok(Endpoint::Vsock {
+                    cid: cid.parse().map_err(|_| bad())?,
+                    port: port.parse().map_err(|_| bad())?,
+                })
+            }
+            "unix" if !rest.is_empty() => Ok(Endpoint::Unix(PathBuf::from(rest))),
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Endpoint::Virtio(name) => write!(f, "virtio:{name}"),
+            Endpoint::Vsock { cid, port } => write!(f, "vsock:{cid}:{port}"),
+            Endpoint::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+impl Endpoint {
+    /// `PEXI_ENDPOINT` if set; otherwise the default virtio port if this guest has it.
+    pub fn from_env() -> Result<Endpoint, Error> {
+        match std::env::var("PEXI_ENDPOINT") {
+            Ok(text) => text.parse(),
+            Err(_) => match find_virtio_port(Path::new("/sys/class/virtio-ports"), DEFAULT_PORT_NAME) {
+                Some(_) => Ok(Endpoint::Virtio(DEFAULT_PORT_NAME.to_string())),
+                None => Err(Error::Endpoint(format!(
+                    "PEXI_ENDPOINT is not set and there is no virtio port named {DEFAULT_PORT_NAME}; \
+                     set PEXI_ENDPOINT=virtio:NAME, vsock:CID:PORT or unix:PATH"
+                ))),
+            },
+        }
+    }
+}
+
+/// A byte stream to the PEP.
+pub trait Transport: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Transport for T {}
+
+pub type BoxTransport = Pin<Box<dyn Transport>>;
+type ConnectFuture<'a> =
+    Pin<Box<dyn std::future::Future<Output = std::io::Result<BoxTransport>> + Send + 'a>>;
+
+/// Makes transports; the client calls it again after the transport fails. Implement it to run the SDK over
+/// something else (tests use it to simulate a virtio-serial port that disconnects mid-frame).
+pub trait Connector: Send + Sync + 'static {
+    fn connect(&self) -> ConnectFuture<'_>;
+
+    /// A virtio-serial port reads 0 bytes while the host end is closed; that is a pause, not the end.
+    fn zero_read_is_eof(&self) -> bool {
+        true
+    }
+
+    fn describe(&self) -> String;
+}
+
+impl Connector for Endpoint {
+    fn connect(&self) -> ConnectFuture<'_> {
+        Box::pin(async move {
+            match self {
+                Endpoint::Unix(path) => {
+                    let stream = tokio::net::UnixStream::connect(path).await?;
+                    Ok(Box::pin(stream) as BoxTransport)
+                }
+                Endpoint::Vsock { cid, port } => {
+                    let addr = tokio_vsock::VsockAddr::new(*cid, *port);
+                    let stream = tokio_vsock::VsockStream::connect(addr).await?;
+                    Ok(Box::pin(stream) as BoxTransport)
+                }
+                Endpoint::Virtio(name) => {
+                    let dev = find_virtio_port(Path::new("/sys/class/virtio-ports"), name)
+                        .ok_or_else(|| {
+                            std::io::Error::new(
+                                std::io::ErrorKind::NotFound,
+                                format!("no virtio port named {name}"),
+                            )
+                        })?;
+                    let file = tokio::fs::OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .open(&dev)
+                        .await?;
+                    Ok(Box::pin(file) as BoxTransport)
+                }
+            }
+        })
+    }
+
+    fn zero_read_is_eof(&self) -> bool {
+        !matches!(self, Endpoint::Virtio(_))
+    }
+
+    fn describe(&self) -> String {
+        self.to_string()
+    }
+}
+
+/// `/dev/vportNpM` of the port whose `/sys/class/virtio-ports/vportNpM/name` is `name`.
+pub fn find_virtio_port(sys: &Path, name: &str) -> Option<PathBuf> {
+    std::fs::read_dir(sys).ok()?.flatten().find_map(|entry| {
+        let port_name = std::fs::read_to_string(entry.path().join("name")).ok()?;
+        (port_name.trim() == name).then(|| PathBuf::from("/dev").join(entry.file_name()))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_parse_and_print() {
+        for (text, want) in [
+            (
+                "unix:/run/pexi.sock",
+                Endpoint::Unix("/run/pexi.sock".into()),
+            ),
+            ("vsock:2:4041", Endpoint::Vsock { cid: 2, port: 4041 }),
+            ("vsock", Endpoint::Vsock { cid: 2, port: 4041 }),
+            (
+                "virtio:org.pexi.pep.0",
+                Endpoint::Virtio("org.pexi.pep.0".into()),
+            ),
+            ("virtio", Endpoint::Virtio("org.pexi.pep.0".into())),
+        ] {
+            assert_eq!(text.parse::<Endpoint>(), Ok(want.clone()), "{text}");
+            assert_eq!(want.to_string().parse::<Endpoint>(), Ok(want));
+        }
+        for bad in ["", "tcp:1.2.3.4:80", "vsock:x:1", "vsock:2", "unix:"] {
+            assert!(bad.parse::<Endpoint>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn virtio_ports_are_found_by_name() {
+        let sys = std::env::temp_dir().join(format!("pexi-sys-{}", std::process::id()));
+        for (port, name) in [
+            ("vport1p1", "org.qemu.guest_agent.0"),
+            ("vport2p1", "org.pexi.pep.0"),
+        ] {
+            std::fs::create_dir_all(sys.join(port)).expect("mkdir");
+            std::fs::write(sys.join(port).join("name"), format!("{name}\n")).expect("write");
+        }
+        assert_eq!(
+            find_virtio_port(&sys, "org.pexi.pep.0"),
+            Some(PathBuf::from("/dev/vport2p1"))
+        );
+        assert_eq!(find_virtio_port(&sys, "missing"), None);
+        std::fs::remove_dir_all(&sys).expect("cleanup");
+    }
+}

@@ -1,0 +1,582 @@
+//! Real parts shared by the end-to-end tests of `pexi-host` and `pexi-guest`: PEP configs written for a
+//! test, a guest speaking the protocol over a Unix socket, and HTTP(S) upstream servers on loopback with a
+//! test CA. Test-only: nothing here is built into the product.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{combinators::BoxBody, BodyExt, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use pexi_protocol::io::Connection;
+use pexi_protocol::payload::{ErrorPayload, HttpRequest, MethodCall, ResponseHead};
+use pexi_protocol::session::{Config as SessionConfig, Event, Session};
+use tokio::net::UnixStream;
+
+// ---------------------------------------------------------------------------------------------------------
+// The PEP process
+
+/// What a test changes in the embedded config.
+#[derive(Clone, Debug, Default)]
+pub struct PepOptions {
+    pub allowed_domains: Vec<String>,
+    pub allowed_cidrs: Vec<String>,
+    pub dns_overrides: Vec<(String, Vec<String>)>,
+    pub extra_ca_pem: Option<String>,
+    /// `[pep.limits]` keys to override.
+    pub limits: Vec<(&'static str, i64)>,
+    /// Run the PEP in a fresh network namespace with only loopback up.
+    pub isolated_network: bool,
+    /// Extra environment for the PEP process.
+    pub env: Vec<(String, String)>,
+}
+
+static NEXT_DIR: AtomicUsize = AtomicUsize::new(0);
+
+/// Ports of every upstream server this test binary started: the test configs allow them (with 80, 443
+/// and 8080), since the default policy allows only a scheme's default port.
+static UPSTREAM_PORTS: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+
+fn allowed_ports() -> Vec<toml::Value> {
+    let mut ports = vec![80, 443, 8080];
+    ports.extend(UPSTREAM_PORTS.lock().expect("ports").iter().copied());
+    ports
+        .into_iter()
+        .map(|p| toml::Value::Integer(p.into()))
+        .collect()
+}
+
+pub fn temp_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "pexi-host-test-{}-{}-{tag}",
+        std::process::id(),
+        NEXT_DIR.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+/// The embedded `config.toml` with the test's listener, audit path, allowlist, CIDRs, DNS overrides and CA.
+pub fn test_config(dir: &Path, socket: &Path, audit: &Path, options: &PepOptions) -> toml::Table {
+    let mut doc: toml::Table = include_str!("../../config.toml")
+        .parse()
+        .expect("config.toml parses");
+    let pep = doc["pep"].as_table_mut().expect("[pep]");
+    pep.insert(
+        "listen".into(),
+        toml::Value::Array(vec![format!("unix:{}", socket.display()).into()]),
+    );
+    let policy = pep["policy"].as_table_mut().expect("policy");
+    let allow: Vec<toml::Value> = options
+        .allowed_domains
+        .iter()
+        .map(|d| {
+            let mut entry = toml::Table::new();
+            entry.insert("host".into(), d.clone().into());
+            entry.insert("ports".into(), toml::Value::Array(allowed_ports()));
+            toml::Value::Table(entry)
+        })
+        .collect();
+    policy.insert("allow".into(), toml::Value::Array(allow));
+    policy.insert("reload_check_ms".into(), 100.into());
+    let limits = pep["limits"].as_table_mut().expect("limits");
+    for (key, value) in &options.limits {
+        assert!(limits.contains_key(*key), "no limit {key}");
+        limits.insert((*key).into(), (*value).into());
+    }
+    let network = pep["network"].as_table_mut().expect("network");
+    network.insert(
+        "allowed_cidrs".into(),
+        toml::Value::Array(
+            options
+                .allowed_cidrs
+                .iter()
+                .map(|c| c.clone().into())
+                .collect(),
+        ),
+    );
+    let overrides: toml::Table = options
+        .dns_overrides
+        .iter()
+        .map(|(name, addrs)| {
+            (
+                name.clone(),
+                toml::Value::Array(addrs.iter().map(|a| a.clone().into()).collect()),
+            )
+        })
+        .collect();
+    network.insert("dns_overrides".into(), toml::Value::Table(overrides));
+    if let Some(pem) = &options.extra_ca_pem {
+        std::fs::write(dir.join("test-ca.pem"), pem).expect("ca");
+        network.insert("extra_ca_file".into(), "test-ca.pem".into());
+    }
+    let audit_table = pep["audit"].as_table_mut().expect("audit");
+    audit_table.insert("path".into(), audit.display().to_string().into());
+    doc
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The guest
+
+pub struct Guest {
+    pub conn: Connection<UnixStream>,
+}
+
+/// Everything the guest saw of one stream.
+#[derive(Debug, Default)]
+pub struct Reply {
+    pub head: Option<ResponseHead>,
+    pub body: Vec<u8>,
+    /// When each DATA arrived, and how large it was.
+    pub chunks: Vec<(Instant, usize)>,
+    pub error: Option<ErrorPayload>,
+    pub ended: bool,
+}
+
+impl Reply {
+    pub fn status(&self) -> u16 {
+        match &self.head {
+            Some(ResponseHead::Http(head)) => head.status,
+            other => panic!("no HTTP head: {other:?}, error {:?}", self.error),
+        }
+    }
+
+    pub fn error_code(&self) -> &str {
+        self.error
+            .as_ref()
+            .map(|e| e.code.as_str())
+            .unwrap_or("none")
+    }
+
+    pub fn http_head(&self) -> &pexi_protocol::payload::HttpResponseHead {
+        match &self.head {
+            Some(ResponseHead::Http(head)) => head,
+            other => panic!("no HTTP head: {other:?}, error {:?}", self.error),
+        }
+    }
+}
+
+impl Guest {
+    pub async fn connect(path: &Path) -> Guest {
+        let stream = UnixStream::connect(path).await.expect("connect to pexi");
+        let mut conn = Connection::new(
+            stream,
+            Session::client(SessionConfig::new("pexi-test-guest", "1")),
+        );
+        match conn.next_event().await.expect("io") {
+            Some(Event::Established(_)) => Guest { conn },
+            other => panic!("handshake: {other:?}"),
+        }
+    }
+
+    pub fn session(&mut self) -> &mut Session {
+        self.conn.session_mut()
+    }
+
+    /// Opens a stream, sends `body` under flow control, ends it, and collects the reply.
+    pub async fn call(&mut self, call: MethodCall, body: &[u8]) -> Reply {
+        let id = self.session().open(call).expect("open");
+        self.send_body(id, body).await;
+        self.session().send_end(id, vec![]).expect("end");
+        self.collect(id).await
+    }
+
+    pub async fn get(&mut self, url: &str) -> Reply {
+        self.call(MethodCall::HttpRequest(HttpRequest::new("GET", url)), b"")
+            .await
+    }
+
+    /// Sends `body` on `id`, waiting for credit as needed.
+    pub async fn send_body(&mut self, id: u32, mut body: &[u8]) {
+        while !body.is_empty() {
+            let room = self.session().send_capacity(id);
+            if room == 0 {
+                match self.conn.next_event().await.expect("io") {
+                    Some(Event::SendCapacity { .. }) => continue,
+                    Some(Event::StreamFailed { stream_id, .. }) if stream_id == id => return,
+                    Some(_) => continue,
+                    None => panic!("transport closed while sending"),
+                }
+            }
+            let n = room.min(body.len());
+            self.session()
+                .send_data(id, Bytes::copy_from_slice(&body[..n]))
+                .expect("within capacity");
+            body = &body[n..];
+            self.conn.flush().await.expect("flush");
+        }
+    }
+
+    /// Reads events until stream `id` ends or fails, consuming (releasing) its data as it comes.
+    pub async fn collect(&mut self, id: u32) -> Reply {
+        let mut reply = Reply::default();
+        loop {
+            match self.conn.next_event().await.expect("io") {
+                Some(Event::Head { stream_id, head }) if stream_id == id => reply.head = Some(head),
+                Some(Event::Data { stream_id, data }) if stream_id == id => {
+                    reply.chunks.push((Instant::now(), data.len()));
+                    reply.body.extend_from_slice(&data);
+                    self.session().release(id, data.len());
+                }
+                Some(Event::End { stream_id, .. }) if stream_id == id => {
+                    reply.ended = true;
+                    return reply;
+                }
+                Some(Event::StreamFailed {
+                    stream_id, error, ..
+                }) if stream_id == id => {
+                    reply.error = Some(error);
+                    return reply;
+                }
+                Some(_) => {}
+                None => panic!("transport closed before stream {id} finished: {reply:?}"),
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Upstream servers
+
+/// One request an upstream server received.
+#[derive(Clone, Debug)]
+pub struct Hit {
+    pub method: String,
+    pub path: String,
+    pub host: String,
+    pub headers: Vec<(String, String)>,
+    pub body_len: usize,
+}
+
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub hits: Arc<Mutex<Vec<Hit>>>,
+    /// Set when a streaming response's body was dropped before it finished: the client went away.
+    pub aborted: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+type Body = BoxBody<Bytes, Infallible>;
+
+fn full(bytes: impl Into<Bytes>) -> Body {
+    http_body_util::Full::new(bytes.into()).boxed()
+}
+
+/// Sets `aborted` if dropped before `done` was set: the response stream was abandoned.
+struct AbortFlag {
+    aborted: Arc<AtomicBool>,
+    done: bool,
+}
+
+impl AbortFlag {
+    fn finish(&mut self) {
+        self.done = true;
+    }
+}
+
+impl Drop for AbortFlag {
+    fn drop(&mut self) {
+        if !self.done {
+            self.aborted.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+/// A body that yields `chunks` with `gap` before each one after the first; `None` count means forever.
+fn paced(chunk: Bytes, count: Option<usize>, gap: Duration, aborted: Arc<AtomicBool>) -> Body {
+    let flag = AbortFlag {
+        aborted,
+        done: false,
+    };
+    let stream = futures_util::stream::unfold((0usize, flag), move |(n, mut flag)| {
+        let chunk = chunk.clone();
+        async move {
+            if count.is_some_and(|c| n >= c) {
+                flag.finish();
+                return None;
+            }
+            if n > 0 {
+                tokio::time::sleep(gap).await;
+            }
+            Some((Ok::<_, Infallible>(Frame::data(chunk)), (n + 1, flag)))
+        }
+    });
+    StreamBody::new(stream).boxed()
+}
+
+fn query(req: &impl HasUri, key: &str) -> Option<String> {
+    req.uri_ref().query().and_then(|q| {
+        url::form_urlencoded::parse(q.as_bytes())
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.into_owned())
+    })
+}
+
+trait HasUri {
+    fn uri_ref(&self) -> &http::Uri;
+}
+
+impl HasUri for Request<Incoming> {
+    fn uri_ref(&self) -> &http::Uri {
+        self.uri()
+    }
+}
+
+impl HasUri for http::Uri {
+    fn uri_ref(&self) -> &http::Uri {
+        self
+    }
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    hits: Arc<Mutex<Vec<Hit>>>,
+    aborted: Arc<AtomicBool>,
+) -> Result<Response<Body>, Infallible> {
+    let method = req.method().to_string();
+    let path = req.uri().path().to_string();
+    let host = req
+        .headers()
+        .get(http::header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let headers: Vec<(String, String)> = req
+        .headers()
+        .iter()
+        .map(|(n, v)| {
+            (
+                n.to_string(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
+    let req_uri_only = req.uri().clone();
+    let status = query(&req, "status").and_then(|s| s.parse::<u16>().ok());
+    let to = query(&req, "to");
+    let n: usize = query(&req, "n").and_then(|n| n.parse().ok()).unwrap_or(0);
+    let gap = Duration::from_millis(
+        query(&req, "gap_ms")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(300),
+    );
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    hits.lock().expect("hits").push(Hit {
+        method: method.clone(),
+        path: path.clone(),
+        host,
+        headers: headers.clone(),
+        body_len: body.len(),
+    });
+    let response = match path.as_str() {
+        "/hello" => Response::new(full("hello")),
+        "/echo" => Response::builder()
+            .header("x-method", method)
+            .body(full(body))
+            .expect("response"),
+        "/headers" => Response::new(full(serde_json::to_vec(&headers).expect("json"))),
+        "/status" => Response::builder()
+            .status(status.unwrap_or(200))
+            .body(full("status"))
+            .expect("response"),
+        "/redirect" => Response::builder()
+            .status(status.unwrap_or(302))
+            .header("location", to.unwrap_or_else(|| "/hello".into()))
+            .body(full(""))
+            .expect("response"),
+        "/big" => Response::new(full(vec![b'x'; n])),
+        "/setcookie" => Response::builder()
+            .header(
+                "set-cookie",
+                query(&req_uri_only, "cookie").unwrap_or_default(),
+            )
+            .body(full("cookie set"))
+            .expect("response"),
+        "/sse" => Response::builder()
+            .header("content-type", "text/event-stream")
+            .body(paced(
+                Bytes::from_static(b"data: tick\n\n"),
+                Some(n.max(1)),
+                gap,
+                aborted,
+            ))
+            .expect("response"),
+        "/forever" => Response::new(paced(Bytes::from(vec![b'f'; 1024]), None, gap, aborted)),
+        "/stall" => {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            Response::new(full(""))
+        }
+        _ => Response::builder()
+            .status(404)
+            .body(full("no such path"))
+            .expect("response"),
+    };
+    Ok(response)
+}
+
+impl Upstream {
+    /// An HTTP server on `ip`:0.
+    pub async fn http(ip: &str) -> Upstream {
+        Upstream::start(ip, None).await
+    }
+
+    pub async fn https(ip: &str, ca: &TestCa) -> Upstream {
+        Upstream::start(ip, Some(ca.server_config())).await
+    }
+
+    async fn start(ip: &str, tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>) -> Upstream {
+        let listener = tokio::net::TcpListener::bind((ip, 0))
+            .await
+            .expect("bind upstream");
+        let addr = listener.local_addr().expect("addr");
+        UPSTREAM_PORTS.lock().expect("ports").push(addr.port());
+        let hits = Arc::new(Mutex::new(Vec::new()));
+        let aborted = Arc::new(AtomicBool::new(false));
+        let (h, a) = (hits.clone(), aborted.clone());
+        let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                let (h, a, acceptor) = (h.clone(), a.clone(), acceptor.clone());
+                tokio::spawn(async move {
+                    let service =
+                        hyper::service::service_fn(move |req| handle(req, h.clone(), a.clone()));
+                    let builder = hyper::server::conn::http1::Builder::new();
+                    match acceptor {
+                        Some(acceptor) => {
+                            if let Ok(tls) = acceptor.accept(tcp).await {
+                                let _ = builder.serve_connection(TokioIo::new(tls), service).await;
+                            }
+                        }
+                        None => {
+                            let _ = builder.serve_connection(TokioIo::new(tcp), service).await;
+                        }
+                    }
+                });
+            }
+        });
+        Upstream {
+            addr,
+            hits,
+            aborted,
+            task,
+        }
+    }
+
+    pub fn hits(&self) -> Vec<Hit> {
+        self.hits.lock().expect("hits").clone()
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+}
+
+/// A throwaway CA and a server certificate it signed for the given names.
+pub struct TestCa {
+    pub ca_pem: String,
+    cert_der: Vec<u8>,
+    key_der: Vec<u8>,
+}
+
+impl TestCa {
+    pub fn new(names: &[&str]) -> TestCa {
+        let ca_key = rcgen::KeyPair::generate().expect("key");
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "pexi test CA");
+        let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).expect("ca");
+        let leaf_key = rcgen::KeyPair::generate().expect("key");
+        let leaf_params =
+            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .expect("params");
+        let leaf = leaf_params.signed_by(&leaf_key, &ca).expect("leaf");
+        TestCa {
+            ca_pem: ca.pem(),
+            cert_der: leaf.der().to_vec(),
+            key_der: leaf_key.serialize_der(),
+        }
+    }
+
+    fn server_config(&self) -> Arc<tokio_rustls::rustls::ServerConfig> {
+        use tokio_rustls::rustls;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![rustls::pki_types::CertificateDer::from(
+                    self.cert_der.clone(),
+                )],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(self.key_der.clone().into()),
+            )
+            .expect("server config");
+        Arc::new(config)
+    }
+}
+
+/// Options for the common case: names that lead to loopback through DNS overrides, loopback allowed.
+pub fn loopback_options(names: &[(&str, &str)], allowed: &[&str]) -> PepOptions {
+    PepOptions {
+        allowed_domains: allowed.iter().map(|d| d.to_string()).collect(),
+        allowed_cidrs: vec!["127.0.0.0/8".into()],
+        dns_overrides: names
+            .iter()
+            .map(|(name, ip)| (name.to_string(), vec![ip.to_string()]))
+            .collect(),
+        ..PepOptions::default()
+    }
+}
+
+pub fn overrides(map: &BTreeMap<&str, &str>) -> Vec<(String, Vec<String>)> {
+    map.iter()
+        .map(|(k, v)| (k.to_string(), vec![v.to_string()]))
+        .collect()
+}
+
+/// The repository's policy bundle, copied under `dir/policies`.
+pub fn copy_policies(dir: &Path) {
+    let policies = dir.join("policies/pexi");
+    std::fs::create_dir_all(&policies).expect("mkdir");
+    std::fs::write(
+        policies.join("http.rego"),
+        include_str!("../../policies/pexi/http.rego"),
+    )
+    .expect("policy");
+    std::fs::write(
+        policies.join("http_test.rego"),
+        include_str!("../../policies/pexi/http_test.rego"),
+    )
+    .expect("policy tests");
+}
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("test-support/ has a parent")
+        .to_path_buf()
+}
