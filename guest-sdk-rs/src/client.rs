@@ -7,6 +7,7 @@
 //! gives no disconnect signal); the session resynchronises on its own after garbage on the stream.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -66,6 +67,7 @@ struct Opened {
     key: u64,
     events: mpsc::UnboundedReceiver<StreamEvent>,
     buffer: Arc<Semaphore>,
+    received: Arc<AtomicUsize>,
 }
 
 enum StreamEvent {
@@ -136,6 +138,7 @@ impl Client {
             key: opened.key,
             events: opened.events,
             buffer: opened.buffer,
+            received: opened.received,
             commands: self.commands.clone(),
             finished: false,
         })
@@ -147,6 +150,8 @@ struct StreamHandle {
     key: u64,
     events: mpsc::UnboundedReceiver<StreamEvent>,
     buffer: Arc<Semaphore>,
+    /// Response bytes delivered to this handle and not yet read.
+    received: Arc<AtomicUsize>,
     commands: mpsc::UnboundedSender<Command>,
     finished: bool,
 }
@@ -307,6 +312,12 @@ impl Response {
         &self.head.decision_id
     }
 
+    /// Body bytes received and not yet read. Flow control bounds it by the stream window (256 KiB): a
+    /// reader that stops reading stops the PEP, and the PEP stops its upstream.
+    pub fn buffered(&self) -> usize {
+        self.stream.received.load(Ordering::Relaxed)
+    }
+
     /// The next piece of the body, `None` at its end. An error here (`response_too_large`,
     /// `upstream_timeout`, `session_reset`) comes after the data before it.
     pub async fn chunk(&mut self) -> Result<Option<Bytes>, Error> {
@@ -315,6 +326,9 @@ impl Response {
         }
         match self.stream.next_event().await? {
             StreamEvent::Data(data) => {
+                self.stream
+                    .received
+                    .fetch_sub(data.len(), Ordering::Relaxed);
                 let _ = self
                     .stream
                     .commands
@@ -381,6 +395,7 @@ struct StreamState {
     events: mpsc::UnboundedSender<StreamEvent>,
     pending: VecDeque<Out>,
     buffer: Arc<Semaphore>,
+    received: Arc<AtomicUsize>,
 }
 
 /// An open waiting for a session: the call, where to answer, and since when.
@@ -549,12 +564,9 @@ impl Connection {
     fn apply(&mut self, session: &mut Session, command: Command) {
         match command {
             Command::Open { call, reply } => {
-                if session.is_established() {
-                    self.open(session, call, reply);
-                } else {
-                    self.waiting
-                        .push((call, reply, tokio::time::Instant::now()));
-                }
+                self.waiting
+                    .push((call, reply, tokio::time::Instant::now()));
+                self.open_waiting(session);
             }
             Command::Data(key, data) => self.queue(session, key, Out::Data(data)),
             Command::End(key) => self.queue(session, key, Out::End),
@@ -585,6 +597,7 @@ impl Connection {
                 self.next_key += 1;
                 let (events, receiver) = mpsc::unbounded_channel();
                 let buffer = Arc::new(Semaphore::new(UPLOAD_BUFFER));
+                let received = Arc::new(AtomicUsize::new(0));
                 self.streams.insert(
                     key,
                     StreamState {
@@ -592,6 +605,7 @@ impl Connection {
                         events,
                         pending: VecDeque::new(),
                         buffer: buffer.clone(),
+                        received: received.clone(),
                     },
                 );
                 self.by_id.insert(id, key);
@@ -599,6 +613,7 @@ impl Connection {
                     key,
                     events: receiver,
                     buffer,
+                    received,
                 };
                 if let Err(Ok(opened)) = reply.send(Ok(opened)) {
                     // The caller gave up before the stream opened.
@@ -664,21 +679,30 @@ impl Connection {
             match event {
                 Event::Established(info) => {
                     tracing::debug!(session = info.session_id, "session established");
-                    for (call, reply, _) in std::mem::take(&mut self.waiting) {
-                        self.open(session, call, reply);
-                    }
                 }
                 Event::Head { stream_id, head } => {
                     self.deliver(stream_id, StreamEvent::Head(head));
                 }
                 Event::Data { stream_id, data } => {
                     let len = data.len();
+                    if let Some(state) =
+                        self.by_id.get(&stream_id).and_then(|k| self.streams.get(k))
+                    {
+                        state.received.fetch_add(len, Ordering::Relaxed);
+                    }
                     if !self.deliver(stream_id, StreamEvent::Data(data)) {
                         session.release(stream_id, len);
                     }
                 }
                 Event::End { stream_id, .. } => {
                     self.deliver(stream_id, StreamEvent::End);
+                    // Nothing more arrives on this stream, so its unread bytes need no credit: let the
+                    // session finish it now, or it counts against the PEP's stream limit until read.
+                    if let Some(state) =
+                        self.by_id.get(&stream_id).and_then(|k| self.streams.get(k))
+                    {
+                        session.release(stream_id, state.received.load(Ordering::Relaxed));
+                    }
                     self.forget(stream_id);
                 }
                 Event::StreamFailed {
@@ -714,8 +738,25 @@ impl Connection {
         }
         if restart {
             self.fail_all("the PEP lost the session");
+        } else {
+            self.open_waiting(session);
         }
         restart
+    }
+
+    /// Opens waiting requests while the session has room under the PEP's stream limit; the rest wait for
+    /// a stream to finish.
+    fn open_waiting(&mut self, session: &mut Session) {
+        if !session.is_established() {
+            return;
+        }
+        let limit = session
+            .info()
+            .map_or(0, |info| info.limits.max_concurrent_streams as usize);
+        while !self.waiting.is_empty() && session.active_streams() < limit {
+            let (call, reply, _) = self.waiting.remove(0);
+            self.open(session, call, reply);
+        }
     }
 
     fn deliver(&mut self, stream_id: u32, event: StreamEvent) -> bool {

@@ -1,0 +1,287 @@
+//! The SDK against a real PEP (in-process: the real pipeline and transport in this test's runtime), with
+//! real upstream servers on loopback.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use pexi_guest::{Client, Endpoint};
+use pexi_host::config::{Config, Listen};
+use pexi_host::pipeline::Pipeline;
+use pexi_test_support::{
+    copy_policies, loopback_options, temp_dir, test_config, PepOptions, Upstream,
+};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+struct InProcessPep {
+    dir: PathBuf,
+    socket: PathBuf,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl InProcessPep {
+    async fn start(options: &PepOptions) -> InProcessPep {
+        InProcessPep::start_in(temp_dir("sdk-pep"), options).await
+    }
+
+    async fn start_in(dir: PathBuf, options: &PepOptions) -> InProcessPep {
+        let socket = dir.join("pep.sock");
+        let doc = test_config(&dir, &socket, &dir.join("audit.jsonl"), options);
+        copy_policies(&dir);
+        let path = dir.join("config.toml");
+        std::fs::write(&path, toml::to_string(&doc).expect("toml")).expect("config");
+        let config = Config::load(Some(&path)).expect("config loads");
+        let pipeline = Arc::new(Pipeline::new(config).expect("pipeline"));
+        let shutdown = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        pexi_host::transport::start(
+            &Listen::Unix(socket.clone()),
+            pipeline,
+            shutdown.clone(),
+            &tasks,
+        )
+        .await
+        .expect("listen");
+        InProcessPep {
+            dir,
+            socket,
+            shutdown,
+            tasks,
+        }
+    }
+
+    fn client(&self) -> Client {
+        Client::new(Endpoint::Unix(self.socket.clone()))
+    }
+
+    /// Stops serving; in-flight streams get session_reset. The directory stays for a restart.
+    async fn stop(&self) {
+        self.shutdown.cancel();
+        self.tasks.close();
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.tasks.wait()).await;
+    }
+}
+
+fn options(upstream: &Upstream) -> PepOptions {
+    let _ = upstream;
+    loopback_options(&[("api.test", "127.0.0.1")], &["api.test"])
+}
+
+fn url(upstream: &Upstream, path: &str) -> String {
+    format!("http://api.test:{}{path}", upstream.port())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn get_check_and_deny() {
+    let upstream = Upstream::http("127.0.0.1").await;
+    let pep = InProcessPep::start(&options(&upstream)).await;
+    let client = pep.client();
+    let response = client
+        .get(&url(&upstream, "/hello"))
+        .send()
+        .await
+        .expect("allowed");
+    assert_eq!(response.status(), 200);
+    assert!(!response.decision_id().is_empty());
+    assert_eq!(response.text().await.expect("body"), "hello");
+
+    let decision = client
+        .check("GET", &url(&upstream, "/hello"))
+        .await
+        .expect("check");
+    assert!(decision.allow);
+    let decision = client
+        .check("GET", "https://evil.test/")
+        .await
+        .expect("check");
+    assert!(!decision.allow);
+
+    let err = client
+        .get("https://evil.test/")
+        .send()
+        .await
+        .err()
+        .expect("denied");
+    assert_eq!(err.code(), "policy_denied");
+    assert_eq!(err.reasons(), ["host evil.test is not in the allowlist"]);
+    assert!(err.decision_id().is_some());
+    assert!(!err.retryable());
+    assert!(upstream.hits().iter().all(|h| h.path == "/hello"));
+    pep.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn streamed_upload_and_bounded_streamed_download() {
+    let upstream = Upstream::http("127.0.0.1").await;
+    let pep = InProcessPep::start(&options(&upstream)).await;
+    let client = pep.client();
+
+    // 3 MB produced chunk by chunk, no length announced.
+    let chunks = (0..48).map(|i| Ok::<_, std::io::Error>(Bytes::from(vec![i as u8; 65_536])));
+    let response = client
+        .request("POST", &url(&upstream, "/echo"))
+        .body_stream(None, futures_util::stream::iter(chunks))
+        .send()
+        .await
+        .expect("upload");
+    let echoed = response.bytes().await.expect("echo");
+    assert_eq!(echoed.len(), 48 * 65_536);
+    assert!(echoed
+        .chunks(65_536)
+        .enumerate()
+        .all(|(i, c)| c.iter().all(|b| *b == i as u8)));
+
+    // 10 MB down, read slowly: what is received but unread stays within one stream window.
+    let mut response = client
+        .get(&url(&upstream, "/big?n=10000000"))
+        .send()
+        .await
+        .expect("download");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut most = response.buffered();
+    let mut total = 0;
+    while let Some(chunk) = response.chunk().await.expect("chunk") {
+        total += chunk.len();
+        most = most.max(response.buffered());
+    }
+    assert_eq!(total, 10_000_000);
+    assert!(most <= 256 * 1024, "{most} bytes buffered unread");
+    pep.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn server_sent_events_arrive_incrementally() {
+    let upstream = Upstream::http("127.0.0.1").await;
+    let pep = InProcessPep::start(&options(&upstream)).await;
+    let mut response = pep
+        .client()
+        .get(&url(&upstream, "/sse?n=3&gap_ms=800"))
+        .send()
+        .await
+        .expect("sse");
+    let mut arrivals = Vec::new();
+    while let Some(chunk) = response.chunk().await.expect("chunk") {
+        assert_eq!(&chunk[..], b"data: tick\n\n");
+        arrivals.push(Instant::now());
+    }
+    assert_eq!(arrivals.len(), 3);
+    for pair in arrivals.windows(2) {
+        assert!(
+            pair[1] - pair[0] >= Duration::from_millis(500),
+            "events bunched: {arrivals:?}"
+        );
+    }
+    pep.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_hundred_concurrent_requests_on_one_client() {
+    let upstream = Upstream::http("127.0.0.1").await;
+    let pep = InProcessPep::start(&options(&upstream)).await;
+    let client = pep.client();
+    let tasks: Vec<_> = (0..200)
+        .map(|i| {
+            let client = client.clone();
+            let url = url(&upstream, &format!("/big?n={}", 1000 + i));
+            tokio::spawn(async move {
+                client
+                    .get(&url)
+                    .send()
+                    .await?
+                    .bytes()
+                    .await
+                    .map(|b| (i, b.len()))
+            })
+        })
+        .collect();
+    for task in tasks {
+        let (i, len) = task.await.expect("join").expect("request");
+        assert_eq!(len, 1000 + i);
+    }
+    assert_eq!(upstream.hits().len(), 200);
+    pep.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dropping_a_response_cancels_the_upstream_request() {
+    let upstream = Upstream::http("127.0.0.1").await;
+    let pep = InProcessPep::start(&options(&upstream)).await;
+    let mut response = pep
+        .client()
+        .get(&url(&upstream, "/forever?gap_ms=20"))
+        .send()
+        .await
+        .expect("stream");
+    assert!(response.chunk().await.expect("chunk").is_some());
+    assert!(!upstream.aborted.load(Ordering::SeqCst));
+    drop(response);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !upstream.aborted.load(Ordering::SeqCst) {
+        assert!(
+            Instant::now() < deadline,
+            "upstream still streaming after the drop"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    pep.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_host_restart_resets_in_flight_requests_and_the_client_recovers() {
+    let upstream = Upstream::http("127.0.0.1").await;
+    let options = options(&upstream);
+    let pep = InProcessPep::start(&options).await;
+    let client = pep.client();
+    let mut response = client
+        .get(&url(&upstream, "/forever?gap_ms=20"))
+        .send()
+        .await
+        .expect("stream");
+    assert!(response.chunk().await.expect("chunk").is_some());
+    pep.stop().await;
+    let err = loop {
+        match response.chunk().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the stream ended normally"),
+            Err(err) => break err,
+        }
+    };
+    assert_eq!(err.code(), "session_reset", "{err}");
+    // The PEP comes back on the same socket; the same client carries on.
+    let again = InProcessPep::start_in(pep.dir.clone(), &options).await;
+    let body = client
+        .get(&url(&upstream, "/hello"))
+        .send()
+        .await
+        .expect("after restart")
+        .text()
+        .await
+        .expect("body");
+    assert_eq!(body, "hello");
+    again.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreachable_endpoint_fails_with_connect() {
+    let dir = temp_dir("sdk-nothing");
+    let client = Client::with_connector(
+        Arc::new(Endpoint::Unix(dir.join("nobody.sock"))),
+        pexi_guest::Options {
+            connect_timeout: Duration::from_millis(300),
+            ..pexi_guest::Options::default()
+        },
+    );
+    let err = client
+        .get("https://a.test/")
+        .send()
+        .await
+        .err()
+        .expect("no PEP");
+    assert_eq!(err.code(), "connect");
+    assert!(err.to_string().contains("nobody.sock"), "{err}");
+    let _ = Path::new(&dir);
+}
