@@ -66,18 +66,16 @@ impl Session {
             (Role::Server, FrameType::Hello) if frame.stream_id == SESSION_STREAM => {
                 self.handle_hello(&frame.payload)
             }
-            (Role::Server, FrameType::Sync) => self.tell_peer(
-                SESSION_STREAM,
-                ErrorPayload::new(ErrorCode::SessionReset, "no session: send HELLO")
-                    .retryable(true),
-            ),
             (Role::Server, FrameType::Unknown(_)) if frame.flags.contains(Flags::IGNORABLE) => {}
+            // A well-formed frame before any HELLO comes from a guest whose session this host does not
+            // have (the host restarted under it, or the guest is confused): tell it to start one.
             (Role::Server, other) => self.tell_peer(
                 SESSION_STREAM,
                 ErrorPayload::new(
-                    ErrorCode::ProtocolError,
-                    format!("expected HELLO, got {}", other.name()),
-                ),
+                    ErrorCode::SessionReset,
+                    format!("no session: send HELLO (got {})", other.name()),
+                )
+                .retryable(true),
             ),
             (Role::Client, FrameType::HelloAck) if frame.stream_id == SESSION_STREAM => {
                 self.handle_hello_ack(&frame.payload)
