@@ -498,9 +498,11 @@ impl Connection {
         let write_task = tokio::spawn(write_loop(writer, out_rx));
         let mut session =
             Session::client(SessionConfig::new("pexi-guest", env!("CARGO_PKG_VERSION")));
-        let mut awaiting_pong: Option<tokio::time::Instant> = None;
-        let mut last_input = tokio::time::Instant::now();
+        // Any byte from the host proves it alive; a keepalive period of silence sends a PING, and a second
+        // one without a byte declares the host gone.
         let keepalive = self.options.keepalive;
+        let mut pinged = false;
+        let mut keepalive_at = tokio::time::Instant::now() + keepalive;
         let ended = loop {
             tokio::select! {
                 biased;
@@ -512,7 +514,8 @@ impl Connection {
                 }
                 bytes = input.recv() => match bytes {
                     Some(bytes) => {
-                        last_input = tokio::time::Instant::now();
+                        pinged = false;
+                        keepalive_at = tokio::time::Instant::now() + keepalive;
                         session.receive(&bytes);
                     }
                     None => {
@@ -526,32 +529,21 @@ impl Connection {
                     None => break Ended::Dropped,
                 },
                 _ = tokio::time::sleep(Duration::from_secs(1)), if session.awaiting_answer() => session.retry(),
-                _ = tokio::time::sleep_until(last_input + keepalive) => {
-                    match awaiting_pong {
-                        // Two keepalive periods without a byte from the host: it is gone.
-                        Some(since) if since.elapsed() >= keepalive => {
-                            tracing::warn!("the PEP stopped answering; starting a new session");
-                            session.transport_closed();
-                            self.route_events(&mut session);
-                            break Ended::Lost;
-                        }
-                        Some(_) => {}
-                        None => {
-                            if session.ping(*b"pexi-ka!").is_ok() {
-                                awaiting_pong = Some(tokio::time::Instant::now());
-                            }
-                        }
+                _ = tokio::time::sleep_until(keepalive_at) => {
+                    if pinged {
+                        tracing::warn!("the PEP stopped answering; starting a new session");
+                        session.transport_closed();
+                        self.route_events(&mut session);
+                        break Ended::Lost;
                     }
-                    last_input = tokio::time::Instant::now();
+                    pinged = session.ping(*b"pexi-ka!").is_ok();
+                    keepalive_at = tokio::time::Instant::now() + keepalive;
                 }
             }
             if self.route_events(&mut session) {
                 // The host lost this session (it restarted): start a new one on the same transport.
                 session =
                     Session::client(SessionConfig::new("pexi-guest", env!("CARGO_PKG_VERSION")));
-            }
-            if awaiting_pong.is_some_and(|since| last_input > since) {
-                awaiting_pong = None;
             }
         };
         read_task.abort();
