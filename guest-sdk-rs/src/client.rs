@@ -105,6 +105,7 @@ impl Client {
         }
     }
 
+    /// Starts a GET request.
     pub fn get(&self, url: &str) -> RequestBuilder {
         self.request("GET", url)
     }
@@ -206,6 +207,7 @@ pub struct RequestBuilder {
 }
 
 impl RequestBuilder {
+    /// Adds a header; order and repetition are kept.
     pub fn header(mut self, name: &str, value: impl AsRef<[u8]>) -> Self {
         self.request
             .headers
@@ -232,6 +234,7 @@ impl RequestBuilder {
         self
     }
 
+    /// What the PEP does with 3xx responses (default: follow, each hop policy-checked).
     pub fn redirect(mut self, mode: RedirectMode) -> Self {
         self.request.redirect = mode;
         self
@@ -281,10 +284,12 @@ pub struct Response {
 }
 
 impl Response {
+    /// The HTTP status; 4xx and 5xx are responses, not errors.
     pub fn status(&self) -> u16 {
         self.head.status
     }
 
+    /// The response headers, in order, repeated names kept.
     pub fn headers(&self) -> &[HeaderField] {
         &self.head.headers
     }
@@ -303,6 +308,7 @@ impl Response {
         &self.head.final_url
     }
 
+    /// How many redirects the PEP followed.
     pub fn redirect_count(&self) -> u32 {
         self.head.redirect_count
     }
@@ -359,11 +365,13 @@ impl Response {
         Ok(Bytes::from(body))
     }
 
+    /// The whole body as text (lossy UTF-8).
     pub async fn text(self) -> Result<String, Error> {
         let bytes = self.bytes().await?;
         Ok(String::from_utf8_lossy(&bytes).into_owned())
     }
 
+    /// The whole body parsed as JSON.
     pub async fn json<T: serde::de::DeserializeOwned>(self) -> Result<T, Error> {
         let bytes = self.bytes().await?;
         serde_json::from_slice(&bytes).map_err(|err| Error::Body(err.to_string()))

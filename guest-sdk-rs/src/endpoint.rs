@@ -15,11 +15,17 @@ pub const DEFAULT_PORT_NAME: &str = pexi_protocol::transport::VIRTIO_SERIAL_PORT
 pub const HOST_CID: u32 = 2;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
+/// Where the PEP is. Parse one with `str::parse` or [`Endpoint::from_env`].
 pub enum Endpoint {
     /// `virtio:NAME`: the virtio-serial port with that name (`/sys/class/virtio-ports/*/name`).
     Virtio(String),
     /// `vsock:CID:PORT` (`vsock` alone is CID 2, port 4041).
-    Vsock { cid: u32, port: u32 },
+    Vsock {
+        /// The host's context id (2 from inside a guest).
+        cid: u32,
+        /// The port the PEP listens on (4041).
+        port: u32,
+    },
     /// `unix:PATH`: development without a VM, and tests.
     Unix(PathBuf),
 }
@@ -84,6 +90,7 @@ impl Endpoint {
 pub trait Transport: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> Transport for T {}
 
+/// A boxed transport as a connector returns it.
 pub type BoxTransport = Pin<Box<dyn Transport>>;
 type ConnectFuture<'a> =
     Pin<Box<dyn std::future::Future<Output = std::io::Result<BoxTransport>> + Send + 'a>>;
@@ -91,6 +98,7 @@ type ConnectFuture<'a> =
 /// Makes transports; the client calls it again after the transport fails. Implement it to run the SDK over
 /// something else (tests use it to simulate a virtio-serial port that disconnects mid-frame).
 pub trait Connector: Send + Sync + 'static {
+    /// Opens a new transport.
     fn connect(&self) -> ConnectFuture<'_>;
 
     /// A virtio-serial port reads 0 bytes while the host end is closed; that is a pause, not the end.
@@ -98,6 +106,7 @@ pub trait Connector: Send + Sync + 'static {
         true
     }
 
+    /// Where this connector goes, for error messages.
     fn describe(&self) -> String;
 }
 

@@ -12,7 +12,12 @@ pub enum Error {
     Pep(ErrorPayload),
     /// No PEP could be reached.
     #[error("cannot reach the PEP at {endpoint}: {message}")]
-    Connect { endpoint: String, message: String },
+    Connect {
+        /// The endpoint tried.
+        endpoint: String,
+        /// What went wrong.
+        message: String,
+    },
     /// The endpoint string or environment is wrong.
     #[error("endpoint: {0}")]
     Endpoint(String),
@@ -25,6 +30,7 @@ pub enum Error {
 }
 
 impl Error {
+    /// The stable code: the protocol's, or `connect`, `endpoint`, `closed`, `body`.
     pub fn code(&self) -> &str {
         match self {
             Error::Pep(error) => error.code.as_str(),

@@ -7,7 +7,9 @@
 //! recovery when the host restarts.
 //!
 #![doc = include_str!("../README.md")]
+#![warn(missing_docs)]
 
+pub mod blocking;
 mod client;
 pub mod endpoint;
 mod error;

@@ -285,3 +285,38 @@ async fn an_unreachable_endpoint_fails_with_connect() {
     assert!(err.to_string().contains("nobody.sock"), "{err}");
     let _ = Path::new(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_blocking_facade() {
+    let upstream = Upstream::http("127.0.0.1").await;
+    let pep = InProcessPep::start(&options(&upstream)).await;
+    let socket = pep.socket.clone();
+    let hello = url(&upstream, "/hello");
+    let echo = url(&upstream, "/echo");
+    let (body, echoed, denied) = tokio::task::spawn_blocking(move || {
+        let client = pexi_guest::blocking::Client::new(Endpoint::Unix(socket)).expect("client");
+        let mut response = client.get(&hello).send().expect("get");
+        assert_eq!(response.status(), 200);
+        let mut body = String::new();
+        std::io::Read::read_to_string(&mut response, &mut body).expect("read");
+        let echoed = client
+            .request("POST", &echo)
+            .body("ping")
+            .send()
+            .expect("post")
+            .text()
+            .expect("text");
+        let denied = client
+            .get("https://evil.test/")
+            .send()
+            .err()
+            .expect("denied");
+        (body, echoed, denied)
+    })
+    .await
+    .expect("join");
+    assert_eq!(body, "hello");
+    assert_eq!(echoed, "ping");
+    assert_eq!(denied.code(), "policy_denied");
+    pep.stop().await;
+}
