@@ -8,19 +8,15 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use pexi_guest::{Client, Endpoint};
-use pexi_host::config::{Config, Listen};
-use pexi_host::pipeline::Pipeline;
-use pexi_test_support::{
-    copy_policies, loopback_options, temp_dir, test_config, PepOptions, Upstream,
-};
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
+use pexi_host::config::Config;
+use pexi_host::server::Server;
+use pexi_test_support::{loopback_options, temp_dir, write_config, PepOptions, Upstream};
 
+/// A PEP serving in this test's runtime on a Unix socket in its own directory.
 struct InProcessPep {
     dir: PathBuf,
     socket: PathBuf,
-    shutdown: CancellationToken,
-    tasks: TaskTracker,
+    server: Server,
 }
 
 impl InProcessPep {
@@ -30,27 +26,12 @@ impl InProcessPep {
 
     async fn start_in(dir: PathBuf, options: &PepOptions) -> InProcessPep {
         let socket = dir.join("pep.sock");
-        let doc = test_config(&dir, &socket, &dir.join("audit.jsonl"), options);
-        copy_policies(&dir);
-        let path = dir.join("config.toml");
-        std::fs::write(&path, toml::to_string(&doc).expect("toml")).expect("config");
-        let config = Config::load(Some(&path)).expect("config loads");
-        let pipeline = Arc::new(Pipeline::new(config).expect("pipeline"));
-        let shutdown = CancellationToken::new();
-        let tasks = TaskTracker::new();
-        pexi_host::transport::start(
-            &Listen::Unix(socket.clone()),
-            pipeline,
-            shutdown.clone(),
-            &tasks,
-        )
-        .await
-        .expect("listen");
+        let config = Config::load(Some(&write_config(&dir, &socket, options))).expect("config");
+        let server = Server::start(config).await.expect("server");
         InProcessPep {
             dir,
             socket,
-            shutdown,
-            tasks,
+            server,
         }
     }
 
@@ -60,9 +41,7 @@ impl InProcessPep {
 
     /// Stops serving; in-flight streams get session_reset. The directory stays for a restart.
     async fn stop(&self) {
-        self.shutdown.cancel();
-        self.tasks.close();
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.tasks.wait()).await;
+        self.server.stop().await.expect("stop");
     }
 }
 

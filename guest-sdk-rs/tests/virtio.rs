@@ -9,15 +9,13 @@ use std::time::Duration;
 
 use pexi_guest::endpoint::{BoxTransport, Connector};
 use pexi_guest::{Client, Options};
-use pexi_host::config::{Config, Listen};
-use pexi_host::pipeline::Pipeline;
-use pexi_test_support::{copy_policies, loopback_options, temp_dir, test_config, Upstream};
+use pexi_host::config::Config;
+use pexi_host::server::Server;
+use pexi_test_support::{loopback_options, temp_dir, write_config, Upstream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 enum Control {
     Attach(UnixStream),
@@ -137,40 +135,16 @@ struct Setup {
     upstream: Upstream,
     port: Arc<Port>,
     client: Client,
-    shutdown: CancellationToken,
-    tasks: TaskTracker,
+    server: Server,
 }
 
 async fn setup() -> Setup {
     let upstream = Upstream::http("127.0.0.1").await;
     let dir = temp_dir("virtio");
     let socket = dir.join("pep.sock");
-    let doc = test_config(
-        &dir,
-        &socket,
-        &dir.join("audit.jsonl"),
-        &loopback_options(&[("api.test", "127.0.0.1")], &["api.test"]),
-    );
-    copy_policies(&dir);
-    std::fs::write(
-        dir.join("config.toml"),
-        toml::to_string(&doc).expect("toml"),
-    )
-    .expect("config");
-    let pipeline = Arc::new(
-        Pipeline::new(Config::load(Some(&dir.join("config.toml"))).expect("config"))
-            .expect("pipeline"),
-    );
-    let shutdown = CancellationToken::new();
-    let tasks = TaskTracker::new();
-    pexi_host::transport::start(
-        &Listen::Unix(socket.clone()),
-        pipeline,
-        shutdown.clone(),
-        &tasks,
-    )
-    .await
-    .expect("listen");
+    let options = loopback_options(&[("api.test", "127.0.0.1")], &["api.test"]);
+    let config = Config::load(Some(&write_config(&dir, &socket, &options))).expect("config");
+    let server = Server::start(config).await.expect("server");
     let port = Port::new(socket);
     let client = Client::with_connector(
         port.clone(),
@@ -183,8 +157,7 @@ async fn setup() -> Setup {
         upstream,
         port,
         client,
-        shutdown,
-        tasks,
+        server,
     }
 }
 
@@ -216,9 +189,7 @@ impl Setup {
     }
 
     async fn stop(self) {
-        self.shutdown.cancel();
-        self.tasks.close();
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.tasks.wait()).await;
+        self.server.stop().await.expect("stop");
     }
 }
 

@@ -3,13 +3,9 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
-use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use pexi_protocol::payload::{HttpRequest, Implementation};
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, Listen};
 use crate::pipeline::{Caller, Pipeline};
@@ -369,15 +365,15 @@ fn check(config: Option<PathBuf>, method: String, url: String) -> ExitCode {
 }
 
 fn serve(config: Option<PathBuf>, listen: Vec<Listen>) -> ExitCode {
-    let mut pipeline = match load(config) {
-        Ok(pipeline) => pipeline,
+    let mut config = match Config::load(config.as_deref()) {
+        Ok(config) => config,
         Err(err) => {
             eprintln!("pexi: {err}");
             return ExitCode::from(2);
         }
     };
     if !listen.is_empty() {
-        pipeline.config.pep.listen = listen;
+        config.pep.listen = listen;
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -389,22 +385,18 @@ fn serve(config: Option<PathBuf>, listen: Vec<Listen>) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    runtime.block_on(run(Arc::new(pipeline)))
+    runtime.block_on(run(config))
 }
 
-async fn run(pipeline: Arc<Pipeline>) -> ExitCode {
-    let shutdown = CancellationToken::new();
-    let tasks = TaskTracker::new();
-    for listen in pipeline.config.pep.listen.clone() {
-        if let Err(err) =
-            crate::transport::start(&listen, pipeline.clone(), shutdown.clone(), &tasks).await
-        {
-            eprintln!("pexi: {listen}: {err}");
-            shutdown.cancel();
+async fn run(config: Config) -> ExitCode {
+    let server = match crate::server::Server::start(config).await {
+        Ok(server) => server,
+        Err(err) => {
+            eprintln!("pexi: {err}");
             return ExitCode::from(2);
         }
-    }
-    tasks.spawn(crate::reload::watch(pipeline.clone(), shutdown.clone()));
+    };
+    let pipeline = server.pipeline();
     tracing::info!(
         config = %pipeline.config.source,
         policy = %pipeline.policy_revision(),
@@ -413,20 +405,7 @@ async fn run(pipeline: Arc<Pipeline>) -> ExitCode {
     );
     wait_for_signal().await;
     tracing::info!("shutting down: in-flight streams get session_reset");
-    shutdown.cancel();
-    tasks.close();
-    if tokio::time::timeout(Duration::from_secs(5), tasks.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!("connections still open after 5 s; exiting anyway");
-    }
-    pipeline.record("pep_stop", serde_json::json!({"reason": "signal"}));
-    let audit = pipeline.clone();
-    let flushed = tokio::task::spawn_blocking(move || audit.audit().flush())
-        .await
-        .unwrap_or_else(|err| Err(err.to_string()));
-    if let Err(err) = flushed {
+    if let Err(err) = server.stop().await {
         tracing::error!(%err, "audit flush failed");
         return ExitCode::from(1);
     }

@@ -14,4 +14,5 @@ pub mod pipeline;
 pub mod policy;
 pub mod reload;
 pub mod serve;
+pub mod server;
 pub mod transport;

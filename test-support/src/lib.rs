@@ -580,3 +580,12 @@ pub fn repo_root() -> PathBuf {
         .expect("test-support/ has a parent")
         .to_path_buf()
 }
+
+/// Writes a test config (listening on `socket`) and the policy bundle into `dir`; returns the config path.
+pub fn write_config(dir: &Path, socket: &Path, options: &PepOptions) -> PathBuf {
+    let doc = test_config(dir, socket, &dir.join("audit.jsonl"), options);
+    copy_policies(dir);
+    let path = dir.join("config.toml");
+    std::fs::write(&path, toml::to_string(&doc).expect("serialise config")).expect("write config");
+    path
+}

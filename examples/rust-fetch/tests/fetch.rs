@@ -1,13 +1,9 @@
 //! `pexi-fetch` run as a process against an in-process PEP and a loopback upstream.
 
+use pexi_host::config::Config;
+use pexi_host::server::Server;
+use pexi_test_support::{loopback_options, temp_dir, write_config, Upstream};
 use std::process::Output;
-use std::sync::Arc;
-
-use pexi_host::config::{Config, Listen};
-use pexi_host::pipeline::Pipeline;
-use pexi_test_support::{copy_policies, loopback_options, temp_dir, test_config, Upstream};
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 async fn fetch(socket: &std::path::Path, args: &[&str]) -> Output {
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_pexi-fetch"));
@@ -22,32 +18,9 @@ async fn pexi_fetch_through_the_pep() {
     let upstream = Upstream::http("127.0.0.1").await;
     let dir = temp_dir("fetch");
     let socket = dir.join("pep.sock");
-    let doc = test_config(
-        &dir,
-        &socket,
-        &dir.join("audit.jsonl"),
-        &loopback_options(&[("api.test", "127.0.0.1")], &["api.test"]),
-    );
-    copy_policies(&dir);
-    std::fs::write(
-        dir.join("config.toml"),
-        toml::to_string(&doc).expect("toml"),
-    )
-    .expect("config");
-    let pipeline = Arc::new(
-        Pipeline::new(Config::load(Some(&dir.join("config.toml"))).expect("config"))
-            .expect("pipeline"),
-    );
-    let shutdown = CancellationToken::new();
-    let tasks = TaskTracker::new();
-    pexi_host::transport::start(
-        &Listen::Unix(socket.clone()),
-        pipeline,
-        shutdown.clone(),
-        &tasks,
-    )
-    .await
-    .expect("listen");
+    let options = loopback_options(&[("api.test", "127.0.0.1")], &["api.test"]);
+    let config = Config::load(Some(&write_config(&dir, &socket, &options))).expect("config");
+    let server = Server::start(config).await.expect("server");
     let port = upstream.port();
 
     let out = fetch(&socket, &[&format!("http://api.test:{port}/hello")]).await;
@@ -119,8 +92,6 @@ async fn pexi_fetch_through_the_pep() {
         3,
         "check and deny never reach upstream"
     );
-    shutdown.cancel();
-    tasks.close();
-    tasks.wait().await;
+    server.stop().await.expect("stop");
     std::fs::remove_dir_all(&dir).expect("cleanup");
 }

@@ -1,0 +1,64 @@
+//! A PEP serving inside this process: what `pexi serve` runs, usable by other programs (a VM runner that
+//! embeds the PEP) and by tests.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::pipeline::Pipeline;
+
+pub struct Server {
+    pipeline: Arc<Pipeline>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl Server {
+    /// Builds the pipeline from `config` and starts every configured listener and the policy reloader.
+    /// Must run inside a tokio runtime.
+    pub async fn start(config: Config) -> Result<Server, String> {
+        let pipeline = Arc::new(Pipeline::new(config).map_err(|err| err.to_string())?);
+        let shutdown = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        for listen in pipeline.config.pep.listen.clone() {
+            if let Err(err) =
+                crate::transport::start(&listen, pipeline.clone(), shutdown.clone(), &tasks).await
+            {
+                shutdown.cancel();
+                return Err(format!("{listen}: {err}"));
+            }
+        }
+        tasks.spawn(crate::reload::watch(pipeline.clone(), shutdown.clone()));
+        Ok(Server {
+            pipeline,
+            shutdown,
+            tasks,
+        })
+    }
+
+    pub fn pipeline(&self) -> &Arc<Pipeline> {
+        &self.pipeline
+    }
+
+    /// Stops serving: in-flight streams get `session_reset`, connections close (waiting up to 5 s for
+    /// them), and the audit log is flushed.
+    pub async fn stop(&self) -> Result<(), String> {
+        self.shutdown.cancel();
+        self.tasks.close();
+        if tokio::time::timeout(Duration::from_secs(5), self.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("connections still open after 5 s; stopping anyway");
+        }
+        self.pipeline
+            .record("pep_stop", serde_json::json!({"reason": "stop"}));
+        let pipeline = self.pipeline.clone();
+        tokio::task::spawn_blocking(move || pipeline.audit().flush())
+            .await
+            .unwrap_or_else(|err| Err(err.to_string()))
+    }
+}
