@@ -334,15 +334,9 @@ fn check(config: Option<PathBuf>, method: String, url: String) -> ExitCode {
         stream_id: 0,
     };
     // A one-thread runtime for the decision's audit ticket; check itself does no I/O beyond the log.
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime(tokio::runtime::Builder::new_current_thread()) {
         Ok(runtime) => runtime,
-        Err(err) => {
-            eprintln!("pexi: cannot start the runtime: {err}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     let decided = runtime.block_on(pipeline.policy_check(&caller, &HttpRequest::new(method, url)));
     match decided {
@@ -375,17 +369,17 @@ fn serve(config: Option<PathBuf>, listen: Vec<Listen>) -> ExitCode {
     if !listen.is_empty() {
         config.pep.listen = listen;
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(err) => {
-            eprintln!("pexi: cannot start the runtime: {err}");
-            return ExitCode::from(2);
-        }
-    };
-    runtime.block_on(run(config))
+    match runtime(tokio::runtime::Builder::new_multi_thread()) {
+        Ok(runtime) => runtime.block_on(run(config)),
+        Err(code) => code,
+    }
+}
+
+fn runtime(mut builder: tokio::runtime::Builder) -> Result<tokio::runtime::Runtime, ExitCode> {
+    builder.enable_all().build().map_err(|err| {
+        eprintln!("pexi: cannot start the runtime: {err}");
+        ExitCode::from(2)
+    })
 }
 
 async fn run(config: Config) -> ExitCode {
