@@ -148,12 +148,12 @@ async fn server_sent_events_arrive_incrementally() {
         arrivals.push(Instant::now());
     }
     assert_eq!(arrivals.len(), 3);
-    for pair in arrivals.windows(2) {
-        assert!(
-            pair[1] - pair[0] >= Duration::from_millis(500),
-            "events bunched: {arrivals:?}"
-        );
-    }
+    // The server paces events 800 ms apart; buffering on the way would deliver them together.
+    let spread = arrivals[2] - arrivals[0];
+    assert!(
+        spread >= Duration::from_millis(1000),
+        "events arrived within {spread:?}"
+    );
     pep.stop().await;
 }
 
