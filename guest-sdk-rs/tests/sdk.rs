@@ -1,7 +1,7 @@
 //! The SDK against a real PEP (in-process: the real pipeline and transport in this test's runtime), with
 //! real upstream servers on loopback.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -45,8 +45,7 @@ impl InProcessPep {
     }
 }
 
-fn options(upstream: &Upstream) -> PepOptions {
-    let _ = upstream;
+fn options() -> PepOptions {
     loopback_options(&[("api.test", "127.0.0.1")], &["api.test"])
 }
 
@@ -57,7 +56,7 @@ fn url(upstream: &Upstream, path: &str) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn get_check_and_deny() {
     let upstream = Upstream::http("127.0.0.1").await;
-    let pep = InProcessPep::start(&options(&upstream)).await;
+    let pep = InProcessPep::start(&options()).await;
     let client = pep.client();
     let response = client
         .get(&url(&upstream, "/hello"))
@@ -96,7 +95,7 @@ async fn get_check_and_deny() {
 #[tokio::test(flavor = "multi_thread")]
 async fn streamed_upload_and_bounded_streamed_download() {
     let upstream = Upstream::http("127.0.0.1").await;
-    let pep = InProcessPep::start(&options(&upstream)).await;
+    let pep = InProcessPep::start(&options()).await;
     let client = pep.client();
 
     // 3 MB produced chunk by chunk, no length announced.
@@ -135,7 +134,7 @@ async fn streamed_upload_and_bounded_streamed_download() {
 #[tokio::test(flavor = "multi_thread")]
 async fn server_sent_events_arrive_incrementally() {
     let upstream = Upstream::http("127.0.0.1").await;
-    let pep = InProcessPep::start(&options(&upstream)).await;
+    let pep = InProcessPep::start(&options()).await;
     let mut response = pep
         .client()
         .get(&url(&upstream, "/sse?n=3&gap_ms=800"))
@@ -160,7 +159,7 @@ async fn server_sent_events_arrive_incrementally() {
 #[tokio::test(flavor = "multi_thread")]
 async fn two_hundred_concurrent_requests_on_one_client() {
     let upstream = Upstream::http("127.0.0.1").await;
-    let pep = InProcessPep::start(&options(&upstream)).await;
+    let pep = InProcessPep::start(&options()).await;
     let client = pep.client();
     let tasks: Vec<_> = (0..200)
         .map(|i| {
@@ -188,7 +187,7 @@ async fn two_hundred_concurrent_requests_on_one_client() {
 #[tokio::test(flavor = "multi_thread")]
 async fn dropping_a_response_cancels_the_upstream_request() {
     let upstream = Upstream::http("127.0.0.1").await;
-    let pep = InProcessPep::start(&options(&upstream)).await;
+    let pep = InProcessPep::start(&options()).await;
     let mut response = pep
         .client()
         .get(&url(&upstream, "/forever?gap_ms=20"))
@@ -212,7 +211,7 @@ async fn dropping_a_response_cancels_the_upstream_request() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_host_restart_resets_in_flight_requests_and_the_client_recovers() {
     let upstream = Upstream::http("127.0.0.1").await;
-    let options = options(&upstream);
+    let options = options();
     let pep = InProcessPep::start(&options).await;
     let client = pep.client();
     let mut response = client
@@ -262,13 +261,12 @@ async fn an_unreachable_endpoint_fails_with_connect() {
         .expect("no PEP");
     assert_eq!(err.code(), "connect");
     assert!(err.to_string().contains("nobody.sock"), "{err}");
-    let _ = Path::new(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_blocking_facade() {
     let upstream = Upstream::http("127.0.0.1").await;
-    let pep = InProcessPep::start(&options(&upstream)).await;
+    let pep = InProcessPep::start(&options()).await;
     let socket = pep.socket.clone();
     let hello = url(&upstream, "/hello");
     let echo = url(&upstream, "/echo");

@@ -376,3 +376,37 @@ async fn connect_mode_reconnects_and_rehandshakes() {
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_dir_all(&config_dir);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unread_request_bodies_do_not_leak_session_credit() {
+    let upstream = Upstream::http("127.0.0.1").await;
+    let pep = TestPep::start(loopback_options(
+        &[("api.test", "127.0.0.1")],
+        &["api.test"],
+    ));
+    let mut guest = pep.guest().await;
+    // Twelve policy checks that (wrongly) carry 200 KB bodies: 2.4 MB in all, past the 1 MiB session
+    // window. Their workers answer normally without reading the bodies; the session must still get the
+    // credit back, or every later upload on it stalls.
+    for _ in 0..12 {
+        let check = HttpRequest::new("POST", "https://denied.test/upload");
+        let reply = tokio::time::timeout(
+            Duration::from_secs(10),
+            guest.call(MethodCall::PolicyCheck(check), &vec![0u8; 200_000]),
+        )
+        .await
+        .expect("the request was not starved of credit");
+        assert!(reply.head.is_some(), "{:?}", reply.error);
+    }
+    let post = HttpRequest {
+        content_length: Some(200_000),
+        ..HttpRequest::new("POST", format!("http://api.test:{}/echo", upstream.port()))
+    };
+    let reply = tokio::time::timeout(
+        Duration::from_secs(10),
+        guest.call(MethodCall::HttpRequest(post), &vec![1u8; 200_000]),
+    )
+    .await
+    .expect("the session still has credit");
+    assert_eq!(reply.body.len(), 200_000);
+}

@@ -53,6 +53,22 @@ impl RequestBody {
     }
 }
 
+impl Drop for RequestBody {
+    /// A worker that stops reading (a refusal, an early answer, a policy check with a body) must still
+    /// give the guest its credit back for what was queued, or the session's window shrinks for good.
+    /// Closing first means nothing more can be queued; later chunks are released by the driver.
+    fn drop(&mut self) {
+        self.chunks.close();
+        let mut unread = 0;
+        while let Ok(chunk) = self.chunks.try_recv() {
+            unread += chunk.len();
+        }
+        if unread > 0 {
+            let _ = self.commands.send(Command::Release(self.stream_id, unread));
+        }
+    }
+}
+
 /// The stream is gone (cancelled, reset, or the session ended): stop producing.
 #[derive(Debug, thiserror::Error)]
 #[error("the stream is gone")]
