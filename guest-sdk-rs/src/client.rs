@@ -158,20 +158,22 @@ struct StreamHandle {
 }
 
 impl StreamHandle {
-    async fn send(&mut self, mut data: Bytes) -> Result<(), Error> {
+    /// Queues `data` for the PEP; `false` when the stream has already ended (the PEP answered or failed
+    /// it), so an uploader stops producing a body nobody will read.
+    async fn send(&mut self, mut data: Bytes) -> Result<bool, Error> {
         while !data.is_empty() {
             let chunk = data.split_to(data.len().min(CHUNK));
             // Fits: CHUNK does.
             match self.buffer.acquire_many(chunk.len() as u32).await {
                 Ok(permit) => permit.forget(),
                 // The stream ended (an error from the PEP); the caller reads why.
-                Err(_) => return Ok(()),
+                Err(_) => return Ok(false),
             }
             self.commands
                 .send(Command::Data(self.key, chunk))
                 .map_err(|_| Error::Closed)?;
         }
-        Ok(())
+        Ok(true)
     }
 
     fn end(&mut self) -> Result<(), Error> {
@@ -254,11 +256,15 @@ impl RequestBuilder {
             .await?;
         match self.body {
             Body::Empty => {}
-            Body::Bytes(bytes) => stream.send(bytes).await?,
+            Body::Bytes(bytes) => {
+                stream.send(bytes).await?;
+            }
             Body::Stream(mut chunks) => {
                 while let Some(chunk) = chunks.next().await {
                     let chunk = chunk.map_err(|err| Error::Body(err.to_string()))?;
-                    stream.send(chunk).await?;
+                    if !stream.send(chunk).await? {
+                        break;
+                    }
                 }
             }
         }

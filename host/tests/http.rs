@@ -431,6 +431,14 @@ async fn cancelling_mid_stream_aborts_the_upstream_request() {
         .find(|r| r["kind"] == "outcome" && r["stream_id"] == id)
         .expect("outcome logged");
     assert_eq!(outcome["error"], "cancelled");
+    // The cancelled request had been decided: its outcome names that decision.
+    let decision = pep
+        .audit_records()
+        .into_iter()
+        .find(|r| r["kind"] == "decision" && r["stream_id"] == id)
+        .expect("decision logged");
+    assert!(decision["decision_id"].is_string());
+    assert_eq!(outcome["decision_id"], decision["decision_id"]);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -150,7 +150,16 @@ impl Pipeline {
                     replay: Mutex::new(Some(Vec::new())),
                     ..BodyTap::default()
                 });
-                let work = self.http_request(&caller, &params, body, &responder, tap.clone());
+                // The latest hop's decision, so an outcome cut short by CANCEL or the deadline still names it.
+                let decided = Arc::new(Mutex::new(None));
+                let work = self.http_request(
+                    &caller,
+                    &params,
+                    body,
+                    &responder,
+                    tap.clone(),
+                    decided.clone(),
+                );
                 let result = tokio::select! {
                     _ = cancel.cancelled() => Err(Failure::from(ErrorPayload::new(ErrorCode::Cancelled, "cancelled"))),
                     result = tokio::time::timeout(total, work) => result.unwrap_or_else(|_| Err(Failure::from(
@@ -177,7 +186,11 @@ impl Pipeline {
                         self.log_outcome(&caller, METHOD, Some(&done.decision_id), detail);
                         responder.end();
                     }
-                    Err(failure) => {
+                    Err(mut failure) => {
+                        if failure.decision_id.is_none() {
+                            failure.decision_id =
+                                decided.lock().unwrap_or_else(|p| p.into_inner()).take();
+                        }
                         let detail = json!({
                             "error": failure.error.code.as_str(),
                             "message": failure.error.message,
@@ -199,6 +212,7 @@ impl Pipeline {
         body: RequestBody,
         responder: &Responder,
         tap: Arc<BodyTap>,
+        decided: Arc<Mutex<Option<String>>>,
     ) -> Result<Done, Failure> {
         let limits = &self.config.pep.limits;
         let mut prepared = self.prepare(caller, METHOD, params)?;
@@ -228,6 +242,7 @@ impl Pipeline {
                 .decide(caller, METHOD, &prepared, hop, previous.as_ref())
                 .await?;
             let decision_id = logged.decision_id.clone();
+            *decided.lock().unwrap_or_else(|p| p.into_inner()) = Some(decision_id.clone());
             let fail = |error: ErrorPayload| Failure {
                 error,
                 decision_id: Some(decision_id.clone()),

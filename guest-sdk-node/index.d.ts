@@ -1,0 +1,59 @@
+/** Why pexi refused or failed a request: the `cause` of the `TypeError('fetch failed')` fetch rejects with. */
+export declare class PexiError extends Error {
+  readonly name: 'PexiError';
+  /**
+   * Stable machine-readable code: the protocol's (`policy_denied`, `blocked_address`, `invalid_request`,
+   * `upstream_connect`, `upstream_timeout`, `response_too_large`, `redirect_not_allowed`, `session_reset`, ...)
+   * or the SDK's (`endpoint`, `connect`, `closed`, `body`, `unsupported_status`).
+   */
+  readonly code: string;
+  /** Whether sending the same request again may succeed. */
+  readonly retryable: boolean;
+  /** The policy's reasons, for `policy_denied`. */
+  readonly reasons: string[];
+  /** The audit record of the decision, when there was one. */
+  readonly decisionId: string | null;
+}
+
+/** The policy's answer to `check`. */
+export interface Decision {
+  allow: boolean;
+  reasons: string[];
+  decisionId: string;
+}
+
+/**
+ * A drop-in for the global `fetch`: same arguments, a real `Response`, the same rejections, but the
+ * request is decided by the host's policy and performed by the PEP. Node-only options (`dispatcher`,
+ * `agent`) are ignored.
+ */
+export declare function fetch(input: string | URL | Request, init?: RequestInit & { duplex?: 'half' }): Promise<Response>;
+
+/** Asks the PEP's policy about `method url` without performing it. */
+export declare function check(method: string, url: string | URL): Promise<Decision>;
+
+/**
+ * Chooses the PEP endpoint (`unix:PATH`, `virtio:NAME`, `vsock:CID:PORT`) for this process. Without it the
+ * first request uses `PEXI_ENDPOINT`, or the default virtio port inside a pexi VM.
+ */
+export declare function connect(options?: string | { endpoint?: string }): { endpoint: string };
+
+/** Replaces `globalThis.fetch` with pexi's. */
+export declare function install(): void;
+
+/** Restores the `fetch` that was global when `@pexi/guest` loaded. */
+export declare function uninstall(): void;
+
+/** The `fetch` that was global when `@pexi/guest` loaded (Node's own, under the `register` preload). */
+export declare const originalFetch: typeof globalThis.fetch;
+
+declare const pexi: {
+  fetch: typeof fetch;
+  check: typeof check;
+  connect: typeof connect;
+  install: typeof install;
+  uninstall: typeof uninstall;
+  originalFetch: typeof originalFetch;
+  PexiError: typeof PexiError;
+};
+export default pexi;

@@ -1,0 +1,253 @@
+// Test parts: a real `pexi serve` process with a config written for the test, and real HTTP servers on
+// loopback. Nothing of pexi is mocked.
+
+import { spawn } from 'node:child_process';
+import { once } from 'node:events';
+import fs from 'node:fs';
+import http from 'node:http';
+import os from 'node:os';
+import path from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { fileURLToPath } from 'node:url';
+import zlib from 'node:zlib';
+
+export const packageDir = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
+export const repoRoot = path.resolve(packageDir, '..');
+
+export function pexiBinary() {
+  if (process.env.PEXI_BIN) {
+    return process.env.PEXI_BIN;
+  }
+  const target = process.env.CARGO_TARGET_DIR ?? path.join(repoRoot, 'target');
+  const binary = path.join(target, 'debug', 'pexi');
+  if (!fs.existsSync(binary)) {
+    throw new Error(`${binary} is missing: run \`cargo build -p pexi-host\` first (or set PEXI_BIN)`);
+  }
+  return binary;
+}
+
+export function tempDir(tag) {
+  return fs.mkdtempSync(path.join(os.tmpdir(), `pexi-node-${tag}-`));
+}
+
+/**
+ * Starts `pexi serve` with the repository's config.toml and policy, listening on a socket in a fresh
+ * directory, allowing `allow` ([{ host, ports }]) and loopback addresses.
+ */
+export async function startPep({ allow = [], tag = 'pep' } = {}) {
+  const dir = tempDir(tag);
+  const socket = path.join(dir, 'pep.sock');
+  const audit = path.join(dir, 'audit.jsonl');
+  const replace = (text, from, to) => {
+    if (!text.includes(from)) {
+      throw new Error(`config.toml no longer contains ${from}`);
+    }
+    return text.replace(from, to);
+  };
+  let config = fs.readFileSync(path.join(repoRoot, 'config.toml'), 'utf8');
+  config = replace(config, 'listen = ["unix:/tmp/pexi/pep.sock"]', `listen = [${JSON.stringify(`unix:${socket}`)}]`);
+  config = replace(config, 'dir = "policies"', `dir = ${JSON.stringify(path.join(repoRoot, 'policies'))}`);
+  config = replace(config, 'allowed_cidrs = []', 'allowed_cidrs = ["127.0.0.0/8"]');
+  config = replace(config, 'path = "/tmp/pexi/audit.jsonl"', `path = ${JSON.stringify(audit)}`);
+  for (const entry of allow) {
+    config += `\n[[pep.policy.allow]]\nhost = ${JSON.stringify(entry.host)}\n`;
+    if (entry.ports) {
+      config += `ports = [${entry.ports.join(', ')}]\n`;
+    }
+  }
+  const configPath = path.join(dir, 'config.toml');
+  fs.writeFileSync(configPath, config);
+
+  const child = spawn(pexiBinary(), ['serve', '--config', configPath], {
+    stdio: ['ignore', 'ignore', 'pipe'],
+    env: { ...process.env, RUST_LOG: process.env.RUST_LOG ?? 'warn' },
+  });
+  let stderr = '';
+  child.stderr.on('data', (data) => {
+    stderr += data;
+  });
+  const deadline = Date.now() + 20_000;
+  while (!fs.existsSync(socket)) {
+    if (child.exitCode !== null) {
+      throw new Error(`pexi serve exited with ${child.exitCode}: ${stderr}`);
+    }
+    if (Date.now() > deadline) {
+      child.kill('SIGKILL');
+      throw new Error(`pexi serve did not listen on ${socket} within 20 s: ${stderr}`);
+    }
+    await sleep(20);
+  }
+  return {
+    dir,
+    socket,
+    endpoint: `unix:${socket}`,
+    auditPath: audit,
+    stderr: () => stderr,
+    /** Parsed audit records written so far. */
+    records() {
+      if (!fs.existsSync(audit)) {
+        return [];
+      }
+      return fs
+        .readFileSync(audit, 'utf8')
+        .split('\n')
+        .filter((line) => line !== '')
+        .map((line) => JSON.parse(line));
+    },
+    /** Waits until a record matching `predicate` is in the log (outcomes are written after the effect). */
+    async waitRecord(predicate, timeoutMs = 10_000) {
+      const end = Date.now() + timeoutMs;
+      for (;;) {
+        const found = this.records().find(predicate);
+        if (found) {
+          return found;
+        }
+        if (Date.now() > end) {
+          throw new Error('no matching audit record');
+        }
+        await sleep(20);
+      }
+    },
+    async stop() {
+      if (child.exitCode === null) {
+        child.kill('SIGTERM');
+        await once(child, 'exit');
+      }
+      fs.rmSync(dir, { recursive: true, force: true });
+    },
+  };
+}
+
+/** The bytes of the 10 MB test body: a pattern, so a lost or reordered chunk shows. */
+export function patternBytes(size) {
+  const body = Buffer.alloc(size);
+  for (let i = 0; i < size; i += 4) {
+    body.writeUInt32BE(i >>> 0, i);
+  }
+  return body;
+}
+
+/**
+ * A loopback HTTP server for the tests. Routes: /hello, /echo (method, headers, body back as JSON),
+ * /big?bytes=N, /sse?tokens=N&gap=MS, /forever (streams until the client goes away), /redirect?to=URL&status=N, /slowhead?ms=N,
+ * /status/N, /setcookie, /gzip. `events` records what the server saw, e.g. that /forever's client left.
+ */
+export async function startUpstream() {
+  const events = [];
+  const sockets = new Set();
+  const server = http.createServer(async (req, res) => {
+    const url = new URL(req.url, 'http://upstream');
+    const chunks = [];
+    for await (const chunk of req) {
+      chunks.push(chunk);
+    }
+    const body = Buffer.concat(chunks);
+    switch (url.pathname) {
+      case '/hello':
+        res.writeHead(200, { 'content-type': 'text/plain' });
+        res.end('hello from upstream\n');
+        return;
+      case '/echo':
+        res.writeHead(200, { 'content-type': 'application/json' });
+        res.end(
+          JSON.stringify({
+            method: req.method,
+            url: req.url,
+            headers: req.headers,
+            body: body.toString('base64'),
+          }),
+        );
+        return;
+      case '/big': {
+        const size = Number(url.searchParams.get('bytes') ?? 10 * 1024 * 1024);
+        const data = patternBytes(size);
+        res.writeHead(200, { 'content-type': 'application/octet-stream', 'content-length': size });
+        // In pieces, so the response streams rather than arriving in one write.
+        for (let i = 0; i < size; i += 256 * 1024) {
+          if (!res.write(data.subarray(i, i + 256 * 1024))) {
+            await once(res, 'drain');
+          }
+        }
+        res.end();
+        return;
+      }
+      case '/sse': {
+        const tokens = Number(url.searchParams.get('tokens') ?? 5);
+        const gap = Number(url.searchParams.get('gap') ?? 200);
+        res.writeHead(200, { 'content-type': 'text/event-stream', 'cache-control': 'no-cache' });
+        for (let i = 0; i < tokens; i++) {
+          res.write(`data: token-${i}\n\n`);
+          await sleep(gap);
+        }
+        res.end('data: [DONE]\n\n');
+        return;
+      }
+      case '/forever': {
+        res.writeHead(200, { 'content-type': 'text/plain' });
+        const id = url.searchParams.get('id');
+        let sent = 0;
+        res.on('close', () => events.push({ event: 'closed', path: '/forever', id, sent }));
+        while (!res.destroyed && !res.writableEnded) {
+          res.write('tick\n');
+          sent += 1;
+          await sleep(50);
+        }
+        return;
+      }
+      case '/slowhead': {
+        const id = url.searchParams.get('id');
+        res.on('close', () => events.push({ event: 'closed', path: '/slowhead', id }));
+        await sleep(Number(url.searchParams.get('ms') ?? 5000));
+        if (!res.destroyed) {
+          res.writeHead(200);
+          res.end('late');
+        }
+        return;
+      }
+      case '/redirect': {
+        const status = Number(url.searchParams.get('status') ?? 302);
+        res.writeHead(status, { location: url.searchParams.get('to') });
+        res.end();
+        return;
+      }
+      case '/setcookie':
+        res.setHeader('set-cookie', ['a=1; Path=/', 'b=2; Path=/']);
+        res.writeHead(200, { 'x-multi': 'one' });
+        res.end('cookies');
+        return;
+      case '/gzip':
+        res.writeHead(200, { 'content-type': 'text/plain', 'content-encoding': 'gzip' });
+        res.end(zlib.gzipSync('decompressed by the fetch\n'));
+        return;
+      default: {
+        const status = url.pathname.match(/^\/status\/(\d+)$/);
+        if (status) {
+          res.writeHead(Number(status[1]), { 'x-status': status[1] });
+          res.end();
+          return;
+        }
+        res.writeHead(404);
+        res.end('not found');
+      }
+    }
+  });
+  server.on('connection', (socket) => {
+    sockets.add(socket);
+    socket.on('close', () => sockets.delete(socket));
+  });
+  server.listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  const { port } = server.address();
+  return {
+    port,
+    base: `http://127.0.0.1:${port}`,
+    events,
+    async stop() {
+      for (const socket of sockets) {
+        socket.destroy();
+      }
+      server.close();
+      await once(server, 'close');
+    },
+  };
+}
