@@ -196,8 +196,13 @@ export async function startUpstream() {
       }
       case '/slowhead': {
         const id = url.searchParams.get('id');
-        res.on('close', () => events.push({ event: 'closed', path: '/slowhead', id }));
-        await sleep(Number(url.searchParams.get('ms') ?? 5000));
+        const gone = new AbortController();
+        res.on('close', () => {
+          events.push({ event: 'closed', path: '/slowhead', id });
+          gone.abort();
+        });
+        // The wait ends with the client, so no timer outlives the test.
+        await sleep(Number(url.searchParams.get('ms') ?? 5000), undefined, { signal: gone.signal }).catch(() => {});
         if (!res.destroyed) {
           res.writeHead(200);
           res.end('late');
@@ -250,4 +255,148 @@ export async function startUpstream() {
       await once(server, 'close');
     },
   };
+}
+
+/** The text the mock LLM streams, one token per event. */
+export const LLM_TOKENS = ['Hello', ' from', ' the', ' mock', ' model', '.'];
+
+/**
+ * A loopback server speaking the streaming APIs of OpenAI (`POST /v1/chat/completions`) and Anthropic
+ * (`POST /v1/messages`), as their official SDKs expect them. It requires the API key `key` and records
+ * each request it served.
+ */
+export async function startMockLlm({ key = 'test-key', gapMs = 30 } = {}) {
+  const requests = [];
+  const sockets = new Set();
+  const server = http.createServer(async (req, res) => {
+    const chunks = [];
+    for await (const chunk of req) {
+      chunks.push(chunk);
+    }
+    let body;
+    try {
+      body = JSON.parse(Buffer.concat(chunks).toString() || '{}');
+    } catch {
+      res.writeHead(400, { 'content-type': 'application/json' });
+      res.end('{"error":{"message":"bad json"}}');
+      return;
+    }
+    requests.push({ method: req.method, url: req.url, headers: req.headers, body });
+    const sse = () =>
+      res.writeHead(200, { 'content-type': 'text/event-stream', 'cache-control': 'no-cache', connection: 'keep-alive' });
+    if (req.method === 'POST' && req.url === '/v1/chat/completions') {
+      if (req.headers.authorization !== `Bearer ${key}`) {
+        res.writeHead(401, { 'content-type': 'application/json' });
+        res.end(JSON.stringify({ error: { message: 'bad key', type: 'invalid_request_error', code: 'invalid_api_key' } }));
+        return;
+      }
+      sse();
+      const chunk = (delta, finish = null) =>
+        `data: ${JSON.stringify({
+          id: 'chatcmpl-mock',
+          object: 'chat.completion.chunk',
+          created: 1764000000,
+          model: body.model,
+          choices: [{ index: 0, delta, logprobs: null, finish_reason: finish }],
+        })}\n\n`;
+      res.write(chunk({ role: 'assistant', content: '' }));
+      for (const token of LLM_TOKENS) {
+        await sleep(gapMs);
+        res.write(chunk({ content: token }));
+      }
+      res.write(chunk({}, 'stop'));
+      res.end('data: [DONE]\n\n');
+      return;
+    }
+    if (req.method === 'POST' && req.url === '/v1/messages') {
+      // Current SDKs send the key as a bearer token, older ones as x-api-key.
+      const presented = req.headers['x-api-key'] ?? req.headers.authorization?.replace(/^Bearer /, '');
+      if (presented !== key || !req.headers['anthropic-version']) {
+        res.writeHead(401, { 'content-type': 'application/json' });
+        res.end(JSON.stringify({ type: 'error', error: { type: 'authentication_error', message: 'bad key' } }));
+        return;
+      }
+      sse();
+      const event = (type, data) => `event: ${type}\ndata: ${JSON.stringify({ type, ...data })}\n\n`;
+      res.write(
+        event('message_start', {
+          message: {
+            id: 'msg_mock',
+            type: 'message',
+            role: 'assistant',
+            model: body.model,
+            content: [],
+            stop_reason: null,
+            stop_sequence: null,
+            usage: { input_tokens: 5, output_tokens: 1 },
+          },
+        }),
+      );
+      res.write(event('content_block_start', { index: 0, content_block: { type: 'text', text: '' } }));
+      res.write(event('ping', {}));
+      for (const token of LLM_TOKENS) {
+        await sleep(gapMs);
+        res.write(event('content_block_delta', { index: 0, delta: { type: 'text_delta', text: token } }));
+      }
+      res.write(event('content_block_stop', { index: 0 }));
+      res.write(event('message_delta', { delta: { stop_reason: 'end_turn', stop_sequence: null }, usage: { output_tokens: LLM_TOKENS.length } }));
+      res.end(event('message_stop', {}));
+      return;
+    }
+    res.writeHead(404, { 'content-type': 'application/json' });
+    res.end('{"error":{"message":"no such route"}}');
+  });
+  server.on('connection', (socket) => {
+    sockets.add(socket);
+    socket.on('close', () => sockets.delete(socket));
+  });
+  server.listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  const { port } = server.address();
+  return {
+    port,
+    base: `http://127.0.0.1:${port}`,
+    key,
+    requests,
+    async stop() {
+      for (const socket of sockets) {
+        socket.destroy();
+      }
+      server.close();
+      await once(server, 'close');
+    },
+  };
+}
+
+/**
+ * A folder laid out like an application that installed @pexi/guest and the given packages (symlinks into
+ * this package's node_modules), for running unmodified scripts under the `register` preload.
+ */
+export function appDir(tag, packages = []) {
+  const dir = tempDir(tag);
+  fs.mkdirSync(path.join(dir, 'node_modules', '@pexi'), { recursive: true });
+  fs.symlinkSync(packageDir, path.join(dir, 'node_modules', '@pexi', 'guest'), 'dir');
+  for (const name of packages) {
+    const link = path.join(dir, 'node_modules', name);
+    fs.mkdirSync(path.dirname(link), { recursive: true });
+    fs.symlinkSync(path.join(packageDir, 'node_modules', name), link, 'dir');
+  }
+  return dir;
+}
+
+/** Runs `node ...args` (this same Node binary) in `cwd`; resolves with its exit code and output. */
+export async function runNode(args, { cwd, env }) {
+  const child = spawn(process.execPath, args, { cwd, env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
+  let stdout = '';
+  let stderr = '';
+  child.stdout.on('data', (d) => {
+    stdout += d;
+  });
+  child.stderr.on('data', (d) => {
+    stderr += d;
+  });
+  const timer = setTimeout(() => child.kill('SIGKILL'), 60_000);
+  const [code] = await once(child, 'exit');
+  clearTimeout(timer);
+  return { code, stdout, stderr };
 }
