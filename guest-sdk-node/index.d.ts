@@ -3,8 +3,8 @@ export declare class PexiError extends Error {
   readonly name: 'PexiError';
   /**
    * Stable machine-readable code: the protocol's (`policy_denied`, `blocked_address`, `invalid_request`,
-   * `upstream_connect`, `upstream_timeout`, `response_too_large`, `redirect_not_allowed`, `session_reset`, ...)
-   * or the SDK's (`endpoint`, `connect`, `closed`, `body`, `unsupported_status`).
+   * `dns_failure`, `upstream_connect`, `upstream_timeout`, `response_too_large`, `redirect_not_allowed`,
+   * `session_reset`, ...) or the SDK's (`endpoint`, `connect`, `closed`, `body`, `unsupported_status`).
    */
   readonly code: string;
   /** Whether sending the same request again may succeed. */
@@ -34,9 +34,21 @@ export declare function check(method: string, url: string | URL): Promise<Decisi
 
 /**
  * Chooses the PEP endpoint (`unix:PATH`, `virtio:NAME`, `vsock:CID:PORT`) for this process. Without it the
- * first request uses `PEXI_ENDPOINT`, or the default virtio port inside a pexi VM.
+ * first request uses `PEXI_ENDPOINT`, or the default virtio port inside a pexi VM. Throws a PexiError
+ * (`endpoint`) for an endpoint that does not parse.
  */
-export declare function connect(options?: string | { endpoint?: string }): { endpoint: string };
+export declare function connect(
+  options?:
+    | string
+    | {
+        /** Where the PEP is; default `PEXI_ENDPOINT`, else the virtio port `org.pexi.pep.0`. */
+        endpoint?: string;
+        /** How long a request waits for the PEP to be reachable before failing with `connect` (10 000). */
+        connectTimeoutMs?: number;
+        /** How often an idle session is PINGed to notice a PEP that went away (15 000). */
+        keepaliveMs?: number;
+      },
+): { endpoint: string };
 
 /** Replaces `globalThis.fetch` with pexi's. */
 export declare function install(): void;

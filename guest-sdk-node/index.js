@@ -51,11 +51,16 @@ function loadNative() {
 
 /**
  * Chooses the PEP endpoint for this process (`unix:PATH`, `virtio:NAME`, `vsock:CID:PORT`). Without a
- * call, the first fetch uses `PEXI_ENDPOINT` or the default virtio port. Replaces the shared session.
+ * call, the first fetch uses `PEXI_ENDPOINT` or the default virtio port. Replaces the shared session;
+ * requests already in flight finish on the old one.
  */
 function connect(options = {}) {
-  const endpoint = typeof options === 'string' ? options : options.endpoint;
-  session = native.Session.open(endpoint ?? undefined);
+  const { endpoint, connectTimeoutMs, keepaliveMs } = typeof options === 'string' ? { endpoint: options } : options;
+  try {
+    session = native.Session.open(endpoint ?? undefined, { connectTimeoutMs, keepaliveMs });
+  } catch (error) {
+    throw new PexiError({ code: 'endpoint', message: error.message, retryable: false });
+  }
   return { endpoint: session.endpoint };
 }
 

@@ -13,7 +13,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use napi::bindgen_prelude::{within_runtime_if_available, Buffer};
 use napi_derive::napi;
-use pexi_guest::{Client, Endpoint, Error, RedirectMode, Response};
+use pexi_guest::{Client, Endpoint, Error, Options, RedirectMode, Response};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -113,6 +113,15 @@ pub struct RequestOptions {
     pub timeout_ms: Option<u32>,
 }
 
+/// Tuning of the session's connection task.
+#[napi(object)]
+pub struct SessionOptions {
+    /// How long a request waits for the PEP to be reachable before failing with `connect` (10 s).
+    pub connect_timeout_ms: Option<u32>,
+    /// How often an idle session is PINGed to notice a PEP that went away (15 s).
+    pub keepalive_ms: Option<u32>,
+}
+
 /// One shared protocol session with the PEP. All calls of a process multiplex over it.
 #[napi]
 pub struct Session {
@@ -125,7 +134,10 @@ impl Session {
     /// A session with the PEP at `endpoint` (`unix:PATH`, `virtio:NAME`, `vsock:CID:PORT`), or at
     /// `PEXI_ENDPOINT` / the default virtio port when omitted. Connecting happens on first use.
     #[napi(factory)]
-    pub fn open(endpoint: Option<String>) -> napi::Result<Session> {
+    pub fn open(
+        endpoint: Option<String>,
+        options: Option<SessionOptions>,
+    ) -> napi::Result<Session> {
         let endpoint = match endpoint {
             Some(text) => text.parse::<Endpoint>(),
             None => Endpoint::from_env(),
@@ -133,7 +145,15 @@ impl Session {
         .map_err(|error| napi::Error::from_reason(format!("{error}")))?;
         let name = endpoint.to_string();
         // The client's connection task is spawned on the runtime napi-rs drives async fns with.
-        let client = within_runtime_if_available(|| Client::new(endpoint));
+        let mut tuning = Options::default();
+        if let Some(ms) = options.as_ref().and_then(|o| o.connect_timeout_ms) {
+            tuning.connect_timeout = Duration::from_millis(u64::from(ms));
+        }
+        if let Some(ms) = options.as_ref().and_then(|o| o.keepalive_ms) {
+            tuning.keepalive = Duration::from_millis(u64::from(ms.max(100)));
+        }
+        let client =
+            within_runtime_if_available(|| Client::with_connector(Arc::new(endpoint), tuning));
         Ok(Session {
             client,
             endpoint: name,

@@ -135,7 +135,14 @@ export function patternBytes(size) {
 export async function startUpstream() {
   const events = [];
   const sockets = new Set();
-  const server = http.createServer(async (req, res) => {
+  const server = http.createServer((req, res) => {
+    // A client that goes away mid-request (an aborted upload) is part of the tests, not a failure.
+    route(req, res).catch((error) => {
+      events.push({ event: 'error', path: req.url, message: error.message });
+      res.destroy();
+    });
+  });
+  const route = async (req, res) => {
     const url = new URL(req.url, 'http://upstream');
     const chunks = [];
     for await (const chunk of req) {
@@ -235,7 +242,7 @@ export async function startUpstream() {
         res.end('not found');
       }
     }
-  });
+  };
   server.on('connection', (socket) => {
     sockets.add(socket);
     socket.on('close', () => sockets.delete(socket));
@@ -268,7 +275,10 @@ export const LLM_TOKENS = ['Hello', ' from', ' the', ' mock', ' model', '.'];
 export async function startMockLlm({ key = 'test-key', gapMs = 30 } = {}) {
   const requests = [];
   const sockets = new Set();
-  const server = http.createServer(async (req, res) => {
+  const server = http.createServer((req, res) => {
+    serve(req, res).catch(() => res.destroy());
+  });
+  const serve = async (req, res) => {
     const chunks = [];
     for await (const chunk of req) {
       chunks.push(chunk);
@@ -345,7 +355,7 @@ export async function startMockLlm({ key = 'test-key', gapMs = 30 } = {}) {
     }
     res.writeHead(404, { 'content-type': 'application/json' });
     res.end('{"error":{"message":"no such route"}}');
-  });
+  };
   server.on('connection', (socket) => {
     sockets.add(socket);
     socket.on('close', () => sockets.delete(socket));

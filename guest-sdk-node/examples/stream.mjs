@@ -1,0 +1,20 @@
+// Streams a response through the PEP, printing each piece as it arrives.
+//   PEXI_ENDPOINT=unix:/tmp/pexi/pep.sock node examples/stream.mjs URL
+import { fetch } from '@pexi/guest';
+
+try {
+  const response = await fetch(process.argv[2], {
+    headers: { accept: 'text/event-stream' },
+    signal: AbortSignal.timeout(60_000),
+  });
+  console.log(`${response.status} ${response.statusText} from ${response.url}`);
+  const decoder = new TextDecoder();
+  for await (const chunk of response.body) {
+    process.stdout.write(decoder.decode(chunk, { stream: true }));
+  }
+} catch (error) {
+  // A refusal is TypeError('fetch failed') whose cause has pexi's code and the policy's reasons.
+  const { code, reasons = [] } = error.cause ?? {};
+  console.error(`${error.message}: ${code} ${reasons.join('; ')}`);
+  process.exitCode = 1;
+}
