@@ -155,6 +155,43 @@ describe('requests', () => {
     });
   });
 
+  test('a denied streamed upload stops pulling from the body', async () => {
+    let pulls = 0;
+    let cancelled = false;
+    const endless = new ReadableStream({
+      pull(controller) {
+        pulls += 1;
+        controller.enqueue(new Uint8Array(16 * 1024));
+      },
+      cancel() {
+        cancelled = true;
+      },
+    });
+    await assert.rejects(fetch('https://denied.example/upload', { method: 'POST', body: endless, duplex: 'half' }), (error) => {
+      assert.equal(error.cause.code, 'policy_denied');
+      return true;
+    });
+    await waitFor(() => cancelled, 'the body stream to be cancelled');
+    const settled = pulls;
+    await sleep(200);
+    assert.equal(pulls, settled, 'nothing reads the body after the refusal');
+  });
+
+  test('the event loop keeps running while requests wait', async () => {
+    let ticks = 0;
+    const timer = setInterval(() => {
+      ticks += 1;
+    }, 10);
+    try {
+      const response = await fetch(`${upstream.base}/slowhead?ms=400&id=loop`);
+      assert.equal(await response.text(), 'late');
+    } finally {
+      clearInterval(timer);
+    }
+    // A blocked loop would run no timer at all until the response came.
+    assert.ok(ticks >= 5, `${ticks} timer ticks while waiting 400 ms`);
+  });
+
   test('validation errors are the ones Node fetch throws', async () => {
     await assert.rejects(fetch('not a url'), TypeError);
     await assert.rejects(fetch(`${upstream.base}/hello`, { method: 'GET', body: 'x' }), TypeError);
