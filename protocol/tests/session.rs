@@ -921,4 +921,16 @@ fn frames_that_break_stream_rules_fail_only_that_stream() {
         |e| matches!(e, Event::Rejected { error, .. } if error.code == ErrorCode::ProtocolError)
     ));
     assert!(host.is_established());
+    // ...but an ERROR or CANCEL for a stream nobody opened is not answered: the two sessions (each would
+    // answer the other's ERROR with its own) must not bounce errors forever.
+    drain_frames(&mut host);
+    drain_frames(&mut guest);
+    let refusal =
+        pexi_protocol::payload::ErrorPayload::new(ErrorCode::ProtocolError, "END for stream 99");
+    for side in [&mut host, &mut guest] {
+        side.receive(&Frame::new(FrameType::Error, 99, cbor::encode(&refusal)).encode());
+        side.receive(&Frame::new(FrameType::Cancel, 97, Vec::new()).encode());
+        assert!(events(side).is_empty());
+        assert!(drain_frames(side).is_empty(), "an error was answered");
+    }
 }

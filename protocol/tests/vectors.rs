@@ -171,6 +171,14 @@ fn catalog() -> Vec<Vector> {
         reasons: vec!["default deny".into()],
         decision_id: "d-000003".into(),
     };
+    let ack_with_revision = HelloAck {
+        policy_revision: Some(
+            "sha256:d66f4be0e1d3a1b1a1e1ab5f1e3b1dd2e7b8c9a0f1e2d3c4b5a697887766554a".into(),
+        ),
+        ..ack.clone()
+    };
+    let no_session =
+        ErrorPayload::new(ErrorCode::SessionReset, "no session: send HELLO").retryable(true);
     let hello_frame = cbor_frame(FrameType::Hello, 0, &hello);
     let hello_bytes = hello_frame.encode();
 
@@ -182,6 +190,12 @@ fn catalog() -> Vec<Vector> {
     bad_magic[0] = b'X';
     let mut garbage_then_ping = b"\xffstale bytes PEX".to_vec();
     garbage_then_ping.extend_from_slice(&ping().encode());
+    // Fewer than a header's bytes, not starting with the magic: nothing is judged yet.
+    let mut short_garbage = b"\xff".to_vec();
+    short_garbage.extend_from_slice(&ping().encode()[..10]);
+    // A frame with a bad magic, then a PING cut after 10 bytes: the decoder is scanning when the input ends.
+    let mut garbage_then_partial = bad_magic.clone();
+    garbage_then_partial.extend_from_slice(&ping().encode()[..10]);
     let unknown = Frame::new(FrameType::Unknown(0x7f), 0, b"?".to_vec());
     let mut unknown_ignorable = unknown.clone();
     unknown_ignorable.flags = Flags::IGNORABLE;
@@ -191,6 +205,9 @@ fn catalog() -> Vec<Vector> {
             Payload::Cbor { schema: "hello.schema.json", roundtrip: roundtrip::<Hello> }),
         valid("hello-ack", "HELLO_ACK: the host picks version 1, assigns a session id and states its limits",
             cbor_frame(FrameType::HelloAck, 0, &ack),
+            Payload::Cbor { schema: "hello-ack.schema.json", roundtrip: roundtrip::<HelloAck> }),
+        valid("hello-ack-policy-revision", "HELLO_ACK with the optional policy_revision, which comes last",
+            cbor_frame(FrameType::HelloAck, 0, &ack_with_revision),
             Payload::Cbor { schema: "hello-ack.schema.json", roundtrip: roundtrip::<HelloAck> }),
         valid("ping", "PING with 8 opaque bytes", ping(), Payload::Binary),
         valid("pong", "PONG echoing the PING's bytes", Frame::new(FrameType::Pong, 0, b"pexiping".to_vec()), Payload::Binary),
@@ -229,6 +246,9 @@ fn catalog() -> Vec<Vector> {
         valid("error-unsupported-version", "ERROR on stream 0 refusing a HELLO: unsupported_version, host speaks [1]",
             cbor_frame(FrameType::Error, 0, &unsupported),
             Payload::Cbor { schema: "error.schema.json", roundtrip: roundtrip::<ErrorPayload> }),
+        valid("error-no-session", "ERROR on stream 0 from a host without a session (it restarted, or never got a HELLO): session_reset; the guest starts over with HELLO",
+            cbor_frame(FrameType::Error, 0, &no_session),
+            Payload::Cbor { schema: "error.schema.json", roundtrip: roundtrip::<ErrorPayload> }),
         valid("cancel", "CANCEL stream 1: empty payload", Frame::new(FrameType::Cancel, 1, Vec::new()), Payload::Binary),
         Vector { name: "bad-header-crc", description: "the PING vector with one bit of its header CRC flipped",
             kind: Kind::Special { bytes: bad_header_crc, session: Some("resync") } },
@@ -246,6 +266,10 @@ fn catalog() -> Vec<Vector> {
             kind: Kind::Special { bytes: unknown.encode(), session: Some("protocol_error") } },
         Vector { name: "unknown-type-ignorable", description: "frame type 0x7f with IGNORABLE (flags 0x0001): skipped silently",
             kind: Kind::Special { bytes: unknown_ignorable.encode(), session: Some("nothing") } },
+        Vector { name: "short-garbage", description: "a stale byte and the first 10 bytes of a PING: no header is judged before all 24 of its bytes arrived, so this is a truncation, not bad_magic",
+            kind: Kind::Special { bytes: short_garbage, session: Some("nothing") } },
+        Vector { name: "garbage-then-partial-frame", description: "the bad-magic vector, then a PING cut after 10 bytes: one bad_magic; bytes held while scanning are not a truncation",
+            kind: Kind::Special { bytes: garbage_then_partial, session: Some("resync") } },
         Vector { name: "garbage-then-ping", description: "16 stale bytes (ending in a partial magic) before a valid PING: one bad_magic, then the PING",
             kind: Kind::Special { bytes: garbage_then_ping, session: Some("resync") } },
     ]
@@ -395,6 +419,8 @@ fn invalid_vectors_have_the_documented_decoder_outcome() {
             "truncated" => (vec![], "truncated"),
             "unknown-type" | "unknown-type-ignorable" => (vec!["frame:UNKNOWN"], "ok"),
             "garbage-then-ping" => (vec!["error:bad_magic", "frame:PING"], "ok"),
+            "short-garbage" => (vec![], "truncated"),
+            "garbage-then-partial-frame" => (vec!["error:bad_magic"], "ok"),
             other => panic!("no expectation for {other}"),
         }
     };

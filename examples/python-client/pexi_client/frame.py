@@ -127,17 +127,16 @@ class FrameDecoder:
                     del buf[: max(0, len(buf) - 3)]
                     return None
                 del buf[:at]
-            elif buf[:4] != MAGIC[: min(4, len(buf))]:
-                error = self._lose_place("bad_magic")
-                if error is not None:
-                    return error
-                continue
+            # A header is judged only once all 24 of its bytes are here (§2.1), even if its first byte is
+            # already wrong: input that ends sooner is a truncation, not a framing error.
             if len(buf) < HEADER_LEN:
                 return None
             magic, version, frame_type, flags, stream_id, length, payload_crc = _HEADER.unpack_from(buf)
             header_crc = int.from_bytes(buf[20:24], "big")
             code = None
-            if crc32c(buf[:20]) != header_crc:
+            if magic != MAGIC:
+                code = "bad_magic"
+            elif crc32c(buf[:20]) != header_crc:
                 code = "bad_header_crc"
             elif version != FRAME_FORMAT_VERSION:
                 code = "unsupported_frame_version"

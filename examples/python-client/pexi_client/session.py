@@ -468,8 +468,8 @@ class Session:
             return
         if stream is None:
             # Ids below the next one were opened and have ended: the frame was in flight, drop it. An id
-            # never opened is a rule breach on that id (§5.1).
-            if stream_id >= self._next_id and kind != FrameType.CANCEL:
+            # never opened is a rule breach on that id (§5.1), but an ERROR or CANCEL is never answered.
+            if stream_id >= self._next_id and kind not in (FrameType.ERROR, FrameType.CANCEL):
                 self._control.append(self._error_frame(stream_id, protocol_error(f"{frame.name} on a stream never opened")))
             return
         if kind == FrameType.HEAD:

@@ -83,3 +83,13 @@ def test_errors_and_goaway_the_session_sends_validate():
     assert goaway.name == "GOAWAY"
     validate("goaway.schema.json", goaway.payload)
     assert session.state == "closed"
+
+
+def test_an_error_for_a_stream_never_opened_is_not_answered():
+    """§5.1: answering it could bounce errors between two peers forever."""
+    session = established()
+    refusal = p.encode(p.ErrorPayload("protocol_error", "END for stream 99"))
+    session.receive(encode_frame(FrameType.ERROR, 99, refusal), 0.0)
+    session.receive(encode_frame(FrameType.CANCEL, 97), 0.0)
+    assert frames(session.data_to_send()) == []
+    assert session.state == "established"

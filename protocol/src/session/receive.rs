@@ -496,9 +496,9 @@ impl Session {
                 error,
                 origin: Origin::Peer,
             });
-        } else if !self.was_opened(id) {
-            self.unknown_stream(id, FrameType::Error);
         }
+        // An ERROR or CANCEL for a stream that is not open is never answered, not even when the id was
+        // never opened: two peers answering each other's errors would bounce them forever.
     }
 
     /// A stream frame for an id with no live stream: fine for a stream that finished (the frame crossed our
