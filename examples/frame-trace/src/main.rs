@@ -6,6 +6,9 @@
 //! ```
 //!
 //! The host side here answers by hand; the real PEP decides with policy and performs the request.
+//!
+//! `--decode` reads frames as hex lines on stdin and prints how the reference implementation reads each
+//! (see `decode.rs`): a tool for captures, and the Python client's tests use it against their encodings.
 
 use bytes::Bytes;
 use pexi_protocol::frame::{Frame, FrameType, HEADER_LEN};
@@ -15,7 +18,17 @@ use pexi_protocol::payload::{
 };
 use pexi_protocol::session::{Config, Event, Session};
 
-fn main() {
+mod decode;
+
+fn main() -> std::process::ExitCode {
+    if std::env::args().nth(1).as_deref() == Some("--decode") {
+        return decode::run();
+    }
+    trace();
+    std::process::ExitCode::SUCCESS
+}
+
+fn trace() {
     let mut guest = Session::client(Config::new("frame-trace-guest", "0.1.0"));
     let mut host = Session::server(Config::new("frame-trace-host", "0.1.0"), Limits::default());
     exchange(&mut guest, &mut host);

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import secrets
 import selectors
 import threading
 import time
@@ -145,6 +146,7 @@ class Client:
         versions: tuple[int, ...] = (1,),
         receive: ReceiveParams | None = None,
         connect_timeout: float = 10.0,
+        keepalive: float = 15.0,
     ):
         if endpoint is None:
             endpoint = Endpoint.from_env()
@@ -153,6 +155,10 @@ class Client:
         self.endpoint = endpoint
         self._config = Config(receive=receive or ReceiveParams(), versions=versions)
         self._connect_timeout = connect_timeout
+        # A virtio-serial port never reports that the host went away or lost bytes: after this much
+        # silence the client PINGs, and after as much again with no answer it resynchronises (§8), which a
+        # host without our session answers with session_reset (and the client starts over).
+        self._keepalive = keepalive
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -225,6 +231,9 @@ class Client:
             self._closing = True
             self._wake()
             self._thread.join(timeout=5)
+            # Closed here, not by the I/O thread: it may stop between the flag and the wake-up write.
+            os.close(self._wake_r)
+            os.close(self._wake_w)
 
     def __enter__(self) -> "Client":
         return self
@@ -282,6 +291,8 @@ class _Io:
         self.selector.register(client._wake_r, selectors.EVENT_READ, "wake")
         self.host_away_until = 0.0
         self.connect_error = ""
+        self.last_heard = 0.0
+        self.pinged_at: float | None = None
 
     # Commands (run on the I/O thread)
 
@@ -318,12 +329,24 @@ class _Io:
             self._fail_everything(PexiError("closed", "the client is closed"))
             self._close_transport()
             self.selector.close()
-            os.close(client._wake_r)
-            os.close(client._wake_w)
+
+    def _keepalive(self, now: float) -> None:
+        session = self.session
+        if session is None or session.state != "established":
+            return
+        interval = self.client._keepalive
+        if self.pinged_at is None:
+            if now - self.last_heard >= interval:
+                session.ping(secrets.token_bytes(8))
+                self.pinged_at = now
+        elif now - self.pinged_at >= interval:
+            self.pinged_at = None
+            self.last_heard = now
+            session.transport_reconnected(now)
 
     def _step(self, now: float) -> None:
         session = self.session
-        timeout = 0.5
+        timeout = min(0.5, self.client._keepalive / 2)
         if session is not None and session.next_timeout() is not None:
             timeout = max(0.0, min(timeout, session.next_timeout() - now))
         if self.waiting and self.fd is None:
@@ -356,6 +379,7 @@ class _Io:
                 break
             command(self)
         if self.session is not None:
+            self._keepalive(time.monotonic())
             self.session.handle_timeout(time.monotonic())
             self._dispatch()
         if self.session is not None:
@@ -382,6 +406,8 @@ class _Io:
         self.selector.register(self.fd, selectors.EVENT_READ, "transport")
         self.session = Session(self.client._config)
         self.session.start(now)
+        self.last_heard = now
+        self.pinged_at = None
 
     def _read(self) -> bool:
         try:
@@ -398,7 +424,9 @@ class _Io:
             # A virtio-serial port with the host end closed: not the end; look again shortly.
             self.host_away_until = time.monotonic() + HOST_AWAY_POLL
             return True
-        self.session.receive(data, time.monotonic())
+        self.last_heard = time.monotonic()
+        self.pinged_at = None
+        self.session.receive(data, self.last_heard)
         return True
 
     def _write(self) -> None:

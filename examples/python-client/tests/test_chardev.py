@@ -14,7 +14,7 @@ import tty
 
 import pytest
 
-from pexi_client import Client
+from pexi_client import Client, PexiError
 
 
 class PtyRelay:
@@ -25,22 +25,25 @@ class PtyRelay:
         self.path = os.ttyname(self.slave)
         os.set_blocking(self.master, False)
         self.sock = self._connect()
+        self.lose_next = False
         self.stop_r, self.stop_w = os.pipe()
         self.lock = threading.Lock()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
     def _connect(self):
+        # Blocking: the relay thread only reads it when select says so, and its writes must not drop bytes.
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.connect(self.socket_path)
-        sock.setblocking(False)
         return sock
 
-    def reconnect(self):
-        """The host end goes away and comes back: the PEP sees a new connection with no session."""
+    def reconnect(self, lose_next: bool = False):
+        """The host end goes away and comes back: the PEP sees a new connection with no session. With
+        `lose_next`, the guest's next write is lost in the cut, as a host reconnect can lose bytes."""
         with self.lock:
             self.sock.close()
             self.sock = self._connect()
+            self.lose_next = lose_next
 
     def _run(self):
         selector = selectors.DefaultSelector()
@@ -63,8 +66,10 @@ class PtyRelay:
                         return
                     if key.data == "pty":
                         data = os.read(self.master, 65536)
-                        if data:
-                            current.sendall(data)
+                        with self.lock:
+                            sock, lose, self.lose_next = self.sock, self.lose_next, False
+                        if data and not lose:
+                            sock.sendall(data)
                     else:
                         data = current.recv(65536)
                         if data:
@@ -99,7 +104,7 @@ def test_requests_over_a_character_device(relay, upstream, pep):
         assert client.endpoint.kind == "virtio"
         response = client.get(f"{upstream.base}/big?bytes=300000")
         assert len(response.read()) == 300_000
-        with pytest.raises(Exception) as caught:
+        with pytest.raises(PexiError) as caught:
             client.get("https://denied.example/")
         assert caught.value.code == "policy_denied"
 
@@ -109,14 +114,27 @@ def test_a_host_reconnect_under_the_port_starts_a_new_session(relay, upstream, p
         assert client.get(f"{upstream.base}/hello").read() == b"hello from upstream\n"
         first = client.session.session_id
         relay.reconnect()
-        # The first frame after the reconnect reaches a PEP connection with no session; it answers
-        # session_reset and the client sends HELLO again. A request that was in flight would fail with
-        # session_reset; this one waits for the new session.
-        for _ in range(50):
-            try:
-                response = client.get(f"{upstream.base}/hello")
-                break
-            except Exception as error:  # noqa: BLE001 - only session_reset is expected here
-                assert error.code == "session_reset"
-        assert response.read() == b"hello from upstream\n"
+        # The request's OPEN reaches a PEP connection with no session: it answers session_reset (§4.0), the
+        # request fails with that retryable code, never replayed, and the client sends HELLO again.
+        with pytest.raises(PexiError) as caught:
+            client.get(f"{upstream.base}/hello")
+        assert caught.value.code == "session_reset"
+        assert caught.value.retryable is True
+        assert client.get(f"{upstream.base}/hello").read() == b"hello from upstream\n"
+        assert client.session.session_id != first
+
+
+def test_bytes_lost_in_a_host_reconnect_are_noticed_by_keepalive(relay, upstream, pep):
+    """The request's OPEN vanishes in the cut, so nothing will ever answer it. After `keepalive` of silence the
+    client PINGs; the new host connection has no session and answers session_reset, so the request in flight
+    fails with that retryable code instead of hanging, and the next one goes through on a new session."""
+    with Client(f"virtio:{relay.path}", keepalive=0.3) as client:
+        assert client.get(f"{upstream.base}/hello").read() == b"hello from upstream\n"
+        first = client.session.session_id
+        relay.reconnect(lose_next=True)
+        with pytest.raises(PexiError) as caught:
+            client.get(f"{upstream.base}/hello")
+        assert caught.value.code == "session_reset"
+        assert caught.value.retryable is True
+        assert client.get(f"{upstream.base}/hello").read() == b"hello from upstream\n"
         assert client.session.session_id != first
