@@ -17,7 +17,8 @@ pub const HOST_CID: u32 = 2;
 #[derive(Clone, Debug, PartialEq, Eq)]
 /// Where the PEP is. Parse one with `str::parse` or [`Endpoint::from_env`].
 pub enum Endpoint {
-    /// `virtio:NAME`: the virtio-serial port with that name (`/sys/class/virtio-ports/*/name`).
+    /// `virtio:NAME`: the virtio-serial port with that name (`/sys/class/virtio-ports/*/name`), or
+    /// `virtio:/dev/PATH`: a character device given by its path.
     Virtio(String),
     /// `vsock:CID:PORT` (`vsock` alone is CID 2, port 4041).
     Vsock {
@@ -124,19 +125,19 @@ impl Connector for Endpoint {
                     Ok(Box::pin(stream) as BoxTransport)
                 }
                 Endpoint::Virtio(name) => {
-                    let dev = find_virtio_port(Path::new("/sys/class/virtio-ports"), name)
-                        .ok_or_else(|| {
-                            std::io::Error::new(
-                                std::io::ErrorKind::NotFound,
-                                format!("no virtio port named {name}"),
-                            )
-                        })?;
-                    let file = tokio::fs::OpenOptions::new()
-                        .read(true)
-                        .write(true)
-                        .open(&dev)
-                        .await?;
-                    Ok(Box::pin(file) as BoxTransport)
+                    let dev = if name.starts_with('/') {
+                        PathBuf::from(name)
+                    } else {
+                        find_virtio_port(Path::new("/sys/class/virtio-ports"), name).ok_or_else(
+                            || {
+                                std::io::Error::new(
+                                    std::io::ErrorKind::NotFound,
+                                    format!("no virtio port named {name}"),
+                                )
+                            },
+                        )?
+                    };
+                    Ok(Box::pin(PortStream::open(&dev)?) as BoxTransport)
                 }
             }
         })
@@ -148,6 +149,68 @@ impl Connector for Endpoint {
 
     fn describe(&self) -> String {
         self.to_string()
+    }
+}
+
+/// A virtio-serial port (any character device) opened non-blocking and driven by readiness. A blocking
+/// file cannot carry the protocol: `tokio::fs::File` runs one operation at a time, so a read waiting for the
+/// host holds up the HELLO that would answer it (and a blocked writer beside a poller can hang older
+/// kernels' virtio-serial driver). With readiness, reading and writing proceed independently.
+pub struct PortStream {
+    // Two handles on one open port (dup'd): tokio drives a receiving and a sending end independently.
+    rx: tokio::net::unix::pipe::Receiver,
+    tx: tokio::net::unix::pipe::Sender,
+}
+
+impl PortStream {
+    /// Opens `path` read-write, non-blocking, never as a controlling terminal. Must run on a tokio runtime.
+    pub fn open(path: &Path) -> std::io::Result<PortStream> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+            .open(path)?;
+        let writer = file.try_clone()?;
+        Ok(PortStream {
+            // "unchecked": these are character devices, not FIFOs; only readiness is borrowed from pipes.
+            rx: tokio::net::unix::pipe::Receiver::from_file_unchecked(file)?,
+            tx: tokio::net::unix::pipe::Sender::from_file_unchecked(writer)?,
+        })
+    }
+}
+
+impl AsyncRead for PortStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.rx).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for PortStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.tx).poll_write(cx, data)
+    }
+
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tx).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tx).poll_shutdown(cx)
     }
 }
 

@@ -262,3 +262,61 @@ async fn a_silent_host_is_detected_by_keepalive() {
     assert_eq!(setup.hello().await, "hello");
     setup.stop().await;
 }
+
+/// The endpoint's own character-device path, as inside a VM: a raw pty stands in for `/dev/vportNpM` and
+/// threads copy bytes between its other side and the PEP's socket, as QEMU's chardev does. A client that
+/// drove the device as a blocking file would wait forever here, its HELLO queued behind its own read.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_character_device_path_carries_the_session() {
+    use std::os::fd::AsRawFd;
+
+    let upstream = Upstream::http("127.0.0.1").await;
+    let dir = temp_dir("chardev");
+    let socket = dir.join("pep.sock");
+    let options = loopback_options(&[("api.test", "127.0.0.1")], &["api.test"]);
+    let config = Config::load(Some(&write_config(&dir, &socket, &options))).expect("config");
+    let server = Server::start(config).await.expect("server");
+
+    let pty = nix::pty::openpty(None, None).expect("openpty");
+    let mut termios = nix::sys::termios::tcgetattr(&pty.slave).expect("tcgetattr");
+    nix::sys::termios::cfmakeraw(&mut termios);
+    nix::sys::termios::tcsetattr(&pty.slave, nix::sys::termios::SetArg::TCSANOW, &termios)
+        .expect("raw mode");
+    let path =
+        std::fs::read_link(format!("/proc/self/fd/{}", pty.slave.as_raw_fd())).expect("pty path");
+    let master = std::fs::File::from(pty.master);
+    let host = std::os::unix::net::UnixStream::connect(&socket).expect("connect");
+    let (mut from_guest, mut to_host) = (
+        master.try_clone().expect("dup"),
+        host.try_clone().expect("dup"),
+    );
+    let (mut from_host, mut to_guest) = (host, master);
+    std::thread::spawn(move || std::io::copy(&mut from_guest, &mut to_host));
+    std::thread::spawn(move || std::io::copy(&mut from_host, &mut to_guest));
+
+    let client = Client::new(
+        format!("virtio:{}", path.display())
+            .parse()
+            .expect("endpoint"),
+    );
+    let url = format!("http://api.test:{}/hello", upstream.port());
+    let body = tokio::time::timeout(Duration::from_secs(20), async {
+        client.get(&url).send().await?.text().await
+    })
+    .await
+    .expect("the request finished")
+    .expect("allowed");
+    assert_eq!(body, "hello");
+    let denied = tokio::time::timeout(
+        Duration::from_secs(20),
+        client.get("http://denied.test/").send(),
+    )
+    .await
+    .expect("the request finished");
+    assert_eq!(
+        denied.err().map(|e| e.code().to_string()).as_deref(),
+        Some("policy_denied")
+    );
+    drop(pty.slave);
+    server.stop().await.expect("stop");
+}

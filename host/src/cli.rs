@@ -48,6 +48,124 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Run guests whose only way out is this PEP.
+    Vm {
+        #[command(subcommand)]
+        command: VmCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum VmCommand {
+    /// Boot the guest of `[vm]` with no network device, its only way out a virtio-serial port and vsock to
+    /// a PEP this command runs with the `[pep]` tables; run COMMAND in it (a shell command line), print its
+    /// output, stop everything. Exit status: the guest command's; 125 when the VM could not run.
+    Run {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// auto (KVM if it boots the guest, else software emulation), kvm or tcg.
+        #[arg(long)]
+        accel: Option<crate::config::Accel>,
+        /// Guest memory in MiB.
+        #[arg(long)]
+        memory: Option<u32>,
+        /// Host folder mounted read-only at /share in the guest.
+        #[arg(long)]
+        share: Option<PathBuf>,
+        /// Mount the share writable.
+        #[arg(long)]
+        share_writable: bool,
+        /// Run without vsock (virtio-serial only).
+        #[arg(long)]
+        no_vsock: bool,
+        /// Where the VM's console goes (default: <run_dir>/console.log).
+        #[arg(long)]
+        console_log: Option<PathBuf>,
+        /// NAME=VALUE for the guest command's environment (repeatable).
+        #[arg(long = "env", value_parser = parse_env)]
+        env: Vec<(String, String)>,
+        /// Stop the VM after this many seconds.
+        #[arg(long)]
+        timeout: Option<u64>,
+        /// The guest command (default: `[vm] command`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
+    },
+}
+
+fn parse_env(text: &str) -> Result<(String, String), String> {
+    let (name, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?} is not NAME=VALUE"))?;
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return Err(format!("{name:?} is not a variable name"));
+    }
+    if value.contains(char::is_whitespace) {
+        return Err(format!(
+            "the value of {name} contains whitespace, which the guest's init cannot pass"
+        ));
+    }
+    Ok((name.to_string(), value.to_string()))
+}
+
+/// One shell command line from COMMAND's words: a single word is taken as a command line as it is.
+fn shell_command(words: &[String]) -> Option<String> {
+    match words {
+        [] => None,
+        [line] => Some(line.clone()),
+        words => Some(
+            words
+                .iter()
+                .map(|w| format!("'{}'", w.replace('\'', "'\\''")))
+                .collect::<Vec<_>>()
+                .join(" "),
+        ),
+    }
+}
+
+fn vm(command: VmCommand) -> ExitCode {
+    let VmCommand::Run {
+        config,
+        accel,
+        memory,
+        share,
+        share_writable,
+        no_vsock,
+        console_log,
+        env,
+        timeout,
+        command,
+    } = command;
+    let config = match Config::load(config.as_deref()) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("pexi: {err}");
+            return ExitCode::from(125);
+        }
+    };
+    let options = crate::vm::RunOptions {
+        command: shell_command(&command),
+        env,
+        accel,
+        memory_mb: memory,
+        share,
+        share_writable,
+        no_vsock,
+        console_log,
+        timeout: timeout.map(std::time::Duration::from_secs),
+        echo: true,
+    };
+    let runtime = match runtime(tokio::runtime::Builder::new_multi_thread()) {
+        Ok(runtime) => runtime,
+        Err(_) => return ExitCode::from(125),
+    };
+    match runtime.block_on(crate::vm::run(config, options)) {
+        Ok(status) => ExitCode::from(u8::try_from(status).unwrap_or(125)),
+        Err(err) => {
+            eprintln!("pexi vm: {err}");
+            ExitCode::from(125)
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -101,15 +219,22 @@ enum PolicyCommand {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    // `vm run` prints the guest's output on the same terminal: only the PEP's warnings join it.
+    let default_level = if matches!(cli.command, Command::Vm { .. }) {
+        "warn"
+    } else {
+        "info"
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
         .with_writer(std::io::stderr)
         .init();
     match cli.command {
         Command::Serve { config, listen } => serve(config, listen),
+        Command::Vm { command } => vm(command),
         Command::Check {
             config,
             method,

@@ -48,6 +48,8 @@ pub enum ConfigError {
 #[serde(deny_unknown_fields)]
 struct File {
     pep: PepConfig,
+    #[serde(default)]
+    vm: Option<VmConfig>,
     #[serde(default, rename = "commands")]
     _commands: serde::de::IgnoredAny,
     #[serde(default, rename = "paths")]
@@ -210,6 +212,51 @@ impl<'de> Deserialize<'de> for Listen {
     }
 }
 
+/// `[vm]`: what `pexi vm run` boots. Paths are relative to the config file (to the current directory for
+/// the embedded default, which names the outputs of `scripts/vm-image` under `target/vm`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub memory_mb: u32,
+    /// A host folder the guest mounts at /share over virtio-9p; empty for none.
+    pub share: PathBuf,
+    pub share_writable: bool,
+    pub accel: Accel,
+    pub kvm_probe_seconds: u64,
+    pub qemu: String,
+    /// The vhost-user vsock backend; empty runs the guest without vsock.
+    pub vhost_device_vsock: String,
+    pub guest_cid: u32,
+    /// Sockets and the console log of a run.
+    pub run_dir: PathBuf,
+    /// The guest command when none is given.
+    pub command: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    /// KVM when it boots the guest, software emulation otherwise.
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+impl FromStr for Accel {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "auto" => Ok(Accel::Auto),
+            "kvm" => Ok(Accel::Kvm),
+            "tcg" => Ok(Accel::Tcg),
+            other => Err(format!("{other:?} is not auto, kvm or tcg")),
+        }
+    }
+}
+
 /// The configuration the PEP runs on, with the policy sources it names already read.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -223,6 +270,8 @@ pub struct Config {
     pub path: Option<PathBuf>,
     /// The extra CA bundle's PEM text, if one is configured.
     pub extra_ca_pem: Option<Vec<u8>>,
+    /// `[vm]`, its paths resolved; `None` when the file has no such table.
+    pub vm: Option<VmConfig>,
 }
 
 impl Config {
@@ -252,7 +301,7 @@ impl Config {
                 (path.display().to_string(), text, Some(base))
             }
         };
-        let mut pep = parse(&source, &text)?;
+        let (mut pep, vm) = parse(&source, &text)?;
         apply_env(&mut pep, env)?;
         let invalid = |message: String| ConfigError::Invalid {
             file: source.clone(),
@@ -275,19 +324,34 @@ impl Config {
                 })?)
             }
         };
+        let vm = vm.map(|mut vm| {
+            let base = base.as_deref().unwrap_or(Path::new(""));
+            for path in [
+                &mut vm.kernel,
+                &mut vm.initrd,
+                &mut vm.share,
+                &mut vm.run_dir,
+            ] {
+                if !path.as_os_str().is_empty() {
+                    *path = base.join(&*path);
+                }
+            }
+            vm
+        });
         Ok(Config {
             source,
             pep,
             policy_root,
             path: path.map(Path::to_path_buf),
             extra_ca_pem,
+            vm,
         })
     }
 }
 
-fn parse(source: &str, text: &str) -> Result<PepConfig, ConfigError> {
+fn parse(source: &str, text: &str) -> Result<(PepConfig, Option<VmConfig>), ConfigError> {
     toml::from_str::<File>(text)
-        .map(|file| file.pep)
+        .map(|file| (file.pep, file.vm))
         .map_err(|err| {
             let (line, column) = err
                 .span()

@@ -16,3 +16,4 @@ pub mod reload;
 pub mod serve;
 pub mod server;
 pub mod transport;
+pub mod vm;

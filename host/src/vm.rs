@@ -1,0 +1,591 @@
+//! `pexi vm run`: boots a guest with no NIC whose only ways out are a virtio-serial port and vsock, both
+//! served by a PEP running in this process, and returns the guest command's exit status.
+//!
+//! The pieces, started in this order and stopped in reverse: the PEP (listening on `<run>/virtio.sock` for
+//! QEMU's chardev and on `<run>/vsock.sock_4041`, the hybrid-vsock convention), `vhost-device-vsock` (the
+//! vhost-user vsock backend that turns a guest connection to CID 2 port 4041 into a connection to that
+//! Unix socket), and QEMU. The guest's init (from `scripts/vm-image`) takes its command from the kernel
+//! command line, runs it, prints `pexi-exit: N` on the console and powers off; the console goes to a log
+//! file, which this module follows to show the command's output and read its status.
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+
+use crate::config::{Accel, Config, Listen, VmConfig};
+
+/// The console line the guest's init prints before running the command.
+const STARTED: &str = "pexi-init: started";
+/// The console line that carries the command's exit status.
+const EXIT: &str = "pexi-exit: ";
+/// x86's kernel command line limit (COMMAND_LINE_SIZE).
+const CMDLINE_MAX: usize = 2048;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("{0}")]
+    Setup(String),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("the guest ran longer than {0:?}; stopped it (console log: {1})")]
+    Timeout(Duration, PathBuf),
+    #[error("the guest stopped without reporting its command's exit status (console log: {0})")]
+    NoStatus(PathBuf),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> VmError {
+    let what = what.into();
+    move |source| VmError::Io { what, source }
+}
+
+/// What one run changes from `[vm]`.
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    pub command: Option<String>,
+    pub env: Vec<(String, String)>,
+    pub accel: Option<Accel>,
+    pub memory_mb: Option<u32>,
+    pub share: Option<PathBuf>,
+    pub share_writable: bool,
+    pub no_vsock: bool,
+    pub console_log: Option<PathBuf>,
+    pub timeout: Option<Duration>,
+    /// Copy the guest command's console output to stdout as it comes.
+    pub echo: bool,
+}
+
+/// Everything a run needs, resolved.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub vm: VmConfig,
+    pub command: String,
+    pub env: Vec<(String, String)>,
+    pub vsock: bool,
+    pub virtio_socket: PathBuf,
+    /// The hybrid vsock base path: vhost-device-vsock's `--uds-path`; the PEP listens on `<this>_4041`.
+    pub vsock_uds: PathBuf,
+    pub vhost_socket: PathBuf,
+    pub console_log: PathBuf,
+}
+
+impl Plan {
+    pub fn new(config: &Config, options: &RunOptions) -> Result<Plan, VmError> {
+        let mut vm = config
+            .vm
+            .clone()
+            .ok_or_else(|| VmError::Setup(format!("{} has no [vm] table", config.source)))?;
+        if let Some(accel) = options.accel {
+            vm.accel = accel;
+        }
+        if let Some(memory) = options.memory_mb {
+            vm.memory_mb = memory;
+        }
+        if let Some(share) = &options.share {
+            vm.share = share.clone();
+        }
+        vm.share_writable |= options.share_writable;
+        let run = vm.run_dir.clone();
+        Ok(Plan {
+            command: options
+                .command
+                .clone()
+                .unwrap_or_else(|| vm.command.clone()),
+            env: options.env.clone(),
+            vsock: !options.no_vsock && !vm.vhost_device_vsock.is_empty(),
+            virtio_socket: run.join("virtio.sock"),
+            vsock_uds: run.join("vsock.sock"),
+            vhost_socket: run.join("vhost-vsock.sock"),
+            console_log: options
+                .console_log
+                .clone()
+                .unwrap_or_else(|| run.join("console.log")),
+            vm,
+        })
+    }
+
+    /// The PEP's listeners for this VM.
+    pub fn listeners(&self) -> Vec<Listen> {
+        let mut listen = vec![Listen::Unix(self.virtio_socket.clone())];
+        if self.vsock {
+            listen.push(Listen::Unix(hybrid_port(&self.vsock_uds)));
+        }
+        listen
+    }
+
+    /// The kernel command line: the guest's init reads its command, environment and share mode from it.
+    pub fn cmdline(&self) -> Result<String, VmError> {
+        let b64 = |text: &str| base64::engine::general_purpose::STANDARD.encode(text);
+        let mut line = format!(
+            "console=ttyS0 quiet panic=-1 pexi.cmd={}",
+            b64(&self.command)
+        );
+        if !self.env.is_empty() {
+            let env: Vec<String> = self.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            line.push_str(&format!(" pexi.env={}", b64(&env.join("\n"))));
+        }
+        if !self.vm.share.as_os_str().is_empty() {
+            line.push_str(if self.vm.share_writable {
+                " pexi.share=rw"
+            } else {
+                " pexi.share=ro"
+            });
+        }
+        if line.len() >= CMDLINE_MAX {
+            return Err(VmError::Setup(format!(
+                "the guest command and environment make a kernel command line of {} bytes (limit {CMDLINE_MAX}); \
+                 put the command in a script on the share",
+                line.len()
+            )));
+        }
+        Ok(line)
+    }
+
+    /// QEMU's arguments for `accel` (kvm or tcg).
+    pub fn qemu_args(&self, accel: &str) -> Result<Vec<String>, VmError> {
+        let vm = &self.vm;
+        let mut args: Vec<String> = vec!["-accel".into(), accel.into()];
+        if self.vsock {
+            // vhost-user needs guest memory the backend process can map.
+            args.extend([
+                "-machine".into(),
+                "pc,memory-backend=mem".into(),
+                "-object".into(),
+                format!(
+                    "memory-backend-memfd,id=mem,size={}M,share=on",
+                    vm.memory_mb
+                ),
+            ]);
+        } else {
+            args.extend(["-machine".into(), "pc".into()]);
+        }
+        args.extend([
+            "-m".into(),
+            vm.memory_mb.to_string(),
+            // No network device at all: the guest has loopback and nothing else.
+            "-nic".into(),
+            "none".into(),
+            "-no-reboot".into(),
+            "-display".into(),
+            "none".into(),
+            "-monitor".into(),
+            "none".into(),
+            "-serial".into(),
+            format!("file:{}", self.console_log.display()),
+            "-kernel".into(),
+            vm.kernel.display().to_string(),
+            "-initrd".into(),
+            vm.initrd.display().to_string(),
+            "-append".into(),
+            self.cmdline()?,
+            "-device".into(),
+            "virtio-serial-pci".into(),
+            "-chardev".into(),
+            format!(
+                "socket,id=pep,path={},reconnect=1",
+                self.virtio_socket.display()
+            ),
+            "-device".into(),
+            format!(
+                "virtserialport,chardev=pep,name={}",
+                pexi_protocol::transport::VIRTIO_SERIAL_PORT_NAME
+            ),
+        ]);
+        if !vm.share.as_os_str().is_empty() {
+            args.extend([
+                "-fsdev".into(),
+                format!(
+                    "local,id=share,path={},security_model=none{}",
+                    vm.share.display(),
+                    if vm.share_writable {
+                        ""
+                    } else {
+                        ",readonly=on"
+                    }
+                ),
+                "-device".into(),
+                "virtio-9p-pci,fsdev=share,mount_tag=pexishare".into(),
+            ]);
+        }
+        if self.vsock {
+            args.extend([
+                "-chardev".into(),
+                format!("socket,id=vsock,path={}", self.vhost_socket.display()),
+                "-device".into(),
+                "vhost-user-vsock-pci,chardev=vsock".into(),
+            ]);
+        }
+        Ok(args)
+    }
+}
+
+/// `<uds>_4041`: where a hybrid-vsock backend delivers guest connections to the PEP's port.
+pub fn hybrid_port(uds: &Path) -> PathBuf {
+    let mut name = uds.as_os_str().to_owned();
+    name.push(format!("_{}", pexi_protocol::transport::VSOCK_PORT));
+    PathBuf::from(name)
+}
+
+/// The exit status in a console log, if the guest reported one.
+pub fn exit_status(console: &str) -> Option<i32> {
+    console
+        .lines()
+        .rev()
+        .find_map(|line| line.trim_end_matches('\r').strip_prefix(EXIT))
+        .and_then(|status| status.trim().parse().ok())
+}
+
+/// Boots the guest, runs its command, stops everything. Returns the command's exit status.
+pub async fn run(mut config: Config, options: RunOptions) -> Result<i32, VmError> {
+    let plan = Plan::new(&config, &options)?;
+    let vm = &plan.vm;
+    for (what, path) in [("kernel", &vm.kernel), ("initrd", &vm.initrd)] {
+        if !path.is_file() {
+            return Err(VmError::Setup(format!(
+                "the guest {what} {} is missing: build the image with scripts/vm-image",
+                path.display()
+            )));
+        }
+    }
+    if !vm.share.as_os_str().is_empty() && !vm.share.is_dir() {
+        return Err(VmError::Setup(format!(
+            "the share {} is not a folder",
+            vm.share.display()
+        )));
+    }
+    std::fs::create_dir_all(&vm.run_dir).map_err(io(format!("create {}", vm.run_dir.display())))?;
+    for stale in [
+        &plan.virtio_socket,
+        &hybrid_port(&plan.vsock_uds),
+        &plan.vsock_uds,
+        &plan.vhost_socket,
+    ] {
+        let _ = std::fs::remove_file(stale);
+    }
+
+    config.pep.listen = plan.listeners();
+    let server = crate::server::Server::start(config)
+        .await
+        .map_err(|err| VmError::Setup(format!("PEP: {err}")))?;
+    let mut children = Children::default();
+    let result = boot(&plan, &options, &mut children).await;
+    children.stop();
+    if let Err(err) = server.stop().await {
+        tracing::warn!("stopping the PEP: {err}");
+    }
+    result
+}
+
+async fn boot(plan: &Plan, options: &RunOptions, children: &mut Children) -> Result<i32, VmError> {
+    let vm = &plan.vm;
+    if plan.vsock {
+        let backend = Command::new(&vm.vhost_device_vsock)
+            .args([
+                "--guest-cid",
+                &vm.guest_cid.to_string(),
+                "--socket",
+                &plan.vhost_socket.display().to_string(),
+                "--uds-path",
+                &plan.vsock_uds.display().to_string(),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .map_err(|err| {
+                VmError::Setup(format!(
+                    "cannot start {} ({err}); install it with `cargo install vhost-device-vsock`, or run without vsock (--no-vsock)",
+                    vm.vhost_device_vsock
+                ))
+            })?;
+        children.vhost = Some(backend);
+        wait_for(&plan.vhost_socket, Duration::from_secs(10))
+            .await
+            .map_err(|_| {
+                VmError::Setup(format!(
+                    "{} did not create {}",
+                    vm.vhost_device_vsock,
+                    plan.vhost_socket.display()
+                ))
+            })?;
+    }
+
+    let accel = match vm.accel {
+        Accel::Tcg => "tcg",
+        Accel::Kvm => "kvm",
+        Accel::Auto if kvm_usable() => "kvm",
+        Accel::Auto => {
+            eprintln!("pexi vm: no usable /dev/kvm; using software emulation (TCG)");
+            "tcg"
+        }
+    };
+    let mut qemu = start_qemu(plan, accel)?;
+    if accel == "kvm" && vm.accel == Accel::Auto {
+        let probe = Duration::from_secs(vm.kvm_probe_seconds);
+        if !booted(plan, &mut qemu, probe).await {
+            let _ = qemu.kill();
+            let _ = qemu.wait();
+            eprintln!(
+                "pexi vm: KVM did not boot the guest within {probe:?}; falling back to software emulation (TCG)"
+            );
+            qemu = start_qemu(plan, "tcg")?;
+        }
+    }
+    children.qemu = Some(qemu);
+    let started = Instant::now();
+    let mut follow = Follow::default();
+    loop {
+        if options.echo {
+            follow.echo(&plan.console_log);
+        }
+        let exited = match children.qemu.as_mut().map(Child::try_wait) {
+            Some(Ok(Some(status))) => Some(status),
+            Some(Err(err)) => return Err(io("wait for QEMU")(err)),
+            _ => None,
+        };
+        if let Some(status) = exited {
+            if options.echo {
+                follow.echo(&plan.console_log);
+            }
+            let console = std::fs::read_to_string(&plan.console_log).unwrap_or_default();
+            return match exit_status(&console) {
+                Some(code) => Ok(code),
+                None => {
+                    let stderr = std::fs::read_to_string(plan.vm.run_dir.join("qemu.stderr"))
+                        .unwrap_or_default();
+                    if !status.success() && !stderr.trim().is_empty() {
+                        Err(VmError::Setup(format!(
+                            "QEMU failed ({status}): {}",
+                            stderr.trim()
+                        )))
+                    } else {
+                        Err(VmError::NoStatus(plan.console_log.clone()))
+                    }
+                }
+            };
+        }
+        if options
+            .timeout
+            .is_some_and(|limit| started.elapsed() > limit)
+        {
+            return Err(VmError::Timeout(
+                options.timeout.unwrap_or_default(),
+                plan.console_log.clone(),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn start_qemu(plan: &Plan, accel: &str) -> Result<Child, VmError> {
+    // A fresh log per boot: the status is read from it.
+    std::fs::write(&plan.console_log, b"")
+        .map_err(io(format!("create {}", plan.console_log.display())))?;
+    let stderr = std::fs::File::create(plan.vm.run_dir.join("qemu.stderr"))
+        .map_err(io("create qemu.stderr"))?;
+    Command::new(&plan.vm.qemu)
+        .args(plan.qemu_args(accel)?)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .map_err(|err| {
+            VmError::Setup(format!(
+                "cannot start {} ({err}); install QEMU (apt-get install qemu-system-x86)",
+                plan.vm.qemu
+            ))
+        })
+}
+
+/// Whether the guest's init announced itself within `limit` (QEMU still running).
+async fn booted(plan: &Plan, qemu: &mut Child, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if std::fs::read_to_string(&plan.console_log).is_ok_and(|log| log.contains(STARTED)) {
+            return true;
+        }
+        if !matches!(qemu.try_wait(), Ok(None)) {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+/// /dev/kvm exists and this user may use it. Whether it can boot our kernel is learnt by trying.
+fn kvm_usable() -> bool {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
+}
+
+async fn wait_for(path: &Path, limit: Duration) -> Result<(), ()> {
+    let deadline = Instant::now() + limit;
+    while !path.exists() {
+        if Instant::now() > deadline {
+            return Err(());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+/// The processes of a run; stopped (and reaped) when the run ends, however it ends.
+#[derive(Default)]
+struct Children {
+    qemu: Option<Child>,
+    vhost: Option<Child>,
+}
+
+impl Children {
+    fn stop(&mut self) {
+        for child in [self.qemu.take(), self.vhost.take()].into_iter().flatten() {
+            stop_child(child);
+        }
+    }
+}
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn stop_child(mut child: Child) {
+    if matches!(child.try_wait(), Ok(None)) {
+        let _ = child.kill();
+    }
+    let _ = child.wait();
+}
+
+/// Copies what the guest command prints (the console after init's start line) to stdout.
+#[derive(Default)]
+struct Follow {
+    offset: u64,
+    started: bool,
+    partial: String,
+}
+
+impl Follow {
+    fn echo(&mut self, log: &Path) {
+        let Ok(mut file) = std::fs::File::open(log) else {
+            return;
+        };
+        if file.seek(SeekFrom::Start(self.offset)).is_err() {
+            return;
+        }
+        let mut fresh = Vec::new();
+        if file.read_to_end(&mut fresh).is_err() {
+            return;
+        }
+        self.offset += fresh.len() as u64;
+        self.partial.push_str(&String::from_utf8_lossy(&fresh));
+        let mut stdout = std::io::stdout().lock();
+        while let Some(end) = self.partial.find('\n') {
+            let line: String = self.partial.drain(..=end).collect();
+            if self.started && !line.starts_with(EXIT) {
+                let _ = stdout.write_all(line.replace('\r', "").as_bytes());
+            }
+            if line.contains(STARTED) {
+                self.started = true;
+            }
+        }
+        let _ = stdout.flush();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(vsock: bool, share: &str) -> Plan {
+        let mut config = Config::embedded().expect("embedded config");
+        if let Some(vm) = config.vm.as_mut() {
+            vm.share = PathBuf::from(share);
+        }
+        Plan::new(
+            &config,
+            &RunOptions {
+                command: Some("pexi-fetch https://example.com/ && echo done".into()),
+                env: vec![("A".into(), "1".into())],
+                no_vsock: !vsock,
+                ..RunOptions::default()
+            },
+        )
+        .expect("plan")
+    }
+
+    #[test]
+    fn the_guest_has_no_nic_and_the_pep_port() {
+        let args = plan(true, "share").qemu_args("tcg").expect("args");
+        let text = args.join(" ");
+        assert!(text.contains("-nic none"), "{text}");
+        assert!(
+            !text.contains("netdev") && !text.contains("virtio-net"),
+            "{text}"
+        );
+        assert!(text.contains("virtserialport,chardev=pep,name=org.pexi.pep.0"));
+        assert!(text.contains("vhost-user-vsock-pci"));
+        assert!(text.contains("memory-backend-memfd"));
+        assert!(
+            text.contains("readonly=on"),
+            "the share is read-only by default"
+        );
+        assert!(text.contains("-accel tcg"));
+        let plain = plan(false, "").qemu_args("kvm").expect("args").join(" ");
+        assert!(!plain.contains("vsock") && !plain.contains("9p") && !plain.contains("memfd"));
+    }
+
+    #[test]
+    fn the_command_and_environment_travel_on_the_kernel_command_line() {
+        let plan = plan(true, "share");
+        let line = plan.cmdline().expect("fits");
+        let field = |name: &str| {
+            line.split(' ')
+                .find_map(|part| part.strip_prefix(name))
+                .map(|b64| {
+                    String::from_utf8(
+                        base64::engine::general_purpose::STANDARD
+                            .decode(b64)
+                            .expect("base64"),
+                    )
+                    .expect("utf-8")
+                })
+        };
+        assert_eq!(
+            field("pexi.cmd=").as_deref(),
+            Some("pexi-fetch https://example.com/ && echo done")
+        );
+        assert_eq!(field("pexi.env=").as_deref(), Some("A=1"));
+        assert!(line.contains("pexi.share=ro"));
+        let mut long = plan.clone();
+        long.command = "x".repeat(3000);
+        assert!(matches!(long.cmdline(), Err(VmError::Setup(_))));
+    }
+
+    #[test]
+    fn listeners_follow_the_hybrid_vsock_convention() {
+        let plan = plan(true, "share");
+        let listen: Vec<String> = plan.listeners().iter().map(ToString::to_string).collect();
+        assert_eq!(
+            listen,
+            vec![
+                format!("unix:{}", plan.virtio_socket.display()),
+                format!("unix:{}_4041", plan.vsock_uds.display()),
+            ]
+        );
+    }
+
+    #[test]
+    fn the_exit_status_is_the_last_one_reported() {
+        assert_eq!(exit_status("boot\r\npexi-exit: 3\r\n"), Some(3));
+        assert_eq!(exit_status("pexi-exit: 1\npexi-exit: 0\n"), Some(0));
+        assert_eq!(exit_status("kernel panic\n"), None);
+    }
+}
