@@ -69,6 +69,12 @@ enum VmCommand {
         /// Guest memory in MiB.
         #[arg(long)]
         memory: Option<u32>,
+        /// Uncompressed kernel (ELF vmlinux) to boot.
+        #[arg(long)]
+        kernel: Option<PathBuf>,
+        /// Initramfs to boot with.
+        #[arg(long)]
+        initrd: Option<PathBuf>,
         /// Host folder mounted read-only at /share in the guest.
         #[arg(long)]
         share: Option<PathBuf>,
@@ -128,6 +134,8 @@ fn vm(command: VmCommand) -> ExitCode {
         config,
         accel,
         memory,
+        kernel,
+        initrd,
         share,
         share_writable,
         no_vsock,
@@ -148,6 +156,8 @@ fn vm(command: VmCommand) -> ExitCode {
         env,
         accel,
         memory_mb: memory,
+        kernel,
+        initrd,
         share,
         share_writable,
         no_vsock,

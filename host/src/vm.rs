@@ -51,6 +51,8 @@ pub struct RunOptions {
     pub env: Vec<(String, String)>,
     pub accel: Option<Accel>,
     pub memory_mb: Option<u32>,
+    pub kernel: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
     pub share: Option<PathBuf>,
     pub share_writable: bool,
     pub no_vsock: bool,
@@ -85,6 +87,12 @@ impl Plan {
         }
         if let Some(memory) = options.memory_mb {
             vm.memory_mb = memory;
+        }
+        if let Some(kernel) = &options.kernel {
+            vm.kernel = kernel.clone();
+        }
+        if let Some(initrd) = &options.initrd {
+            vm.initrd = initrd.clone();
         }
         if let Some(share) = &options.share {
             vm.share = share.clone();
@@ -489,7 +497,7 @@ impl Follow {
         let mut stdout = std::io::stdout().lock();
         while let Some(end) = self.partial.find('\n') {
             let line: String = self.partial.drain(..=end).collect();
-            if self.started && !line.starts_with(EXIT) {
+            if self.started && !line.starts_with(EXIT) && !is_kernel_message(&line) {
                 let _ = stdout.write_all(line.replace('\r', "").as_bytes());
             }
             if line.contains(STARTED) {
@@ -498,6 +506,16 @@ impl Follow {
         }
         let _ = stdout.flush();
     }
+}
+
+/// `[   28.518221] reboot: Power down`: the kernel's own console lines are not the command's output.
+fn is_kernel_message(line: &str) -> bool {
+    line.strip_prefix('[')
+        .and_then(|rest| rest.split_once(']'))
+        .is_some_and(|(stamp, _)| {
+            let stamp = stamp.trim();
+            !stamp.is_empty() && stamp.chars().all(|c| c.is_ascii_digit() || c == '.')
+        })
 }
 
 #[cfg(test)]
@@ -580,6 +598,13 @@ mod tests {
                 format!("unix:{}_4041", plan.vsock_uds.display()),
             ]
         );
+    }
+
+    #[test]
+    fn kernel_lines_are_told_from_the_command_output() {
+        assert!(is_kernel_message("[   28.518221] reboot: Power down\n"));
+        assert!(!is_kernel_message("[ok] done\n"));
+        assert!(!is_kernel_message("hello\n"));
     }
 
     #[test]

@@ -1,0 +1,252 @@
+//! The isolation proof, end to end: `pexi vm run` boots the no-NIC guest built by `scripts/vm-image`; inside,
+//! the guest shows it has no network, then over virtio-serial and over vsock the static `pexi-fetch` and an
+//! unmodified Node script under `--import @pexi/guest/register` get an allowed URL from an HTTPS server on
+//! the host's loopback and are refused a denied one with the policy's reason. The host's audit log must
+//! hold every decision and outcome and verify.
+//!
+//! Ignored by `cargo test`: it needs QEMU, vhost-device-vsock and the guest image. `scripts/test-vm` (part
+//! of `scripts/test`) builds the image and runs it.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use pexi_test_support::{loopback_options, repo_root, temp_dir, write_config, TestCa, Upstream};
+
+const GUEST_SCRIPT: &str = r#"#!/bin/sh
+# Runs inside the guest. One "CHECK <name> ok" or "CHECK <name> FAIL <detail>" line per check.
+failed=0
+check() {
+    if [ "$1" = 0 ]; then echo "CHECK $2 ok"; else echo "CHECK $2 FAIL $3"; failed=1; fi
+}
+others=$(ip -o link show | grep -vc ': lo:')
+[ "$others" = 0 ]
+check $? only-loopback "$(ip -o link show | tr '\n' ' ')"
+for addr in $(echo "$HOST_ADDRS" | tr ',' ' '); do
+    if nc -w 3 "$addr" "$UPSTREAM_PORT" </dev/null >/dev/null 2>&1; then
+        check 1 "no-tcp-to-$addr" "a TCP connection to $addr:$UPSTREAM_PORT succeeded"
+    else
+        check 0 "no-tcp-to-$addr"
+    fi
+done
+for endpoint in virtio:org.pexi.pep.0 vsock:2:4041; do
+    out=$(PEXI_ENDPOINT=$endpoint pexi-fetch "$URL_OK" 2>&1); rc=$?
+    [ "$rc" = 0 ] && [ "$out" = hello ]
+    check $? "pexi-fetch-allowed-$endpoint" "rc=$rc out=$out"
+    err=$(PEXI_ENDPOINT=$endpoint pexi-fetch "$URL_DENIED" 2>&1 >/dev/null); rc=$?
+    [ "$rc" = 1 ] && echo "$err" | grep -q "host denied.pexi.test is not in the allowlist"
+    check $? "pexi-fetch-denied-$endpoint" "rc=$rc err=$err"
+    out=$(cd /share/app && PEXI_ENDPOINT=$endpoint node --import @pexi/guest/register /share/e2e/fetch.mjs "$URL_OK" "$URL_DENIED" 2>&1); rc=$?
+    [ "$rc" = 0 ] && [ "$out" = "allowed 200 hello | denied policy_denied host denied.pexi.test is not in the allowlist" ]
+    check $? "node-register-$endpoint" "rc=$rc out=$out"
+done
+exit $failed
+"#;
+
+/// An unmodified program: a plain global fetch, nothing of pexi in it.
+const NODE_SCRIPT: &str = r#"const [allowed, denied] = process.argv.slice(2);
+const response = await fetch(allowed);
+const text = await response.text();
+let refusal = 'resolved';
+try {
+  await fetch(denied);
+} catch (error) {
+  refusal = `${error.cause?.code} ${(error.cause?.reasons ?? []).join('; ')}`;
+}
+console.log(`allowed ${response.status} ${text} | denied ${refusal}`);
+"#;
+
+fn image() -> PathBuf {
+    repo_root().join("target").join("vm")
+}
+
+/// The host's own addresses (not loopback) and QEMU's usual user-network gateway: a guest with a network
+/// path could reach one of them; this one must reach none.
+fn host_addresses() -> Vec<String> {
+    let mut addrs = vec!["10.0.2.2".to_string()];
+    if let Ok(out) = Command::new("hostname").arg("-I").output() {
+        addrs.extend(
+            String::from_utf8_lossy(&out.stdout)
+                .split_whitespace()
+                .filter(|a| !a.contains(':'))
+                .map(str::to_string),
+        );
+    }
+    addrs
+}
+
+/// Processes whose command line mentions `needle` (this test's run folder).
+fn processes_mentioning(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
+            let text = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if text.contains(needle) {
+                found.push(format!("{}: {text}", entry.file_name().to_string_lossy()));
+            }
+        }
+    }
+    found
+}
+
+fn set_vm_paths(config: &Path, run_dir: &Path) {
+    let mut doc: toml::Table = std::fs::read_to_string(config)
+        .expect("config")
+        .parse()
+        .expect("toml");
+    let vm = doc
+        .get_mut("vm")
+        .and_then(toml::Value::as_table_mut)
+        .expect("[vm]");
+    let image = image();
+    for (key, path) in [
+        ("kernel", image.join("vmlinux")),
+        ("initrd", image.join("initramfs.cpio.gz")),
+        ("share", image.join("share")),
+        ("run_dir", run_dir.to_path_buf()),
+    ] {
+        vm.insert(key.into(), path.display().to_string().into());
+    }
+    std::fs::write(config, toml::to_string(&doc).expect("toml")).expect("write config");
+}
+
+#[test]
+#[ignore = "boots a VM: needs QEMU, vhost-device-vsock and the scripts/vm-image image; scripts/test-vm runs it"]
+fn the_guest_reaches_the_world_only_through_the_pep() {
+    let image = image();
+    assert!(
+        image.join("vmlinux").is_file() && image.join("share/node/bin/node").is_file(),
+        "no guest image in {}: run scripts/vm-image",
+        image.display()
+    );
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let ca = TestCa::new(&["api.pexi.test"]);
+    let upstream = runtime.block_on(Upstream::https("127.0.0.1", &ca));
+    let dir = temp_dir("vm");
+    let mut options = loopback_options(&[("api.pexi.test", "127.0.0.1")], &["api.pexi.test"]);
+    options.extra_ca_pem = Some(ca.ca_pem.clone());
+    let config = write_config(&dir, &dir.join("unused.sock"), &options);
+    let run_dir = dir.join("run");
+    set_vm_paths(&config, &run_dir);
+    let scripts = image.join("share").join("e2e");
+    std::fs::create_dir_all(&scripts).expect("mkdir");
+    std::fs::write(scripts.join("e2e.sh"), GUEST_SCRIPT).expect("guest script");
+    std::fs::write(scripts.join("fetch.mjs"), NODE_SCRIPT).expect("node script");
+
+    let url_ok = format!("https://api.pexi.test:{}/hello", upstream.port());
+    let url_denied = "https://denied.pexi.test/exfiltrate?secret=1".to_string();
+    let started = Instant::now();
+    let output = Command::new(env!("CARGO_BIN_EXE_pexi"))
+        .args(["vm", "run", "--config"])
+        .arg(&config)
+        .args(["--timeout", "170"])
+        .arg(format!("--env=URL_OK={url_ok}"))
+        .arg(format!("--env=URL_DENIED={url_denied}"))
+        .arg(format!("--env=UPSTREAM_PORT={}", upstream.port()))
+        .arg(format!("--env=HOST_ADDRS={}", host_addresses().join(",")))
+        .args(["--", "sh /share/e2e/e2e.sh"])
+        .output()
+        .expect("pexi vm run");
+    let took = started.elapsed();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let console = std::fs::read_to_string(run_dir.join("console.log")).unwrap_or_default();
+    let context = format!("stdout:\n{stdout}\nstderr:\n{stderr}\nconsole:\n{console}");
+    println!("the VM ran for {took:?}\n{stdout}{stderr}");
+
+    let checks: Vec<&str> = stdout.lines().filter(|l| l.starts_with("CHECK ")).collect();
+    let failed: Vec<&&str> = checks.iter().filter(|l| !l.ends_with(" ok")).collect();
+    assert!(
+        failed.is_empty(),
+        "guest checks failed: {failed:#?}\n{context}"
+    );
+    let mut expected = vec![
+        "only-loopback".to_string(),
+        "no-tcp-to-10.0.2.2".to_string(),
+    ];
+    for endpoint in ["virtio:org.pexi.pep.0", "vsock:2:4041"] {
+        for check in ["pexi-fetch-allowed", "pexi-fetch-denied", "node-register"] {
+            expected.push(format!("{check}-{endpoint}"));
+        }
+    }
+    for name in &expected {
+        assert!(
+            checks.contains(&format!("CHECK {name} ok").as_str()),
+            "no passing check {name}\n{context}"
+        );
+    }
+    assert_eq!(output.status.code(), Some(0), "{context}");
+
+    // The host side: every request decided and recorded, and the log intact.
+    let audit = dir.join("audit.jsonl");
+    let records: Vec<serde_json::Value> = std::fs::read_to_string(&audit)
+        .expect("audit log")
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("json"))
+        .collect();
+    let decisions = |url: &str, allow: bool| -> Vec<&serde_json::Value> {
+        records
+            .iter()
+            .filter(|r| {
+                r["kind"] == "decision"
+                    && r["request"]["url"]
+                        .as_str()
+                        .is_some_and(|u| u.starts_with(url))
+                    && r["decision"]["allow"] == allow
+            })
+            .collect()
+    };
+    let allowed = decisions(&url_ok, true);
+    assert_eq!(
+        allowed.len(),
+        4,
+        "pexi-fetch and Node, over virtio-serial and vsock\n{context}"
+    );
+    for decision in &allowed {
+        let outcome = records
+            .iter()
+            .find(|r| r["kind"] == "outcome" && r["decision_id"] == decision["decision_id"])
+            .expect("an outcome for every allowed request");
+        assert_eq!(outcome["status"], 200);
+    }
+    let denied = decisions("https://denied.pexi.test/exfiltrate", false);
+    assert_eq!(denied.len(), 4, "{context}");
+    for decision in &denied {
+        assert_eq!(
+            decision["decision"]["reasons"][0],
+            "host denied.pexi.test is not in the allowlist"
+        );
+        // The refusal was reported after its record: an outcome names the refused decision too.
+        assert!(records
+            .iter()
+            .any(|r| r["kind"] == "outcome" && r["decision_id"] == decision["decision_id"]));
+    }
+    assert!(
+        !std::fs::read_to_string(&audit)
+            .expect("log")
+            .contains("secret=1"),
+        "query values are redacted"
+    );
+    let guests: std::collections::BTreeSet<String> = records
+        .iter()
+        .filter(|r| r["kind"] == "session" && r["event"] == "open")
+        .map(|r| r["guest"]["name"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert!(guests.contains("pexi-guest"), "{guests:?}");
+    let verify = Command::new(env!("CARGO_BIN_EXE_pexi"))
+        .args(["audit", "verify"])
+        .arg(&audit)
+        .output()
+        .expect("audit verify");
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
+
+    // Nothing the run started is left behind.
+    let leftovers = processes_mentioning(&run_dir.display().to_string());
+    assert!(leftovers.is_empty(), "still running: {leftovers:#?}");
+    assert!(took < Duration::from_secs(180), "the VM run took {took:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
