@@ -702,13 +702,11 @@ impl Connection {
                 }
                 Event::End { stream_id, .. } => {
                     self.deliver(stream_id, StreamEvent::End);
-                    // Nothing more arrives on this stream, so its unread bytes need no credit: let the
-                    // session finish it now, or it counts against the PEP's stream limit until read.
-                    if let Some(state) =
-                        self.by_id.get(&stream_id).and_then(|k| self.streams.get(k))
-                    {
-                        session.release(stream_id, state.received.load(Ordering::Relaxed));
-                    }
+                    // Nothing more arrives on this stream, so none of its bytes need credit any more:
+                    // release everything the session holds for it (unread bytes, and read bytes whose
+                    // Release command is still queued and will find the stream forgotten), so the
+                    // session finishes it now and the connection window gets all of it back.
+                    session.release(stream_id, usize::MAX);
                     self.forget(stream_id);
                 }
                 Event::StreamFailed {

@@ -184,6 +184,37 @@ async fn two_hundred_concurrent_requests_on_one_client() {
     pep.stop().await;
 }
 
+/// Many requests move several connection windows' worth of data (4 × 100 × 16 KiB through 1 MiB), so credit
+/// lost per request would stall the session part-way. The race the benchmark found (a last chunk read just
+/// as END arrives) depends on timing this in-process test rarely hits; `scripts/bench` reproduces it.
+#[tokio::test(flavor = "multi_thread")]
+async fn sequential_requests_never_exhaust_the_connection_window() {
+    let upstream = Upstream::http("127.0.0.1").await;
+    let pep = InProcessPep::start(&options()).await;
+    let client = pep.client();
+    let url = url(&upstream, "/big?n=16384");
+    let tasks: Vec<_> = (0..4)
+        .map(|_| {
+            let (client, url) = (client.clone(), url.clone());
+            tokio::spawn(async move {
+                for i in 0..100 {
+                    let body = tokio::time::timeout(Duration::from_secs(10), async {
+                        client.get(&url).send().await?.bytes().await
+                    })
+                    .await
+                    .unwrap_or_else(|_| panic!("request {i} stalled: connection credit leaked"))
+                    .expect("request");
+                    assert_eq!(body.len(), 16384);
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("no stall");
+    }
+    pep.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn dropping_a_response_cancels_the_upstream_request() {
     let upstream = Upstream::http("127.0.0.1").await;
