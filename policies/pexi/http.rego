@@ -164,7 +164,12 @@ host_matches(pattern) if {
 
 is_ip_pattern(p) if contains(p, ":")
 
-is_ip_pattern(p) if regex.match(`^[0-9./]+$`, p)
+# Digits, dots and slashes only: an IPv4 address or CIDR. Trimming that cutset leaves nothing. (It was
+# `regex.match`, which cost a third of every decision: see docs/benchmarks.md.)
+is_ip_pattern(p) if {
+	p != ""
+	trim(p, "0123456789./") == ""
+}
 
 as_cidr(p) := p if contains(p, "/")
 

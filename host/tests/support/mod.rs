@@ -80,8 +80,10 @@ impl TestPep {
 
     /// Every audit record so far.
     pub fn audit_records(&self) -> Vec<Value> {
-        std::fs::read_to_string(&self.audit)
-            .unwrap_or_default()
+        let text = std::fs::read_to_string(&self.audit).unwrap_or_default();
+        // The PEP may be appending right now: a last line without its newline is not written yet.
+        let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+        complete
             .lines()
             .map(|line| serde_json::from_str(line).expect("audit line is JSON"))
             .collect()
