@@ -128,20 +128,44 @@ export function patternBytes(size) {
 }
 
 /**
+ * Serves `route(req, res)` on a fresh loopback port; `stop()` closes the server and every open connection.
+ * A route that throws (a client that went away mid-request) destroys its response instead of failing.
+ */
+async function serveLoopback(route, onError = () => {}) {
+  const sockets = new Set();
+  const server = http.createServer((req, res) => {
+    route(req, res).catch((error) => {
+      onError(req, error);
+      res.destroy();
+    });
+  });
+  server.on('connection', (socket) => {
+    sockets.add(socket);
+    socket.on('close', () => sockets.delete(socket));
+  });
+  server.listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  const { port } = server.address();
+  return {
+    port,
+    base: `http://127.0.0.1:${port}`,
+    async stop() {
+      for (const socket of sockets) {
+        socket.destroy();
+      }
+      server.close();
+      await once(server, 'close');
+    },
+  };
+}
+
+/**
  * A loopback HTTP server for the tests. Routes: /hello, /echo (method, headers, body back as JSON),
  * /big?bytes=N, /sse?tokens=N&gap=MS, /forever (streams until the client goes away), /redirect?to=URL&status=N, /slowhead?ms=N,
  * /status/N, /setcookie, /gzip. `events` records what the server saw, e.g. that /forever's client left.
  */
 export async function startUpstream() {
   const events = [];
-  const sockets = new Set();
-  const server = http.createServer((req, res) => {
-    // A client that goes away mid-request (an aborted upload) is part of the tests, not a failure.
-    route(req, res).catch((error) => {
-      events.push({ event: 'error', path: req.url, message: error.message });
-      res.destroy();
-    });
-  });
   const route = async (req, res) => {
     const url = new URL(req.url, 'http://upstream');
     const chunks = [];
@@ -243,25 +267,9 @@ export async function startUpstream() {
       }
     }
   };
-  server.on('connection', (socket) => {
-    sockets.add(socket);
-    socket.on('close', () => sockets.delete(socket));
-  });
-  server.listen(0, '127.0.0.1');
-  await once(server, 'listening');
-  const { port } = server.address();
-  return {
-    port,
-    base: `http://127.0.0.1:${port}`,
-    events,
-    async stop() {
-      for (const socket of sockets) {
-        socket.destroy();
-      }
-      server.close();
-      await once(server, 'close');
-    },
-  };
+  // A client that goes away mid-request (an aborted upload) is part of the tests, not a failure.
+  const server = await serveLoopback(route, (req, error) => events.push({ event: 'error', path: req.url, message: error.message }));
+  return { ...server, events };
 }
 
 /** The text the mock LLM streams, one token per event. */
@@ -274,10 +282,6 @@ export const LLM_TOKENS = ['Hello', ' from', ' the', ' mock', ' model', '.'];
  */
 export async function startMockLlm({ key = 'test-key', gapMs = 30 } = {}) {
   const requests = [];
-  const sockets = new Set();
-  const server = http.createServer((req, res) => {
-    serve(req, res).catch(() => res.destroy());
-  });
   const serve = async (req, res) => {
     const chunks = [];
     for await (const chunk of req) {
@@ -356,26 +360,8 @@ export async function startMockLlm({ key = 'test-key', gapMs = 30 } = {}) {
     res.writeHead(404, { 'content-type': 'application/json' });
     res.end('{"error":{"message":"no such route"}}');
   };
-  server.on('connection', (socket) => {
-    sockets.add(socket);
-    socket.on('close', () => sockets.delete(socket));
-  });
-  server.listen(0, '127.0.0.1');
-  await once(server, 'listening');
-  const { port } = server.address();
-  return {
-    port,
-    base: `http://127.0.0.1:${port}`,
-    key,
-    requests,
-    async stop() {
-      for (const socket of sockets) {
-        socket.destroy();
-      }
-      server.close();
-      await once(server, 'close');
-    },
-  };
+  const server = await serveLoopback(serve);
+  return { ...server, key, requests };
 }
 
 /**
