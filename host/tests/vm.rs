@@ -9,7 +9,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use pexi_test_support::{loopback_options, repo_root, temp_dir, write_config, TestCa, Upstream};
 
@@ -139,6 +139,7 @@ fn the_guest_reaches_the_world_only_through_the_pep() {
     let output = Command::new(env!("CARGO_BIN_EXE_pexi"))
         .args(["vm", "run", "--config"])
         .arg(&config)
+        // The 3-minute budget is enforced by the run itself: past it, pexi vm run stops the VM and fails.
         .args(["--timeout", "170"])
         .arg(format!("--env=URL_OK={url_ok}"))
         .arg(format!("--env=URL_DENIED={url_denied}"))
@@ -247,6 +248,5 @@ fn the_guest_reaches_the_world_only_through_the_pep() {
     // Nothing the run started is left behind.
     let leftovers = processes_mentioning(&run_dir.display().to_string());
     assert!(leftovers.is_empty(), "still running: {leftovers:#?}");
-    assert!(took < Duration::from_secs(180), "the VM run took {took:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
