@@ -197,14 +197,33 @@ async function fetch(input, init = undefined) {
 
   let responseBody = null;
   if (request.method === 'HEAD' || request.method === 'CONNECT' || NULL_BODY_STATUS.has(head.status)) {
-    drain(call).finally(done);
+    if (answer.ended) {
+      done();
+    } else {
+      drain(call).finally(done);
+    }
   } else {
+    // What had arrived with the head comes first; then reads, unless that was the whole body.
+    let early = answer.body ?? null;
+    const ended = answer.ended;
     responseBody = new ReadableStream(
       {
         start(controller) {
           bodyController = controller;
         },
         async pull(controller) {
+          if (early !== null) {
+            controller.enqueue(new Uint8Array(early.buffer, early.byteOffset, early.byteLength));
+            early = null;
+            if (!ended) {
+              return;
+            }
+          }
+          if (ended) {
+            done();
+            controller.close();
+            return;
+          }
           const step = await call.read();
           if (step.error) {
             done();

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use napi::bindgen_prelude::{within_runtime_if_available, Buffer};
 use napi_derive::napi;
 use pexi_guest::{Client, Endpoint, Error, Options, RedirectMode, Response};
@@ -74,6 +75,11 @@ pub struct Head {
 pub struct HeadResult {
     pub head: Option<Head>,
     pub error: Option<ErrorInfo>,
+    /// Body bytes that had already arrived with the head (a small response is often all there): saves
+    /// `read` round trips through the event loop. `read` continues after them.
+    pub body: Option<Buffer>,
+    /// The body ended within `body`: no `read` is needed (one would say done).
+    pub ended: bool,
 }
 
 /// One step of reading a body: a chunk, the end (`done`), or an error after the data before it.
@@ -228,6 +234,7 @@ impl Session {
                 body: Mutex::new(body_sender),
                 head: tokio::sync::Mutex::new(Some(head_receiver)),
                 response: tokio::sync::Mutex::new(None),
+                failure: Mutex::new(None),
             }),
         })
     }
@@ -286,9 +293,37 @@ struct CallInner {
     body: Mutex<Option<mpsc::Sender<Result<Bytes, std::io::Error>>>>,
     head: tokio::sync::Mutex<Option<oneshot::Receiver<Result<Response, Error>>>>,
     response: tokio::sync::Mutex<Option<Response>>,
+    /// A body error met while gathering ready chunks: reported by the next `read`, after the data.
+    failure: Mutex<Option<ErrorInfo>>,
 }
 
+/// `read` hands JavaScript every chunk that has already arrived, up to this many bytes, in one Buffer:
+/// each `read` is a promise settled through the event loop (~0.15 ms), paid per 64 KiB frame before.
+const READ_GATHER: usize = 1024 * 1024;
+
 impl CallInner {
+    /// Appends to `gathered` the body chunks that have already arrived, up to [`READ_GATHER`] bytes,
+    /// without waiting. At the end of the body the response is dropped (the next `read` says done); an
+    /// error is kept for the next `read`, after the data.
+    fn gather(&self, response: &mut Option<Response>, mut gathered: Vec<u8>) -> Vec<u8> {
+        while gathered.len() < READ_GATHER {
+            let Some(body) = response.as_mut() else { break };
+            match body.chunk().now_or_never() {
+                Some(Ok(Some(more))) => gathered.extend_from_slice(&more),
+                Some(Ok(None)) => {
+                    response.take();
+                }
+                Some(Err(error)) => {
+                    response.take();
+                    *self.failure.lock().unwrap_or_else(PoisonError::into_inner) =
+                        Some(ErrorInfo::from(&error));
+                }
+                None => break,
+            }
+        }
+        gathered
+    }
+
     fn body_sender(&self) -> Option<mpsc::Sender<Result<Bytes, std::io::Error>>> {
         self.body
             .lock()
@@ -350,6 +385,8 @@ impl Call {
         let failed = |error: ErrorInfo| HeadResult {
             head: None,
             error: Some(error),
+            body: None,
+            ended: false,
         };
         let Some(receiver) = self.inner.head.lock().await.take() else {
             return failed(ErrorInfo {
@@ -377,13 +414,25 @@ impl Call {
                     redirect_count: response.redirect_count(),
                     decision_id: response.decision_id().to_string(),
                 };
-                *self.inner.response.lock().await = Some(response);
+                let mut guard = self.inner.response.lock().await;
+                *guard = Some(response);
                 if self.inner.cancel.is_cancelled() {
-                    self.inner.response.lock().await.take();
+                    guard.take();
                 }
+                let body = self.inner.gather(&mut guard, Vec::new());
                 HeadResult {
                     head: Some(head),
                     error: None,
+                    body: (!body.is_empty()).then(|| Buffer::from(body)),
+                    // An error met while gathering is not an end: the next `read` reports it.
+                    ended: guard.is_none()
+                        && !self.inner.cancel.is_cancelled()
+                        && self
+                            .inner
+                            .failure
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .is_none(),
                 }
             }
             Ok(Err(error)) => failed(ErrorInfo::from(&error)),
@@ -395,6 +444,15 @@ impl Call {
     /// Reads the next piece of the response body.
     #[napi]
     pub async fn read(&self) -> ChunkResult {
+        if let Some(error) = self
+            .inner
+            .failure
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        {
+            return chunk_error(error);
+        }
         let mut guard = self.inner.response.lock().await;
         let Some(response) = guard.as_mut() else {
             return if self.inner.cancel.is_cancelled() {
@@ -415,11 +473,14 @@ impl Call {
             }
         };
         match step {
-            Ok(Some(chunk)) => ChunkResult {
-                chunk: Some(Buffer::from(chunk.to_vec())),
-                done: false,
-                error: None,
-            },
+            Ok(Some(chunk)) => {
+                let gathered = self.inner.gather(&mut guard, chunk.to_vec());
+                ChunkResult {
+                    chunk: Some(Buffer::from(gathered)),
+                    done: false,
+                    error: None,
+                }
+            }
             Ok(None) => {
                 guard.take();
                 ChunkResult {

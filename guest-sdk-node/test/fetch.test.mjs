@@ -262,6 +262,34 @@ describe('responses', () => {
     assert.equal(hash.digest('hex'), createHash('sha256').update(patternBytes(size)).digest('hex'));
   });
 
+  test('a body that fails after data errors the stream after that data, with the PEP\'s code', async (t) => {
+    const capped = await startPep({
+      allow: [{ host: '127.0.0.1', ports: [upstream.port] }],
+      tag: 'capped',
+      env: { PEP_MAX_RESPONSE_BYTES: String(1024 * 1024) },
+    });
+    t.after(() => capped.stop());
+    connect({ endpoint: capped.endpoint });
+    t.after(() => connect({ endpoint: pep.endpoint }));
+    const response = await fetch(`${upstream.base}/chunked?bytes=${3 * 1024 * 1024}`);
+    assert.equal(response.status, 200);
+    let received = 0;
+    const failure = await (async () => {
+      try {
+        for await (const chunk of response.body) {
+          received += chunk.length;
+        }
+      } catch (error) {
+        return error;
+      }
+      return null;
+    })();
+    assert.ok(failure instanceof TypeError, `the body errored: ${failure}`);
+    assert.equal(failure.message, 'terminated');
+    assert.equal(failure.cause?.code, 'response_too_large');
+    assert.ok(received > 0 && received <= 1024 * 1024, `${received} bytes arrived before the error`);
+  });
+
   test('server-sent events arrive one by one, as they are sent', async () => {
     const gapMs = 300;
     const response = await fetch(`${upstream.base}/sse?tokens=5&gap=${gapMs}`);

@@ -34,7 +34,7 @@ export function tempDir(tag) {
  * Starts `pexi serve` with the repository's config.toml and policy, listening on a socket in a fresh
  * directory, allowing `allow` ([{ host, ports }]) and loopback addresses.
  */
-export async function startPep({ allow = [], tag = 'pep' } = {}) {
+export async function startPep({ allow = [], tag = 'pep', env = {} } = {}) {
   const dir = tempDir(tag);
   const socket = path.join(dir, 'pep.sock');
   const audit = path.join(dir, 'audit.jsonl');
@@ -60,7 +60,7 @@ export async function startPep({ allow = [], tag = 'pep' } = {}) {
 
   const child = spawn(pexiBinary(), ['serve', '--config', configPath], {
     stdio: ['ignore', 'ignore', 'pipe'],
-    env: { ...process.env, RUST_LOG: process.env.RUST_LOG ?? 'warn' },
+    env: { ...process.env, RUST_LOG: process.env.RUST_LOG ?? 'warn', ...env },
   });
   let stderr = '';
   child.stderr.on('data', (data) => {
@@ -196,6 +196,19 @@ export async function startUpstream() {
         // In pieces, so the response streams rather than arriving in one write.
         for (let i = 0; i < size; i += 256 * 1024) {
           if (!res.write(data.subarray(i, i + 256 * 1024))) {
+            await once(res, 'drain');
+          }
+        }
+        res.end();
+        return;
+      }
+      case '/chunked': {
+        // Like /big, without a content-length: the size is known only at the end.
+        const size = Number(url.searchParams.get('bytes') ?? 1024 * 1024);
+        const data = patternBytes(size);
+        res.writeHead(200, { 'content-type': 'application/octet-stream' });
+        for (let i = 0; i < size && !res.destroyed; i += 64 * 1024) {
+          if (!res.write(data.subarray(i, i + 64 * 1024))) {
             await once(res, 'drain');
           }
         }

@@ -83,6 +83,58 @@ async fn allowed_requests_with_bodies_over_http_and_https() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn upstream_connections_are_reused_only_for_the_same_name_and_addresses() {
+    let ca = TestCa::new(&["secure.test", "other.test"]);
+    let plain = Upstream::http("127.0.0.1").await;
+    let tls = Upstream::https("127.0.0.1", &ca).await;
+    let mut options = loopback_options(
+        &[
+            ("api.test", "127.0.0.1"),
+            ("secure.test", "127.0.0.1"),
+            ("other.test", "127.0.0.1"),
+        ],
+        &["api.test", "secure.test", "other.test"],
+    );
+    options.extra_ca_pem = Some(ca.ca_pem.clone());
+    let pep = TestPep::start(options);
+    let mut guest = pep.guest().await;
+
+    for _ in 0..5 {
+        let reply = guest
+            .get(&format!("http://api.test:{}/hello", plain.port()))
+            .await;
+        assert_eq!(reply.status(), 200);
+        let reply = guest
+            .get(&format!("https://secure.test:{}/hello", tls.port()))
+            .await;
+        assert_eq!(reply.status(), 200, "{:?}", reply.error);
+    }
+    assert_eq!(plain.connections(), 1, "keep-alive to the same destination");
+    assert_eq!(tls.connections(), 1, "keep-alive through TLS as well");
+
+    // Another name at the same address and port is another destination: its own TLS connection (with
+    // its own SNI and certificate check), never the pooled one of secure.test.
+    let reply = guest
+        .get(&format!("https://other.test:{}/hello", tls.port()))
+        .await;
+    assert_eq!(reply.status(), 200, "{:?}", reply.error);
+    assert_eq!(tls.connections(), 2);
+    let hosts: Vec<String> = tls.hits().iter().map(|h| h.host.clone()).collect();
+    assert_eq!(
+        hosts.last().map(String::as_str),
+        Some(format!("other.test:{}", tls.port()).as_str())
+    );
+
+    // Every request was still decided on its own.
+    let decisions = pep
+        .audit_records()
+        .iter()
+        .filter(|r| r["kind"] == "decision")
+        .count();
+    assert_eq!(decisions, 11);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn an_unknown_certificate_authority_is_refused() {
     let ca = TestCa::new(&["secure.test"]);
     let tls = Upstream::https("127.0.0.1", &ca).await;

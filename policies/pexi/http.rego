@@ -37,15 +37,19 @@ allow if {
 denials contains sprintf("denied by denylist entry %s", [host]) if some host in denied_by
 
 denials contains reason if {
-	some name
-	some reason in data.pexi.rules[name].denials
+	some extension in data.pexi.rules
+	some reason in extension.denials
 }
 
 req := input.request
 
-allow_entries := object.get(data, ["pexi", "allow"], [])
+default allow_entries := []
 
-deny_entries := object.get(data, ["pexi", "deny"], [])
+allow_entries := data.pexi.allow
+
+default deny_entries := []
+
+deny_entries := data.pexi.deny
 
 allowed_by contains entry.host if {
 	some entry in allow_entries

@@ -261,6 +261,8 @@ pub struct Upstream {
     pub hits: Arc<Mutex<Vec<Hit>>>,
     /// Set when a streaming response's body was dropped before it finished: the client went away.
     pub aborted: Arc<AtomicBool>,
+    /// TCP connections accepted so far.
+    pub connections: Arc<std::sync::atomic::AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -451,13 +453,15 @@ impl Upstream {
         UPSTREAM_PORTS.lock().expect("ports").push(addr.port());
         let hits = Arc::new(Mutex::new(Vec::new()));
         let aborted = Arc::new(AtomicBool::new(false));
-        let (h, a) = (hits.clone(), aborted.clone());
+        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (h, a, c) = (hits.clone(), aborted.clone(), connections.clone());
         let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
         let task = tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
                     return;
                 };
+                c.fetch_add(1, Ordering::SeqCst);
                 let (h, a, acceptor) = (h.clone(), a.clone(), acceptor.clone());
                 tokio::spawn(async move {
                     let service =
@@ -480,6 +484,7 @@ impl Upstream {
             addr,
             hits,
             aborted,
+            connections,
             task,
         }
     }
@@ -490,6 +495,10 @@ impl Upstream {
 
     pub fn port(&self) -> u16 {
         self.addr.port()
+    }
+
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
     }
 }
 

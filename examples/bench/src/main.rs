@@ -6,7 +6,9 @@
 //!
 //! Three ways to the same upstream (a hyper server on 127.0.0.1 in its own runtime thread):
 //! **direct** (reqwest with keep-alive), **pexi** (the Rust guest SDK → Unix socket → a `pexi serve`
-//! process → upstream) and **tinyproxy** (reqwest through tinyproxy with an allowlist filter). Modes run in
+//! process → upstream), **pexi-nosync** (the same through a second PEP whose audit durability is `none`,
+//! to show what the decision's fsync costs) and **tinyproxy** (reqwest through tinyproxy with an allowlist
+//! filter). Modes run in
 //! alternating rounds so a noisy neighbour hits them all alike; figures are for comparing rows of one run.
 //! With `--node` it also runs `bench.mjs` (Node's fetch against `@pexi/guest`) against the same servers.
 
@@ -29,6 +31,7 @@ const PER_TASK: usize = 40;
 enum Mode {
     Direct,
     Pexi,
+    PexiNoSync,
     Tinyproxy,
 }
 
@@ -37,6 +40,7 @@ impl Mode {
         match self {
             Mode::Direct => "direct",
             Mode::Pexi => "pexi",
+            Mode::PexiNoSync => "pexi-nosync",
             Mode::Tinyproxy => "tinyproxy",
         }
     }
@@ -46,6 +50,7 @@ struct Clients {
     direct: reqwest::Client,
     proxied: Option<reqwest::Client>,
     pexi: Client,
+    pexi_nosync: Client,
 }
 
 impl Clients {
@@ -56,8 +61,13 @@ impl Clients {
                 let client = self.proxied.as_ref().expect("tinyproxy is running");
                 body_len(mode, client.get(url).send().await).await
             }
-            Mode::Pexi => {
-                let mut response = self.pexi.get(url).send().await.expect("pexi request");
+            Mode::Pexi | Mode::PexiNoSync => {
+                let client = if mode == Mode::Pexi {
+                    &self.pexi
+                } else {
+                    &self.pexi_nosync
+                };
+                let mut response = client.get(url).send().await.expect("pexi request");
                 assert_eq!(response.status(), 200, "pexi: {url}");
                 let mut n = 0;
                 while let Some(chunk) = response.chunk().await.expect("pexi body") {
@@ -95,9 +105,20 @@ struct Pep {
 }
 
 impl Pep {
-    fn start(dir: &Path) -> Pep {
+    /// A PEP with the repository's config and policy; `durability` overrides `[pep.audit] durability`.
+    fn start(dir: &Path, durability: Option<&str>) -> Pep {
+        std::fs::create_dir_all(dir).expect("PEP dir");
         let socket = dir.join("pep.sock");
         let config = write_config(dir, &socket, &loopback_options(&[], &["127.0.0.1"]));
+        if let Some(durability) = durability {
+            let text = std::fs::read_to_string(&config).expect("config");
+            let mut doc: toml::Table = text.parse().expect("config is TOML");
+            doc["pep"]["audit"]
+                .as_table_mut()
+                .expect("[pep.audit]")
+                .insert("durability".into(), durability.into());
+            std::fs::write(&config, toml::to_string(&doc).expect("TOML")).expect("config");
+        }
         let binary = std::env::var_os("PEXI_BIN")
             .map(PathBuf::from)
             .unwrap_or_else(|| repo_root().join("target/release/pexi"));
@@ -211,16 +232,32 @@ fn main() {
     });
     let port = port_rx.recv().expect("upstream port");
     let dir = temp_dir("bench");
-    let pep = Pep::start(&dir);
+    let pep = Pep::start(&dir, None);
+    let nosync = Pep::start(&dir.join("nosync"), Some("none"));
     let tinyproxy = Tinyproxy::start(&dir);
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
-    runtime.block_on(run(port, &pep, tinyproxy.as_ref(), with_node, &dir));
+    runtime.block_on(run(
+        port,
+        &pep,
+        &nosync,
+        tinyproxy.as_ref(),
+        with_node,
+        &dir,
+    ));
     drop(tinyproxy);
+    drop(nosync);
     drop(pep);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-async fn run(port: u16, pep: &Pep, tinyproxy: Option<&Tinyproxy>, with_node: bool, dir: &Path) {
+async fn run(
+    port: u16,
+    pep: &Pep,
+    nosync: &Pep,
+    tinyproxy: Option<&Tinyproxy>,
+    with_node: bool,
+    dir: &Path,
+) {
     let small = format!("http://127.0.0.1:{port}/big?n={SMALL}");
     let big = format!("http://127.0.0.1:{port}/big?n={BIG}");
     let clients = Arc::new(Clients {
@@ -238,8 +275,9 @@ async fn run(port: u16, pep: &Pep, tinyproxy: Option<&Tinyproxy>, with_node: boo
                 .expect("client")
         }),
         pexi: Client::new(Endpoint::Unix(pep.socket.clone())),
+        pexi_nosync: Client::new(Endpoint::Unix(nosync.socket.clone())),
     });
-    let mut modes = vec![Mode::Direct, Mode::Pexi];
+    let mut modes = vec![Mode::Direct, Mode::Pexi, Mode::PexiNoSync];
     if tinyproxy.is_some() {
         modes.push(Mode::Tinyproxy);
     } else {
@@ -297,7 +335,11 @@ async fn run(port: u16, pep: &Pep, tinyproxy: Option<&Tinyproxy>, with_node: boo
         );
     }
     let pexi_overhead = p50[1] - p50[0];
-    if let Some(tiny) = p50.get(2) {
+    println!(
+        "   the audit fsync of each decision: {:.1} µs of pexi's p50 (pexi − pexi-nosync)",
+        p50[1] - p50[2]
+    );
+    if let Some(tiny) = p50.get(3) {
         let tiny_overhead = tiny - p50[0];
         println!(
             "   pexi adds {pexi_overhead:.1} µs, tinyproxy {tiny_overhead:.1} µs: pexi's overhead is {:.2}× tinyproxy's",

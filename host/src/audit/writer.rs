@@ -27,7 +27,15 @@ pub(super) struct Writer {
     prev: String,
     /// Set after a failed write: nothing more is written, every ticket fails, effects are refused.
     failed: Option<String>,
+    /// Lines encoded but not yet written: a group goes to the file in one `write`.
+    pending: Vec<u8>,
+    /// Records written but not yet `fsync`ed because nobody waited for them (batch mode).
+    unsynced: bool,
 }
+
+/// Batch mode syncs records nobody waits for (resolve and outcome records) with the next group that has a
+/// waiter, or after this long without one.
+const LAZY_SYNC: Duration = Duration::from_millis(100);
 
 /// The end of an existing log file.
 struct Tail {
@@ -163,10 +171,13 @@ impl Writer {
             seq,
             prev,
             failed: None,
+            pending: Vec::new(),
+            unsynced: false,
         };
         start.insert("pid".into(), json!(std::process::id()));
         start.insert("version".into(), json!(env!("CARGO_PKG_VERSION")));
         writer.write(kind, Value::Object(start))?;
+        writer.write_pending()?;
         writer.file.sync_all()?;
         Ok(writer)
     }
@@ -188,22 +199,30 @@ impl Writer {
                 }
             }
         }
-        let mut line = serde_json::to_vec(&Value::Object(record))?;
-        let digest = line_digest(&line);
-        line.push(b'\n');
-        // One write of the whole line: a crash can tear only the line being written.
-        self.file.write_all(&line)?;
+        let start = self.pending.len();
+        serde_json::to_writer(&mut self.pending, &Value::Object(record))?;
+        let digest = line_digest(&self.pending[start..]);
+        self.pending.push(b'\n');
         self.prev = digest;
         self.seq += 1;
-        self.size += line.len() as u64;
+        self.size += (self.pending.len() - start) as u64;
         if self.size >= self.rotate_bytes && kind != "rotate" {
             self.rotate()?;
         }
         Ok(())
     }
 
+    /// Writes the encoded lines in one `write`: a crash can tear only the last line of a group, which
+    /// the next start moves aside (`torn_tail`).
+    fn write_pending(&mut self) -> std::io::Result<()> {
+        let written = self.file.write_all(&self.pending);
+        self.pending.clear();
+        written
+    }
+
     /// Closes the full file under its rotated name and continues the chain in a new one.
     fn rotate(&mut self) -> std::io::Result<()> {
+        self.write_pending()?;
         self.file.sync_all()?;
         let aside = rotated_path(&self.path, next_rotation_index(&self.path));
         std::fs::rename(&self.path, &aside)?;
@@ -211,36 +230,55 @@ impl Writer {
         self.size = 0;
         let previous = aside.file_name().map(|n| n.to_string_lossy().into_owned());
         self.write("rotate", json!({"previous_file": previous}))?;
+        self.write_pending()?;
         self.file.sync_all()
     }
 
-    fn record(&mut self, kind: &str, body: Value) -> Result<(), String> {
+    /// Stops the log for good after a failed write or sync: every later ticket fails.
+    fn fail(&mut self, what: &str, err: std::io::Error) -> String {
+        let message = format!("audit {what} failed: {err}");
+        tracing::error!(%message, "the audit log stops; effects will be refused");
+        self.failed = Some(message.clone());
+        message
+    }
+
+    /// Encodes a group's records and writes them with one `write`; the result applies to all of them.
+    fn write_group(&mut self, records: Vec<(String, Value)>) -> Result<(), String> {
         if let Some(failed) = &self.failed {
             return Err(failed.clone());
         }
-        let written = self.write(kind, body).and_then(|()| match self.durability {
-            Durability::Always => self.file.sync_data(),
-            Durability::Batch | Durability::None => Ok(()),
-        });
-        written.map_err(|err| {
-            let message = format!("audit write failed: {err}");
-            tracing::error!(%message, "the audit log stops; effects will be refused");
-            self.failed = Some(message.clone());
-            message
-        })
+        let written = records
+            .into_iter()
+            .try_for_each(|(kind, body)| self.write(&kind, body))
+            .and_then(|()| self.write_pending());
+        written.map_err(|err| self.fail("write", err))
     }
 
     fn sync(&mut self) -> Result<(), String> {
         if let Some(failed) = &self.failed {
             return Err(failed.clone());
         }
-        self.file
-            .sync_data()
-            .map_err(|err| format!("audit fsync failed: {err}"))
+        self.unsynced = false;
+        self.file.sync_data().map_err(|err| self.fail("fsync", err))
     }
 
     pub(super) fn run(mut self, queue: mpsc::Receiver<Job>, batch: Option<(Duration, usize)>) {
-        while let Ok(first) = queue.recv() {
+        loop {
+            let first = if self.unsynced {
+                match queue.recv_timeout(LAZY_SYNC) {
+                    Ok(job) => job,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        let _ = self.sync();
+                        continue;
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+            } else {
+                match queue.recv() {
+                    Ok(job) => job,
+                    Err(_) => break,
+                }
+            };
             let mut jobs = vec![first];
             if let Some((window, max)) = batch {
                 // Group commit: everything that queued up while the previous group was syncing goes into
@@ -261,28 +299,46 @@ impl Writer {
                     }
                 }
             }
-            let mut waiting = Vec::new();
-            let mut needs_sync = false;
+            let mut records = Vec::with_capacity(jobs.len());
+            let mut tickets = Vec::with_capacity(jobs.len());
+            let mut flush = false;
             for job in jobs {
                 match job {
                     Job::Record { kind, body, done } => {
-                        let result = self.record(&kind, body);
-                        if self.durability == Durability::Batch {
-                            needs_sync = true;
-                            waiting.push((done, result));
-                        } else {
-                            let _ = done.send(result);
-                        }
+                        records.push((kind, body));
+                        tickets.push(done);
                     }
                     Job::Flush(done) => {
-                        needs_sync = true;
-                        waiting.push((done, Ok(())));
+                        flush = true;
+                        tickets.push(done);
                     }
                 }
             }
-            let synced = if needs_sync { self.sync() } else { Ok(()) };
-            for (done, result) in waiting {
-                let _ = done.send(result.and_then(|()| synced.clone()));
+            let wrote_any = !records.is_empty();
+            let written = if wrote_any {
+                self.write_group(records)
+            } else {
+                Ok(())
+            };
+            // A dropped ticket means nobody waits for that record (resolve, outcome): its fsync can ride
+            // with a later group. A decision's ticket is always awaited, so it is synced now.
+            let someone_waits = tickets.iter().any(|done| !done.is_closed());
+            let must_sync = flush
+                || match self.durability {
+                    Durability::Always => wrote_any,
+                    Durability::Batch => someone_waits && (wrote_any || self.unsynced),
+                    Durability::None => false,
+                };
+            let result = if written.is_ok() && must_sync {
+                self.sync()
+            } else {
+                if wrote_any && self.durability != Durability::None {
+                    self.unsynced = true;
+                }
+                written
+            };
+            for done in tickets {
+                let _ = done.send(result.clone());
             }
         }
         let _ = self.file.sync_all();

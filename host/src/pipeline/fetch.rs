@@ -26,12 +26,41 @@ const METHOD: &str = "pep.http.request";
 /// Request bodies up to this size are kept so a 307/308 redirect can send them again.
 const REPLAY_LIMIT: usize = 1024 * 1024;
 
-/// Builds one `reqwest` client per hop, pinned to the addresses that hop was allowed to reach.
+/// Upstream clients, one per pinned destination, so connections are reused across requests and hops.
+///
+/// A `reqwest` client is pinned to the addresses its hop was allowed to reach (`resolve_to_addrs`), and
+/// its connection pool only ever holds connections to those addresses. Keying the cache by the canonical
+/// host, the port and the exact set of checked addresses keeps that guarantee: a request whose resolution
+/// (or DNS override) now gives other addresses gets another client, never a pooled connection to an
+/// address it was not allowed. Every request is still decided and address-checked before its client is
+/// picked; the cache only saves the TLS setup and the TCP (and TLS) handshakes. See docs/benchmarks.md.
 pub struct HttpClient {
     extra_roots: Vec<reqwest::Certificate>,
     connect_timeout: Duration,
     idle_timeout: Duration,
     pub(super) resolver: Resolver,
+    clients: Mutex<ClientCache>,
+}
+
+/// Destinations kept with a warm client; the least recently used is dropped (closing its idle
+/// connections) when a new one needs room.
+const CLIENT_CACHE_SIZE: usize = 64;
+/// Idle upstream connections kept per destination.
+const IDLE_PER_DESTINATION: usize = 32;
+/// An idle upstream connection is closed after this long.
+const POOL_IDLE: Duration = Duration::from_secs(30);
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct Destination {
+    host: String,
+    port: u16,
+    addrs: Vec<IpAddr>,
+}
+
+#[derive(Default)]
+struct ClientCache {
+    clients: std::collections::HashMap<Destination, (reqwest::Client, u64)>,
+    clock: u64,
 }
 
 impl HttpClient {
@@ -48,19 +77,53 @@ impl HttpClient {
             connect_timeout: Duration::from_millis(limits.connect_timeout_ms),
             idle_timeout: Duration::from_millis(limits.idle_timeout_ms),
             resolver: Resolver::new(&config.pep.network.dns_overrides, limits.dns_timeout()),
+            clients: Mutex::new(ClientCache::default()),
         })
+    }
+
+    /// The client for `target` at exactly `addrs`, from the cache or built now.
+    fn pinned(&self, target: &Target, addrs: &[IpAddr]) -> Result<reqwest::Client, ErrorPayload> {
+        let mut sorted = addrs.to_vec();
+        sorted.sort();
+        sorted.dedup();
+        let key = Destination {
+            host: target.host.to_string(),
+            port: target.port,
+            addrs: sorted,
+        };
+        let mut cache = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        cache.clock += 1;
+        let now = cache.clock;
+        if let Some((client, used)) = cache.clients.get_mut(&key) {
+            *used = now;
+            return Ok(client.clone());
+        }
+        let client = self.build(target, addrs)?;
+        if cache.clients.len() >= CLIENT_CACHE_SIZE {
+            let oldest = cache
+                .clients
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(key, _)| key.clone());
+            if let Some(oldest) = oldest {
+                cache.clients.remove(&oldest);
+            }
+        }
+        cache.clients.insert(key, (client.clone(), now));
+        Ok(client)
     }
 
     /// A client that can reach `target` only at `addrs`: no system DNS, no environment proxies, no
     /// redirects of its own, certificate verification against the Mozilla roots plus the configured CA.
-    fn pinned(&self, target: &Target, addrs: &[IpAddr]) -> Result<reqwest::Client, ErrorPayload> {
+    fn build(&self, target: &Target, addrs: &[IpAddr]) -> Result<reqwest::Client, ErrorPayload> {
         let mut builder = reqwest::Client::builder()
             .use_rustls_tls()
             .no_proxy()
             .redirect(reqwest::redirect::Policy::none())
             .referer(false)
             .http1_only()
-            .pool_max_idle_per_host(0)
+            .pool_max_idle_per_host(IDLE_PER_DESTINATION)
+            .pool_idle_timeout(POOL_IDLE)
             .connect_timeout(self.connect_timeout)
             .read_timeout(self.idle_timeout);
         for root in &self.extra_roots {
