@@ -34,7 +34,12 @@ export function tempDir(tag) {
  * Starts `pexi serve` with the repository's config.toml and policy, listening on a socket in a fresh
  * directory, allowing `allow` ([{ host, ports }]) and loopback addresses.
  */
-export async function startPep({ allow = [], tag = 'pep', env = {} } = {}) {
+/**
+ * A `pexi serve` on the repository's config and policy, allowing `allow` entries; `secrets` become
+ * `[[secrets]]` tables (their values come from `env`, the PEP's own environment). Its stderr also goes to
+ * `pep.log` in its folder.
+ */
+export async function startPep({ allow = [], tag = 'pep', env = {}, secrets = [] } = {}) {
   const dir = tempDir(tag);
   const socket = path.join(dir, 'pep.sock');
   const audit = path.join(dir, 'audit.jsonl');
@@ -55,6 +60,12 @@ export async function startPep({ allow = [], tag = 'pep', env = {} } = {}) {
       config += `ports = [${entry.ports.join(', ')}]\n`;
     }
   }
+  for (const secret of secrets) {
+    config += '\n[[secrets]]\n';
+    for (const [key, value] of Object.entries(secret)) {
+      config += `${key} = ${JSON.stringify(value)}\n`;
+    }
+  }
   const configPath = path.join(dir, 'config.toml');
   fs.writeFileSync(configPath, config);
 
@@ -65,6 +76,7 @@ export async function startPep({ allow = [], tag = 'pep', env = {} } = {}) {
   let stderr = '';
   child.stderr.on('data', (data) => {
     stderr += data;
+    fs.appendFileSync(path.join(dir, 'pep.log'), data);
   });
   const deadline = Date.now() + 20_000;
   while (!fs.existsSync(socket)) {
@@ -108,12 +120,15 @@ export async function startPep({ allow = [], tag = 'pep', env = {} } = {}) {
         await sleep(20);
       }
     },
-    async stop() {
+    /** Stops the PEP; its folder is removed unless `keep` (to read what it wrote). */
+    async stop({ keep = false } = {}) {
       if (child.exitCode === null) {
         child.kill('SIGTERM');
         await once(child, 'exit');
       }
-      fs.rmSync(dir, { recursive: true, force: true });
+      if (!keep) {
+        fs.rmSync(dir, { recursive: true, force: true });
+      }
     },
   };
 }
@@ -131,7 +146,7 @@ export function patternBytes(size) {
  * Serves `route(req, res)` on a fresh loopback port; `stop()` closes the server and every open connection.
  * A route that throws (a client that went away mid-request) destroys its response instead of failing.
  */
-async function serveLoopback(route, onError = () => {}) {
+async function serveLoopback(route, onError = () => {}, host = '127.0.0.1') {
   const sockets = new Set();
   const server = http.createServer((req, res) => {
     route(req, res).catch((error) => {
@@ -143,12 +158,13 @@ async function serveLoopback(route, onError = () => {}) {
     sockets.add(socket);
     socket.on('close', () => sockets.delete(socket));
   });
-  server.listen(0, '127.0.0.1');
+  server.listen(0, host);
   await once(server, 'listening');
   const { port } = server.address();
   return {
     port,
-    base: `http://127.0.0.1:${port}`,
+    host,
+    base: `http://${host}:${port}`,
     async stop() {
       for (const socket of sockets) {
         socket.destroy();
@@ -164,7 +180,7 @@ async function serveLoopback(route, onError = () => {}) {
  * /big?bytes=N, /sse?tokens=N&gap=MS, /forever (streams until the client goes away), /redirect?to=URL&status=N, /slowhead?ms=N,
  * /status/N, /setcookie, /gzip. `events` records what the server saw, e.g. that /forever's client left.
  */
-export async function startUpstream() {
+export async function startUpstream({ host = '127.0.0.1' } = {}) {
   const events = [];
   const route = async (req, res) => {
     const url = new URL(req.url, 'http://upstream');
@@ -281,7 +297,11 @@ export async function startUpstream() {
     }
   };
   // A client that goes away mid-request (an aborted upload) is part of the tests, not a failure.
-  const server = await serveLoopback(route, (req, error) => events.push({ event: 'error', path: req.url, message: error.message }));
+  const server = await serveLoopback(
+    route,
+    (req, error) => events.push({ event: 'error', path: req.url, message: error.message }),
+    host,
+  );
   return { ...server, events };
 }
 
@@ -293,7 +313,7 @@ export const LLM_TOKENS = ['Hello', ' from', ' the', ' mock', ' model', '.'];
  * (`POST /v1/messages`), as their official SDKs expect them. It requires the API key `key` and records
  * each request it served.
  */
-export async function startMockLlm({ key = 'test-key', gapMs = 30 } = {}) {
+export async function startMockLlm({ key = 'test-key', gapMs = 30, host = '127.0.0.1' } = {}) {
   const requests = [];
   const serve = async (req, res) => {
     const chunks = [];
@@ -373,7 +393,7 @@ export async function startMockLlm({ key = 'test-key', gapMs = 30 } = {}) {
     res.writeHead(404, { 'content-type': 'application/json' });
     res.end('{"error":{"message":"no such route"}}');
   };
-  const server = await serveLoopback(serve);
+  const server = await serveLoopback(serve, () => {}, host);
   return { ...server, key, requests };
 }
 

@@ -328,3 +328,65 @@ async fn the_blocking_facade() {
     assert_eq!(denied.code(), "policy_denied");
     pep.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_brokered_key_is_sent_only_to_its_host() {
+    let key = format!("sk-sdk-test-{}", std::process::id());
+    let api = Upstream::http("127.0.0.1").await;
+    api.require("authorization", &format!("Bearer {key}"));
+    let other = Upstream::http("127.0.0.2").await;
+    let dir = temp_dir("sdk-secrets");
+    let socket = dir.join("pep.sock");
+    let options = loopback_options(
+        &[("api.test", "127.0.0.1"), ("other.test", "127.0.0.2")],
+        &["api.test", "other.test"],
+    );
+    let path = write_config(&dir, &socket, &options);
+    // The key in a file only the PEP's user can read, named by the config.
+    let key_file = dir.join("llm.key");
+    std::fs::write(&key_file, format!("{key}\n")).expect("key file");
+    std::fs::set_permissions(
+        &key_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .expect("chmod");
+    let mut text = std::fs::read_to_string(&path).expect("config");
+    text.push_str(
+        "\n[[secrets]]\nname = \"llm\"\nfile = \"llm.key\"\nheader = \"authorization\"\ntemplate = \"Bearer {secret}\"\nhosts = [\"api.test\"]\n",
+    );
+    std::fs::write(&path, text).expect("config");
+    let server = Server::start(Config::load(Some(&path)).expect("config"))
+        .await
+        .expect("server");
+    let client = Client::new(Endpoint::Unix(socket));
+
+    let mut response = client
+        .request("POST", &url(&api, "/sse?n=3&gap_ms=50"))
+        .header("authorization", "Bearer pexi:secret:llm")
+        .body("{}")
+        .send()
+        .await
+        .expect("the authenticated call");
+    assert_eq!(response.status(), 200);
+    let mut events = 0;
+    while let Some(chunk) = response.chunk().await.expect("chunk") {
+        assert_eq!(&chunk[..], b"data: tick\n\n");
+        events += 1;
+    }
+    assert_eq!(events, 3);
+
+    let refused = client
+        .get(&format!("http://other.test:{}/hello", other.port()))
+        .header("authorization", "Bearer pexi:secret:llm")
+        .send()
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(refused.code(), "secret_not_allowed", "{refused}");
+    assert!(!refused.to_string().contains(&key));
+    assert!(other.hits().is_empty());
+    server.stop().await.expect("stop");
+    let audit = std::fs::read_to_string(dir.join("audit.jsonl")).expect("audit");
+    assert!(audit.contains("\"secrets_injected\":[\"llm\"]"));
+    assert!(!audit.contains(&key));
+}

@@ -50,6 +50,8 @@ struct File {
     pep: PepConfig,
     #[serde(default)]
     vm: Option<VmConfig>,
+    #[serde(default)]
+    secrets: Vec<crate::secrets::SecretConfig>,
     #[serde(default, rename = "commands")]
     _commands: serde::de::IgnoredAny,
     #[serde(default, rename = "paths")]
@@ -272,6 +274,8 @@ pub struct Config {
     pub extra_ca_pem: Option<Vec<u8>>,
     /// `[vm]`, its paths resolved; `None` when the file has no such table.
     pub vm: Option<VmConfig>,
+    /// `[[secrets]]`, their values read (docs/secrets.md).
+    pub secrets: crate::secrets::Secrets,
 }
 
 impl Config {
@@ -301,7 +305,7 @@ impl Config {
                 (path.display().to_string(), text, Some(base))
             }
         };
-        let (mut pep, vm) = parse(&source, &text)?;
+        let (mut pep, vm, secret_configs) = parse(&source, &text)?;
         apply_env(&mut pep, env)?;
         let invalid = |message: String| ConfigError::Invalid {
             file: source.clone(),
@@ -338,6 +342,13 @@ impl Config {
             }
             vm
         });
+        let secret_base = base.as_deref().unwrap_or(Path::new("."));
+        let secrets = secret_configs
+            .iter()
+            .map(|config| crate::secrets::Secret::load(config, env, secret_base))
+            .collect::<Result<Vec<_>, _>>()
+            .and_then(crate::secrets::Secrets::new)
+            .map_err(|err| invalid(err.to_string()))?;
         Ok(Config {
             source,
             pep,
@@ -345,13 +356,20 @@ impl Config {
             path: path.map(Path::to_path_buf),
             extra_ca_pem,
             vm,
+            secrets,
         })
     }
 }
 
-fn parse(source: &str, text: &str) -> Result<(PepConfig, Option<VmConfig>), ConfigError> {
+type Parsed = (
+    PepConfig,
+    Option<VmConfig>,
+    Vec<crate::secrets::SecretConfig>,
+);
+
+fn parse(source: &str, text: &str) -> Result<Parsed, ConfigError> {
     toml::from_str::<File>(text)
-        .map(|file| (file.pep, file.vm))
+        .map(|file| (file.pep, file.vm, file.secrets))
         .map_err(|err| {
             let (line, column) = err
                 .span()

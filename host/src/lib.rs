@@ -13,6 +13,7 @@ pub mod config;
 pub mod pipeline;
 pub mod policy;
 pub mod reload;
+pub mod secrets;
 pub mod serve;
 pub mod server;
 pub mod transport;

@@ -36,6 +36,8 @@ pub struct PepOptions {
     pub isolated_network: bool,
     /// Extra environment for the PEP process.
     pub env: Vec<(String, String)>,
+    /// Write the PEP's stderr (its logs) to `pep.log` in its directory instead of the test's stderr.
+    pub log_to_file: bool,
 }
 
 static NEXT_DIR: AtomicUsize = AtomicUsize::new(0);
@@ -263,6 +265,8 @@ pub struct Upstream {
     pub aborted: Arc<AtomicBool>,
     /// TCP connections accepted so far.
     pub connections: Arc<std::sync::atomic::AtomicUsize>,
+    /// A header every request must carry with exactly this value, else 401 (a mock API's key check).
+    required: Arc<Mutex<Option<(String, String)>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -348,6 +352,7 @@ async fn handle(
     req: Request<Incoming>,
     hits: Arc<Mutex<Vec<Hit>>>,
     aborted: Arc<AtomicBool>,
+    required: Arc<Mutex<Option<(String, String)>>>,
 ) -> Result<Response<Body>, Infallible> {
     let method = req.method().to_string();
     let path = req.uri().path().to_string();
@@ -389,6 +394,15 @@ async fn handle(
         headers: headers.clone(),
         body_len: body.len(),
     });
+    let required = required.lock().expect("required").clone();
+    if let Some((name, value)) = required {
+        if !headers.iter().any(|(n, v)| *n == name && *v == value) {
+            return Ok(Response::builder()
+                .status(401)
+                .body(full("missing or wrong API key"))
+                .expect("response"));
+        }
+    }
     let response = match path.as_str() {
         "/hello" => Response::new(full("hello")),
         "/echo" => Response::builder()
@@ -454,7 +468,13 @@ impl Upstream {
         let hits = Arc::new(Mutex::new(Vec::new()));
         let aborted = Arc::new(AtomicBool::new(false));
         let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let (h, a, c) = (hits.clone(), aborted.clone(), connections.clone());
+        let required = Arc::new(Mutex::new(None));
+        let (h, a, c, r) = (
+            hits.clone(),
+            aborted.clone(),
+            connections.clone(),
+            required.clone(),
+        );
         let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
         let task = tokio::spawn(async move {
             loop {
@@ -462,10 +482,11 @@ impl Upstream {
                     return;
                 };
                 c.fetch_add(1, Ordering::SeqCst);
-                let (h, a, acceptor) = (h.clone(), a.clone(), acceptor.clone());
+                let (h, a, r, acceptor) = (h.clone(), a.clone(), r.clone(), acceptor.clone());
                 tokio::spawn(async move {
-                    let service =
-                        hyper::service::service_fn(move |req| handle(req, h.clone(), a.clone()));
+                    let service = hyper::service::service_fn(move |req| {
+                        handle(req, h.clone(), a.clone(), r.clone())
+                    });
                     let builder = hyper::server::conn::http1::Builder::new();
                     match acceptor {
                         Some(acceptor) => {
@@ -485,6 +506,7 @@ impl Upstream {
             hits,
             aborted,
             connections,
+            required,
             task,
         }
     }
@@ -499,6 +521,11 @@ impl Upstream {
 
     pub fn connections(&self) -> usize {
         self.connections.load(Ordering::SeqCst)
+    }
+
+    /// From now on every request must carry `header: value` (lowercase name), or gets 401.
+    pub fn require(&self, header: &str, value: &str) {
+        *self.required.lock().expect("required") = Some((header.to_string(), value.to_string()));
     }
 }
 

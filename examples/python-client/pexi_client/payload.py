@@ -418,6 +418,7 @@ ERROR_CODES = (
     "too_many_redirects",
     "redirect_not_allowed",
     "blocked_address",
+    "secret_not_allowed",
     "dns_failure",
     "upstream_connect",
     "upstream_tls",

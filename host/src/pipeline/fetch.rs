@@ -164,6 +164,9 @@ struct Done {
     response_bytes: u64,
     response_sha256: String,
     decision_id: String,
+    /// Brokered secrets some hop carried, and those withheld from a hop on another origin (names).
+    secrets_injected: Vec<String>,
+    secrets_withheld: Vec<String>,
 }
 
 /// The request body as the first hop streams it, with what a redirect needs to resend it.
@@ -244,6 +247,8 @@ impl Pipeline {
                             "redirects": done.redirects,
                             "request_body": request_body,
                             "response_body": {"bytes": done.response_bytes, "sha256": done.response_sha256},
+                            "secrets_injected": done.secrets_injected,
+                            "secrets_withheld": done.secrets_withheld,
                             "duration_ms": duration_ms,
                         });
                         self.log_outcome(&caller, METHOD, Some(&done.decision_id), detail);
@@ -300,6 +305,13 @@ impl Pipeline {
         let mut replay_body: Option<Bytes> = None;
         let mut previous: Option<url::Url> = None;
         let mut hop = 0u32;
+        let first_origin = (
+            prepared.target.url.scheme().to_string(),
+            prepared.target.host.to_string(),
+            prepared.target.port,
+        );
+        let mut secrets_injected: Vec<String> = Vec::new();
+        let mut secrets_withheld: Vec<String> = Vec::new();
         loop {
             let logged = self
                 .decide(caller, METHOD, &prepared, hop, previous.as_ref())
@@ -313,13 +325,41 @@ impl Pipeline {
             if !logged.decision.allow {
                 return Err(fail(Pipeline::denied(&logged)));
             }
+            // Secrets before DNS: a refused one means nothing at all is sent.
+            let host = prepared.target.host.to_string();
+            let hop_headers = self
+                .secrets
+                .resolve(
+                    &crate::secrets::Hop {
+                        method: &prepared.method,
+                        host: &host,
+                        origin: (prepared.target.url.scheme(), &host, prepared.target.port),
+                        first_origin: (&first_origin.0, &first_origin.1, first_origin.2),
+                    },
+                    &prepared.headers,
+                    &prepared.secrets,
+                    logged.decision.secrets.as_deref(),
+                )
+                .map_err(|refusal| {
+                    fail(ErrorPayload::new(ErrorCode::SecretNotAllowed, refusal.0))
+                })?;
+            for (names, into) in [
+                (&hop_headers.injected, &mut secrets_injected),
+                (&hop_headers.withheld, &mut secrets_withheld),
+            ] {
+                for name in names {
+                    if !into.contains(name) {
+                        into.push(name.clone());
+                    }
+                }
+            }
             let addrs = self
                 .allowed_addresses(&prepared, &decision_id)
                 .await
                 .map_err(&fail)?;
             let client = self.http.pinned(&prepared.target, &addrs).map_err(&fail)?;
             let mut builder = client.request(prepared.method.clone(), prepared.target.url.clone());
-            for (name, value) in &prepared.headers {
+            for (name, value) in hop_headers.headers {
                 builder = builder.header(name, value);
             }
             if let Some(length) = prepared.content_length {
@@ -405,6 +445,8 @@ impl Pipeline {
                 response_bytes,
                 response_sha256,
                 decision_id: logged.decision_id,
+                secrets_injected,
+                secrets_withheld,
             });
         }
     }
@@ -508,6 +550,8 @@ impl Pipeline {
             },
             redirect: current.redirect,
             timeout_ms: current.timeout_ms,
+            // Still named on every hop, so the policy sees them; the broker withholds them off-origin.
+            secrets: current.secrets.clone(),
         })
     }
 

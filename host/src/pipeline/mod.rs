@@ -57,6 +57,7 @@ pub struct Pipeline {
     audit: AuditLog,
     redactor: Redactor,
     http: fetch::HttpClient,
+    secrets: crate::secrets::Secrets,
     decision_prefix: String,
     decisions: AtomicU64,
 }
@@ -93,7 +94,9 @@ impl Pipeline {
             &std::collections::hash_map::RandomState::new(),
             std::process::id(),
         );
+        let secrets = config.secrets.clone();
         let pipeline = Pipeline {
+            secrets,
             config,
             policy,
             guard,
@@ -192,8 +195,7 @@ impl Pipeline {
         method: &str,
         request: &HttpRequest,
     ) -> Result<Prepared, ErrorPayload> {
-        prepare(request).map_err(|err: InvalidRequest| {
-            let error = ErrorPayload::new(ErrorCode::InvalidRequest, err.to_string());
+        let refuse = |error: ErrorPayload| {
             self.log_outcome(
                 caller,
                 method,
@@ -201,7 +203,23 @@ impl Pipeline {
                 json!({"error": error.code.as_str(), "message": error.message}),
             );
             error
-        })
+        };
+        let mut prepared = prepare(request).map_err(|err: InvalidRequest| {
+            refuse(ErrorPayload::new(
+                ErrorCode::InvalidRequest,
+                err.to_string(),
+            ))
+        })?;
+        prepared.secrets = self
+            .secrets
+            .requested(&prepared.headers, &prepared.target.url)
+            .map_err(|refusal| refuse(ErrorPayload::new(ErrorCode::SecretNotAllowed, refusal.0)))?;
+        Ok(prepared)
+    }
+
+    /// The configured brokered secrets.
+    pub fn secrets(&self) -> &crate::secrets::Secrets {
+        &self.secrets
     }
 
     /// Step 3: evaluates policy for one hop and returns once the decision record is durable (per the
@@ -238,6 +256,7 @@ impl Pipeline {
             "decision": {
                 "allow": decision.allow,
                 "reasons": decision.reasons,
+                "secrets": decision.secrets,
                 "policy_revision": policy.revision(),
                 "query": policy.query(),
             },
@@ -331,6 +350,7 @@ impl Pipeline {
                 "headers": headers,
                 "body_length": prepared.content_length,
                 "url": shown_url,
+                "secrets": prepared.secrets,
             },
             "hop": hop,
             "previous_url": previous.map(|u| self.redactor.url(u)),

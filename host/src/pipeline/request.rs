@@ -16,6 +16,8 @@ pub struct Prepared {
     pub content_length: Option<u64>,
     pub redirect: RedirectMode,
     pub timeout_ms: Option<u64>,
+    /// Brokered secrets the request names by placeholder (filled in by the pipeline, which has them).
+    pub secrets: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -112,6 +114,7 @@ pub fn prepare(request: &HttpRequest) -> Result<Prepared, InvalidRequest> {
         content_length,
         redirect: request.redirect,
         timeout_ms: request.timeout_ms,
+        secrets: Vec::new(),
     })
 }
 

@@ -121,6 +121,35 @@ impl<'de> Deserialize<'de> for Port {
     }
 }
 
+impl HostPattern {
+    /// Whether `host` (a canonical, lowercased name or IP literal) matches, with the meaning
+    /// `policies/pexi/http.rego` gives patterns: names never match IP patterns and IPs never match names.
+    /// The PEP itself uses this where it must not depend on the policy (the binding of brokered secrets).
+    pub fn matches(&self, host: &str) -> bool {
+        let pattern = self.0.as_str();
+        if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+            return match pattern.parse::<ipnet::IpNet>() {
+                Ok(net) => net.contains(&ip),
+                Err(_) => pattern.parse::<std::net::IpAddr>() == Ok(ip),
+            };
+        }
+        if pattern.parse::<std::net::IpAddr>().is_ok() || pattern.contains('/') {
+            return false;
+        }
+        if let Some(apex) = pattern.strip_prefix("**.") {
+            host == apex
+                || host
+                    .strip_suffix(apex)
+                    .is_some_and(|rest| rest.ends_with('.'))
+        } else if let Some(parent) = pattern.strip_prefix("*.") {
+            host.strip_suffix(parent)
+                .is_some_and(|rest| rest.len() > 1 && rest.ends_with('.'))
+        } else {
+            host == pattern
+        }
+    }
+}
+
 fn parse_host_pattern(text: &str) -> Result<String, String> {
     let refuse = |why: &str| Err(format!("host pattern {text:?}: {why}"));
     if text.is_empty() {
@@ -178,6 +207,31 @@ fn parse_host_pattern(text: &str) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn patterns_match_as_the_policy_matches_them() {
+        let cases = [
+            ("api.example.com", "api.example.com", true),
+            ("api.example.com", "x.api.example.com", false),
+            ("*.example.com", "a.example.com", true),
+            ("*.example.com", "a.b.example.com", true),
+            ("*.example.com", "example.com", false),
+            ("*.example.com", "badexample.com", false),
+            ("**.example.com", "example.com", true),
+            ("**.example.com", "a.example.com", true),
+            ("**.example.com", "notexample.com", false),
+            ("10.1.2.3", "10.1.2.3", true),
+            ("10.1.2.3", "10.1.2.4", false),
+            ("10.0.0.0/8", "10.200.0.1", true),
+            ("2001:db8::/32", "2001:db8::1", true),
+            ("10.0.0.0/8", "ten.example", false),
+            ("**.example.com", "10.0.0.1", false),
+        ];
+        for (pattern, host, expected) in cases {
+            let parsed = HostPattern::parse(pattern).expect("pattern");
+            assert_eq!(parsed.matches(host), expected, "{pattern} vs {host}");
+        }
+    }
 
     #[test]
     fn valid_patterns_are_normalised() {

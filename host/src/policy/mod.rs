@@ -27,6 +27,9 @@ pub use testing::{run_tests, TestOutcome};
 pub struct Decision {
     pub allow: bool,
     pub reasons: Vec<String>,
+    /// Obligations: when the policy names them, exactly these brokered secrets go into an allowed
+    /// request (each still only within its binding); `None` leaves it to the request's placeholders.
+    pub secrets: Option<Vec<String>>,
 }
 
 impl Decision {
@@ -34,6 +37,7 @@ impl Decision {
         Decision {
             allow: false,
             reasons: vec![reason.into()],
+            secrets: None,
         }
     }
 }
@@ -104,7 +108,7 @@ fn probe_input() -> serde_json::Value {
         "method": "pep.policy.check",
         "request": {"method": "GET", "scheme": "https", "host": "probe.pexi.invalid", "host_kind": "dns",
             "port": 443, "path": "/", "query": null, "headers": {}, "body_length": null,
-            "url": "https://probe.pexi.invalid/"},
+            "url": "https://probe.pexi.invalid/", "secrets": []},
         "hop": 0,
         "previous_url": null,
         "session": {"id": "0000000000000000", "guest": {"name": "probe", "version": "0"}},
@@ -317,11 +321,24 @@ fn probe_inputs(bundle: &Bundle) -> Vec<serde_json::Value> {
     inputs
 }
 
-/// Reads a decision object strictly: exactly the two keys, of exactly the two types.
+/// Reads a decision object strictly: exactly `allow` and `reasons`, of exactly their types, and
+/// optionally `secrets`, an array of secret names.
 fn interpret(parsed: &serde_json::Value) -> Result<Decision, String> {
     let malformed = || format!("policy decision is malformed: {parsed}");
     let object = parsed.as_object().ok_or_else(malformed)?;
-    if object.len() != 2 {
+    let secrets = match object.get("secrets") {
+        None => None,
+        Some(names) => Some(
+            names
+                .as_array()
+                .ok_or_else(malformed)?
+                .iter()
+                .map(|n| n.as_str().map(str::to_string))
+                .collect::<Option<Vec<String>>>()
+                .ok_or_else(malformed)?,
+        ),
+    };
+    if object.len() != 2 + usize::from(secrets.is_some()) {
         return Err(malformed());
     }
     let allow = object
@@ -336,7 +353,11 @@ fn interpret(parsed: &serde_json::Value) -> Result<Decision, String> {
         .map(|r| r.as_str().map(str::to_string))
         .collect::<Option<Vec<String>>>()
         .ok_or_else(malformed)?;
-    Ok(Decision { allow, reasons })
+    Ok(Decision {
+        allow,
+        reasons,
+        secrets,
+    })
 }
 
 /// The bundle in service, swapped whole on reload: a decision uses one bundle from start to end, and
@@ -400,7 +421,8 @@ mod tests {
             decision,
             Decision {
                 allow: false,
-                reasons: vec!["host example.com is not in the allowlist".into()]
+                reasons: vec!["host example.com is not in the allowlist".into()],
+                secrets: None,
             }
         );
     }
@@ -466,9 +488,20 @@ mod tests {
                 json!({"allow": true, "reasons": [1]}),
                 "reason not a string",
             ),
+            (
+                json!({"allow": true, "reasons": [], "secrets": "openai"}),
+                "secrets not an array",
+            ),
+            (
+                json!({"allow": true, "reasons": [], "secrets": [1]}),
+                "secret name not a string",
+            ),
         ] {
             assert!(interpret(&json).is_err(), "{what}");
         }
+        let granted = interpret(&json!({"allow": true, "reasons": [], "secrets": ["openai"]}))
+            .expect("secrets is the one optional key");
+        assert_eq!(granted.secrets, Some(vec!["openai".to_string()]));
     }
 
     #[test]
@@ -528,7 +561,8 @@ mod tests {
             policy.decide(&big),
             Decision {
                 allow: false,
-                reasons: vec!["body of 5000000 bytes is over 1 MiB".into()]
+                reasons: vec!["body of 5000000 bytes is over 1 MiB".into()],
+                secrets: None,
             }
         );
     }
@@ -625,6 +659,35 @@ mod tests {
         .expect("loads");
         assert!(!policy.compiled());
         assert!(!policy.decide(&request("example.com")).allow);
+    }
+
+    #[test]
+    fn an_extension_can_rule_on_requested_secrets() {
+        // The example of docs/secrets.md.
+        let mut bundle = Bundle::load(
+            &PolicyRoot::Embedded,
+            &[Entry::host("api.openai.com").expect("entry")],
+            &[],
+        )
+        .expect("bundle");
+        bundle.modules.push((
+            "pexi/rules/secrets.rego".into(),
+            "package pexi.rules.secrets\n\nimport rego.v1\n\ndenials contains \"secret openai is only for /v1/chat/completions\" if {\n\t\"openai\" in input.request.secrets\n\tinput.request.path != \"/v1/chat/completions\"\n}\n".into(),
+        ));
+        let policy = PolicyEngine::load(&bundle, "data.pexi.http.decision", 1000).expect("loads");
+        assert!(policy.compiled());
+        let mut input = request("api.openai.com");
+        input["request"]["secrets"] = json!(["openai"]);
+        input["request"]["path"] = json!("/v1/files");
+        assert_eq!(
+            policy.decide(&input).reasons,
+            vec!["secret openai is only for /v1/chat/completions".to_string()]
+        );
+        input["request"]["path"] = json!("/v1/chat/completions");
+        assert!(policy.decide(&input).allow);
+        input["request"]["secrets"] = json!([]);
+        input["request"]["path"] = json!("/v1/files");
+        assert!(policy.decide(&input).allow);
     }
 
     #[test]

@@ -55,7 +55,11 @@ impl TestPep {
             .env_remove("PEP_AUDIT_LOG")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
+            .stderr(if options.log_to_file {
+                Stdio::from(std::fs::File::create(dir.join("pep.log")).expect("pep.log"))
+            } else {
+                Stdio::inherit()
+            });
         for (key, value) in &options.env {
             command.env(key, value);
         }

@@ -54,6 +54,9 @@ error_codes! {
     RedirectNotAllowed = "redirect_not_allowed",
     /// The destination resolved only to refused address classes.
     BlockedAddress = "blocked_address",
+    /// The request names a brokered secret (a placeholder) it may not have here, or carries its own
+    /// credential to a host whose credential the PEP brokers; nothing was sent.
+    SecretNotAllowed = "secret_not_allowed",
     DnsFailure = "dns_failure",
     UpstreamConnect = "upstream_connect",
     UpstreamTls = "upstream_tls",
