@@ -1,0 +1,99 @@
+//! `pexi-guestd`: the guest's daemon. It holds the one connection to the PEP (virtio-serial, vsock, or a
+//! Unix socket in development) and runs the HTTP forward proxy that unmodified programs use
+//! (`HTTP_PROXY`/`HTTPS_PROXY`, OpenClaw's `proxy.proxyUrl`); see docs/guest.md.
+//!
+//! ```sh
+//! pexi-guestd --endpoint unix:/tmp/pexi/pep.sock --listen 127.0.0.1:3128 --ca-cert /run/pexi/ca.pem
+//! ```
+//!
+//! When the proxy is listening it prints one line to stdout, `pexi-guestd: proxy http://ADDR ca PATH`, so a
+//! supervisor (or a test, with `--listen 127.0.0.1:0`) knows the address.
+
+mod ca;
+mod proxy;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::Parser;
+use pexi_guest::{Client, Endpoint};
+
+#[derive(Parser)]
+#[command(
+    name = "pexi-guestd",
+    version,
+    about = "The pexi guest daemon: a forward proxy whose only way out is the PEP"
+)]
+struct Args {
+    /// The PEP: unix:PATH, virtio:NAME, virtio:/dev/PATH or vsock:CID:PORT. Default: $PEXI_ENDPOINT, else
+    /// the virtio-serial port org.pexi.pep.0.
+    #[arg(long)]
+    endpoint: Option<String>,
+    /// Where the proxy listens (loopback).
+    #[arg(long, default_value = "127.0.0.1:3128")]
+    listen: SocketAddr,
+    /// Where the per-boot CA certificate (PEM) is written for programs to trust.
+    #[arg(long, default_value = "/run/pexi/ca.pem")]
+    ca_cert: PathBuf,
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    // Warnings by default; RUST_LOG=debug shows each client connection's end.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    match run(args).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("pexi-guestd: {message}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    if !args.listen.ip().is_loopback() {
+        return Err(format!(
+            "--listen {}: the proxy listens on loopback only",
+            args.listen
+        ));
+    }
+    let client = match &args.endpoint {
+        Some(text) => Client::new(text.parse::<Endpoint>().map_err(|err| err.to_string())?),
+        None => Client::from_env().map_err(|err| err.to_string())?,
+    };
+    let ca = ca::Authority::generate()?;
+    ca.write_certificate(&args.ca_cert)
+        .map_err(|err| format!("{}: {err}", args.ca_cert.display()))?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|err| format!("listen on {}: {err}", args.listen))?;
+    let local = listener
+        .local_addr()
+        .map_err(|err| format!("listen address: {err}"))?;
+    println!(
+        "pexi-guestd: proxy http://{local} ca {}",
+        args.ca_cert.display()
+    );
+    let proxy = Arc::new(proxy::Proxy { client, ca });
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(err) => {
+                // Out of file descriptors and the like: wait a moment rather than spin.
+                tracing::warn!(%err, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(proxy.clone().serve_connection(stream, None));
+    }
+}

@@ -1,0 +1,405 @@
+//! The guest's HTTP forward proxy: the only way unmodified programs (curl, git, OpenClaw's own HTTP
+//! stack) reach anything, and its only way out is the PEP.
+//!
+//! - An absolute-form request (`GET http://host/path`) becomes one `pep.http.request`.
+//! - `CONNECT host:port` is answered 200 unless the policy cannot allow the host at all (then 403, before
+//!   any TLS). Inside the tunnel the first byte tells TLS (0x16) from plain HTTP: TLS is terminated here with
+//!   a certificate from the per-boot CA ([`crate::ca`]), and each HTTP/1.1 request inside becomes a
+//!   `pep.http.request` for the real `https://` URL, so policy, credential brokering and audit see whole
+//!   requests. Plain HTTP inside a tunnel (OpenClaw tunnels even `http://` destinations) is served the same
+//!   way with `http://` URLs.
+//! - Redirects are returned to the client (`redirect: manual`), which follows them through the proxy again.
+//! - Refusals answer like proxies do: 403 for policy refusals, 502 for upstream failures, 504 for timeouts,
+//!   with `x-pexi-error: <code>` and a JSON body `{code, message, reasons}`.
+//! - Bodies stream both ways under the PEP's flow control; a client that goes away drops its request, which
+//!   cancels the upstream request at the PEP.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use futures_util::{StreamExt, TryStreamExt};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{combinators::BoxBody, BodyExt, BodyStream, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::TokioIo;
+use pexi_guest::{Client, Error, RedirectMode};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+
+use crate::ca::Authority;
+
+type Body = BoxBody<Bytes, std::io::Error>;
+
+pub struct Proxy {
+    pub client: Client,
+    pub ca: Authority,
+}
+
+/// Where requests on a connection go when they are in origin form: set inside a CONNECT tunnel.
+#[derive(Clone, Debug)]
+pub struct Origin {
+    scheme: &'static str,
+    authority: String,
+}
+
+/// Request headers a proxy never forwards (RFC 9110 §7.6.1), plus `Host`, which the URL decides.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "content-length",
+];
+
+impl Proxy {
+    /// Serves one client connection until it closes.
+    pub async fn serve_connection<IO>(self: Arc<Self>, io: IO, origin: Option<Origin>)
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let proxy = self.clone();
+        let service = hyper::service::service_fn(move |request| {
+            let (proxy, origin) = (proxy.clone(), origin.clone());
+            async move { Ok::<_, Infallible>(proxy.handle(request, origin).await) }
+        });
+        let served = hyper::server::conn::http1::Builder::new()
+            .keep_alive(true)
+            .serve_connection(TokioIo::new(io), service)
+            .with_upgrades()
+            .await;
+        if let Err(err) = served {
+            tracing::debug!(%err, "client connection ended");
+        }
+    }
+
+    async fn handle(
+        self: Arc<Self>,
+        request: Request<Incoming>,
+        origin: Option<Origin>,
+    ) -> Response<Body> {
+        if request.method() == Method::CONNECT && origin.is_none() {
+            return self.connect(request).await;
+        }
+        let url = match (
+            &origin,
+            request.uri().scheme_str(),
+            request.uri().authority(),
+        ) {
+            (Some(origin), None, None) => format!(
+                "{}://{}{}",
+                origin.scheme,
+                origin.authority,
+                request.uri().path_and_query().map_or("/", |p| p.as_str())
+            ),
+            (None, Some("http" | "https"), Some(_)) => request.uri().to_string(),
+            _ => {
+                return refusal(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    "a proxy request needs an absolute http:// URL (or CONNECT host:port)",
+                    &[],
+                )
+            }
+        };
+        if is_upgrade(request.headers()) {
+            return refusal(
+                StatusCode::NOT_IMPLEMENTED,
+                "upgrade_not_supported",
+                "protocol upgrades (WebSocket) are not carried by this proxy yet",
+                &[],
+            );
+        }
+        self.forward(request, &url).await
+    }
+
+    /// One request to the PEP, its response streamed back.
+    async fn forward(&self, request: Request<Incoming>, url: &str) -> Response<Body> {
+        let (parts, body) = request.into_parts();
+        let mut builder = self
+            .client
+            .request(parts.method.as_str(), url)
+            .redirect(RedirectMode::Manual);
+        for (name, value) in &parts.headers {
+            if !HOP_BY_HOP.contains(&name.as_str()) && !named_by_connection(&parts.headers, name) {
+                builder = builder.header(name.as_str(), value.as_bytes());
+            }
+        }
+        let length = parts
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        let chunked = parts.headers.contains_key(http::header::TRANSFER_ENCODING);
+        if length.is_some_and(|n| n > 0) || chunked {
+            let stream = BodyStream::new(body)
+                .try_filter_map(|frame| async move { Ok(frame.into_data().ok()) })
+                .map_err(std::io::Error::other);
+            builder = builder.body_stream(length, stream);
+        }
+        match builder.send().await {
+            Ok(response) => {
+                let mut out = Response::builder().status(response.status());
+                for field in response.headers() {
+                    let name = field.name();
+                    if matches!(
+                        name,
+                        "connection"
+                            | "keep-alive"
+                            | "transfer-encoding"
+                            | "proxy-connection"
+                            | "trailer"
+                            | "upgrade"
+                    ) {
+                        continue;
+                    }
+                    if let (Ok(name), Ok(value)) = (
+                        HeaderName::from_bytes(name.as_bytes()),
+                        HeaderValue::from_bytes(field.value()),
+                    ) {
+                        out = out.header(name, value);
+                    }
+                }
+                let stream = response
+                    .into_stream()
+                    .map(|chunk| chunk.map(Frame::data).map_err(std::io::Error::other));
+                out.body(BodyExt::boxed(StreamBody::new(stream)))
+                    .unwrap_or_else(|err| {
+                        refusal(
+                            StatusCode::BAD_GATEWAY,
+                            "invalid_response",
+                            &format!("the upstream response cannot be relayed: {err}"),
+                            &[],
+                        )
+                    })
+            }
+            Err(error) => error_response(&error),
+        }
+    }
+
+    /// `CONNECT host:port`: refuse hosts the policy can never allow, else open the tunnel.
+    async fn connect(self: Arc<Self>, request: Request<Incoming>) -> Response<Body> {
+        let Some(authority) = request.uri().authority().cloned() else {
+            return refusal(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "CONNECT needs host:port",
+                &[],
+            );
+        };
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        let port = authority.port_u16().unwrap_or(443);
+        // Refused before any TLS when no allowlist entry names the host: the shipped policy's reason for
+        // that is "host H is not in the allowlist". Any other deny (a method, a path) may not apply to
+        // the requests inside, which are each decided on their own.
+        let probe = format!("https://{}:{port}/", authority.host());
+        match self.client.check("GET", &probe).await {
+            Ok(decision)
+                if !decision.allow
+                    && decision
+                        .reasons
+                        .iter()
+                        .any(|r| r.ends_with("is not in the allowlist")) =>
+            {
+                return refusal(
+                    StatusCode::FORBIDDEN,
+                    "policy_denied",
+                    &format!("CONNECT to {authority} refused by policy"),
+                    &decision.reasons,
+                );
+            }
+            Ok(_) => {}
+            Err(error) => return error_response(&error),
+        }
+        let authority = authority.to_string();
+        tokio::spawn(async move {
+            match hyper::upgrade::on(request).await {
+                Ok(upgraded) => self.tunnel(TokioIo::new(upgraded), host, authority).await,
+                Err(err) => tracing::debug!(%err, "CONNECT upgrade failed"),
+            }
+        });
+        Response::new(empty())
+    }
+
+    /// Inside a tunnel: TLS terminated with a certificate for the host, or plain HTTP. Boxed as `Send`:
+    /// a tunnel serves requests that may open tunnels, and naming the type ends that cycle for the compiler.
+    fn tunnel<IO>(
+        self: Arc<Self>,
+        io: IO,
+        host: String,
+        authority: String,
+    ) -> Pin<Box<dyn std::future::Future<Output = ()> + Send>>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        Box::pin(self.tunnel_inner(io, host, authority))
+    }
+
+    async fn tunnel_inner<IO>(self: Arc<Self>, mut io: IO, host: String, authority: String)
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let mut first = [0u8; 1];
+        match io.read(&mut first).await {
+            Ok(1) => {}
+            _ => return,
+        }
+        let io = Prefixed {
+            prefix: Some(first[0]),
+            inner: io,
+        };
+        if first[0] != 0x16 {
+            let origin = Origin {
+                scheme: "http",
+                authority,
+            };
+            return self.serve_connection(io, Some(origin)).await;
+        }
+        let acceptor = tokio_rustls::LazyConfigAcceptor::new(
+            tokio_rustls::rustls::server::Acceptor::default(),
+            io,
+        );
+        let start = match acceptor.await {
+            Ok(start) => start,
+            Err(err) => {
+                tracing::debug!(%err, "TLS ClientHello unreadable");
+                return;
+            }
+        };
+        // The name the client asked for, else the CONNECT host (IP destinations send no SNI).
+        let name = start
+            .client_hello()
+            .server_name()
+            .map(str::to_string)
+            .unwrap_or_else(|| host.clone());
+        let config = match self.ca.server_config(&name) {
+            Ok(config) => config,
+            Err(err) => {
+                tracing::warn!(%err, "no certificate");
+                return;
+            }
+        };
+        match start.into_stream(config).await {
+            Ok(tls) => {
+                let origin = Origin {
+                    scheme: "https",
+                    authority,
+                };
+                self.serve_connection(tls, Some(origin)).await;
+            }
+            Err(err) => tracing::debug!(%err, "TLS handshake with the client failed"),
+        }
+    }
+}
+
+fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(http::header::UPGRADE)
+}
+
+/// Whether `Connection` names this header (which makes it hop-by-hop too).
+fn named_by_connection(headers: &HeaderMap, name: &HeaderName) -> bool {
+    headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case(name.as_str()))
+}
+
+fn empty() -> Body {
+    BodyExt::boxed(Full::new(Bytes::new()).map_err(|never| match never {}))
+}
+
+/// An answer the proxy makes itself: status, `x-pexi-error`, and `{code, message, reasons}`.
+fn refusal(status: StatusCode, code: &str, message: &str, reasons: &[String]) -> Response<Body> {
+    let body =
+        serde_json::json!({"code": code, "message": message, "reasons": reasons}).to_string();
+    let mut response = Response::new(BodyExt::boxed(
+        Full::new(Bytes::from(body)).map_err(|never| match never {}),
+    ));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if let Ok(value) = HeaderValue::from_str(code) {
+        headers.insert("x-pexi-error", value);
+    }
+    response
+}
+
+/// The answer for a request the PEP refused or could not complete.
+fn error_response(error: &Error) -> Response<Body> {
+    let code = error.code();
+    let status = match code {
+        "policy_denied" | "secret_not_allowed" | "blocked_address" | "redirect_not_allowed" => {
+            StatusCode::FORBIDDEN
+        }
+        "invalid_request" => StatusCode::BAD_REQUEST,
+        "body_too_large" => StatusCode::PAYLOAD_TOO_LARGE,
+        "upstream_timeout" => StatusCode::GATEWAY_TIMEOUT,
+        _ => StatusCode::BAD_GATEWAY,
+    };
+    let reasons = match error {
+        Error::Pep(payload) => payload.details.reasons.clone(),
+        _ => Vec::new(),
+    };
+    let message = match error {
+        Error::Pep(payload) => payload.message.clone(),
+        other => other.to_string(),
+    };
+    refusal(status, code, &message, &reasons)
+}
+
+/// A stream with one byte put back in front (the byte read to tell TLS from plain HTTP).
+struct Prefixed<IO> {
+    prefix: Option<u8>,
+    inner: IO,
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Prefixed<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if let Some(byte) = self.prefix.take() {
+            if buf.remaining() > 0 {
+                buf.put_slice(&[byte]);
+                return Poll::Ready(Ok(()));
+            }
+            self.prefix = Some(byte);
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Prefixed<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}

@@ -1,0 +1,309 @@
+//! `pexi-guestd`'s forward proxy, end to end: the real binary, a real PEP (in-process), real upstream
+//! servers on loopback (HTTPS with a test CA the PEP trusts), and real clients: curl, git and reqwest.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Instant;
+
+use pexi_host::config::Config;
+use pexi_host::server::Server;
+use pexi_test_support::{loopback_options, temp_dir, write_config, TestCa, Upstream};
+
+struct Guestd {
+    child: Child,
+    proxy: String,
+    ca: PathBuf,
+}
+
+impl Guestd {
+    fn start(socket: &Path, dir: &Path) -> Guestd {
+        let ca = dir.join("guest-ca.pem");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_pexi-guestd"))
+            .args(["--endpoint", &format!("unix:{}", socket.display())])
+            .args(["--listen", "127.0.0.1:0", "--ca-cert"])
+            .arg(&ca)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn pexi-guestd");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("ready line");
+        let proxy = line
+            .split_whitespace()
+            .find(|w| w.starts_with("http://"))
+            .unwrap_or_else(|| panic!("no proxy address in {line:?}"))
+            .to_string();
+        assert!(ca.exists(), "the CA certificate was written");
+        Guestd { child, proxy, ca }
+    }
+
+    /// Peak resident memory of the daemon, in KiB.
+    fn peak_kib(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Guestd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Curl {
+    status: u16,
+    headers: String,
+    body: Vec<u8>,
+    exit: i32,
+    stderr: String,
+}
+
+/// curl through the proxy, trusting only the guest CA. `-w` prints the status after the body.
+fn curl(guestd: &Guestd, args: &[&str], stdin: Option<&[u8]>) -> Curl {
+    let headers = tempfile_path("headers");
+    let mut command = Command::new("curl");
+    command
+        .args(["-sS", "--noproxy", "", "-x", &guestd.proxy, "--cacert"])
+        .arg(&guestd.ca)
+        .arg("-D")
+        .arg(&headers)
+        .args(["-w", "\n%{http_code}"])
+        .args(args)
+        .env_remove("http_proxy")
+        .env_remove("https_proxy")
+        .env_remove("HTTPS_PROXY")
+        .env_remove("ALL_PROXY")
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = command.spawn().expect("curl (apt-get install curl)");
+    if let Some(bytes) = stdin {
+        let mut pipe = child.stdin.take().expect("stdin");
+        let bytes = bytes.to_vec();
+        std::thread::spawn(move || {
+            let _ = pipe.write_all(&bytes);
+        });
+    }
+    let output = child.wait_with_output().expect("curl output");
+    let mut body = output.stdout;
+    let split = body.iter().rposition(|b| *b == b'\n').unwrap_or(0);
+    let status = String::from_utf8_lossy(&body[split..])
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    body.truncate(split);
+    let headers_text = std::fs::read_to_string(&headers).unwrap_or_default();
+    let _ = std::fs::remove_file(&headers);
+    Curl {
+        status,
+        headers: headers_text.to_ascii_lowercase(),
+        body,
+        exit: output.status.code().unwrap_or(-1),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+fn tempfile_path(tag: &str) -> PathBuf {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    std::env::temp_dir().join(format!(
+        "pexi-guestd-test-{}-{}-{tag}",
+        std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ))
+}
+
+struct Setup {
+    _server: Server,
+    guestd: Guestd,
+    plain: Upstream,
+    tls: Upstream,
+    dir: PathBuf,
+}
+
+async fn setup() -> Setup {
+    let ca = TestCa::new(&["secure.test"]);
+    let plain = Upstream::http("127.0.0.1").await;
+    let tls = Upstream::https("127.0.0.1", &ca).await;
+    let dir = temp_dir("guestd");
+    let socket = dir.join("pep.sock");
+    let mut options = loopback_options(
+        &[("api.test", "127.0.0.1"), ("secure.test", "127.0.0.1")],
+        &["api.test", "secure.test"],
+    );
+    options.extra_ca_pem = Some(ca.ca_pem.clone());
+    let config = Config::load(Some(&write_config(&dir, &socket, &options))).expect("config");
+    let server = Server::start(config).await.expect("PEP");
+    let guestd = Guestd::start(&socket, &dir);
+    Setup {
+        _server: server,
+        guestd,
+        plain,
+        tls,
+        dir,
+    }
+}
+
+fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> tokio::task::JoinHandle<T> {
+    tokio::task::spawn_blocking(f)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn curl_through_the_proxy() {
+    let s = setup().await;
+    let plain = format!("http://api.test:{}", s.plain.port());
+    let tls = format!("https://secure.test:{}", s.tls.port());
+    let guestd = std::sync::Arc::new(s.guestd);
+    let g = guestd.clone();
+    let (p, t) = (plain.clone(), tls.clone());
+    let results = blocking(move || {
+        vec![
+            curl(&g, &[&format!("{p}/hello")], None),
+            curl(&g, &[&format!("{t}/hello")], None),
+            curl(&g, &["http://denied.test/x"], None),
+            curl(&g, &["https://denied.test/x"], None),
+            curl(&g, &["-L", &format!("{t}/redirect?to=/hello")], None),
+            curl(&g, &[&format!("{t}/redirect?to=/hello")], None),
+        ]
+    })
+    .await
+    .expect("curl");
+    // Allowed, http and https (TLS terminated in the guest, with the guest CA).
+    assert_eq!(
+        (results[0].status, results[0].body.as_slice()),
+        (200, &b"hello"[..]),
+        "{}",
+        results[0].stderr
+    );
+    assert_eq!(
+        (results[1].status, results[1].body.as_slice()),
+        (200, &b"hello"[..]),
+        "{}",
+        results[1].stderr
+    );
+    // Denied: 403, x-pexi-error, and the policy's reasons in the JSON body.
+    assert_eq!(results[2].status, 403);
+    assert!(
+        results[2].headers.contains("x-pexi-error: policy_denied"),
+        "{}",
+        results[2].headers
+    );
+    let body: serde_json::Value = serde_json::from_slice(&results[2].body).expect("JSON refusal");
+    assert_eq!(body["code"], "policy_denied");
+    assert_eq!(
+        body["reasons"][0],
+        "host denied.test is not in the allowlist"
+    );
+    // A CONNECT to a host the policy can never allow is refused before any TLS.
+    assert_ne!(results[3].exit, 0);
+    assert!(results[3].headers.contains("403"), "{}", results[3].headers);
+    assert!(
+        results[3].headers.contains("x-pexi-error: policy_denied"),
+        "{}",
+        results[3].headers
+    );
+    // Redirects are the client's to follow (each hop through the proxy and the PEP again).
+    assert_eq!(
+        (results[4].status, results[4].body.as_slice()),
+        (200, &b"hello"[..])
+    );
+    assert_eq!(results[5].status, 302);
+    let tls_hosts: Vec<String> = s.tls.hits().iter().map(|h| h.host.clone()).collect();
+    assert!(tls_hosts
+        .iter()
+        .all(|h| h == &format!("secure.test:{}", s.tls.port())));
+
+    // A 10 MB download through TLS, whole, and a streamed (chunked) upload of 3 MB.
+    let g = guestd.clone();
+    let (t2, p2) = (tls.clone(), plain.clone());
+    let (big, upload) = blocking(move || {
+        let big = curl(&g, &[&format!("{t2}/big?n=10000000")], None);
+        let data = vec![b'u'; 3 * 1024 * 1024];
+        let upload = curl(
+            &g,
+            &[
+                "-T",
+                "-",
+                "-H",
+                "content-type: application/octet-stream",
+                &format!("{p2}/echo"),
+            ],
+            Some(&data),
+        );
+        (big, upload)
+    })
+    .await
+    .expect("curl");
+    assert_eq!(big.status, 200, "{}", big.stderr);
+    assert_eq!(big.body.len(), 10_000_000);
+    assert!(big.body.iter().all(|b| *b == b'x'));
+    assert_eq!(upload.status, 200, "{}", upload.stderr);
+    assert_eq!(upload.body.len(), 3 * 1024 * 1024);
+    let hit = s.plain.hits().pop().expect("upload hit");
+    assert_eq!(hit.body_len, 3 * 1024 * 1024);
+    assert!(hit
+        .headers
+        .iter()
+        .any(|(n, v)| n == "transfer-encoding" && v == "chunked"));
+    let _ = std::fs::remove_dir_all(&s.dir);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_hundred_concurrent_connections_with_bounded_memory() {
+    let s = setup().await;
+    let proxy = reqwest::Proxy::all(&s.guestd.proxy).expect("proxy");
+    let ca =
+        reqwest::Certificate::from_pem(&std::fs::read(&s.guestd.ca).expect("ca")).expect("pem");
+    let before = s.guestd.peak_kib();
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..200)
+        .map(|i| {
+            // A client per task: 200 separate connections to the proxy.
+            let client = reqwest::Client::builder()
+                .proxy(proxy.clone())
+                .add_root_certificate(ca.clone())
+                .tls_built_in_root_certs(false)
+                .pool_max_idle_per_host(0)
+                .build()
+                .expect("client");
+            let url = if i % 2 == 0 {
+                format!("https://secure.test:{}/sse?n=2&gap_ms=200", s.tls.port())
+            } else {
+                format!("http://api.test:{}/big?n=100000", s.plain.port())
+            };
+            tokio::spawn(async move {
+                let response = client.get(&url).send().await.expect("response");
+                assert_eq!(response.status(), 200);
+                response.bytes().await.expect("body").len()
+            })
+        })
+        .collect();
+    for (i, task) in tasks.into_iter().enumerate() {
+        let len = task.await.expect("task");
+        assert_eq!(len, if i % 2 == 0 { 24 } else { 100_000 });
+    }
+    let peak = s.guestd.peak_kib();
+    eprintln!(
+        "200 proxied connections in {:?}; pexi-guestd peak RSS {before} -> {peak} KiB",
+        started.elapsed()
+    );
+    // Bounded: flow control keeps each stream's buffers small; 200 streams fit well under 100 MiB.
+    assert!(peak < 100 * 1024, "peak RSS {peak} KiB");
+    assert!(s.tls.connections() >= 1);
+    let _ = std::fs::remove_dir_all(&s.dir);
+}
