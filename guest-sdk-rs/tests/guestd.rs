@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use pexi_host::config::Config;
 use pexi_host::server::Server;
-use pexi_test_support::{loopback_options, temp_dir, write_config, TestCa, Upstream};
+use pexi_test_support::{loopback_options, temp_dir, write_config, GitServer, TestCa, Upstream};
 
 struct Guestd {
     child: Child,
@@ -131,18 +131,24 @@ struct Setup {
     guestd: Guestd,
     plain: Upstream,
     tls: Upstream,
+    git: GitServer,
     dir: PathBuf,
 }
 
 async fn setup() -> Setup {
-    let ca = TestCa::new(&["secure.test"]);
+    let ca = TestCa::new(&["secure.test", "git.test"]);
     let plain = Upstream::http("127.0.0.1").await;
     let tls = Upstream::https("127.0.0.1", &ca).await;
     let dir = temp_dir("guestd");
+    let git = GitServer::https("127.0.0.1", &ca, dir.join("repos")).await;
     let socket = dir.join("pep.sock");
     let mut options = loopback_options(
-        &[("api.test", "127.0.0.1"), ("secure.test", "127.0.0.1")],
-        &["api.test", "secure.test"],
+        &[
+            ("api.test", "127.0.0.1"),
+            ("secure.test", "127.0.0.1"),
+            ("git.test", "127.0.0.1"),
+        ],
+        &["api.test", "secure.test", "git.test"],
     );
     options.extra_ca_pem = Some(ca.ca_pem.clone());
     let config = Config::load(Some(&write_config(&dir, &socket, &options))).expect("config");
@@ -153,6 +159,7 @@ async fn setup() -> Setup {
         guestd,
         plain,
         tls,
+        git,
         dir,
     }
 }
@@ -305,5 +312,84 @@ async fn two_hundred_concurrent_connections_with_bounded_memory() {
     // Bounded: flow control keeps each stream's buffers small; 200 streams fit well under 100 MiB.
     assert!(peak < 100 * 1024, "peak RSS {peak} KiB");
     assert!(s.tls.connections() >= 1);
+    let _ = std::fs::remove_dir_all(&s.dir);
+}
+
+fn git(dir: &Path, args: &[&str], env: &[(&str, String)]) -> std::process::Output {
+    let mut command = Command::new("git");
+    command
+        .current_dir(dir)
+        .args(args)
+        .env("HOME", dir)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .env_remove("http_proxy")
+        .env_remove("HTTPS_PROXY")
+        .env_remove("ALL_PROXY");
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    command.output().expect("git")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn git_clone_over_https_through_the_proxy() {
+    let s = setup().await;
+    let work = s.dir.join("work");
+    std::fs::create_dir_all(s.dir.join("repos")).expect("repos");
+    std::fs::create_dir_all(&work).expect("work");
+    let ident = [
+        ("GIT_AUTHOR_NAME", "pexi".to_string()),
+        ("GIT_AUTHOR_EMAIL", "pexi@example.test".to_string()),
+        ("GIT_COMMITTER_NAME", "pexi".to_string()),
+        ("GIT_COMMITTER_EMAIL", "pexi@example.test".to_string()),
+    ];
+    // A repository on the "hosting service": one commit, served bare.
+    assert!(git(&work, &["init", "-q", "-b", "main", "src"], &ident)
+        .status
+        .success());
+    std::fs::write(work.join("src/README"), "cloned through pexi\n").expect("file");
+    assert!(git(&work.join("src"), &["add", "README"], &ident)
+        .status
+        .success());
+    assert!(
+        git(&work.join("src"), &["commit", "-q", "-m", "first"], &ident)
+            .status
+            .success()
+    );
+    let bare = s.dir.join("repos/repo.git");
+    assert!(git(
+        &work,
+        &[
+            "clone",
+            "-q",
+            "--bare",
+            "src",
+            bare.to_str().expect("utf-8")
+        ],
+        &ident
+    )
+    .status
+    .success());
+
+    let url = format!("https://git.test:{}/repo.git", s.git.port);
+    let env = vec![
+        ("https_proxy", s.guestd.proxy.clone()),
+        ("GIT_SSL_CAINFO", s.guestd.ca.display().to_string()),
+    ];
+    // git.test resolves nowhere but in the PEP's DNS overrides: the clone can only go through the proxy.
+    let work2 = work.clone();
+    let output = blocking(move || git(&work2, &["clone", "-q", &url, "copy"], &env))
+        .await
+        .expect("clone");
+    assert!(
+        output.status.success(),
+        "git clone: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(work.join("copy/README")).expect("cloned file"),
+        "cloned through pexi\n"
+    );
     let _ = std::fs::remove_dir_all(&s.dir);
 }

@@ -557,7 +557,7 @@ impl TestCa {
         }
     }
 
-    fn server_config(&self) -> Arc<tokio_rustls::rustls::ServerConfig> {
+    pub fn server_config(&self) -> Arc<tokio_rustls::rustls::ServerConfig> {
         use tokio_rustls::rustls;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let config = rustls::ServerConfig::builder_with_provider(provider)
@@ -624,4 +624,126 @@ pub fn write_config(dir: &Path, socket: &Path, options: &PepOptions) -> PathBuf 
     let path = dir.join("config.toml");
     std::fs::write(&path, toml::to_string(&doc).expect("serialise config")).expect("write config");
     path
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// A git smart-HTTP server
+
+/// An HTTPS git server on `ip`:0 serving the repositories under `root` through `git http-backend` (CGI),
+/// as a hosting service would; for `git clone` through the guest proxy.
+pub struct GitServer {
+    pub port: u16,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for GitServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl GitServer {
+    pub async fn https(ip: &str, ca: &TestCa, root: PathBuf) -> GitServer {
+        let listener = tokio::net::TcpListener::bind((ip, 0))
+            .await
+            .expect("bind git server");
+        let port = listener.local_addr().expect("addr").port();
+        UPSTREAM_PORTS.lock().expect("ports").push(port);
+        let acceptor = tokio_rustls::TlsAcceptor::from(ca.server_config());
+        let root = Arc::new(root);
+        let task = tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (acceptor, root) = (acceptor.clone(), root.clone());
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let service = hyper::service::service_fn(move |req| {
+                        let root = root.clone();
+                        async move { Ok::<_, Infallible>(git_cgi(req, &root).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tls), service)
+                        .await;
+                });
+            }
+        });
+        GitServer { port, task }
+    }
+}
+
+/// One request through `git http-backend`, per the CGI interface it implements.
+async fn git_cgi(req: Request<Incoming>, root: &Path) -> Response<Body> {
+    let method = req.method().to_string();
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or("").to_string();
+    let header = |name: &str| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string()
+    };
+    let (content_type, encoding, protocol) = (
+        header("content-type"),
+        header("content-encoding"),
+        header("git-protocol"),
+    );
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let mut child = tokio::process::Command::new("git")
+        .arg("http-backend")
+        .env("GIT_PROJECT_ROOT", root)
+        .env("GIT_HTTP_EXPORT_ALL", "1")
+        .env("REQUEST_METHOD", &method)
+        .env("PATH_INFO", &path)
+        .env("QUERY_STRING", &query)
+        .env("CONTENT_TYPE", &content_type)
+        .env("CONTENT_LENGTH", body.len().to_string())
+        .env("HTTP_CONTENT_ENCODING", &encoding)
+        .env("GIT_PROTOCOL", &protocol)
+        .env("REMOTE_ADDR", "127.0.0.1")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .expect("git http-backend");
+    if let Some(mut stdin) = child.stdin.take() {
+        use tokio::io::AsyncWriteExt;
+        let _ = stdin.write_all(&body).await;
+    }
+    let output = child
+        .wait_with_output()
+        .await
+        .expect("git http-backend output");
+    let out = output.stdout;
+    let split = out
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|i| (i, 4))
+        .or_else(|| out.windows(2).position(|w| w == b"\n\n").map(|i| (i, 2)));
+    let Some((end, gap)) = split else {
+        return Response::builder()
+            .status(500)
+            .body(full("git http-backend wrote no headers"))
+            .expect("response");
+    };
+    let mut response = Response::builder();
+    for line in String::from_utf8_lossy(&out[..end]).lines() {
+        if let Some((name, value)) = line.split_once(':') {
+            if name.eq_ignore_ascii_case("status") {
+                let code = value.trim().split(' ').next().unwrap_or("200");
+                response = response.status(code.parse::<u16>().unwrap_or(500));
+            } else {
+                response = response.header(name.trim(), value.trim());
+            }
+        }
+    }
+    response
+        .body(full(out[end + gap..].to_vec()))
+        .expect("response")
 }
