@@ -248,6 +248,37 @@ impl RequestBuilder {
         self
     }
 
+    /// Sends an upgrade request (add `upgrade: websocket`, `connection: upgrade` and the protocol's own
+    /// headers) and waits for the head, without ending the request side. With status 101 the
+    /// [`Response`]'s body is the upgraded connection's bytes from the upstream ([`Response::chunk`]) and
+    /// the [`UpgradeSender`] carries bytes to it; [`UpgradeSender::finish`] half-closes. Any other status
+    /// is an ordinary response. Dropping the response before its end cancels the whole connection.
+    pub async fn upgrade(self) -> Result<(Response, UpgradeSender), Error> {
+        let mut stream = self
+            .client
+            .open(MethodCall::HttpRequest(self.request))
+            .await?;
+        match stream.next_event().await? {
+            StreamEvent::Head(ResponseHead::Http(head)) => {
+                let sender = UpgradeSender {
+                    key: stream.key,
+                    buffer: stream.buffer.clone(),
+                    commands: stream.commands.clone(),
+                    ended: false,
+                };
+                Ok((Response { head, stream }, sender))
+            }
+            StreamEvent::Failed(error) => {
+                stream.finished = true;
+                Err(error)
+            }
+            _ => Err(Error::Pep(pexi_protocol::payload::ErrorPayload::new(
+                ErrorCode::ProtocolError,
+                "the PEP answered an upgrade request with something else",
+            ))),
+        }
+    }
+
     /// Sends the request and waits for the response head. Dropping the future cancels the request.
     pub async fn send(self) -> Result<Response, Error> {
         let mut stream = self
@@ -280,6 +311,50 @@ impl RequestBuilder {
                 "the PEP answered an HTTP request with something else",
             ))),
         }
+    }
+}
+
+/// The guest's direction of an upgraded connection (see [`RequestBuilder::upgrade`]). Dropping it ends
+/// that direction, as [`UpgradeSender::finish`] does.
+pub struct UpgradeSender {
+    key: u64,
+    buffer: Arc<Semaphore>,
+    commands: mpsc::UnboundedSender<Command>,
+    ended: bool,
+}
+
+impl UpgradeSender {
+    /// Sends bytes to the upstream, waiting for flow-control room; `false` when the connection has
+    /// already ended (the upstream closed or the PEP failed it).
+    pub async fn send(&mut self, mut data: Bytes) -> Result<bool, Error> {
+        while !data.is_empty() {
+            let chunk = data.split_to(data.len().min(CHUNK));
+            match self.buffer.acquire_many(chunk.len() as u32).await {
+                Ok(permit) => permit.forget(),
+                Err(_) => return Ok(false),
+            }
+            self.commands
+                .send(Command::Data(self.key, chunk))
+                .map_err(|_| Error::Closed)?;
+        }
+        Ok(true)
+    }
+
+    /// Ends the guest's direction (the upstream sees a half-close); the other keeps flowing.
+    pub fn finish(&mut self) -> Result<(), Error> {
+        if self.ended {
+            return Ok(());
+        }
+        self.ended = true;
+        self.commands
+            .send(Command::End(self.key))
+            .map_err(|_| Error::Closed)
+    }
+}
+
+impl Drop for UpgradeSender {
+    fn drop(&mut self) {
+        let _ = self.finish();
     }
 }
 
@@ -410,6 +485,8 @@ struct StreamState {
     pending: VecDeque<Out>,
     buffer: Arc<Semaphore>,
     received: Arc<AtomicUsize>,
+    /// The guest's END went into the session.
+    end_sent: bool,
 }
 
 /// An open waiting for a session: the call, where to answer, and since when.
@@ -612,6 +689,7 @@ impl Connection {
                         pending: VecDeque::new(),
                         buffer: buffer.clone(),
                         received: received.clone(),
+                        end_sent: false,
                     },
                 );
                 self.by_id.insert(id, key);
@@ -673,6 +751,7 @@ impl Connection {
                 }
                 Out::End => {
                     let _ = session.send_end(state.id, Vec::new());
+                    state.end_sent = true;
                 }
             }
         }
@@ -702,6 +781,20 @@ impl Connection {
                 }
                 Event::End { stream_id, .. } => {
                     self.deliver(stream_id, StreamEvent::End);
+                    // A stream the guest still had open (an upgraded connection whose upstream closed
+                    // first): the host reads nothing more, so end the guest's side too, or both sessions
+                    // would keep a half-open stream (and its concurrency slot) forever.
+                    if let Some(state) = self
+                        .by_id
+                        .get(&stream_id)
+                        .and_then(|k| self.streams.get_mut(k))
+                    {
+                        if !state.end_sent {
+                            state.pending.clear();
+                            state.end_sent = true;
+                            let _ = session.send_end(stream_id, Vec::new());
+                        }
+                    }
                     // Nothing more arrives on this stream, so none of its bytes need credit any more:
                     // release everything the session holds for it (unread bytes, and read bytes whose
                     // Release command is still queued and will find the stream forgotten), so the

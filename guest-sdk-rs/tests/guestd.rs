@@ -393,3 +393,56 @@ async fn git_clone_over_https_through_the_proxy() {
     );
     let _ = std::fs::remove_dir_all(&s.dir);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn websocket_upgrades_through_the_proxy() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = setup().await;
+    let ca =
+        reqwest::Certificate::from_pem(&std::fs::read(&s.guestd.ca).expect("ca")).expect("pem");
+    let client = reqwest::Client::builder()
+        .proxy(reqwest::Proxy::all(&s.guestd.proxy).expect("proxy"))
+        .add_root_certificate(ca)
+        .tls_built_in_root_certs(false)
+        .http1_only()
+        .build()
+        .expect("client");
+    // ws:// (absolute form through the proxy) and wss:// (CONNECT, TLS in the guest, upgrade inside).
+    for url in [
+        format!("http://api.test:{}/ws-echo", s.plain.port()),
+        format!("https://secure.test:{}/ws-echo", s.tls.port()),
+    ] {
+        let response = client
+            .get(&url)
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+            .header("sec-websocket-version", "13")
+            .send()
+            .await
+            .expect("handshake");
+        assert_eq!(response.status(), 101, "{url}");
+        let mut io = response.upgrade().await.expect("upgraded");
+        for message in [&b"hello"[..], b"from the guest", &[0u8, 1, 2, 255]] {
+            io.write_all(message).await.expect("write");
+            let mut got = vec![0u8; message.len()];
+            io.read_exact(&mut got).await.expect("echo");
+            assert_eq!(got, message, "{url}");
+        }
+        io.shutdown().await.expect("half-close");
+        let mut rest = Vec::new();
+        io.read_to_end(&mut rest).await.expect("close");
+        assert!(rest.is_empty());
+    }
+    // A WebSocket to a denied host: refused with pexi's 403, no handshake upstream.
+    let response = client
+        .get("http://ws.denied.test/ws-echo")
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(response.status(), 403);
+    assert_eq!(response.headers()["x-pexi-error"], "policy_denied");
+    let _ = std::fs::remove_dir_all(&s.dir);
+}

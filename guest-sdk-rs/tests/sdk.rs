@@ -390,3 +390,77 @@ async fn a_brokered_key_is_sent_only_to_its_host() {
     assert!(audit.contains("\"secrets_injected\":[\"llm\"]"));
     assert!(!audit.contains(&key));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_websocket_upgrade_carries_bytes_both_ways() {
+    let upstream = Upstream::http("127.0.0.1").await;
+    let dir = temp_dir("sdk-upgrade");
+    let pep = InProcessPep::start_in(dir.clone(), &options()).await;
+    let client = pep.client();
+    let upgrade = |url: String| {
+        client
+            .get(&url)
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+            .header("sec-websocket-version", "13")
+            .upgrade()
+    };
+    let (mut response, mut sender) = upgrade(url(&upstream, "/ws-echo")).await.expect("upgrade");
+    assert_eq!(response.status(), 101);
+    assert_eq!(response.header("upgrade"), Some(&b"websocket"[..]));
+    let hit = upstream.hits().pop().expect("handshake");
+    assert!(hit
+        .headers
+        .iter()
+        .any(|(n, v)| n == "sec-websocket-key" && v == "dGhlIHNhbXBsZSBub25jZQ=="));
+    // Several exchanges, then a large message, then the guest half-closes and the echo ends.
+    let mut echoed = Vec::new();
+    for message in ["ping", "second message", "third"] {
+        assert!(sender.send(Bytes::from(message)).await.expect("send"));
+        let mut got = Vec::new();
+        while got.len() < message.len() {
+            got.extend_from_slice(&response.chunk().await.expect("chunk").expect("open"));
+        }
+        assert_eq!(got, message.as_bytes());
+        echoed.extend(got);
+    }
+    let big = vec![7u8; 1_000_000];
+    assert!(sender.send(Bytes::from(big.clone())).await.expect("send"));
+    sender.finish().expect("finish");
+    let mut rest = Vec::new();
+    while let Some(chunk) = response.chunk().await.expect("chunk") {
+        rest.extend_from_slice(&chunk);
+    }
+    assert_eq!(rest, big, "the echo of 1 MB, then the upstream closed");
+    let decision_id = response.decision_id().to_string();
+    drop(response);
+
+    // A denied host is refused before any handshake.
+    let refused = upgrade("http://ws.denied.test/ws-echo".into())
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(refused.code(), "policy_denied");
+
+    // The audit log: an upgrade decision and an outcome with the bytes each way.
+    pep.stop().await;
+    let audit = std::fs::read_to_string(dir.join("audit.jsonl")).expect("audit");
+    let records: Vec<serde_json::Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
+    let decision = records
+        .iter()
+        .find(|r| r["kind"] == "decision" && r["decision_id"] == decision_id.as_str())
+        .expect("decision");
+    assert_eq!(decision["request"]["upgrade"], "websocket");
+    let outcome = records
+        .iter()
+        .find(|r| r["kind"] == "outcome" && r["decision_id"] == decision_id.as_str())
+        .expect("outcome");
+    assert_eq!(outcome["status"], 101);
+    let sent = (echoed.len() + big.len()) as u64;
+    assert_eq!(outcome["upgrade"]["bytes_to_upstream"], sent);
+    assert_eq!(outcome["upgrade"]["bytes_to_guest"], sent);
+}

@@ -83,6 +83,13 @@ pub struct LimitsConfig {
     pub idle_timeout_ms: u64,
     pub total_timeout_ms: u64,
     pub dns_timeout_ms: u64,
+    /// Bytes each way over one upgraded connection (WebSocket); it is closed with an error past this.
+    #[serde(default = "default_max_upgraded_bytes")]
+    pub max_upgraded_bytes: u64,
+}
+
+fn default_max_upgraded_bytes() -> u64 {
+    1 << 30
 }
 
 impl LimitsConfig {

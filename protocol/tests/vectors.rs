@@ -166,6 +166,27 @@ fn catalog() -> Vec<Vector> {
         redirect_count: 0,
         decision_id: "d-000002".into(),
     };
+    let upgrade_request = HttpRequest {
+        headers: vec![
+            HeaderField::new("upgrade", "websocket"),
+            HeaderField::new("connection", "upgrade"),
+            HeaderField::new("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+            HeaderField::new("sec-websocket-version", "13"),
+        ],
+        redirect: RedirectMode::Manual,
+        ..HttpRequest::new("GET", "https://chat.example.com/socket")
+    };
+    let switching_head = HttpResponseHead {
+        status: 101,
+        headers: vec![
+            HeaderField::new("sec-websocket-accept", "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
+            HeaderField::new("connection", "upgrade"),
+            HeaderField::new("upgrade", "websocket"),
+        ],
+        final_url: "https://chat.example.com/socket".into(),
+        redirect_count: 0,
+        decision_id: "d-000004".into(),
+    };
     let decision = PolicyDecision {
         allow: false,
         reasons: vec!["default deny".into()],
@@ -228,6 +249,12 @@ fn catalog() -> Vec<Vector> {
         valid("open-policy-check", "OPEN stream 3: pep.policy.check GET with defaults (follow redirects, no headers)",
             cbor_frame(FrameType::Open, 3, &MethodCall::PolicyCheck(HttpRequest::new("GET", "https://example.com/"))),
             Payload::Cbor { schema: "open.schema.json", roundtrip: |b| MethodCall::decode(b).expect("decodes").encode() }),
+        valid("open-websocket-upgrade", "OPEN stream 7: pep.http.request GET asking to upgrade to websocket (§5.5); no END follows until the guest closes its side",
+            cbor_frame(FrameType::Open, 7, &MethodCall::HttpRequest(upgrade_request)),
+            Payload::Cbor { schema: "open.schema.json", roundtrip: |b| MethodCall::decode(b).expect("decodes").encode() }),
+        valid("head-switching-protocols", "HEAD on stream 7: 101, the upgraded connection's bytes follow as DATA both ways",
+            Frame::new(FrameType::Head, 7, ResponseHead::Http(switching_head).encode()),
+            Payload::Cbor { schema: "head.pep.http.request.schema.json", roundtrip: roundtrip::<HttpResponseHead> }),
         valid("data", "DATA on stream 1: 27 raw body bytes (never CBOR)",
             Frame::new(FrameType::Data, 1, b"{\"model\":\"m\",\"stream\":true}".to_vec()), Payload::Binary),
         valid("head-http-request", "HEAD on stream 1 for pep.http.request: 200 with repeated set-cookie, one value not UTF-8",

@@ -282,6 +282,61 @@ fn full(bytes: impl Into<Bytes>) -> Body {
     http_body_util::Full::new(bytes.into()).boxed()
 }
 
+/// `/ws-echo` with `Upgrade`: answers 101 and echoes every byte of the upgraded connection until the
+/// client half-closes. (The handshake's accept key is not computed: pexi carries the bytes, the test's
+/// client does not check it.)
+fn echo_upgrade(mut req: Request<Incoming>, hits: Arc<Mutex<Vec<Hit>>>) -> Response<Body> {
+    let headers: Vec<(String, String)> = req
+        .headers()
+        .iter()
+        .map(|(n, v)| {
+            (
+                n.to_string(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
+    hits.lock().expect("hits").push(Hit {
+        method: req.method().to_string(),
+        path: "/ws-echo".into(),
+        host: req
+            .headers()
+            .get(http::header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string(),
+        headers,
+        body_len: 0,
+    });
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let Ok(upgraded) = on_upgrade.await else {
+            return;
+        };
+        let mut io = TokioIo::new(upgraded);
+        let mut buffer = vec![0u8; 16 * 1024];
+        loop {
+            match io.read(&mut buffer).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if io.write_all(&buffer[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = io.shutdown().await;
+    });
+    Response::builder()
+        .status(101)
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-accept", "not-checked")
+        .body(full(""))
+        .expect("response")
+}
+
 /// Sets `aborted` if dropped before `done` was set: the response stream was abandoned.
 struct AbortFlag {
     aborted: Arc<AtomicBool>,
@@ -354,6 +409,9 @@ async fn handle(
     aborted: Arc<AtomicBool>,
     required: Arc<Mutex<Option<(String, String)>>>,
 ) -> Result<Response<Body>, Infallible> {
+    if req.uri().path() == "/ws-echo" && req.headers().contains_key(http::header::UPGRADE) {
+        return Ok(echo_upgrade(req, hits));
+    }
     let method = req.method().to_string();
     let path = req.uri().path().to_string();
     let host = req
@@ -491,11 +549,17 @@ impl Upstream {
                     match acceptor {
                         Some(acceptor) => {
                             if let Ok(tls) = acceptor.accept(tcp).await {
-                                let _ = builder.serve_connection(TokioIo::new(tls), service).await;
+                                let _ = builder
+                                    .serve_connection(TokioIo::new(tls), service)
+                                    .with_upgrades()
+                                    .await;
                             }
                         }
                         None => {
-                            let _ = builder.serve_connection(TokioIo::new(tcp), service).await;
+                            let _ = builder
+                                .serve_connection(TokioIo::new(tcp), service)
+                                .with_upgrades()
+                                .await;
                         }
                     }
                 });

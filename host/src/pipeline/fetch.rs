@@ -23,6 +23,8 @@ use crate::config::Config;
 use crate::serve::{RequestBody, Responder, StreamRequest};
 
 const METHOD: &str = "pep.http.request";
+/// "No deadline" for an upgraded connection: a century, so the timer arithmetic stays finite.
+const NO_DEADLINE_MS: u64 = 100 * 365 * 86_400_000;
 /// Request bodies up to this size are kept so a 307/308 redirect can send them again.
 const REPLAY_LIMIT: usize = 1024 * 1024;
 
@@ -167,6 +169,8 @@ struct Done {
     /// Brokered secrets some hop carried, and those withheld from a hop on another origin (names).
     secrets_injected: Vec<String>,
     secrets_withheld: Vec<String>,
+    /// For an upgraded connection: protocol, bytes each way, how long it lasted.
+    upgrade: Option<serde_json::Value>,
 }
 
 /// The request body as the first hop streams it, with what a redirect needs to resend it.
@@ -205,12 +209,20 @@ impl Pipeline {
                 Err(error) => responder.error(error),
             },
             MethodCall::HttpRequest(params) => {
-                let total = Duration::from_millis(
+                // An upgraded connection lives as long as it is used: idle timeout and byte caps bound
+                // it, not the whole-request deadline.
+                let upgrading = params
+                    .headers
+                    .iter()
+                    .any(|h| h.name().eq_ignore_ascii_case("upgrade"));
+                let total = Duration::from_millis(if upgrading {
+                    NO_DEADLINE_MS
+                } else {
                     params
                         .timeout_ms
                         .unwrap_or(u64::MAX)
-                        .min(self.config.pep.limits.total_timeout_ms),
-                );
+                        .min(self.config.pep.limits.total_timeout_ms)
+                });
                 let started = std::time::Instant::now();
                 let tap = Arc::new(BodyTap {
                     replay: Mutex::new(Some(Vec::new())),
@@ -249,6 +261,7 @@ impl Pipeline {
                             "response_body": {"bytes": done.response_bytes, "sha256": done.response_sha256},
                             "secrets_injected": done.secrets_injected,
                             "secrets_withheld": done.secrets_withheld,
+                            "upgrade": done.upgrade,
                             "duration_ms": duration_ms,
                         });
                         self.log_outcome(&caller, METHOD, Some(&done.decision_id), detail);
@@ -301,7 +314,13 @@ impl Pipeline {
             })
             .into());
         }
-        let mut guest_body = carries_body(&prepared).then_some(body);
+        let mut guest_body =
+            (carries_body(&prepared) || prepared.upgrade.is_some()).then_some(body);
+        // An upgrade sends no body: the guest's DATA is the upgraded connection's, after the 101.
+        let mut upgrade_body = None;
+        if prepared.upgrade.is_some() {
+            upgrade_body = guest_body.take();
+        }
         let mut replay_body: Option<Bytes> = None;
         let mut previous: Option<url::Url> = None;
         let mut hop = 0u32;
@@ -362,7 +381,15 @@ impl Pipeline {
             for (name, value) in hop_headers.headers {
                 builder = builder.header(name, value);
             }
-            if let Some(length) = prepared.content_length {
+            if let Some(protocol) = &prepared.upgrade {
+                builder = builder
+                    .header(http::header::CONNECTION, "upgrade")
+                    .header(http::header::UPGRADE, protocol.as_str());
+            }
+            if let Some(length) = prepared
+                .content_length
+                .filter(|_| prepared.upgrade.is_none())
+            {
                 builder = builder.header(http::header::CONTENT_LENGTH, length);
             }
             if let Some(body) = guest_body.take() {
@@ -388,8 +415,14 @@ impl Pipeline {
                 .get(http::header::LOCATION)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string);
+            // An upgrade's redirect is answered as it is: following would replay a handshake elsewhere.
+            let redirect_mode = if prepared.upgrade.is_some() {
+                RedirectMode::Manual
+            } else {
+                prepared.redirect
+            };
             if let (true, Some(location)) = (status.is_redirection(), location) {
-                match prepared.redirect {
+                match redirect_mode {
                     RedirectMode::Manual => {}
                     RedirectMode::Error => {
                         return Err(fail(ErrorPayload::new(
@@ -428,11 +461,51 @@ impl Pipeline {
                 redirect_count: hop,
                 decision_id: logged.decision_id.clone(),
             };
+            let switching = status == StatusCode::SWITCHING_PROTOCOLS && prepared.upgrade.is_some();
+            let head = if switching {
+                // The guest's client checks the handshake: it needs the pair a 101 carries.
+                let mut head = head;
+                if let Some(protocol) = &prepared.upgrade {
+                    head.headers.push(HeaderField::new("connection", "upgrade"));
+                    head.headers
+                        .push(HeaderField::new("upgrade", protocol.as_str()));
+                }
+                head
+            } else {
+                head
+            };
             if responder.head(ResponseHead::Http(head)).is_err() {
                 return Err(fail(ErrorPayload::new(
                     ErrorCode::Cancelled,
                     "the stream is gone",
                 )));
+            }
+            if switching {
+                let upgraded = response
+                    .upgrade()
+                    .await
+                    .map_err(|err| fail(upstream_error(&err)))?;
+                let started = std::time::Instant::now();
+                let relayed = self
+                    .relay_upgraded(upgraded, upgrade_body.take(), responder)
+                    .await;
+                let (to_upstream, to_guest) = relayed.map_err(&fail)?;
+                return Ok(Done {
+                    status: status.as_u16(),
+                    final_url: self.redactor.url(&prepared.target.url),
+                    redirects: hop,
+                    response_bytes: to_guest,
+                    response_sha256: String::new(),
+                    decision_id: logged.decision_id,
+                    secrets_injected,
+                    secrets_withheld,
+                    upgrade: Some(json!({
+                        "protocol": prepared.upgrade,
+                        "bytes_to_upstream": to_upstream,
+                        "bytes_to_guest": to_guest,
+                        "duration_ms": started.elapsed().as_millis() as u64,
+                    })),
+                });
             }
             let (response_bytes, response_sha256) = self
                 .stream_response(response, responder)
@@ -447,8 +520,108 @@ impl Pipeline {
                 decision_id: logged.decision_id,
                 secrets_injected,
                 secrets_withheld,
+                upgrade: None,
             });
         }
+    }
+
+    /// Carries an upgraded connection's bytes both ways until the upstream closes (after the guest's END
+    /// was passed on as a write shutdown, or while the guest still sends), the guest goes away, nothing
+    /// moves for `idle_timeout_ms`, or a direction passes `max_upgraded_bytes`. Returns the bytes sent
+    /// each way (to the upstream, to the guest).
+    async fn relay_upgraded(
+        &self,
+        upgraded: reqwest::Upgraded,
+        body: Option<RequestBody>,
+        responder: &Responder,
+    ) -> Result<(u64, u64), ErrorPayload> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let limits = &self.config.pep.limits;
+        let cap = limits.max_upgraded_bytes;
+        let idle = Duration::from_millis(limits.idle_timeout_ms.max(1));
+        let (mut from_upstream, mut to_upstream) = tokio::io::split(upgraded);
+        let activity = AtomicU64::new(0);
+        let epoch = std::time::Instant::now();
+        let touch = || activity.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+        let sent_up = AtomicU64::new(0);
+        let sent_down = AtomicU64::new(0);
+        let upward = async {
+            if let Some(mut body) = body {
+                while let Some(chunk) = body.next().await {
+                    let total = sent_up.fetch_add(chunk.len() as u64, Ordering::Relaxed)
+                        + chunk.len() as u64;
+                    if total > cap {
+                        return Err(ErrorPayload::new(
+                            ErrorCode::BodyTooLarge,
+                            format!("more than {cap} bytes sent on the upgraded connection"),
+                        ));
+                    }
+                    to_upstream.write_all(&chunk).await.map_err(|err| {
+                        ErrorPayload::new(
+                            ErrorCode::UpstreamConnect,
+                            format!("upstream write: {err}"),
+                        )
+                    })?;
+                    touch();
+                }
+            }
+            // The guest ended its side: half-close, and keep reading what the upstream still sends.
+            let _ = to_upstream.shutdown().await;
+            Ok(())
+        };
+        let downward = async {
+            let mut buffer = vec![0u8; super::super::serve::MAX_CHUNK];
+            loop {
+                let n = from_upstream.read(&mut buffer).await.map_err(|err| {
+                    ErrorPayload::new(ErrorCode::UpstreamConnect, format!("upstream read: {err}"))
+                })?;
+                if n == 0 {
+                    return Ok(());
+                }
+                let total = sent_down.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
+                if total > cap {
+                    return Err(ErrorPayload::new(
+                        ErrorCode::ResponseTooLarge,
+                        format!("more than {cap} bytes received on the upgraded connection"),
+                    ));
+                }
+                touch();
+                responder
+                    .data(Bytes::copy_from_slice(&buffer[..n]))
+                    .await
+                    .map_err(|_| ErrorPayload::new(ErrorCode::Cancelled, "the stream is gone"))?;
+            }
+        };
+        let watchdog = async {
+            loop {
+                tokio::time::sleep(idle.min(Duration::from_secs(1))).await;
+                let last = Duration::from_millis(activity.load(Ordering::Relaxed));
+                if epoch.elapsed().saturating_sub(last) >= idle {
+                    return ErrorPayload::new(
+                        ErrorCode::UpstreamTimeout,
+                        format!("the upgraded connection was idle for {idle:?}"),
+                    );
+                }
+            }
+        };
+        tokio::pin!(upward, downward, watchdog);
+        let mut upward_done = false;
+        let outcome = loop {
+            tokio::select! {
+                result = &mut upward, if !upward_done => match result {
+                    Ok(()) => upward_done = true,
+                    Err(error) => break Err(error),
+                },
+                result = &mut downward => break result,
+                error = &mut watchdog => break Err(error),
+            }
+        };
+        outcome.map(|()| {
+            (
+                sent_up.load(Ordering::Relaxed),
+                sent_down.load(Ordering::Relaxed),
+            )
+        })
     }
 
     /// Steps 4–5: the addresses this hop may connect to, or why there are none. Logged either way.
@@ -552,6 +725,7 @@ impl Pipeline {
             timeout_ms: current.timeout_ms,
             // Still named on every hop, so the policy sees them; the broker withholds them off-origin.
             secrets: current.secrets.clone(),
+            upgrade: None,
         })
     }
 

@@ -351,6 +351,7 @@ impl Pipeline {
                 "body_length": prepared.content_length,
                 "url": shown_url,
                 "secrets": prepared.secrets,
+                "upgrade": prepared.upgrade,
             },
             "hop": hop,
             "previous_url": previous.map(|u| self.redactor.url(u)),

@@ -18,6 +18,9 @@ pub struct Prepared {
     pub timeout_ms: Option<u64>,
     /// Brokered secrets the request names by placeholder (filled in by the pipeline, which has them).
     pub secrets: Vec<String>,
+    /// The protocol the request asks to upgrade to (`websocket`): after a 101 the stream carries the
+    /// upgraded connection's bytes both ways.
+    pub upgrade: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -36,7 +39,14 @@ pub enum InvalidRequest {
     LengthMismatch { header: String, param: u64 },
     #[error("{0} may not carry a request body")]
     BodyNotAllowed(Method),
+    #[error("upgrade to {0:?} is not supported (only websocket)")]
+    UpgradeProtocol(String),
+    #[error("an upgrade request must be a GET without a body, with Connection: upgrade")]
+    UpgradeShape,
 }
+
+/// The protocols a request may upgrade to.
+const UPGRADES: &[&str] = &["websocket"];
 
 /// Connection-specific headers (RFC 9110 §7.6.1) that a proxy never forwards, plus the framing headers the
 /// HTTP client sets itself.
@@ -72,6 +82,26 @@ pub fn prepare(request: &HttpRequest) -> Result<Prepared, InvalidRequest> {
         .filter_map(|(_, value)| value.to_str().ok())
         .flat_map(|v| v.split(',').map(|t| t.trim().to_ascii_lowercase()))
         .collect();
+    let upgrade = match parsed
+        .iter()
+        .find(|(name, _)| name == http::header::UPGRADE)
+    {
+        None => None,
+        Some((_, value)) => {
+            let protocol = String::from_utf8_lossy(value.as_bytes())
+                .trim()
+                .to_ascii_lowercase();
+            if !UPGRADES.contains(&protocol.as_str()) {
+                return Err(InvalidRequest::UpgradeProtocol(protocol));
+            }
+            let asked = named_by_connection.iter().any(|n| n == "upgrade");
+            let bodyless = request.content_length.unwrap_or(0) == 0;
+            if !asked || method != Method::GET || !bodyless {
+                return Err(InvalidRequest::UpgradeShape);
+            }
+            Some(protocol)
+        }
+    };
     let mut headers = Vec::with_capacity(parsed.len());
     for (name, value) in parsed {
         if name == http::header::HOST {
@@ -115,6 +145,7 @@ pub fn prepare(request: &HttpRequest) -> Result<Prepared, InvalidRequest> {
         redirect: request.redirect,
         timeout_ms: request.timeout_ms,
         secrets: Vec::new(),
+        upgrade,
     })
 }
 
@@ -141,7 +172,7 @@ mod tests {
                 ("Connection", b"close, X-Secret-Hop"),
                 ("x-secret-hop", b"1"),
                 ("Transfer-Encoding", b"chunked"),
-                ("Upgrade", b"websocket"),
+                ("Keep-Alive", b"timeout=5"),
                 ("Proxy-Authorization", b"Basic x"),
                 ("Content-Length", b"4"),
                 ("Host", b"A.example"),
@@ -206,6 +237,50 @@ mod tests {
             prepare(&both),
             Err(InvalidRequest::LengthMismatch { .. })
         ));
+    }
+
+    #[test]
+    fn websocket_upgrades_are_recognised_and_others_refused() {
+        let ok = prepare(&req(
+            "GET",
+            "https://a.example/chat",
+            &[
+                ("Connection", b"keep-alive, Upgrade"),
+                ("Upgrade", b"WebSocket"),
+                ("Sec-WebSocket-Key", b"dGhlIHNhbXBsZSBub25jZQ=="),
+            ],
+        ))
+        .expect("valid upgrade");
+        assert_eq!(ok.upgrade.as_deref(), Some("websocket"));
+        // The hop-by-hop pair is the PEP's to send; the handshake's end-to-end headers are kept.
+        let names: Vec<&str> = ok.headers.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, vec!["sec-websocket-key"]);
+        for (method, headers, what) in [
+            (
+                "GET",
+                vec![("Connection", &b"upgrade"[..]), ("Upgrade", b"h2c")],
+                "h2c",
+            ),
+            (
+                "GET",
+                vec![("Upgrade", &b"websocket"[..])],
+                "no Connection: upgrade",
+            ),
+            (
+                "POST",
+                vec![("Connection", &b"upgrade"[..]), ("Upgrade", b"websocket")],
+                "POST",
+            ),
+        ] {
+            assert!(
+                prepare(&req(method, "https://a.example/", &headers)).is_err(),
+                "{what}"
+            );
+        }
+        assert!(prepare(&req("GET", "https://a.example/", &[]))
+            .expect("plain")
+            .upgrade
+            .is_none());
     }
 
     #[test]

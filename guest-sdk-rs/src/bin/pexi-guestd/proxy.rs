@@ -11,6 +11,8 @@
 //! - Redirects are returned to the client (`redirect: manual`), which follows them through the proxy again.
 //! - Refusals answer like proxies do: 403 for policy refusals, 502 for upstream failures, 504 for timeouts,
 //!   with `x-pexi-error: <code>` and a JSON body `{code, message, reasons}`.
+//! - An `Upgrade: websocket` request becomes an upgraded `pep.http.request`: after the PEP's 101 the
+//!   client's connection and the PEP stream carry the WebSocket's bytes both ways.
 //! - Bodies stream both ways under the PEP's flow control; a client that goes away drops its request, which
 //!   cancels the upstream request at the PEP.
 
@@ -26,7 +28,7 @@ use http_body_util::{combinators::BoxBody, BodyExt, BodyStream, Full, StreamBody
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::TokioIo;
 use pexi_guest::{Client, Error, RedirectMode};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use crate::ca::Authority;
 
@@ -110,14 +112,98 @@ impl Proxy {
             }
         };
         if is_upgrade(request.headers()) {
-            return refusal(
-                StatusCode::NOT_IMPLEMENTED,
-                "upgrade_not_supported",
-                "protocol upgrades (WebSocket) are not carried by this proxy yet",
-                &[],
-            );
+            return self.upgrade(request, &url).await;
         }
         self.forward(request, &url).await
+    }
+
+    /// A WebSocket (or other) upgrade: the PEP performs the handshake upstream; after its 101 the client's
+    /// connection and the PEP's upgraded stream are joined, bytes both ways.
+    async fn upgrade(&self, mut request: Request<Incoming>, url: &str) -> Response<Body> {
+        let on_client = hyper::upgrade::on(&mut request);
+        let headers = request.headers();
+        let protocol = headers
+            .get(http::header::UPGRADE)
+            .map(|v| v.as_bytes().to_vec())
+            .unwrap_or_default();
+        let mut builder = self
+            .client
+            .request(request.method().as_str(), url)
+            .redirect(RedirectMode::Manual)
+            .header("connection", "upgrade")
+            .header("upgrade", &protocol);
+        for (name, value) in headers {
+            if !HOP_BY_HOP.contains(&name.as_str()) && !named_by_connection(headers, name) {
+                builder = builder.header(name.as_str(), value.as_bytes());
+            }
+        }
+        let (mut response, mut sender) = match builder.upgrade().await {
+            Ok(answer) => answer,
+            Err(error) => return error_response(&error),
+        };
+        let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS.as_u16();
+        let mut out = Response::builder().status(response.status());
+        for field in response.headers() {
+            let hop = matches!(
+                field.name(),
+                "keep-alive" | "transfer-encoding" | "proxy-connection" | "trailer"
+            ) || (!switching && matches!(field.name(), "connection" | "upgrade"));
+            if hop {
+                continue;
+            }
+            if let (Ok(name), Ok(value)) = (
+                HeaderName::from_bytes(field.name().as_bytes()),
+                HeaderValue::from_bytes(field.value()),
+            ) {
+                out = out.header(name, value);
+            }
+        }
+        if !switching {
+            let stream = response
+                .into_stream()
+                .map(|chunk| chunk.map(Frame::data).map_err(std::io::Error::other));
+            return out
+                .body(BodyExt::boxed(StreamBody::new(stream)))
+                .unwrap_or_else(|_| Response::new(empty()));
+        }
+        tokio::spawn(async move {
+            let client = match on_client.await {
+                Ok(upgraded) => TokioIo::new(upgraded),
+                Err(err) => {
+                    tracing::debug!(%err, "the client did not take the upgrade");
+                    return;
+                }
+            };
+            let (mut from_client, mut to_client) = tokio::io::split(client);
+            let upward = async {
+                let mut buffer = vec![0u8; 64 * 1024];
+                loop {
+                    match from_client.read(&mut buffer).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => match sender.send(Bytes::copy_from_slice(&buffer[..n])).await {
+                            Ok(true) => {}
+                            _ => break,
+                        },
+                    }
+                }
+                let _ = sender.finish();
+                // The other direction decides when the connection is over.
+                std::future::pending::<()>().await;
+            };
+            let downward = async {
+                while let Ok(Some(chunk)) = response.chunk().await {
+                    if to_client.write_all(&chunk).await.is_err() {
+                        return;
+                    }
+                }
+                let _ = to_client.shutdown().await;
+            };
+            tokio::select! {
+                () = upward => {}
+                () = downward => {}
+            }
+        });
+        out.body(empty()).unwrap_or_else(|_| Response::new(empty()))
     }
 
     /// One request to the PEP, its response streamed back.
