@@ -56,6 +56,20 @@ export declare function install(): void;
 /** Restores the `fetch` that was global when `@pexi/guest` loaded. */
 export declare function uninstall(): void;
 
+/**
+ * Points the process's other HTTP clients and its children at the guest proxy (`pexi-guestd`) when its CA
+ * file exists: sets `HTTP_PROXY`, `HTTPS_PROXY` (and lowercase), `OPENCLAW_PROXY_URL` unless set, adds
+ * loopback to `NO_PROXY`, and trusts the proxy's CA where `tls.setDefaultCACertificates` exists. The
+ * `register` preload calls it. Defaults: `PEXI_PROXY_URL` or `http://127.0.0.1:3128`, `PEXI_CA_CERT` or
+ * `/run/pexi/ca.pem`.
+ */
+export declare function useGuestProxy(options?: { proxyUrl?: string; caFile?: string }): {
+  /** The proxy URL set, or null when there is no guest proxy (no CA file). */
+  proxy: string | null;
+  /** Whether the CA was added to the default trusted CAs (false on Node without setDefaultCACertificates). */
+  ca: boolean;
+};
+
 /** The `fetch` that was global when `@pexi/guest` loaded (Node's own, under the `register` preload). */
 export declare const originalFetch: typeof globalThis.fetch;
 
@@ -65,6 +79,7 @@ declare const pexi: {
   connect: typeof connect;
   install: typeof install;
   uninstall: typeof uninstall;
+  useGuestProxy: typeof useGuestProxy;
   originalFetch: typeof originalFetch;
   PexiError: typeof PexiError;
 };

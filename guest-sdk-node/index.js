@@ -364,6 +364,51 @@ function uninstall() {
   }
 }
 
+/**
+ * Points everything else in the process at the guest proxy (`pexi-guestd`) when it is running, for the
+ * HTTP clients that do not use global fetch (OpenClaw's own undici, `ws`, child processes such as curl
+ * and git): `HTTP_PROXY`/`HTTPS_PROXY` (and lowercase), `OPENCLAW_PROXY_URL`, `NO_PROXY` for loopback,
+ * and the proxy's per-boot CA added to the default trusted CAs (Node ≥ 22.19 and 24, which have
+ * `tls.setDefaultCACertificates`; older Node: start with `NODE_EXTRA_CA_CERTS=<ca>`). Values already set
+ * are kept. Does nothing when the CA file is absent (no proxy in this guest). Returns what it did.
+ */
+function useGuestProxy({
+  proxyUrl = process.env.PEXI_PROXY_URL ?? 'http://127.0.0.1:3128',
+  caFile = process.env.PEXI_CA_CERT ?? '/run/pexi/ca.pem',
+} = {}) {
+  const fs = require('node:fs');
+  const tls = require('node:tls');
+  let pem;
+  try {
+    pem = fs.readFileSync(caFile, 'utf8');
+  } catch {
+    return { proxy: null, ca: false };
+  }
+  for (const name of ['HTTP_PROXY', 'HTTPS_PROXY', 'http_proxy', 'https_proxy', 'OPENCLAW_PROXY_URL']) {
+    if (!process.env[name]) {
+      process.env[name] = proxyUrl;
+    }
+  }
+  const loopback = ['localhost', '127.0.0.1', '::1'];
+  const noProxy = (process.env.NO_PROXY ?? process.env.no_proxy ?? '').split(',').map((s) => s.trim()).filter(Boolean);
+  for (const host of loopback) {
+    if (!noProxy.includes(host)) {
+      noProxy.push(host);
+    }
+  }
+  process.env.NO_PROXY = noProxy.join(',');
+  process.env.no_proxy = process.env.NO_PROXY;
+  let ca = false;
+  if (typeof tls.setDefaultCACertificates === 'function' && typeof tls.getCACertificates === 'function') {
+    const current = tls.getCACertificates('default');
+    if (!current.includes(pem)) {
+      tls.setDefaultCACertificates([...current, pem]);
+    }
+    ca = true;
+  }
+  return { proxy: proxyUrl, ca };
+}
+
 fetch.originalFetch = originalFetch;
 
-module.exports = { fetch, check, connect, install, uninstall, originalFetch, PexiError };
+module.exports = { fetch, check, connect, install, uninstall, useGuestProxy, originalFetch, PexiError };

@@ -39,7 +39,7 @@ export function tempDir(tag) {
  * `[[secrets]]` tables (their values come from `env`, the PEP's own environment). Its stderr also goes to
  * `pep.log` in its folder.
  */
-export async function startPep({ allow = [], tag = 'pep', env = {}, secrets = [] } = {}) {
+export async function startPep({ allow = [], tag = 'pep', env = {}, secrets = [], dnsOverrides = {} } = {}) {
   const dir = tempDir(tag);
   const socket = path.join(dir, 'pep.sock');
   const audit = path.join(dir, 'audit.jsonl');
@@ -54,6 +54,10 @@ export async function startPep({ allow = [], tag = 'pep', env = {}, secrets = []
   config = replace(config, 'dir = "policies"', `dir = ${JSON.stringify(path.join(repoRoot, 'policies'))}`);
   config = replace(config, 'allowed_cidrs = []', 'allowed_cidrs = ["127.0.0.0/8"]');
   config = replace(config, 'path = "/tmp/pexi/audit.jsonl"', `path = ${JSON.stringify(audit)}`);
+  const overrides = Object.entries(dnsOverrides)
+    .map(([name, address]) => `${JSON.stringify(name)} = [${JSON.stringify(address)}]\n`)
+    .join('');
+  config = replace(config, '[pep.network.dns_overrides]\n', `[pep.network.dns_overrides]\n${overrides}`);
   for (const entry of allow) {
     config += `\n[[pep.policy.allow]]\nhost = ${JSON.stringify(entry.host)}\n`;
     if (entry.ports) {
@@ -128,6 +132,41 @@ export async function startPep({ allow = [], tag = 'pep', env = {}, secrets = []
       }
       if (!keep) {
         fs.rmSync(dir, { recursive: true, force: true });
+      }
+    },
+  };
+}
+
+/**
+ * The guest daemon (`pexi-guestd`, built by scripts/test-node) in front of `pep`: its forward proxy on a
+ * free loopback port and its per-boot CA written into `dir`.
+ */
+export async function startGuestd(pep, dir) {
+  const target = process.env.CARGO_TARGET_DIR ?? path.join(repoRoot, 'target');
+  const binary = path.join(target, 'debug', 'pexi-guestd');
+  const ca = path.join(dir, 'guest-ca.pem');
+  const child = spawn(binary, ['--endpoint', pep.endpoint, '--listen', '127.0.0.1:0', '--ca-cert', ca], {
+    stdio: ['ignore', 'pipe', 'inherit'],
+  });
+  let line = '';
+  for await (const chunk of child.stdout) {
+    line += chunk;
+    if (line.includes('\n')) {
+      break;
+    }
+  }
+  const proxy = line.split(/\s+/).find((word) => word.startsWith('http://'));
+  if (!proxy) {
+    child.kill('SIGKILL');
+    throw new Error(`pexi-guestd did not start: ${line}`);
+  }
+  return {
+    proxy,
+    ca,
+    async stop() {
+      if (child.exitCode === null) {
+        child.kill('SIGTERM');
+        await once(child, 'exit');
       }
     },
   };
