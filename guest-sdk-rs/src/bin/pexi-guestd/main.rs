@@ -36,6 +36,11 @@ struct Args {
     /// Where the per-boot CA certificate (PEM) is written for programs to trust.
     #[arg(long, default_value = "/run/pexi/ca.pem")]
     ca_cert: PathBuf,
+    /// How a CONNECT to a host no allowlist entry names is refused: `early` answers 403 before any TLS;
+    /// `tunnel` opens the tunnel and answers each request inside with pexi's 403 and reasons, for clients
+    /// (undici, hence OpenClaw) that do not show a refused CONNECT's body. Nothing reaches the host either way.
+    #[arg(long, value_parser = ["early", "tunnel"], default_value = "early")]
+    deny_connect: String,
 }
 
 #[tokio::main]
@@ -82,7 +87,11 @@ async fn run(args: Args) -> Result<(), String> {
         "pexi-guestd: proxy http://{local} ca {}",
         args.ca_cert.display()
     );
-    let proxy = Arc::new(proxy::Proxy { client, ca });
+    let proxy = Arc::new(proxy::Proxy {
+        client,
+        ca,
+        early_connect_refusal: args.deny_connect == "early",
+    });
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(accepted) => accepted,

@@ -37,6 +37,10 @@ type Body = BoxBody<Bytes, std::io::Error>;
 pub struct Proxy {
     pub client: Client,
     pub ca: Authority,
+    /// Refuse a CONNECT to a host no allowlist entry names with 403 before any TLS (true), or open the
+    /// tunnel and answer the requests inside with pexi's 403 (false): clients such as undici drop a
+    /// refused CONNECT's body, so only the second shows them pexi's reasons.
+    pub early_connect_refusal: bool,
 }
 
 /// Where requests on a connection go when they are in origin form: set inside a CONNECT tunnel.
@@ -290,8 +294,13 @@ impl Proxy {
         // that is "host H is not in the allowlist". Any other deny (a method, a path) may not apply to
         // the requests inside, which are each decided on their own.
         let probe = format!("https://{}:{port}/", authority.host());
-        match self.client.check("GET", &probe).await {
-            Ok(decision)
+        let checked = if self.early_connect_refusal {
+            self.client.check("GET", &probe).await.map(Some)
+        } else {
+            Ok(None)
+        };
+        match checked {
+            Ok(Some(decision))
                 if !decision.allow
                     && decision
                         .reasons
