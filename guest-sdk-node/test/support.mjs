@@ -39,7 +39,7 @@ export function tempDir(tag) {
  * `[[secrets]]` tables (their values come from `env`, the PEP's own environment). Its stderr also goes to
  * `pep.log` in its folder.
  */
-export async function startPep({ allow = [], tag = 'pep', env = {}, secrets = [], dnsOverrides = {} } = {}) {
+export async function startPep({ allow = [], tag = 'pep', env = {}, secrets = [], dnsOverrides = {}, extraCaFile = null } = {}) {
   const dir = tempDir(tag);
   const socket = path.join(dir, 'pep.sock');
   const audit = path.join(dir, 'audit.jsonl');
@@ -58,6 +58,9 @@ export async function startPep({ allow = [], tag = 'pep', env = {}, secrets = []
     .map(([name, address]) => `${JSON.stringify(name)} = [${JSON.stringify(address)}]\n`)
     .join('');
   config = replace(config, '[pep.network.dns_overrides]\n', `[pep.network.dns_overrides]\n${overrides}`);
+  if (extraCaFile) {
+    config = replace(config, 'extra_ca_file = ""', `extra_ca_file = ${JSON.stringify(extraCaFile)}`);
+  }
   for (const entry of allow) {
     config += `\n[[pep.policy.allow]]\nhost = ${JSON.stringify(entry.host)}\n`;
     if (entry.ports) {
@@ -141,11 +144,11 @@ export async function startPep({ allow = [], tag = 'pep', env = {}, secrets = []
  * The guest daemon (`pexi-guestd`, built by scripts/test-node) in front of `pep`: its forward proxy on a
  * free loopback port and its per-boot CA written into `dir`.
  */
-export async function startGuestd(pep, dir) {
+export async function startGuestd(pep, dir, { denyConnect = 'early' } = {}) {
   const target = process.env.CARGO_TARGET_DIR ?? path.join(repoRoot, 'target');
   const binary = path.join(target, 'debug', 'pexi-guestd');
   const ca = path.join(dir, 'guest-ca.pem');
-  const child = spawn(binary, ['--endpoint', pep.endpoint, '--listen', '127.0.0.1:0', '--ca-cert', ca], {
+  const child = spawn(binary, ['--endpoint', pep.endpoint, '--listen', '127.0.0.1:0', '--ca-cert', ca, '--deny-connect', denyConnect], {
     stdio: ['ignore', 'pipe', 'inherit'],
   });
   let line = '';
@@ -463,7 +466,7 @@ export async function runNode(args, { cwd, env }) {
   child.stderr.on('data', (d) => {
     stderr += d;
   });
-  const timer = setTimeout(() => child.kill('SIGKILL'), 60_000);
+  const timer = setTimeout(() => child.kill('SIGKILL'), Number(process.env.PEXI_RUN_NODE_TIMEOUT_MS ?? 60_000));
   const [code] = await once(child, 'exit');
   clearTimeout(timer);
   return { code, stdout, stderr };
