@@ -14,8 +14,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use pexi_protocol::payload::{
-    ErrorCode, HeaderField, HttpRequest, HttpResponseHead, MethodCall, PolicyDecision,
-    RedirectMode, ResponseHead,
+    ErrorCode, HeaderField, HttpRequest, HttpResponseHead, MethodCall, NetConnect, NetConnectHead,
+    PolicyDecision, RedirectMode, ResponseHead,
 };
 use pexi_protocol::session::{Config as SessionConfig, Event, Session};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -110,6 +110,32 @@ impl Client {
         self.request("GET", url)
     }
 
+    /// Opens an opaque TCP tunnel to `host`:`port` (`pep.net.connect`), for destinations the policy marks
+    /// tunnel-only. Read the far end's bytes from the [`Tunnel`], write with the [`UpgradeSender`]
+    /// (its `finish` half-closes). Dropping the tunnel closes it.
+    pub async fn tunnel(&self, host: &str, port: u16) -> Result<(Tunnel, UpgradeSender), Error> {
+        let mut stream = self
+            .open(MethodCall::NetConnect(NetConnect {
+                host: host.to_string(),
+                port,
+            }))
+            .await?;
+        match stream.next_event().await? {
+            StreamEvent::Head(ResponseHead::NetConnect(head)) => {
+                let sender = stream.sender();
+                Ok((Tunnel { head, stream }, sender))
+            }
+            StreamEvent::Failed(error) => {
+                stream.finished = true;
+                Err(error)
+            }
+            _ => Err(Error::Pep(pexi_protocol::payload::ErrorPayload::new(
+                ErrorCode::ProtocolError,
+                "the PEP answered a tunnel with something else",
+            ))),
+        }
+    }
+
     /// Asks the PEP's policy about a request without performing it (`pep.policy.check`).
     pub async fn check(&self, method: &str, url: &str) -> Result<PolicyDecision, Error> {
         let mut stream = self
@@ -184,6 +210,41 @@ impl StreamHandle {
 
     async fn next_event(&mut self) -> Result<StreamEvent, Error> {
         self.events.recv().await.ok_or(Error::Closed)
+    }
+
+    /// The next piece of the host's bytes, `None` at their end; the credit goes back as it is taken.
+    async fn read(&mut self) -> Result<Option<Bytes>, Error> {
+        if self.finished {
+            return Ok(None);
+        }
+        match self.next_event().await? {
+            StreamEvent::Data(data) => {
+                self.received.fetch_sub(data.len(), Ordering::Relaxed);
+                let _ = self.commands.send(Command::Release(self.key, data.len()));
+                Ok(Some(data))
+            }
+            StreamEvent::End => {
+                self.finished = true;
+                Ok(None)
+            }
+            StreamEvent::Failed(error) => {
+                self.finished = true;
+                Err(error)
+            }
+            StreamEvent::Head(_) => Err(Error::Pep(pexi_protocol::payload::ErrorPayload::new(
+                ErrorCode::ProtocolError,
+                "a second HEAD",
+            ))),
+        }
+    }
+
+    fn sender(&self) -> UpgradeSender {
+        UpgradeSender {
+            key: self.key,
+            buffer: self.buffer.clone(),
+            commands: self.commands.clone(),
+            ended: false,
+        }
     }
 }
 
@@ -260,12 +321,7 @@ impl RequestBuilder {
             .await?;
         match stream.next_event().await? {
             StreamEvent::Head(ResponseHead::Http(head)) => {
-                let sender = UpgradeSender {
-                    key: stream.key,
-                    buffer: stream.buffer.clone(),
-                    commands: stream.commands.clone(),
-                    ended: false,
-                };
+                let sender = stream.sender();
                 Ok((Response { head, stream }, sender))
             }
             StreamEvent::Failed(error) => {
@@ -358,6 +414,29 @@ impl Drop for UpgradeSender {
     }
 }
 
+/// The far end's side of a `pep.net.connect` tunnel.
+pub struct Tunnel {
+    head: NetConnectHead,
+    stream: StreamHandle,
+}
+
+impl Tunnel {
+    /// The address the PEP connected to.
+    pub fn address(&self) -> &str {
+        &self.head.address
+    }
+
+    /// The audit record of the decision.
+    pub fn decision_id(&self) -> &str {
+        &self.head.decision_id
+    }
+
+    /// The next bytes from the far end, `None` once it closed.
+    pub async fn read(&mut self) -> Result<Option<Bytes>, Error> {
+        self.stream.read().await
+    }
+}
+
 /// A response whose body streams as it arrives. Dropping it before the end cancels the request.
 pub struct Response {
     head: HttpResponseHead,
@@ -408,33 +487,7 @@ impl Response {
     /// The next piece of the body, `None` at its end. An error here (`response_too_large`,
     /// `upstream_timeout`, `session_reset`) comes after the data before it.
     pub async fn chunk(&mut self) -> Result<Option<Bytes>, Error> {
-        if self.stream.finished {
-            return Ok(None);
-        }
-        match self.stream.next_event().await? {
-            StreamEvent::Data(data) => {
-                self.stream
-                    .received
-                    .fetch_sub(data.len(), Ordering::Relaxed);
-                let _ = self
-                    .stream
-                    .commands
-                    .send(Command::Release(self.stream.key, data.len()));
-                Ok(Some(data))
-            }
-            StreamEvent::End => {
-                self.stream.finished = true;
-                Ok(None)
-            }
-            StreamEvent::Failed(error) => {
-                self.stream.finished = true;
-                Err(error)
-            }
-            StreamEvent::Head(_) => Err(Error::Pep(pexi_protocol::payload::ErrorPayload::new(
-                ErrorCode::ProtocolError,
-                "a second HEAD",
-            ))),
-        }
+        self.stream.read().await
     }
 
     /// The whole body.

@@ -446,3 +446,51 @@ async fn websocket_upgrades_through_the_proxy() {
     assert_eq!(response.headers()["x-pexi-error"], "policy_denied");
     let _ = std::fs::remove_dir_all(&s.dir);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tunnel_only_destination_gets_an_opaque_tunnel() {
+    // A server whose clients pin its certificate: only its own CA is trusted below, never the guest CA,
+    // so the request can only succeed if the proxy does not terminate TLS.
+    let pinned_ca = TestCa::new(&["pinned.test"]);
+    let pinned = Upstream::https("127.0.0.1", &pinned_ca).await;
+    let dir = temp_dir("guestd-tunnel");
+    let socket = dir.join("pep.sock");
+    let options = loopback_options(&[("pinned.test", "127.0.0.1")], &["api.test"]);
+    let path = write_config(&dir, &socket, &options);
+    let mut text = std::fs::read_to_string(&path).expect("config");
+    text.push_str(&format!(
+        "\n[[pep.policy.allow]]\nhost = \"pinned.test\"\ntunnel = true\nports = [{}]\n",
+        pinned.port()
+    ));
+    std::fs::write(&path, text).expect("config");
+    let _server = Server::start(Config::load(Some(&path)).expect("config"))
+        .await
+        .expect("PEP");
+    let guestd = std::sync::Arc::new(Guestd::start(&socket, &dir));
+    let ca_file = dir.join("pinned-ca.pem");
+    std::fs::write(&ca_file, &pinned_ca.ca_pem).expect("ca");
+    let url = format!("https://pinned.test:{}/hello", pinned.port());
+    let g = guestd.clone();
+    let reply = blocking(move || {
+        let mut command = Command::new("curl");
+        command
+            .args(["-sS", "--noproxy", "", "-x", &g.proxy, "--cacert"])
+            .arg(&ca_file)
+            .arg(&url)
+            .env_remove("https_proxy")
+            .env_remove("HTTPS_PROXY");
+        command.output().expect("curl")
+    })
+    .await
+    .expect("curl");
+    assert!(
+        reply.status.success(),
+        "{}",
+        String::from_utf8_lossy(&reply.stderr)
+    );
+    assert_eq!(reply.stdout, b"hello");
+    assert_eq!(pinned.hits().len(), 1);
+    let audit = std::fs::read_to_string(dir.join("audit.jsonl")).expect("audit");
+    assert!(audit.contains("\"method\":\"pep.net.connect\""));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -464,3 +464,101 @@ async fn a_websocket_upgrade_carries_bytes_both_ways() {
     assert_eq!(outcome["upgrade"]["bytes_to_upstream"], sent);
     assert_eq!(outcome["upgrade"]["bytes_to_guest"], sent);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_opaque_tunnel_to_a_tunnel_only_destination() {
+    // A TCP echo service, standing in for a certificate-pinned server.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut reader, mut writer) = socket.split();
+                let _ = tokio::io::copy(&mut reader, &mut writer).await;
+            });
+        }
+    });
+    let dir = temp_dir("sdk-tunnel");
+    let socket = dir.join("pep.sock");
+    let options = loopback_options(
+        &[("pinned.test", "127.0.0.1"), ("api.test", "127.0.0.1")],
+        &["api.test"],
+    );
+    let path = write_config(&dir, &socket, &options);
+    let mut text = std::fs::read_to_string(&path).expect("config");
+    text.push_str(&format!(
+        "\n[[pep.policy.allow]]\nhost = \"pinned.test\"\ntunnel = true\nports = [{port}]\n"
+    ));
+    std::fs::write(&path, text).expect("config");
+    let server = Server::start(Config::load(Some(&path)).expect("config"))
+        .await
+        .expect("server");
+    let client = Client::new(Endpoint::Unix(socket));
+
+    let (mut tunnel, mut sender) = client.tunnel("pinned.test", port).await.expect("tunnel");
+    assert_eq!(tunnel.address(), format!("127.0.0.1:{port}"));
+    let payload = vec![0x16u8; 300_000];
+    assert!(sender
+        .send(Bytes::from(payload.clone()))
+        .await
+        .expect("send"));
+    sender.finish().expect("half-close");
+    let mut echoed = Vec::new();
+    while let Some(chunk) = tunnel.read().await.expect("read") {
+        echoed.extend_from_slice(&chunk);
+    }
+    assert_eq!(
+        echoed, payload,
+        "opaque bytes both ways, then the far end closed"
+    );
+    let decision_id = tunnel.decision_id().to_string();
+    drop(tunnel);
+
+    // Refusals: a host with only HTTP entries is not a tunnel destination; an unlisted host is not
+    // allowed; an HTTP request to the tunnel-only host is refused.
+    for (host, reason) in [
+        (
+            "api.test",
+            format!("api.test:{port} is not a tunnel destination"),
+        ),
+        (
+            "evil.test",
+            "host evil.test is not in the allowlist".to_string(),
+        ),
+    ] {
+        let err = client.tunnel(host, port).await.err().expect("refused");
+        assert_eq!(err.code(), "policy_denied");
+        match &err {
+            pexi_guest::Error::Pep(payload) => assert_eq!(payload.details.reasons, vec![reason]),
+            other => panic!("{other:?}"),
+        }
+    }
+    let err = client
+        .get(&format!("https://pinned.test:{port}/"))
+        .send()
+        .await
+        .err()
+        .expect("HTTP to a tunnel-only host");
+    assert_eq!(err.code(), "policy_denied");
+
+    server.stop().await.expect("stop");
+    let audit = std::fs::read_to_string(dir.join("audit.jsonl")).expect("audit");
+    let records: Vec<serde_json::Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
+    let decision = records
+        .iter()
+        .find(|r| r["kind"] == "decision" && r["decision_id"] == decision_id.as_str())
+        .expect("decision");
+    assert_eq!(decision["method"], "pep.net.connect");
+    assert_eq!(decision["request"]["scheme"], "tcp");
+    let outcome = records
+        .iter()
+        .find(|r| r["kind"] == "outcome" && r["decision_id"] == decision_id.as_str())
+        .expect("outcome");
+    assert_eq!(outcome["tunnel"]["bytes_to_upstream"], 300_000);
+    assert_eq!(outcome["tunnel"]["bytes_to_guest"], 300_000);
+}

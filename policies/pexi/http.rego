@@ -14,6 +14,9 @@
 #   "methods": ["GET", "POST"]    default: any
 #   "paths":   ["/v1/"]           prefixes; "/v1" matches /v1 and /v1/..., not /v10; default: any
 #   "schemes": ["https"]          default: http and https
+#   "tunnel": true                a tunnel-only destination: reached only with pep.net.connect (opaque TCP,
+#                                 for certificate-pinned clients), never with HTTP requests; host and
+#                                 ports only (default port 443)
 #
 # Name patterns never match IP-literal hosts, and IP patterns never match names.
 #
@@ -51,13 +54,26 @@ default deny_entries := []
 
 deny_entries := data.pexi.deny
 
+# pep.net.connect asks for an opaque tunnel; only tunnel entries allow one, and they allow nothing else.
+tunnel_request if input.method == "pep.net.connect"
+
 allowed_by contains entry.host if {
+	not tunnel_request
 	some entry in allow_entries
+	not entry.tunnel
 	host_matches(entry.host)
 	scheme_ok(entry)
 	port_ok(entry)
 	method_ok(entry)
 	path_ok(entry)
+}
+
+allowed_by contains entry.host if {
+	tunnel_request
+	some entry in allow_entries
+	entry.tunnel
+	host_matches(entry.host)
+	req.port in object.get(entry, "ports", [443])
 }
 
 denied_by contains entry.host if {
@@ -75,28 +91,39 @@ reasons := sort(denials) if {
 	count(allowed_by) > 0
 } else := [sprintf("host %s is not in the allowlist", [req.host])] if {
 	count(host_entries) == 0
+} else := [sprintf("%s:%d is not a tunnel destination", [req.host, req.port])] if {
+	tunnel_request
 } else := sort(field_misses)
 
 # Entries whose host matches but that refuse something else: say what.
 host_entries := [entry | some entry in allow_entries; host_matches(entry.host)]
 
+field_misses contains sprintf("%s is a tunnel-only destination (pep.net.connect)", [req.host]) if {
+	some entry in host_entries
+	entry.tunnel
+}
+
 field_misses contains sprintf("scheme %s not allowed for %s", [req.scheme, req.host]) if {
 	some entry in host_entries
+	not entry.tunnel
 	not scheme_ok(entry)
 }
 
 field_misses contains sprintf("port %d not allowed for %s", [req.port, req.host]) if {
 	some entry in host_entries
+	not entry.tunnel
 	not port_ok(entry)
 }
 
 field_misses contains sprintf("method %s not allowed for %s", [req.method, req.host]) if {
 	some entry in host_entries
+	not entry.tunnel
 	not method_ok(entry)
 }
 
 field_misses contains sprintf("path %s not allowed for %s", [req.path, req.host]) if {
 	some entry in host_entries
+	not entry.tunnel
 	not path_ok(entry)
 }
 

@@ -208,3 +208,45 @@ test_an_extension_denial_wins_over_the_allowlist if {
 	d.allow == false
 	d.reasons == ["DELETE is not allowed anywhere"]
 }
+
+# Tunnel-only destinations: pep.net.connect only, and only to them.
+
+tunnel(host, port) := {"method": "pep.net.connect", "request": {
+	"method": "CONNECT",
+	"scheme": "tcp",
+	"host": host,
+	"host_kind": "dns",
+	"port": port,
+	"path": "",
+	"query": null,
+	"headers": {},
+	"body_length": null,
+}}
+
+test_a_tunnel_entry_allows_a_tunnel_on_its_ports if {
+	allowed(tunnel("pinned.example.com", 443), [{"host": "pinned.example.com", "tunnel": true}])
+	allowed(tunnel("pinned.example.com", 8883), [{"host": "pinned.example.com", "tunnel": true, "ports": [8883]}])
+	denied(tunnel("pinned.example.com", 8883), [{"host": "pinned.example.com", "tunnel": true}])
+}
+
+test_an_http_entry_allows_no_tunnel if {
+	d := decide(tunnel("api.example.com", 443), [{"host": "api.example.com"}], [])
+	d.allow == false
+	d.reasons == ["api.example.com:443 is not a tunnel destination"]
+}
+
+test_a_tunnel_entry_allows_no_http_request if {
+	d := decide(get("pinned.example.com"), [{"host": "pinned.example.com", "tunnel": true}], [])
+	d.allow == false
+	d.reasons == ["pinned.example.com is a tunnel-only destination (pep.net.connect)"]
+}
+
+test_a_tunnel_to_an_unlisted_host_is_not_in_the_allowlist if {
+	d := decide(tunnel("evil.example", 443), [{"host": "pinned.example.com", "tunnel": true}], [])
+	d.reasons == ["host evil.example is not in the allowlist"]
+}
+
+test_a_deny_entry_wins_over_a_tunnel_entry if {
+	d := decide(tunnel("pinned.example.com", 443), [{"host": "**.example.com", "tunnel": true}], [{"host": "pinned.example.com"}])
+	d.allow == false
+}

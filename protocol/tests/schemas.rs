@@ -5,7 +5,8 @@
 mod support;
 
 use pexi_protocol::payload::{
-    End, ErrorPayload, GoAway, Hello, HelloAck, HttpResponseHead, MethodCall, PolicyDecision,
+    End, ErrorPayload, GoAway, Hello, HelloAck, HttpResponseHead, MethodCall, NetConnectHead,
+    PolicyDecision,
 };
 use schemars::{schema_for, Schema};
 use support::{check_generated, repo_root};
@@ -36,6 +37,11 @@ fn schemas() -> Vec<(&'static str, &'static str, Schema)> {
             "head.pep.http.request.schema.json",
             "HEAD payload (frame 0x12) of a pep.http.request stream",
             schema_for!(HttpResponseHead),
+        ),
+        (
+            "head.pep.net.connect.schema.json",
+            "HEAD payload (frame 0x12) of a pep.net.connect stream",
+            schema_for!(NetConnectHead),
         ),
         (
             "head.pep.policy.check.schema.json",

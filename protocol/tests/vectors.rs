@@ -10,8 +10,8 @@ use pexi_protocol::frame::{
 };
 use pexi_protocol::payload::{
     cbor, encode_window_update, End, ErrorCode, ErrorDetails, ErrorPayload, GoAway, HeaderField,
-    Hello, HelloAck, HttpRequest, HttpResponseHead, Implementation, Limits, MethodCall,
-    PolicyDecision, ReceiveParams, RedirectMode, ResponseHead,
+    Hello, HelloAck, HttpRequest, HttpResponseHead, Implementation, Limits, MethodCall, NetConnect,
+    NetConnectHead, PolicyDecision, ReceiveParams, RedirectMode, ResponseHead,
 };
 use pexi_protocol::session::Event;
 use serde_json::json;
@@ -255,6 +255,12 @@ fn catalog() -> Vec<Vector> {
         valid("head-switching-protocols", "HEAD on stream 7: 101, the upgraded connection's bytes follow as DATA both ways",
             Frame::new(FrameType::Head, 7, ResponseHead::Http(switching_head).encode()),
             Payload::Cbor { schema: "head.pep.http.request.schema.json", roundtrip: roundtrip::<HttpResponseHead> }),
+        valid("open-net-connect", "OPEN stream 9: pep.net.connect to pinned.example.com:443, an opaque tunnel (§5.6)",
+            cbor_frame(FrameType::Open, 9, &MethodCall::NetConnect(NetConnect { host: "pinned.example.com".into(), port: 443 })),
+            Payload::Cbor { schema: "open.schema.json", roundtrip: |b| MethodCall::decode(b).expect("decodes").encode() }),
+        valid("head-net-connect", "HEAD on stream 9: the tunnel is open to the address the guard allowed",
+            Frame::new(FrameType::Head, 9, ResponseHead::NetConnect(NetConnectHead { address: "203.0.113.7:443".into(), decision_id: "d-000005".into() }).encode()),
+            Payload::Cbor { schema: "head.pep.net.connect.schema.json", roundtrip: roundtrip::<NetConnectHead> }),
         valid("data", "DATA on stream 1: 27 raw body bytes (never CBOR)",
             Frame::new(FrameType::Data, 1, b"{\"model\":\"m\",\"stream\":true}".to_vec()), Payload::Binary),
         valid("head-http-request", "HEAD on stream 1 for pep.http.request: 200 with repeated set-cookie, one value not UTF-8",

@@ -208,6 +208,10 @@ impl Pipeline {
                 }
                 Err(error) => responder.error(error),
             },
+            MethodCall::NetConnect(params) => {
+                self.serve_tunnel(caller, params, body, responder, cancel)
+                    .await;
+            }
             MethodCall::HttpRequest(params) => {
                 // An upgraded connection lives as long as it is used: idle timeout and byte caps bound
                 // it, not the whole-request deadline.
@@ -525,16 +529,19 @@ impl Pipeline {
         }
     }
 
-    /// Carries an upgraded connection's bytes both ways until the upstream closes (after the guest's END
+    /// Carries an upgraded connection's (or a tunnel's) bytes both ways until the upstream closes (after the guest's END
     /// was passed on as a write shutdown, or while the guest still sends), the guest goes away, nothing
     /// moves for `idle_timeout_ms`, or a direction passes `max_upgraded_bytes`. Returns the bytes sent
     /// each way (to the upstream, to the guest).
-    async fn relay_upgraded(
+    pub(super) async fn relay_upgraded<IO>(
         &self,
-        upgraded: reqwest::Upgraded,
+        upgraded: IO,
         body: Option<RequestBody>,
         responder: &Responder,
-    ) -> Result<(u64, u64), ErrorPayload> {
+    ) -> Result<(u64, u64), ErrorPayload>
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send,
+    {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let limits = &self.config.pep.limits;
         let cap = limits.max_upgraded_bytes;
@@ -625,7 +632,7 @@ impl Pipeline {
     }
 
     /// Steps 4–5: the addresses this hop may connect to, or why there are none. Logged either way.
-    async fn allowed_addresses(
+    pub(super) async fn allowed_addresses(
         &self,
         prepared: &Prepared,
         decision_id: &str,
@@ -726,6 +733,7 @@ impl Pipeline {
             // Still named on every hop, so the policy sees them; the broker withholds them off-origin.
             secrets: current.secrets.clone(),
             upgrade: None,
+            tunnel: false,
         })
     }
 

@@ -15,6 +15,7 @@ pub mod fetch;
 pub mod request;
 pub mod resolve;
 pub mod target;
+pub mod tunnel;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -320,6 +321,37 @@ impl Pipeline {
     ) -> (Value, Vec<Redaction>) {
         let url = &prepared.target.url;
         let mut redactions = Vec::new();
+        if prepared.tunnel {
+            let host = prepared.target.host.to_string();
+            let input = json!({
+                "method": method,
+                "request": {
+                    "method": "CONNECT",
+                    "scheme": "tcp",
+                    "host": host,
+                    "host_kind": prepared.target.host.kind().as_str(),
+                    "port": prepared.target.port,
+                    "path": "",
+                    "query": null,
+                    "headers": {},
+                    "body_length": null,
+                    "url": match &prepared.target.host {
+                        target::CanonicalHost::Ip(std::net::IpAddr::V6(ip)) => format!("tcp://[{ip}]:{}", prepared.target.port),
+                        other => format!("tcp://{other}:{}", prepared.target.port),
+                    },
+                    "secrets": [],
+                    "upgrade": null,
+                },
+                "hop": hop,
+                "previous_url": null,
+                "session": {
+                    "id": format!("{:016x}", caller.session_id),
+                    "guest": {"name": caller.guest.name, "version": caller.guest.version},
+                },
+            });
+            let _ = previous;
+            return (input, redactions);
+        }
         let mut headers = serde_json::Map::new();
         for (name, value) in &prepared.headers {
             let (shown, redaction) = self.redactor.header(name.as_str(), value.as_bytes());

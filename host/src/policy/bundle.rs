@@ -89,6 +89,27 @@ impl Bundle {
                 deny.extend(file.deny);
             }
         }
+        for entry in &allow {
+            let extra = entry.methods.is_some() || entry.paths.is_some() || entry.schemes.is_some();
+            if entry.tunnel == Some(true) && extra {
+                return Err(PolicyError {
+                    file: "policy data".into(),
+                    message: format!(
+                        "allow entry {}: a tunnel entry names a host and ports only (no methods, paths or schemes: the bytes are opaque)",
+                        entry.host
+                    ),
+                });
+            }
+        }
+        if let Some(entry) = deny.iter().find(|e| e.tunnel.is_some()) {
+            return Err(PolicyError {
+                file: "policy data".into(),
+                message: format!(
+                    "deny entry {}: `tunnel` belongs on allow entries (a deny entry refuses tunnels too)",
+                    entry.host
+                ),
+            });
+        }
         let data = serde_json::json!({"pexi": {"allow": allow, "deny": deny}});
         let mut hash = Sha256::new();
         for (name, text) in modules.iter().chain(&tests) {

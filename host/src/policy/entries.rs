@@ -19,6 +19,9 @@ pub struct Entry {
     pub paths: Option<Vec<PathPrefix>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schemes: Option<Vec<Scheme>>,
+    /// A tunnel-only destination: `pep.net.connect` only (host and ports).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tunnel: Option<bool>,
 }
 
 impl Entry {
@@ -29,6 +32,7 @@ impl Entry {
             methods: None,
             paths: None,
             schemes: None,
+            tunnel: None,
         })
     }
 }

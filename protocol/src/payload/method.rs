@@ -14,6 +14,7 @@ use super::{
 
 pub const METHOD_HTTP_REQUEST: &str = "pep.http.request";
 pub const METHOD_POLICY_CHECK: &str = "pep.policy.check";
+pub const METHOD_NET_CONNECT: &str = "pep.net.connect";
 
 /// One header as a two-element CBOR array: the name as a text string and the value as a byte string (HTTP
 /// field values are octets, not necessarily UTF-8). Order and repetition are kept as sent.
@@ -84,6 +85,15 @@ impl HttpRequest {
     }
 }
 
+/// Parameters of `pep.net.connect`: an opaque TCP tunnel to `host`:`port`, for destinations the policy
+/// marks tunnel-only. The bytes are not inspected and no credential is injected.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct NetConnect {
+    /// A DNS name or an IP literal (IPv6 without brackets).
+    pub host: String,
+    pub port: u16,
+}
+
 /// A method invocation: the typed form of an OPEN payload.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "method", content = "params")]
@@ -94,6 +104,9 @@ pub enum MethodCall {
     /// Decide only: no DNS, no network. The guest sends END without DATA.
     #[serde(rename = "pep.policy.check")]
     PolicyCheck(HttpRequest),
+    /// Open an opaque TCP tunnel after a policy decision. DATA both ways, END each way.
+    #[serde(rename = "pep.net.connect")]
+    NetConnect(NetConnect),
 }
 
 /// Why an OPEN payload was refused, already mapped onto the error code the stream is answered with.
@@ -116,6 +129,7 @@ impl MethodCall {
         match self {
             MethodCall::HttpRequest(_) => METHOD_HTTP_REQUEST,
             MethodCall::PolicyCheck(_) => METHOD_POLICY_CHECK,
+            MethodCall::NetConnect(_) => METHOD_NET_CONNECT,
         }
     }
 
@@ -136,6 +150,16 @@ impl MethodCall {
         match raw.method.as_str() {
             METHOD_HTTP_REQUEST => Ok(MethodCall::HttpRequest(params(METHOD_HTTP_REQUEST)?)),
             METHOD_POLICY_CHECK => Ok(MethodCall::PolicyCheck(params(METHOD_POLICY_CHECK)?)),
+            METHOD_NET_CONNECT => raw
+                .params
+                .deserialized::<NetConnect>()
+                .map(MethodCall::NetConnect)
+                .map_err(|err| {
+                    OpenError::Invalid(PayloadError {
+                        what: METHOD_NET_CONNECT,
+                        reason: err.to_string(),
+                    })
+                }),
             _ => Err(OpenError::MethodNotFound(raw.method)),
         }
     }
@@ -164,11 +188,21 @@ pub struct PolicyDecision {
     pub decision_id: String,
 }
 
+/// HEAD of `pep.net.connect`: the tunnel is open; DATA both ways follows.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct NetConnectHead {
+    /// The address connected to (`ip:port`), one of those the address guard allowed.
+    pub address: String,
+    /// The audit record of the decision.
+    pub decision_id: String,
+}
+
 /// A typed HEAD; which variant is decided by the method that opened the stream.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ResponseHead {
     Http(HttpResponseHead),
     PolicyDecision(PolicyDecision),
+    NetConnect(NetConnectHead),
 }
 
 impl ResponseHead {
@@ -176,6 +210,7 @@ impl ResponseHead {
         match self {
             ResponseHead::Http(head) => cbor::encode(head),
             ResponseHead::PolicyDecision(decision) => cbor::encode(decision),
+            ResponseHead::NetConnect(head) => cbor::encode(head),
         }
     }
 
@@ -184,6 +219,9 @@ impl ResponseHead {
             MethodCall::HttpRequest(_) => cbor::decode("HEAD", payload).map(ResponseHead::Http),
             MethodCall::PolicyCheck(_) => {
                 cbor::decode("HEAD", payload).map(ResponseHead::PolicyDecision)
+            }
+            MethodCall::NetConnect(_) => {
+                cbor::decode("HEAD", payload).map(ResponseHead::NetConnect)
             }
         }
     }

@@ -11,8 +11,9 @@ pub use cbor::PayloadError;
 pub use error::{ErrorCode, ErrorDetails, ErrorPayload, GoAway};
 pub use hello::{Hello, HelloAck, Implementation, Limits, ReceiveParams};
 pub use method::{
-    End, HeaderField, HttpRequest, HttpResponseHead, MethodCall, OpenError, PolicyDecision,
-    RedirectMode, ResponseHead, METHOD_HTTP_REQUEST, METHOD_POLICY_CHECK,
+    End, HeaderField, HttpRequest, HttpResponseHead, MethodCall, NetConnect, NetConnectHead,
+    OpenError, PolicyDecision, RedirectMode, ResponseHead, METHOD_HTTP_REQUEST, METHOD_NET_CONNECT,
+    METHOD_POLICY_CHECK,
 };
 
 /// Largest credit a window may hold, and so the largest WINDOW_UPDATE increment: 2^31 - 1.

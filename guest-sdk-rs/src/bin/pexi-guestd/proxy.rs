@@ -290,31 +290,30 @@ impl Proxy {
             .trim_end_matches(']')
             .to_string();
         let port = authority.port_u16().unwrap_or(443);
-        // Refused before any TLS when no allowlist entry names the host: the shipped policy's reason for
-        // that is "host H is not in the allowlist". Any other deny (a method, a path) may not apply to
-        // the requests inside, which are each decided on their own.
-        let probe = format!("https://{}:{port}/", authority.host());
-        let checked = if self.early_connect_refusal {
-            self.client.check("GET", &probe).await.map(Some)
-        } else {
-            Ok(None)
-        };
-        match checked {
-            Ok(Some(decision))
-                if !decision.allow
-                    && decision
+        // One decision per CONNECT: first as an opaque tunnel (pep.net.connect), which only destinations
+        // the policy marks tunnel-only get. The shipped policy's deny reasons then tell "not a tunnel
+        // destination" (inspect it: terminate TLS, decide each request) from "not in the allowlist"
+        // (refused here, before any TLS, unless refusals go inside the tunnel).
+        match self.client.tunnel(&host, port).await {
+            Ok((tunnel, sender)) => {
+                tokio::spawn(async move {
+                    match hyper::upgrade::on(request).await {
+                        Ok(upgraded) => relay_tunnel(TokioIo::new(upgraded), tunnel, sender).await,
+                        Err(err) => tracing::debug!(%err, "CONNECT upgrade failed"),
+                    }
+                });
+                return Response::new(empty());
+            }
+            Err(Error::Pep(payload))
+                if payload.code.as_str() == "policy_denied"
+                    && payload
+                        .details
                         .reasons
                         .iter()
-                        .any(|r| r.ends_with("is not in the allowlist")) =>
-            {
-                return refusal(
-                    StatusCode::FORBIDDEN,
-                    "policy_denied",
-                    &format!("CONNECT to {authority} refused by policy"),
-                    &decision.reasons,
-                );
-            }
-            Ok(_) => {}
+                        .any(|r| r.ends_with("is not a tunnel destination")) => {}
+            Err(Error::Pep(payload))
+                if payload.code.as_str() == "policy_denied" && !self.early_connect_refusal => {}
+            // Not in the allowlist (refused before any TLS), or a tunnel destination that failed.
             Err(error) => return error_response(&error),
         }
         let authority = authority.to_string();
@@ -395,6 +394,43 @@ impl Proxy {
             }
             Err(err) => tracing::debug!(%err, "TLS handshake with the client failed"),
         }
+    }
+}
+
+/// An opaque tunnel: the client's bytes to the far end and back, uninspected.
+async fn relay_tunnel<IO>(
+    io: IO,
+    mut tunnel: pexi_guest::Tunnel,
+    mut sender: pexi_guest::UpgradeSender,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut from_client, mut to_client) = tokio::io::split(io);
+    let upward = async {
+        let mut buffer = vec![0u8; 64 * 1024];
+        loop {
+            match from_client.read(&mut buffer).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => match sender.send(Bytes::copy_from_slice(&buffer[..n])).await {
+                    Ok(true) => {}
+                    _ => break,
+                },
+            }
+        }
+        let _ = sender.finish();
+        std::future::pending::<()>().await;
+    };
+    let downward = async {
+        while let Ok(Some(chunk)) = tunnel.read().await {
+            if to_client.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+        let _ = to_client.shutdown().await;
+    };
+    tokio::select! {
+        () = upward => {}
+        () = downward => {}
     }
 }
 

@@ -1,0 +1,140 @@
+//! `pep.net.connect`: an opaque TCP tunnel, for destinations the policy marks tunnel-only (clients that pin
+//! their server's certificate, so the guest proxy cannot terminate their TLS). The same steps as an HTTP
+//! hop: the host canonicalised, a decision logged first, resolution only after an allow, the address
+//! guard, a connection to exactly a checked address; then bytes both ways, counted, never inspected, no
+//! credential injected. Bounded like upgraded connections: idle timeout and `max_upgraded_bytes`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use pexi_protocol::payload::{ErrorCode, ErrorPayload, NetConnect, NetConnectHead, ResponseHead};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use super::request::Prepared;
+use super::target::Target;
+use super::{Caller, Pipeline};
+use crate::serve::{RequestBody, Responder};
+
+const METHOD: &str = "pep.net.connect";
+
+impl Pipeline {
+    /// The worker of one `pep.net.connect` stream.
+    pub async fn serve_tunnel(
+        self: &Arc<Self>,
+        caller: Caller,
+        params: NetConnect,
+        body: RequestBody,
+        responder: Responder,
+        cancel: CancellationToken,
+    ) {
+        let started = std::time::Instant::now();
+        let decided = std::sync::Mutex::new(None::<String>);
+        let work = self.tunnel(&caller, &params, body, &responder, &decided);
+        let result = tokio::select! {
+            _ = cancel.cancelled() => Err(ErrorPayload::new(ErrorCode::Cancelled, "cancelled")),
+            result = work => result,
+        };
+        let decision_id = decided.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let duration_ms = started.elapsed().as_millis() as u64;
+        match result {
+            Ok((address, to_upstream, to_guest)) => {
+                self.log_outcome(
+                    &caller,
+                    METHOD,
+                    decision_id.as_deref(),
+                    json!({"tunnel": {"address": address, "bytes_to_upstream": to_upstream, "bytes_to_guest": to_guest}, "duration_ms": duration_ms}),
+                );
+                responder.end();
+            }
+            Err(error) => {
+                self.log_outcome(
+                    &caller,
+                    METHOD,
+                    decision_id.as_deref(),
+                    json!({"error": error.code.as_str(), "message": error.message, "duration_ms": duration_ms}),
+                );
+                responder.error(error);
+            }
+        }
+    }
+
+    async fn tunnel(
+        &self,
+        caller: &Caller,
+        params: &NetConnect,
+        body: RequestBody,
+        responder: &Responder,
+        decided: &std::sync::Mutex<Option<String>>,
+    ) -> Result<(String, u64, u64), ErrorPayload> {
+        let host = if params.host.contains(':') && !params.host.starts_with('[') {
+            format!("[{}]", params.host)
+        } else {
+            params.host.clone()
+        };
+        // Canonicalised exactly as an HTTP host is (the scheme only picks the parser).
+        let target = Target::parse(&format!("https://{host}:{}/", params.port)).map_err(|err| {
+            ErrorPayload::new(
+                ErrorCode::InvalidRequest,
+                format!("tunnel destination {host}:{}: {err}", params.port),
+            )
+        })?;
+        if params.port == 0 {
+            return Err(ErrorPayload::new(
+                ErrorCode::InvalidRequest,
+                "tunnel destination port 0",
+            ));
+        }
+        let prepared = Prepared {
+            method: http::Method::CONNECT,
+            target,
+            headers: Vec::new(),
+            content_length: None,
+            redirect: pexi_protocol::payload::RedirectMode::Manual,
+            timeout_ms: None,
+            secrets: Vec::new(),
+            upgrade: None,
+            tunnel: true,
+        };
+        let logged = self.decide(caller, METHOD, &prepared, 0, None).await?;
+        *decided.lock().unwrap_or_else(|p| p.into_inner()) = Some(logged.decision_id.clone());
+        if !logged.decision.allow {
+            return Err(Pipeline::denied(&logged));
+        }
+        let addrs = self
+            .allowed_addresses(&prepared, &logged.decision_id)
+            .await?;
+        let timeout = Duration::from_millis(self.config.pep.limits.connect_timeout_ms);
+        let mut last_error = String::from("no address");
+        let mut stream = None;
+        for ip in addrs {
+            let address = SocketAddr::new(ip, prepared.target.port);
+            match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(address)).await {
+                Ok(Ok(connected)) => {
+                    stream = Some((address, connected));
+                    break;
+                }
+                Ok(Err(err)) => last_error = format!("{address}: {err}"),
+                Err(_) => last_error = format!("{address}: no answer within {timeout:?}"),
+            }
+        }
+        let (address, stream) = stream.ok_or_else(|| {
+            ErrorPayload::new(
+                ErrorCode::UpstreamConnect,
+                format!("tunnel to {}: {last_error}", prepared.target.host),
+            )
+            .retryable(true)
+        })?;
+        let _ = stream.set_nodelay(true);
+        let head = NetConnectHead {
+            address: address.to_string(),
+            decision_id: logged.decision_id.clone(),
+        };
+        responder
+            .head(ResponseHead::NetConnect(head))
+            .map_err(|_| ErrorPayload::new(ErrorCode::Cancelled, "the stream is gone"))?;
+        let (to_upstream, to_guest) = self.relay_upgraded(stream, Some(body), responder).await?;
+        Ok((address.to_string(), to_upstream, to_guest))
+    }
+}
