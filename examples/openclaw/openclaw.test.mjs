@@ -131,7 +131,7 @@ function guestScript(port) {
 set -u
 ip link set lo up
 G=${JSON.stringify(guest)}
-"$GUESTD" --endpoint ${JSON.stringify(`unix:${dir}/pep.sock`)} --listen 127.0.0.1:3128 --ca-cert "$G/ca.pem" --deny-connect tunnel > "$G/out/guestd.out" 2> "$G/out/guestd.err" &
+"$GUESTD" --endpoint ${JSON.stringify(`unix:${dir}/pep.sock`)} --listen 127.0.0.1:3128 --ca-cert "$G/ca.pem" --socket "$G/pexi.sock" --deny-connect tunnel > "$G/out/guestd.out" 2> "$G/out/guestd.err" &
 GUESTD_PID=$!
 for i in $(seq 100); do [ -s "$G/out/guestd.out" ] && break; sleep 0.1; done
 export OPENCLAW_STATE_DIR="$G/state" OPENCLAW_CONFIG_PATH="$G/openclaw.json" HOME="$G/home" TMPDIR="$G/tmp"

@@ -8,6 +8,8 @@ import path from 'node:path';
 import tls from 'node:tls';
 import { after, before, test } from 'node:test';
 
+import { connect, fetch } from '@pexi/guest';
+
 import { appDir, runNode, startGuestd, startPep, startUpstream } from './support.mjs';
 
 const SCRIPT = `
@@ -79,4 +81,21 @@ test('register points child processes and other clients at the guest proxy and t
   assert.equal(out.curl, 'hello from upstream\n', 'curl reached app.test through the proxy and the PEP');
   const decision = pep.records().find((r) => r.kind === 'decision' && r.request.host === 'app.test');
   assert.ok(decision, 'the PEP decided the child process request');
+});
+
+test('@pexi/guest reaches the PEP through pexi-guestd\'s local socket, sharing its one session', async () => {
+  connect({ endpoint: guestd.endpoint });
+  const url = `http://app.test:${upstream.port}/hello`;
+  const responses = await Promise.all([1, 2, 3].map(() => fetch(url)));
+  for (const response of responses) {
+    assert.equal(await response.text(), 'hello from upstream\n');
+  }
+  const sessions = new Set(
+    pep
+      .records()
+      .filter((r) => r.kind === 'decision' && r.request.host === 'app.test')
+      .map((r) => r.session_id),
+  );
+  // The child curl of the other test went through the proxy, this through the socket: one session.
+  assert.equal(sessions.size, 1);
 });

@@ -148,7 +148,8 @@ export async function startGuestd(pep, dir, { denyConnect = 'early' } = {}) {
   const target = process.env.CARGO_TARGET_DIR ?? path.join(repoRoot, 'target');
   const binary = path.join(target, 'debug', 'pexi-guestd');
   const ca = path.join(dir, 'guest-ca.pem');
-  const child = spawn(binary, ['--endpoint', pep.endpoint, '--listen', '127.0.0.1:0', '--ca-cert', ca, '--deny-connect', denyConnect], {
+  const socket = path.join(dir, 'guestd.sock');
+  const child = spawn(binary, ['--endpoint', pep.endpoint, '--listen', '127.0.0.1:0', '--ca-cert', ca, '--deny-connect', denyConnect, '--socket', socket], {
     stdio: ['ignore', 'pipe', 'inherit'],
   });
   let line = '';
@@ -166,6 +167,8 @@ export async function startGuestd(pep, dir, { denyConnect = 'early' } = {}) {
   return {
     proxy,
     ca,
+    socket,
+    endpoint: `unix:${socket}`,
     async stop() {
       if (child.exitCode === null) {
         child.kill('SIGTERM');

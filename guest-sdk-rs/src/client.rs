@@ -110,6 +110,16 @@ impl Client {
         self.request("GET", url)
     }
 
+    /// Any method call, as the protocol carries it: for relays (pexi-guestd's local socket) that pass
+    /// calls through without interpreting them. The [`RawCall`] yields the HEAD, then the host's bytes,
+    /// then the end; the [`UpgradeSender`] carries the guest's bytes (`finish` is END). Dropping the
+    /// call before its end cancels it.
+    pub async fn call(&self, call: MethodCall) -> Result<(RawCall, UpgradeSender), Error> {
+        let stream = self.open(call).await?;
+        let sender = stream.sender();
+        Ok((RawCall { stream }, sender))
+    }
+
     /// Opens an opaque TCP tunnel to `host`:`port` (`pep.net.connect`), for destinations the policy marks
     /// tunnel-only. Read the far end's bytes from the [`Tunnel`], write with the [`UpgradeSender`]
     /// (its `finish` half-closes). Dropping the tunnel closes it.
@@ -411,6 +421,51 @@ impl UpgradeSender {
 impl Drop for UpgradeSender {
     fn drop(&mut self) {
         let _ = self.finish();
+    }
+}
+
+/// What the host sends on a [`RawCall`].
+#[derive(Debug)]
+pub enum RawEvent {
+    /// The method's HEAD.
+    Head(ResponseHead),
+    /// Bytes from the host (its credit is returned as this is handed out).
+    Data(Bytes),
+}
+
+/// The host's direction of a call made with [`Client::call`].
+pub struct RawCall {
+    stream: StreamHandle,
+}
+
+impl RawCall {
+    /// The next HEAD or DATA; `None` after the host's END. An ERROR from the host (or a session reset)
+    /// is the `Err`, after everything sent before it.
+    pub async fn next(&mut self) -> Result<Option<RawEvent>, Error> {
+        if self.stream.finished {
+            return Ok(None);
+        }
+        match self.stream.next_event().await? {
+            StreamEvent::Head(head) => Ok(Some(RawEvent::Head(head))),
+            StreamEvent::Data(data) => {
+                self.stream
+                    .received
+                    .fetch_sub(data.len(), Ordering::Relaxed);
+                let _ = self
+                    .stream
+                    .commands
+                    .send(Command::Release(self.stream.key, data.len()));
+                Ok(Some(RawEvent::Data(data)))
+            }
+            StreamEvent::End => {
+                self.stream.finished = true;
+                Ok(None)
+            }
+            StreamEvent::Failed(error) => {
+                self.stream.finished = true;
+                Err(error)
+            }
+        }
     }
 }
 

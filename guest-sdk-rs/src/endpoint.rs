@@ -71,9 +71,23 @@ impl fmt::Display for Endpoint {
     }
 }
 
+/// Where pexi-guestd serves the pexi protocol for the guest's other processes (`pexi-guestd --socket`).
+pub const GUESTD_SOCKET: &str = "/run/pexi/pep.sock";
+
 impl Endpoint {
-    /// `PEXI_ENDPOINT` if set; otherwise the default virtio port if this guest has it.
+    /// `PEXI_ENDPOINT` if set; otherwise pexi-guestd's socket ([`GUESTD_SOCKET`]) when it exists, so
+    /// processes share its one connection (a virtio-serial port admits one opener); otherwise the
+    /// default virtio port if this guest has it.
     pub fn from_env() -> Result<Endpoint, Error> {
+        if std::env::var_os("PEXI_ENDPOINT").is_none() && Path::new(GUESTD_SOCKET).exists() {
+            return Ok(Endpoint::Unix(GUESTD_SOCKET.into()));
+        }
+        Endpoint::from_env_direct()
+    }
+
+    /// Like [`Endpoint::from_env`] without pexi-guestd's socket: `PEXI_ENDPOINT`, else the default
+    /// virtio port. What pexi-guestd itself uses.
+    pub fn from_env_direct() -> Result<Endpoint, Error> {
         match std::env::var("PEXI_ENDPOINT") {
             Ok(text) => text.parse(),
             Err(_) => match find_virtio_port(Path::new("/sys/class/virtio-ports"), DEFAULT_PORT_NAME) {

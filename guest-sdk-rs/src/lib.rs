@@ -14,7 +14,9 @@ mod client;
 pub mod endpoint;
 mod error;
 
-pub use client::{Client, Options, RequestBuilder, Response, Tunnel, UpgradeSender};
+pub use client::{
+    Client, Options, RawCall, RawEvent, RequestBuilder, Response, Tunnel, UpgradeSender,
+};
 pub use endpoint::{Connector, Endpoint};
 pub use error::Error;
 pub use pexi_protocol::payload::{PolicyDecision, RedirectMode};

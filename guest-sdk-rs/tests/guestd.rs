@@ -14,15 +14,20 @@ struct Guestd {
     child: Child,
     proxy: String,
     ca: PathBuf,
+    /// Its local pexi socket.
+    socket: PathBuf,
 }
 
 impl Guestd {
     fn start(socket: &Path, dir: &Path) -> Guestd {
         let ca = dir.join("guest-ca.pem");
+        let local = dir.join("guestd.sock");
         let mut child = Command::new(env!("CARGO_BIN_EXE_pexi-guestd"))
             .args(["--endpoint", &format!("unix:{}", socket.display())])
             .args(["--listen", "127.0.0.1:0", "--ca-cert"])
             .arg(&ca)
+            .arg("--socket")
+            .arg(&local)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -38,7 +43,12 @@ impl Guestd {
             .unwrap_or_else(|| panic!("no proxy address in {line:?}"))
             .to_string();
         assert!(ca.exists(), "the CA certificate was written");
-        Guestd { child, proxy, ca }
+        Guestd {
+            child,
+            proxy,
+            ca,
+            socket: local,
+        }
     }
 
     /// Peak resident memory of the daemon, in KiB.
@@ -493,4 +503,115 @@ async fn a_tunnel_only_destination_gets_an_opaque_tunnel() {
     let audit = std::fs::read_to_string(dir.join("audit.jsonl")).expect("audit");
     assert!(audit.contains("\"method\":\"pep.net.connect\""));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn processes_share_the_pep_through_the_local_socket() {
+    use bytes::Bytes;
+    use pexi_guest::{Client, Endpoint};
+    let s = setup().await;
+    // Three clients (as three processes would be), each with its own connection to pexi-guestd.
+    let clients: Vec<Client> = (0..3)
+        .map(|_| Client::new(Endpoint::Unix(s.guestd.socket.clone())))
+        .collect();
+    let plain = format!("http://api.test:{}", s.plain.port());
+    let tls = format!("https://secure.test:{}", s.tls.port());
+
+    let text = clients[0]
+        .get(&format!("{plain}/hello"))
+        .send()
+        .await
+        .expect("GET")
+        .text()
+        .await
+        .expect("body");
+    assert_eq!(text, "hello");
+    let decision = clients[1]
+        .check("GET", "https://denied.test/")
+        .await
+        .expect("check");
+    assert!(!decision.allow);
+    let denied = clients[2]
+        .get("https://denied.test/")
+        .send()
+        .await
+        .err()
+        .expect("denied");
+    assert_eq!(denied.code(), "policy_denied");
+    match &denied {
+        pexi_guest::Error::Pep(payload) => assert_eq!(
+            payload.details.reasons,
+            vec!["host denied.test is not in the allowlist".to_string()]
+        ),
+        other => panic!("{other:?}"),
+    }
+
+    // Streams both ways under flow control, concurrently on all three: a 2 MB upload echoed back and a
+    // 5 MB download, several at once.
+    let mut tasks = Vec::new();
+    for (i, client) in clients.iter().enumerate() {
+        for j in 0..4 {
+            let client = client.clone();
+            let (plain, tls) = (plain.clone(), tls.clone());
+            tasks.push(tokio::spawn(async move {
+                if (i + j) % 2 == 0 {
+                    let body = vec![(i * 4 + j) as u8; 2_000_000];
+                    let echoed = client
+                        .request("POST", &format!("{plain}/echo"))
+                        .body(Bytes::from(body.clone()))
+                        .send()
+                        .await
+                        .expect("upload")
+                        .bytes()
+                        .await
+                        .expect("echo");
+                    assert_eq!(echoed.as_ref(), body.as_slice());
+                } else {
+                    let got = client
+                        .get(&format!("{tls}/big?n=5000000"))
+                        .send()
+                        .await
+                        .expect("download")
+                        .bytes()
+                        .await
+                        .expect("body");
+                    assert_eq!(got.len(), 5_000_000);
+                }
+            }));
+        }
+    }
+    for task in tasks {
+        task.await.expect("stream");
+    }
+
+    // A WebSocket through the socket too.
+    let (mut response, mut sender) = clients[0]
+        .get(&format!("{plain}/ws-echo"))
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .upgrade()
+        .await
+        .expect("upgrade");
+    assert_eq!(response.status(), 101);
+    assert!(sender
+        .send(Bytes::from_static(b"ping"))
+        .await
+        .expect("send"));
+    sender.finish().expect("finish");
+    let mut echo = Vec::new();
+    while let Some(chunk) = response.chunk().await.expect("chunk") {
+        echo.extend_from_slice(&chunk);
+    }
+    assert_eq!(echo, b"ping");
+
+    // Everything went over pexi-guestd's one session with the PEP.
+    let audit = std::fs::read_to_string(s.dir.join("audit.jsonl")).expect("audit");
+    let sessions: std::collections::BTreeSet<String> = audit
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|r| r["kind"] == "decision")
+        .filter_map(|r| r["session_id"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(sessions.len(), 1, "{sessions:?}");
+    let _ = std::fs::remove_dir_all(&s.dir);
 }

@@ -10,6 +10,7 @@
 //! supervisor (or a test, with `--listen 127.0.0.1:0`) knows the address.
 
 mod ca;
+mod mux;
 mod proxy;
 
 use std::net::SocketAddr;
@@ -41,6 +42,10 @@ struct Args {
     /// (undici, hence OpenClaw) that do not show a refused CONNECT's body. Nothing reaches the host either way.
     #[arg(long, value_parser = ["early", "tunnel"], default_value = "early")]
     deny_connect: String,
+    /// The local pexi socket: other processes (the SDKs, by default) reach the PEP through it, sharing
+    /// this daemon's one connection. "" for none.
+    #[arg(long, default_value = pexi_guest::endpoint::GUESTD_SOCKET)]
+    socket: PathBuf,
 }
 
 #[tokio::main]
@@ -70,10 +75,40 @@ async fn run(args: Args) -> Result<(), String> {
             args.listen
         ));
     }
+    // Never its own socket: the daemon is what that socket leads to.
     let client = match &args.endpoint {
         Some(text) => Client::new(text.parse::<Endpoint>().map_err(|err| err.to_string())?),
-        None => Client::from_env().map_err(|err| err.to_string())?,
+        None => Client::new(Endpoint::from_env_direct().map_err(|err| err.to_string())?),
     };
+    if !args.socket.as_os_str().is_empty() {
+        if let Some(dir) = args.socket.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|err| format!("{}: {err}", dir.display()))?;
+        }
+        // A socket file left by an earlier run would refuse the bind.
+        let _ = std::fs::remove_file(&args.socket);
+        let listener = tokio::net::UnixListener::bind(&args.socket)
+            .map_err(|err| format!("{}: {err}", args.socket.display()))?;
+        // Any local user may use it: the proxy is open to them too, and the PEP decides everything.
+        std::fs::set_permissions(
+            &args.socket,
+            std::os::unix::fs::PermissionsExt::from_mode(0o666),
+        )
+        .map_err(|err| format!("{}: {err}", args.socket.display()))?;
+        let mux_client = client.clone();
+        tokio::spawn(async move {
+            loop {
+                match listener.accept().await {
+                    Ok((stream, _)) => {
+                        tokio::spawn(mux::serve(mux_client.clone(), stream));
+                    }
+                    Err(err) => {
+                        tracing::warn!(%err, "accept on the local socket failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        });
+    }
     let ca = ca::Authority::generate()?;
     ca.write_certificate(&args.ca_cert)
         .map_err(|err| format!("{}: {err}", args.ca_cert.display()))?;
@@ -84,8 +119,9 @@ async fn run(args: Args) -> Result<(), String> {
         .local_addr()
         .map_err(|err| format!("listen address: {err}"))?;
     println!(
-        "pexi-guestd: proxy http://{local} ca {}",
-        args.ca_cert.display()
+        "pexi-guestd: proxy http://{local} ca {} socket {}",
+        args.ca_cert.display(),
+        args.socket.display()
     );
     let proxy = Arc::new(proxy::Proxy {
         client,
