@@ -1,8 +1,10 @@
 //! The isolation proof, end to end: `pexi vm run` boots the no-NIC guest built by `scripts/vm-image`; inside,
 //! the guest shows it has no network, then over virtio-serial and over vsock the static `pexi-fetch` and an
 //! unmodified Node script under `--import @pexi/guest/register` get an allowed URL from an HTTPS server on
-//! the host's loopback and are refused a denied one with the policy's reason. The host's audit log must
-//! hold every decision and outcome and verify.
+//! the host's loopback and are refused a denied one with the policy's reason; then pexi-guestd runs in the
+//! guest, and the same Node script through its local socket and an unmodified HTTPS client through its
+//! proxy (TLS terminated in the guest) do the same. The host's audit log must hold every decision and
+//! outcome and verify.
 //!
 //! Ignored by `cargo test`: it needs QEMU, vhost-device-vsock and the guest image. `scripts/test-vm` (part
 //! of `scripts/test`) builds the image and runs it.
@@ -40,7 +42,44 @@ for endpoint in virtio:org.pexi.pep.0 vsock:2:4041; do
     [ "$rc" = 0 ] && [ "$out" = "allowed 200 hello | denied policy_denied host denied.pexi.test is not in the allowlist" ]
     check $? "node-register-$endpoint" "rc=$rc out=$out"
 done
+# pexi-guestd in the guest (over vsock): its local socket for the SDKs, its proxy for everything else.
+mkdir -p /run/pexi
+pexi-guestd --endpoint vsock:2:4041 --listen 127.0.0.1:3128 --ca-cert /run/pexi/ca.pem --socket /run/pexi/pep.sock --deny-connect tunnel > /tmp/guestd.out 2> /tmp/guestd.err &
+for i in $(seq 150); do [ -s /tmp/guestd.out ] && break; sleep 0.2; done
+out=$(cd /share/app && env -u PEXI_ENDPOINT node --import @pexi/guest/register /share/e2e/fetch.mjs "$URL_OK" "$URL_DENIED" 2>&1); rc=$?
+[ "$rc" = 0 ] && [ "$out" = "allowed 200 hello | denied policy_denied host denied.pexi.test is not in the allowlist" ]
+check $? node-register-guestd-socket "rc=$rc out=$out $(cat /tmp/guestd.err)"
+out=$(cd /share/app && env -u PEXI_ENDPOINT HTTPS_PROXY=http://127.0.0.1:3128 NODE_EXTRA_CA_CERTS=/run/pexi/ca.pem node /share/e2e/proxy.mjs "$URL_OK" "$URL_DENIED" 2>&1); rc=$?
+[ "$rc" = 0 ] && [ "$out" = "allowed 200 hello | denied 403 policy_denied" ]
+check $? node-https-via-guest-proxy "rc=$rc out=$out $(cat /tmp/guestd.err)"
 exit $failed
+"#;
+
+/// An unmodified HTTPS client with Node's own proxy support (no pexi in it): through pexi-guestd, which
+/// terminates TLS with its per-boot CA (trusted via NODE_EXTRA_CA_CERTS) and hands each request to the PEP.
+const PROXY_SCRIPT: &str = r#"import https from 'node:https';
+const [allowed, denied] = process.argv.slice(2);
+const agent = new https.Agent({ proxyEnv: process.env });
+const get = (url) =>
+  new Promise((resolve, reject) => {
+    https
+      .get(url, { agent }, (res) => {
+        let body = '';
+        res.on('data', (chunk) => (body += chunk));
+        res.on('end', () => resolve({ status: res.statusCode, body, error: res.headers['x-pexi-error'] }));
+      })
+      .on('error', reject);
+  });
+const ok = await get(allowed);
+let refused;
+try {
+  const answer = await get(denied);
+  refused = `${answer.status} ${answer.error}`;
+} catch (error) {
+  refused = `error ${error.message}`;
+}
+console.log(`allowed ${ok.status} ${ok.body} | denied ${refused}`);
+agent.destroy();
 "#;
 
 /// An unmodified program: a plain global fetch, nothing of pexi in it.
@@ -132,6 +171,7 @@ fn the_guest_reaches_the_world_only_through_the_pep() {
     std::fs::create_dir_all(&scripts).expect("mkdir");
     std::fs::write(scripts.join("e2e.sh"), GUEST_SCRIPT).expect("guest script");
     std::fs::write(scripts.join("fetch.mjs"), NODE_SCRIPT).expect("node script");
+    std::fs::write(scripts.join("proxy.mjs"), PROXY_SCRIPT).expect("proxy script");
 
     let url_ok = format!("https://api.pexi.test:{}/hello", upstream.port());
     let url_denied = "https://denied.pexi.test/exfiltrate?secret=1".to_string();
@@ -170,6 +210,8 @@ fn the_guest_reaches_the_world_only_through_the_pep() {
             expected.push(format!("{check}-{endpoint}"));
         }
     }
+    expected.push("node-register-guestd-socket".into());
+    expected.push("node-https-via-guest-proxy".into());
     for name in &expected {
         assert!(
             checks.contains(&format!("CHECK {name} ok").as_str()),
@@ -200,8 +242,8 @@ fn the_guest_reaches_the_world_only_through_the_pep() {
     let allowed = decisions(&url_ok, true);
     assert_eq!(
         allowed.len(),
-        4,
-        "pexi-fetch and Node, over virtio-serial and vsock\n{context}"
+        6,
+        "pexi-fetch and Node over virtio-serial and vsock, Node through pexi-guestd's socket and proxy\n{context}"
     );
     for decision in &allowed {
         let outcome = records
@@ -211,7 +253,7 @@ fn the_guest_reaches_the_world_only_through_the_pep() {
         assert_eq!(outcome["status"], 200);
     }
     let denied = decisions("https://denied.pexi.test/exfiltrate", false);
-    assert_eq!(denied.len(), 4, "{context}");
+    assert_eq!(denied.len(), 6, "{context}");
     for decision in &denied {
         assert_eq!(
             decision["decision"]["reasons"][0],
