@@ -93,6 +93,14 @@ enum VmCommand {
         /// Stop the VM after this many seconds.
         #[arg(long)]
         timeout: Option<u64>,
+        /// A ready-made guest: `openclaw` starts pexi-guestd before anything else, sets the proxy
+        /// environment and CA, mounts `[vm] openclaw_dir` at /opt/openclaw and runs `[vm] openclaw_command`
+        /// unless COMMAND is given (docs/openclaw.md).
+        #[arg(long)]
+        profile: Option<crate::vm::Profile>,
+        /// With --profile openclaw: the guest's OpenClaw config (JSON5), at /run/openclaw/openclaw.json.
+        #[arg(long)]
+        openclaw_config: Option<PathBuf>,
         /// The guest command (default: `[vm] command`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<String>,
@@ -142,6 +150,8 @@ fn vm(command: VmCommand) -> ExitCode {
         console_log,
         env,
         timeout,
+        profile,
+        openclaw_config,
         command,
     } = command;
     let config = match Config::load(config.as_deref()) {
@@ -164,6 +174,8 @@ fn vm(command: VmCommand) -> ExitCode {
         console_log,
         timeout: timeout.map(std::time::Duration::from_secs),
         echo: true,
+        profile,
+        openclaw_config,
     };
     let runtime = match runtime(tokio::runtime::Builder::new_multi_thread()) {
         Ok(runtime) => runtime,

@@ -242,6 +242,26 @@ pub struct VmConfig {
     pub run_dir: PathBuf,
     /// The guest command when none is given.
     pub command: String,
+    /// `--profile openclaw`: the npm prefix holding `node_modules/openclaw` (mounted read-only at
+    /// /opt/openclaw), the memory it needs, and its default command.
+    #[serde(default = "default_openclaw_dir")]
+    pub openclaw_dir: PathBuf,
+    #[serde(default = "default_openclaw_memory")]
+    pub openclaw_memory_mb: u32,
+    #[serde(default = "default_openclaw_command")]
+    pub openclaw_command: String,
+}
+
+fn default_openclaw_dir() -> PathBuf {
+    PathBuf::from("target/openclaw")
+}
+
+fn default_openclaw_memory() -> u32 {
+    2048
+}
+
+fn default_openclaw_command() -> String {
+    "openclaw agent exec --json --timeout 600 --cwd /tmp/work 'Say hello.'".into()
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
@@ -342,6 +362,7 @@ impl Config {
                 &mut vm.initrd,
                 &mut vm.share,
                 &mut vm.run_dir,
+                &mut vm.openclaw_dir,
             ] {
                 if !path.as_os_str().is_empty() {
                     *path = base.join(&*path);

@@ -60,7 +60,32 @@ pub struct RunOptions {
     pub timeout: Option<Duration>,
     /// Copy the guest command's console output to stdout as it comes.
     pub echo: bool,
+    pub profile: Option<Profile>,
+    /// `--profile openclaw`: an OpenClaw config file (JSON5) for the guest, read-only at
+    /// /run/openclaw/openclaw.json.
+    pub openclaw_config: Option<PathBuf>,
 }
+
+/// A ready-made guest setup.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Profile {
+    /// pexi-guestd first, the proxy environment and CA in place, OpenClaw mounted, enough memory.
+    OpenClaw,
+}
+
+impl std::str::FromStr for Profile {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "openclaw" => Ok(Profile::OpenClaw),
+            other => Err(format!("{other:?} is not a profile (openclaw)")),
+        }
+    }
+}
+
+/// An extra read-only folder for the guest: (host folder, where the guest mounts it).
+pub type Mount = (PathBuf, String);
 
 /// Everything a run needs, resolved.
 #[derive(Clone, Debug)]
@@ -74,6 +99,10 @@ pub struct Plan {
     pub vsock_uds: PathBuf,
     pub vhost_socket: PathBuf,
     pub console_log: PathBuf,
+    /// Extra read-only 9p folders.
+    pub mounts: Vec<Mount>,
+    /// Start pexi-guestd from init before the command.
+    pub guestd: bool,
 }
 
 impl Plan {
@@ -99,12 +128,39 @@ impl Plan {
         }
         vm.share_writable |= options.share_writable;
         let run = vm.run_dir.clone();
+        let mut mounts = Vec::new();
+        let mut env = options.env.clone();
+        let mut command = options.command.clone();
+        let openclaw = options.profile == Some(Profile::OpenClaw);
+        if openclaw {
+            vm.memory_mb = vm.memory_mb.max(vm.openclaw_memory_mb);
+            let modules = vm.openclaw_dir.join("node_modules");
+            if !modules.join("openclaw").is_dir() {
+                return Err(VmError::Setup(format!(
+                    "no OpenClaw under {} (npm install --prefix {} openclaw, with Node 24 first on PATH)",
+                    modules.display(),
+                    vm.openclaw_dir.display()
+                )));
+            }
+            mounts.push((modules, "/opt/openclaw/node_modules".to_string()));
+            if let Some(file) = &options.openclaw_config {
+                let folder = run.join("openclaw");
+                std::fs::create_dir_all(&folder).map_err(io(format!("{}", folder.display())))?;
+                std::fs::copy(file, folder.join("openclaw.json"))
+                    .map_err(io(format!("{}", file.display())))?;
+                mounts.push((folder, "/run/openclaw".to_string()));
+                env.push((
+                    "OPENCLAW_CONFIG_PATH".into(),
+                    "/run/openclaw/openclaw.json".into(),
+                ));
+            }
+            command = command.or_else(|| Some(vm.openclaw_command.clone()));
+        }
         Ok(Plan {
-            command: options
-                .command
-                .clone()
-                .unwrap_or_else(|| vm.command.clone()),
-            env: options.env.clone(),
+            command: command.unwrap_or_else(|| vm.command.clone()),
+            env,
+            mounts,
+            guestd: openclaw,
             vsock: !options.no_vsock && !vm.vhost_device_vsock.is_empty(),
             virtio_socket: run.join("virtio.sock"),
             vsock_uds: run.join("vsock.sock"),
@@ -143,6 +199,18 @@ impl Plan {
             } else {
                 " pexi.share=ro"
             });
+        }
+        if !self.mounts.is_empty() {
+            let mounts: Vec<String> = self
+                .mounts
+                .iter()
+                .enumerate()
+                .map(|(i, (_, guest))| format!("pexim{i}:{guest}"))
+                .collect();
+            line.push_str(&format!(" pexi.mounts={}", b64(&mounts.join("\n"))));
+        }
+        if self.guestd {
+            line.push_str(" pexi.guestd=1");
         }
         if line.len() >= CMDLINE_MAX {
             return Err(VmError::Setup(format!(
@@ -218,6 +286,17 @@ impl Plan {
                 ),
                 "-device".into(),
                 "virtio-9p-pci,fsdev=share,mount_tag=pexishare".into(),
+            ]);
+        }
+        for (i, (host, _)) in self.mounts.iter().enumerate() {
+            args.extend([
+                "-fsdev".into(),
+                format!(
+                    "local,id=pexim{i},path={},security_model=none,readonly=on",
+                    host.display()
+                ),
+                "-device".into(),
+                format!("virtio-9p-pci,fsdev=pexim{i},mount_tag=pexim{i}"),
             ]);
         }
         if self.vsock {
@@ -585,6 +664,61 @@ mod tests {
         let mut long = plan.clone();
         long.command = "x".repeat(3000);
         assert!(matches!(long.cmdline(), Err(VmError::Setup(_))));
+    }
+
+    #[test]
+    fn the_openclaw_profile_mounts_openclaw_starts_guestd_and_raises_memory() {
+        let dir = std::env::temp_dir().join(format!("pexi-vm-profile-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("node_modules/openclaw")).expect("mkdir");
+        let config_file = dir.join("openclaw.json");
+        std::fs::write(&config_file, "{}").expect("config");
+        let mut config = Config::embedded().expect("embedded config");
+        if let Some(vm) = config.vm.as_mut() {
+            vm.openclaw_dir = dir.clone();
+            vm.run_dir = dir.join("run");
+            vm.memory_mb = 768;
+        }
+        let options = RunOptions {
+            profile: Some(Profile::OpenClaw),
+            openclaw_config: Some(config_file),
+            ..RunOptions::default()
+        };
+        let plan = Plan::new(&config, &options).expect("plan");
+        assert_eq!(plan.vm.memory_mb, 2048);
+        assert!(plan.guestd);
+        assert!(plan.command.starts_with("openclaw agent exec"));
+        let line = plan.cmdline().expect("fits");
+        assert!(line.contains(" pexi.guestd=1"), "{line}");
+        let mounts = line
+            .split(' ')
+            .find_map(|w| w.strip_prefix("pexi.mounts="))
+            .expect("mounts");
+        let mounts = String::from_utf8(
+            base64::engine::general_purpose::STANDARD
+                .decode(mounts)
+                .expect("base64"),
+        )
+        .expect("utf-8");
+        assert_eq!(
+            mounts,
+            "pexim0:/opt/openclaw/node_modules\npexim1:/run/openclaw"
+        );
+        assert!(plan.env.contains(&(
+            "OPENCLAW_CONFIG_PATH".into(),
+            "/run/openclaw/openclaw.json".into()
+        )));
+        let args = plan.qemu_args("tcg").expect("args").join(" ");
+        assert!(args.contains("id=pexim0,path="), "{args}");
+        assert!(args.contains("security_model=none,readonly=on"));
+        assert!(dir.join("run/openclaw/openclaw.json").is_file());
+        // Without OpenClaw installed the profile says what to do.
+        let mut missing = config.clone();
+        if let Some(vm) = missing.vm.as_mut() {
+            vm.openclaw_dir = dir.join("nowhere");
+        }
+        let err = Plan::new(&missing, &options).expect_err("no openclaw");
+        assert!(err.to_string().contains("npm install"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -168,7 +168,21 @@ impl Reply {
 
 impl Guest {
     pub async fn connect(path: &Path) -> Guest {
-        let stream = UnixStream::connect(path).await.expect("connect to pexi");
+        // The socket file appears at bind(), a moment before listen(): a connection in between is refused,
+        // which a loaded machine makes likely. Retry that for a while; anything else fails at once.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let stream = loop {
+            match UnixStream::connect(path).await {
+                Ok(stream) => break stream,
+                Err(err)
+                    if err.kind() == std::io::ErrorKind::ConnectionRefused
+                        && Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(err) => panic!("connect to pexi at {}: {err}", path.display()),
+            }
+        };
         let mut conn = Connection::new(
             stream,
             Session::client(SessionConfig::new("pexi-test-guest", "1")),
