@@ -1,8 +1,8 @@
 // A stand-in for an OpenAI-compatible LLM API over HTTPS, for running the real OpenClaw against pexi
 // without the internet. It streams chat completions (`stream: true`, server-sent events), answers only
-// requests that carry the real API key, and plays one scripted tool use: when the user's message says
-// `FETCH <url>`, it calls OpenClaw's web_fetch (through OpenClaw's tool_call bridge), then answers with
-// what the tool returned. It also serves a plain page at /page, for web_fetch to fetch.
+// requests that carry the real API key, and plays scripted tool use: for each `FETCH <url>` in the user's
+// message it calls OpenClaw's web_fetch (through OpenClaw's tool_call bridge), one after the other, then
+// answers with what the tools returned. It also serves a plain page at /page, for web_fetch to fetch.
 //
 //   node mock-llm.mjs PORT KEY CERT.pem KEY.pem     (or import { startMockLlm })
 
@@ -42,21 +42,23 @@ export async function startMockLlm({ port = 0, host = '127.0.0.1', key, cert, tl
     const messages = body.messages ?? [];
     const textOf = (m) => (typeof m.content === 'string' ? m.content : JSON.stringify(m.content ?? ''));
     const asked = messages.filter((m) => m.role === 'user').map(textOf).join('\n');
-    const fetchUrl = /FETCH (\S+)/.exec(asked)?.[1];
-    const toolResult = messages.filter((m) => m.role === 'tool').pop();
+    const fetchUrls = [...asked.matchAll(/FETCH (\S+)/g)].map((m) => m[1]);
+    const toolResults = messages.filter((m) => m.role === 'tool');
+    const fetchUrl = fetchUrls[toolResults.length];
     res.writeHead(200, { 'content-type': 'text/event-stream', 'cache-control': 'no-cache' });
     const send = (delta, finish = null) =>
       res.write(
         `data: ${JSON.stringify({ id: 'chatcmpl-mock', object: 'chat.completion.chunk', created: 1764000000, model: body.model, choices: [{ index: 0, delta, finish_reason: finish }] })}\n\n`,
       );
-    if (fetchUrl && !toolResult) {
+    if (fetchUrl) {
       record.reply = 'tool_call';
-      send({ role: 'assistant', content: null, tool_calls: [{ index: 0, id: 'call_1', type: 'function', function: { name: 'tool_call', arguments: '' } }] });
+      const id = `call_${toolResults.length + 1}`;
+      send({ role: 'assistant', content: null, tool_calls: [{ index: 0, id, type: 'function', function: { name: 'tool_call', arguments: '' } }] });
       send({ tool_calls: [{ index: 0, function: { arguments: JSON.stringify({ id: 'web_fetch', args: { url: fetchUrl } }) } }] });
       send({}, 'tool_calls');
-    } else if (toolResult) {
+    } else if (toolResults.length > 0) {
       record.reply = 'tool_result';
-      send({ role: 'assistant', content: `TOOL RESULT: ${textOf(toolResult)}` });
+      send({ role: 'assistant', content: `TOOL RESULT: ${toolResults.map(textOf).join('\n\nTOOL RESULT: ')}` });
       send({}, 'stop');
     } else {
       record.reply = 'greeting';

@@ -5,20 +5,17 @@
 // config carries the placeholder. Run by scripts/test-openclaw (which installs OpenClaw and Node 24).
 
 import assert from 'node:assert/strict';
-import { execFileSync, spawn } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import crypto from 'node:crypto';
 import { once } from 'node:events';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { after, before, test } from 'node:test';
 
 import { GREETING, PAGE_TEXT, startMockLlm } from './mock-llm.mjs';
+import { auditRecords, certificates, lastJson, openclawConfig, pepConfig, pexi, target, walk } from './setup.mjs';
 
-const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
-const target = process.env.CARGO_TARGET_DIR ?? path.join(root, 'target');
-const pexi = path.join(target, 'debug', 'pexi');
 const guestd = path.join(target, 'debug', 'pexi-guestd');
 const openclaw = process.env.PEXI_OPENCLAW ?? path.join(target, 'openclaw', 'node_modules', 'openclaw', 'openclaw.mjs');
 // Unique per run: finding it anywhere can only mean this run leaked it.
@@ -28,53 +25,6 @@ let dir;
 let llm;
 let pep;
 let outputs;
-
-function openssl(args) {
-  execFileSync('openssl', args, { stdio: ['ignore', 'ignore', 'pipe'] });
-}
-
-/** A throwaway CA (the PEP trusts it) and a certificate for the mock's names. */
-function certificates() {
-  const p = (name) => path.join(dir, name);
-  openssl(['req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout', p('ca.key'), '-out', p('ca.pem'), '-days', '2', '-subj', '/CN=pexi openclaw test CA']);
-  openssl(['req', '-newkey', 'rsa:2048', '-nodes', '-keyout', p('llm.key'), '-out', p('llm.csr'), '-subj', '/CN=llm.test']);
-  fs.writeFileSync(p('san.cnf'), 'subjectAltName=DNS:llm.test,DNS:page.test\n');
-  openssl(['x509', '-req', '-in', p('llm.csr'), '-CA', p('ca.pem'), '-CAkey', p('ca.key'), '-CAcreateserial', '-out', p('llm.pem'), '-days', '2', '-extfile', p('san.cnf')]);
-}
-
-function pepConfig(port) {
-  const replace = (text, from, to) => {
-    assert.ok(text.includes(from), `config.toml no longer contains ${from}`);
-    return text.replace(from, to);
-  };
-  let config = fs.readFileSync(path.join(root, 'config.toml'), 'utf8');
-  config = replace(config, 'listen = ["unix:/tmp/pexi/pep.sock"]', `listen = [${JSON.stringify(`unix:${dir}/pep.sock`)}]`);
-  config = replace(config, 'dir = "policies"', `dir = ${JSON.stringify(path.join(root, 'policies'))}`);
-  // The mock lives on the host's loopback; production leaves this empty.
-  config = replace(config, 'allowed_cidrs = []', 'allowed_cidrs = ["127.0.0.0/8"]');
-  config = replace(config, 'extra_ca_file = ""', `extra_ca_file = ${JSON.stringify(path.join(dir, 'ca.pem'))}`);
-  config = replace(config, '[pep.network.dns_overrides]\n', '[pep.network.dns_overrides]\n"llm.test" = ["127.0.0.1"]\n"page.test" = ["127.0.0.1"]\n');
-  config = replace(config, 'path = "/tmp/pexi/audit.jsonl"', `path = ${JSON.stringify(path.join(dir, 'audit.jsonl'))}`);
-  config += `
-[[pep.policy.allow]]
-host = "llm.test"
-ports = [${port}]
-methods = ["POST"]
-paths = ["/v1/"]
-
-[[pep.policy.allow]]
-host = "page.test"
-ports = [${port}]
-
-[[secrets]]
-name = "llm"
-env = "PEXI_TEST_LLM_KEY"
-header = "authorization"
-template = "Bearer {secret}"
-hosts = ["llm.test"]
-`;
-  fs.writeFileSync(path.join(dir, 'config.toml'), config);
-}
 
 async function startPep() {
   const child = spawn(pexi, ['serve', '--config', path.join(dir, 'config.toml')], {
@@ -99,31 +49,7 @@ function guestScript(port) {
   }
   fs.writeFileSync(
     path.join(guest, 'openclaw.json'),
-    JSON.stringify(
-      {
-        agents: { defaults: { model: { primary: 'mock/mock-model' } } },
-        models: {
-          mode: 'replace',
-          providers: {
-            mock: {
-              baseUrl: `https://llm.test:${port}/v1`,
-              // The placeholder: the PEP swaps in the key on requests to llm.test only.
-              apiKey: 'pexi:secret:llm',
-              api: 'openai-completions',
-              models: [{ id: 'mock-model', name: 'Mock Model', reasoning: false, input: ['text'], cost: { input: 0, output: 0, cacheRead: 0, cacheWrite: 0 }, contextWindow: 128000, maxTokens: 4096 }],
-            },
-          },
-        },
-        update: { checkOnStart: false },
-        telemetry: { enabled: false },
-        discovery: { mdns: { mode: 'off' } },
-        logging: { file: path.join(guest, 'openclaw.log') },
-        proxy: { proxyUrl: 'http://127.0.0.1:3128' },
-        tools: { web: { fetch: { useTrustedEnvProxy: true } } },
-      },
-      null,
-      2,
-    ),
+    JSON.stringify(openclawConfig(port, path.join(guest, 'openclaw.log')), null, 2),
   );
   const exec = (name, message) =>
     `"$NODE" "$OPENCLAW" agent exec --json --timeout 180 --cwd "$G/work" --config "$G/openclaw.json" ${JSON.stringify(message)} > "$G/out/${name}.json" 2> "$G/out/${name}.err"; echo $? > "$G/out/${name}.code"`;
@@ -153,24 +79,13 @@ function read(guest, name) {
   return fs.readFileSync(path.join(guest, 'out', name), 'utf8');
 }
 
-function lastJson(text) {
-  // `agent exec --json` prints one JSON object; OpenClaw may log lines before it.
-  const start = text.indexOf('{\n');
-  return JSON.parse(text.slice(start));
-}
-
 before(async () => {
   for (const [what, file] of [['pexi', pexi], ['pexi-guestd', guestd], ['openclaw', openclaw]]) {
     assert.ok(fs.existsSync(file), `${what} missing at ${file} (scripts/test-openclaw builds and installs it)`);
   }
   dir = fs.mkdtempSync(path.join(os.tmpdir(), 'pexi-openclaw-'));
-  certificates();
-  llm = await startMockLlm({
-    key: KEY,
-    cert: fs.readFileSync(path.join(dir, 'llm.pem')),
-    tlsKey: fs.readFileSync(path.join(dir, 'llm.key')),
-  });
-  pepConfig(llm.port);
+  llm = await startMockLlm({ key: KEY, ...certificates(dir) });
+  pepConfig(dir, llm.port);
   pep = await startPep();
   const guest = guestScript(llm.port);
   // The guest's environment: no key, nothing inherited but the basics.
@@ -236,32 +151,17 @@ test('openclaw proxy validate passes against pexi-guestd', () => {
 });
 
 test('every request is decided and audited, the log verifies, and the key is nowhere but the PEP', () => {
-  const records = fs
-    .readFileSync(path.join(dir, 'audit.jsonl'), 'utf8')
-    .trim()
-    .split('\n')
-    .map((line) => JSON.parse(line));
-  const decisions = records.filter((r) => r.kind === 'decision' && r.method === 'pep.http.request');
-  const outcomes = new Set(records.filter((r) => r.kind === 'outcome').map((r) => r.decision_id));
+  const { decisions } = auditRecords(dir);
   assert.ok(decisions.length >= 5, `${decisions.length} decisions`);
-  for (const decision of decisions) {
-    assert.ok(outcomes.has(decision.decision_id), `an outcome for ${decision.request.url}`);
-  }
   const llmCalls = decisions.filter((r) => r.request.host === 'llm.test');
   assert.ok(llmCalls.length >= 3);
   assert.ok(llmCalls.every((r) => r.decision.allow && r.request.secrets.includes('llm')));
   assert.ok(decisions.some((r) => r.request.host === 'page.test' && r.decision.allow));
   assert.ok(decisions.some((r) => r.request.host === 'denied.test' && !r.decision.allow));
-  execFileSync(pexi, ['audit', 'verify', path.join(dir, 'audit.jsonl')]);
 
   // The key: not in the guest's environment, files or outputs, nor in the audit log or the PEP's log.
   const { guest } = outputs;
   assert.ok(!read(guest, 'env.txt').includes(KEY));
-  const walk = (folder) =>
-    fs.readdirSync(folder, { withFileTypes: true }).flatMap((entry) => {
-      const full = path.join(folder, entry.name);
-      return entry.isDirectory() ? walk(full) : entry.isFile() ? [full] : [];
-    });
   for (const file of [...walk(guest), path.join(dir, 'audit.jsonl'), path.join(dir, 'pep.log')]) {
     assert.ok(!fs.readFileSync(file).includes(KEY), `${file} holds the key`);
   }

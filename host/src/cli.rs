@@ -101,6 +101,9 @@ enum VmCommand {
         /// With --profile openclaw: the guest's OpenClaw config (JSON5), at /run/openclaw/openclaw.json.
         #[arg(long)]
         openclaw_config: Option<PathBuf>,
+        /// A host folder the guest may write, mounted at /out (to hand files back).
+        #[arg(long)]
+        output: Option<PathBuf>,
         /// The guest command (default: `[vm] command`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<String>,
@@ -152,6 +155,7 @@ fn vm(command: VmCommand) -> ExitCode {
         timeout,
         profile,
         openclaw_config,
+        output,
         command,
     } = command;
     let config = match Config::load(config.as_deref()) {
@@ -176,6 +180,7 @@ fn vm(command: VmCommand) -> ExitCode {
         echo: true,
         profile,
         openclaw_config,
+        output,
     };
     let runtime = match runtime(tokio::runtime::Builder::new_multi_thread()) {
         Ok(runtime) => runtime,

@@ -64,6 +64,8 @@ pub struct RunOptions {
     /// `--profile openclaw`: an OpenClaw config file (JSON5) for the guest, read-only at
     /// /run/openclaw/openclaw.json.
     pub openclaw_config: Option<PathBuf>,
+    /// A host folder the guest may write, at /out: how a run hands files back.
+    pub output: Option<PathBuf>,
 }
 
 /// A ready-made guest setup.
@@ -84,8 +86,13 @@ impl std::str::FromStr for Profile {
     }
 }
 
-/// An extra read-only folder for the guest: (host folder, where the guest mounts it).
-pub type Mount = (PathBuf, String);
+/// An extra 9p folder for the guest: host folder, where the guest mounts it, writable.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mount {
+    pub host: PathBuf,
+    pub guest: String,
+    pub writable: bool,
+}
 
 /// Everything a run needs, resolved.
 #[derive(Clone, Debug)]
@@ -142,19 +149,35 @@ impl Plan {
                     vm.openclaw_dir.display()
                 )));
             }
-            mounts.push((modules, "/opt/openclaw/node_modules".to_string()));
+            mounts.push(Mount {
+                host: modules,
+                guest: "/opt/openclaw/node_modules".into(),
+                writable: false,
+            });
             if let Some(file) = &options.openclaw_config {
                 let folder = run.join("openclaw");
                 std::fs::create_dir_all(&folder).map_err(io(format!("{}", folder.display())))?;
                 std::fs::copy(file, folder.join("openclaw.json"))
                     .map_err(io(format!("{}", file.display())))?;
-                mounts.push((folder, "/run/openclaw".to_string()));
+                mounts.push(Mount {
+                    host: folder,
+                    guest: "/run/openclaw".into(),
+                    writable: false,
+                });
                 env.push((
                     "OPENCLAW_CONFIG_PATH".into(),
                     "/run/openclaw/openclaw.json".into(),
                 ));
             }
             command = command.or_else(|| Some(vm.openclaw_command.clone()));
+        }
+        if let Some(output) = &options.output {
+            std::fs::create_dir_all(output).map_err(io(format!("{}", output.display())))?;
+            mounts.push(Mount {
+                host: output.clone(),
+                guest: "/out".into(),
+                writable: true,
+            });
         }
         Ok(Plan {
             command: command.unwrap_or_else(|| vm.command.clone()),
@@ -205,7 +228,10 @@ impl Plan {
                 .mounts
                 .iter()
                 .enumerate()
-                .map(|(i, (_, guest))| format!("pexim{i}:{guest}"))
+                .map(|(i, mount)| {
+                    let mode = if mount.writable { "rw" } else { "ro" };
+                    format!("pexim{i}:{mode}:{}", mount.guest)
+                })
                 .collect();
             line.push_str(&format!(" pexi.mounts={}", b64(&mounts.join("\n"))));
         }
@@ -288,12 +314,13 @@ impl Plan {
                 "virtio-9p-pci,fsdev=share,mount_tag=pexishare".into(),
             ]);
         }
-        for (i, (host, _)) in self.mounts.iter().enumerate() {
+        for (i, mount) in self.mounts.iter().enumerate() {
             args.extend([
                 "-fsdev".into(),
                 format!(
-                    "local,id=pexim{i},path={},security_model=none,readonly=on",
-                    host.display()
+                    "local,id=pexim{i},path={},security_model=none{}",
+                    mount.host.display(),
+                    if mount.writable { "" } else { ",readonly=on" }
                 ),
                 "-device".into(),
                 format!("virtio-9p-pci,fsdev=pexim{i},mount_tag=pexim{i}"),
@@ -701,7 +728,7 @@ mod tests {
         .expect("utf-8");
         assert_eq!(
             mounts,
-            "pexim0:/opt/openclaw/node_modules\npexim1:/run/openclaw"
+            "pexim0:ro:/opt/openclaw/node_modules\npexim1:ro:/run/openclaw"
         );
         assert!(plan.env.contains(&(
             "OPENCLAW_CONFIG_PATH".into(),

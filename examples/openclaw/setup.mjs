@@ -1,0 +1,123 @@
+// What the OpenClaw end-to-end tests share: a throwaway CA and certificate for the mock LLM's names, the
+// PEP's config (allowlist, DNS overrides, the brokered key), OpenClaw's config (the placeholder key), and
+// reading the results.
+
+import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+export const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
+export const target = process.env.CARGO_TARGET_DIR ?? path.join(root, 'target');
+export const pexi = path.join(target, 'debug', 'pexi');
+
+function openssl(args) {
+  execFileSync('openssl', args, { stdio: ['ignore', 'ignore', 'pipe'] });
+}
+
+/** A CA (the PEP trusts it) and a certificate for llm.test and page.test, in `dir`. */
+export function certificates(dir) {
+  const p = (name) => path.join(dir, name);
+  openssl(['req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout', p('ca.key'), '-out', p('ca.pem'), '-days', '2', '-subj', '/CN=pexi openclaw test CA']);
+  openssl(['req', '-newkey', 'rsa:2048', '-nodes', '-keyout', p('llm.key'), '-out', p('llm.csr'), '-subj', '/CN=llm.test']);
+  fs.writeFileSync(p('san.cnf'), 'subjectAltName=DNS:llm.test,DNS:page.test\n');
+  openssl(['x509', '-req', '-in', p('llm.csr'), '-CA', p('ca.pem'), '-CAkey', p('ca.key'), '-CAcreateserial', '-out', p('llm.pem'), '-days', '2', '-extfile', p('san.cnf')]);
+  return { cert: fs.readFileSync(p('llm.pem')), tlsKey: fs.readFileSync(p('llm.key')) };
+}
+
+/**
+ * The PEP's config in `dir`: the repository's, listening on `dir/pep.sock`, the mock's names allowed, the
+ * key brokered from `$PEXI_TEST_LLM_KEY`; `extra` is appended (a [vm] table, say).
+ */
+export function pepConfig(dir, port, extra = '') {
+  const replace = (text, from, to) => {
+    assert.ok(text.includes(from), `config.toml no longer contains ${from}`);
+    return text.replace(from, to);
+  };
+  let config = fs.readFileSync(path.join(root, 'config.toml'), 'utf8');
+  config = replace(config, 'listen = ["unix:/tmp/pexi/pep.sock"]', `listen = [${JSON.stringify(`unix:${dir}/pep.sock`)}]`);
+  config = replace(config, 'dir = "policies"', `dir = ${JSON.stringify(path.join(root, 'policies'))}`);
+  // The mock lives on the host's loopback; production leaves this empty.
+  config = replace(config, 'allowed_cidrs = []', 'allowed_cidrs = ["127.0.0.0/8"]');
+  config = replace(config, 'extra_ca_file = ""', `extra_ca_file = ${JSON.stringify(path.join(dir, 'ca.pem'))}`);
+  config = replace(config, '[pep.network.dns_overrides]\n', '[pep.network.dns_overrides]\n"llm.test" = ["127.0.0.1"]\n"page.test" = ["127.0.0.1"]\n');
+  config = replace(config, 'path = "/tmp/pexi/audit.jsonl"', `path = ${JSON.stringify(path.join(dir, 'audit.jsonl'))}`);
+  config = config.replace(/\n\[vm\][\s\S]*$/, '\n');
+  config += `
+[[pep.policy.allow]]
+host = "llm.test"
+ports = [${port}]
+methods = ["POST"]
+paths = ["/v1/"]
+
+[[pep.policy.allow]]
+host = "page.test"
+ports = [${port}]
+
+[[secrets]]
+name = "llm"
+env = "PEXI_TEST_LLM_KEY"
+header = "authorization"
+template = "Bearer {secret}"
+hosts = ["llm.test"]
+${extra}`;
+  const file = path.join(dir, 'config.toml');
+  fs.writeFileSync(file, config);
+  return file;
+}
+
+/** OpenClaw's config: the mock provider with the placeholder key, the guest proxy, web_fetch through it. */
+export function openclawConfig(port, logFile) {
+  return {
+    agents: { defaults: { model: { primary: 'mock/mock-model' } } },
+    models: {
+      mode: 'replace',
+      providers: {
+        mock: {
+          baseUrl: `https://llm.test:${port}/v1`,
+          // The placeholder: the PEP swaps in the key on requests to llm.test only.
+          apiKey: 'pexi:secret:llm',
+          api: 'openai-completions',
+          models: [{ id: 'mock-model', name: 'Mock Model', reasoning: false, input: ['text'], cost: { input: 0, output: 0, cacheRead: 0, cacheWrite: 0 }, contextWindow: 128000, maxTokens: 4096 }],
+        },
+      },
+    },
+    update: { checkOnStart: false },
+    telemetry: { enabled: false },
+    discovery: { mdns: { mode: 'off' } },
+    logging: { file: logFile },
+    proxy: { proxyUrl: 'http://127.0.0.1:3128' },
+    tools: { web: { fetch: { useTrustedEnvProxy: true } } },
+  };
+}
+
+/** `agent exec --json` prints one JSON object; OpenClaw may log lines before it. */
+export function lastJson(text) {
+  return JSON.parse(text.slice(text.indexOf('{\n')));
+}
+
+/** Every file under `folder`. */
+export function walk(folder) {
+  return fs.readdirSync(folder, { withFileTypes: true }).flatMap((entry) => {
+    const full = path.join(folder, entry.name);
+    return entry.isDirectory() ? walk(full) : entry.isFile() ? [full] : [];
+  });
+}
+
+/** The audit log's records, checked: every pep.http.request decision has an outcome, the chain verifies. */
+export function auditRecords(dir) {
+  const file = path.join(dir, 'audit.jsonl');
+  const records = fs
+    .readFileSync(file, 'utf8')
+    .trim()
+    .split('\n')
+    .map((line) => JSON.parse(line));
+  const decisions = records.filter((r) => r.kind === 'decision' && r.method === 'pep.http.request');
+  const outcomes = new Set(records.filter((r) => r.kind === 'outcome').map((r) => r.decision_id));
+  for (const decision of decisions) {
+    assert.ok(outcomes.has(decision.decision_id), `an outcome for ${decision.request.url}`);
+  }
+  execFileSync(pexi, ['audit', 'verify', file]);
+  return { records, decisions };
+}

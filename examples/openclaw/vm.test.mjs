@@ -1,0 +1,127 @@
+// The product end to end: `pexi vm run --profile openclaw` boots the no-NIC guest, whose init starts
+// pexi-guestd before anything else, and the real OpenClaw (npm, Node 24, mounted read-only) runs one
+// `agent exec --json` turn inside it against a mock OpenAI-compatible LLM over HTTPS on the host side. The
+// turn streams, uses the brokered key (the guest's OpenClaw config holds the placeholder; the key is only
+// in the PEP's environment), and fetches two pages with web_fetch: one allowed, one refused with pexi's
+// reason. Afterwards the guest's environment, files and output, the console and the audit log are
+// searched for the key. Run by scripts/test-vm-openclaw (software emulation here: minutes).
+
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import crypto from 'node:crypto';
+import { once } from 'node:events';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { after, before, test } from 'node:test';
+
+import { PAGE_TEXT, startMockLlm } from './mock-llm.mjs';
+import { auditRecords, certificates, lastJson, openclawConfig, pepConfig, pexi, target, walk } from './setup.mjs';
+
+const KEY = `sk-vm-openclaw-${crypto.randomBytes(16).toString('hex')}`;
+const image = path.join(target, 'vm');
+
+let dir;
+let llm;
+let run;
+
+before(async () => {
+  for (const file of ['vmlinux', 'initramfs.cpio.gz', 'share/bin/pexi-guestd', 'share/node/bin/node']) {
+    assert.ok(fs.existsSync(path.join(image, file)), `${file} missing in ${image}: run scripts/vm-image`);
+  }
+  assert.ok(fs.existsSync(path.join(target, 'openclaw', 'node_modules', 'openclaw')), 'run scripts/test-openclaw first (installs openclaw)');
+  dir = fs.mkdtempSync(path.join(os.tmpdir(), 'pexi-vm-openclaw-'));
+  llm = await startMockLlm({ key: KEY, ...certificates(dir) });
+  const vm = `
+[vm]
+kernel = ${JSON.stringify(path.join(image, 'vmlinux'))}
+initrd = ${JSON.stringify(path.join(image, 'initramfs.cpio.gz'))}
+memory_mb = 768
+share = ${JSON.stringify(path.join(image, 'share'))}
+share_writable = false
+accel = "auto"
+kvm_probe_seconds = 10
+qemu = "qemu-system-x86_64"
+vhost_device_vsock = ""
+guest_cid = 3
+run_dir = ${JSON.stringify(path.join(dir, 'run'))}
+command = "sh"
+openclaw_dir = ${JSON.stringify(path.join(target, 'openclaw'))}
+openclaw_memory_mb = 2048
+openclaw_command = "true"
+`;
+  const config = pepConfig(dir, llm.port, vm);
+  fs.writeFileSync(path.join(dir, 'openclaw.json'), JSON.stringify(openclawConfig(llm.port, '/tmp/openclaw/openclaw.log'), null, 2));
+  // The guest's side of the test, on the image's share (read-only in the guest); results go to /out.
+  const e2e = path.join(image, 'share', 'e2e');
+  fs.mkdirSync(e2e, { recursive: true });
+  fs.writeFileSync(
+    path.join(e2e, 'openclaw-vm.sh'),
+    `set -u
+ip -o link show > /out/links.txt
+openclaw agent exec --json --timeout 900 --cwd /tmp/work "FETCH https://page.test:${llm.port}/page FETCH https://denied.test/page" > /out/turn.json 2> /out/turn.err
+echo $? > /out/turn.code
+env > /out/env.txt
+mkdir -p /out/files
+cp -r /tmp/openclaw /out/files/state 2> /dev/null
+cp -r /tmp/work /out/files/work 2> /dev/null
+cp -r /run/openclaw /out/files/config 2> /dev/null
+cp /run/pexi/ca.pem /out/files/ 2> /dev/null
+exit 0
+`,
+  );
+  const started = Date.now();
+  const child = spawn(
+    pexi,
+    ['vm', 'run', '--config', config, '--profile', 'openclaw', '--openclaw-config', path.join(dir, 'openclaw.json'), '--output', path.join(dir, 'out'), '--timeout', '1500', '--', 'sh /share/e2e/openclaw-vm.sh'],
+    { env: { ...process.env, PEXI_TEST_LLM_KEY: KEY, RUST_LOG: 'warn' }, stdio: ['ignore', 'pipe', 'pipe'] },
+  );
+  let output = '';
+  child.stdout.on('data', (d) => (output += d));
+  child.stderr.on('data', (d) => (output += d));
+  const [code] = await once(child, 'exit');
+  run = { code, output, seconds: (Date.now() - started) / 1000 };
+  console.log(`pexi vm run --profile openclaw: exit ${code} after ${run.seconds.toFixed(0)} s`);
+});
+
+after(async () => {
+  await llm?.stop();
+  if (dir && !process.env.PEXI_KEEP) {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+const out = (name) => fs.readFileSync(path.join(dir, 'out', name), 'utf8');
+
+test('the guest has no network device and OpenClaw completes a streamed turn with the brokered key', () => {
+  assert.equal(run.code, 0, run.output);
+  const links = out('links.txt').trim().split('\n');
+  assert.equal(links.length, 1, links.join('\n'));
+  assert.match(links[0], /: lo:/);
+  assert.equal(out('turn.code').trim(), '0', out('turn.err'));
+  const result = lastJson(out('turn.json'));
+  assert.equal(result.ok, true);
+  const calls = llm.requests.filter((r) => r.url === '/v1/chat/completions');
+  assert.ok(calls.length >= 3, 'a tool call, another, then the answer');
+  assert.ok(calls.every((r) => r.authorized && r.stream), 'every LLM call streamed with the real key');
+  // web_fetch: the allowed page came back; the denied host was refused with pexi's reason.
+  assert.ok(result.final.includes(PAGE_TEXT), 'the allowed page text');
+  assert.match(result.final, /policy_denied/);
+  assert.match(result.final, /host denied\.test is not in the allowlist/);
+});
+
+test('the key is nowhere in the guest nor in the audit log, which has every request and verifies', () => {
+  const { records, decisions } = auditRecords(dir);
+  assert.ok(decisions.some((r) => r.request.host === 'llm.test' && r.request.secrets.includes('llm')));
+  assert.ok(decisions.some((r) => r.request.host === 'page.test' && r.decision.allow));
+  assert.ok(decisions.some((r) => r.request.host === 'denied.test' && !r.decision.allow));
+  assert.ok(records.some((r) => r.kind === 'outcome' && r.secrets_injected?.includes('llm')));
+  const places = [path.join(dir, 'audit.jsonl'), path.join(dir, 'run', 'console.log'), ...walk(path.join(dir, 'out'))];
+  assert.ok(places.some((p) => p.endsWith('env.txt')) && places.some((p) => p.includes(`${path.sep}files${path.sep}`)));
+  for (const file of places) {
+    assert.ok(!fs.readFileSync(file).includes(KEY), `${path.relative(dir, file)} holds the key`);
+  }
+  assert.ok(!run.output.includes(KEY));
+  assert.ok(out('files/config/openclaw.json').includes('pexi:secret:llm'));
+});
+
