@@ -21,7 +21,7 @@ export function certificates(dir) {
   const p = (name) => path.join(dir, name);
   openssl(['req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout', p('ca.key'), '-out', p('ca.pem'), '-days', '2', '-subj', '/CN=pexi openclaw test CA']);
   openssl(['req', '-newkey', 'rsa:2048', '-nodes', '-keyout', p('llm.key'), '-out', p('llm.csr'), '-subj', '/CN=llm.test']);
-  fs.writeFileSync(p('san.cnf'), 'subjectAltName=DNS:llm.test,DNS:page.test\n');
+  fs.writeFileSync(p('san.cnf'), 'subjectAltName=DNS:llm.test,DNS:page.test,IP:127.0.0.1\n');
   openssl(['x509', '-req', '-in', p('llm.csr'), '-CA', p('ca.pem'), '-CAkey', p('ca.key'), '-CAcreateserial', '-out', p('llm.pem'), '-days', '2', '-extfile', p('san.cnf')]);
   return { cert: fs.readFileSync(p('llm.pem')), tlsKey: fs.readFileSync(p('llm.key')) };
 }
@@ -65,6 +65,29 @@ ${extra}`;
   const file = path.join(dir, 'config.toml');
   fs.writeFileSync(file, config);
   return file;
+}
+
+/** A [vm] table for `pexi vm run --profile openclaw` on the image of scripts/vm-image (virtio-serial only). */
+export function vmTable(runDir) {
+  const image = path.join(target, 'vm');
+  return `
+[vm]
+kernel = ${JSON.stringify(path.join(image, 'vmlinux'))}
+initrd = ${JSON.stringify(path.join(image, 'initramfs.cpio.gz'))}
+memory_mb = 768
+share = ${JSON.stringify(path.join(image, 'share'))}
+share_writable = false
+accel = "auto"
+kvm_probe_seconds = 10
+qemu = "qemu-system-x86_64"
+vhost_device_vsock = ""
+guest_cid = 3
+run_dir = ${JSON.stringify(runDir)}
+command = "sh"
+openclaw_dir = ${JSON.stringify(path.join(target, 'openclaw'))}
+openclaw_memory_mb = 2048
+openclaw_command = "true"
+`;
 }
 
 /** OpenClaw's config: the mock provider with the placeholder key, the guest proxy, web_fetch through it. */

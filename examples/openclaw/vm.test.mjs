@@ -16,7 +16,7 @@ import path from 'node:path';
 import { after, before, test } from 'node:test';
 
 import { PAGE_TEXT, startMockLlm } from './mock-llm.mjs';
-import { auditRecords, certificates, lastJson, openclawConfig, pepConfig, pexi, target, walk } from './setup.mjs';
+import { auditRecords, certificates, lastJson, openclawConfig, pepConfig, pexi, target, vmTable, walk } from './setup.mjs';
 
 const KEY = `sk-vm-openclaw-${crypto.randomBytes(16).toString('hex')}`;
 const image = path.join(target, 'vm');
@@ -32,25 +32,7 @@ before(async () => {
   assert.ok(fs.existsSync(path.join(target, 'openclaw', 'node_modules', 'openclaw')), 'run scripts/test-openclaw first (installs openclaw)');
   dir = fs.mkdtempSync(path.join(os.tmpdir(), 'pexi-vm-openclaw-'));
   llm = await startMockLlm({ key: KEY, ...certificates(dir) });
-  const vm = `
-[vm]
-kernel = ${JSON.stringify(path.join(image, 'vmlinux'))}
-initrd = ${JSON.stringify(path.join(image, 'initramfs.cpio.gz'))}
-memory_mb = 768
-share = ${JSON.stringify(path.join(image, 'share'))}
-share_writable = false
-accel = "auto"
-kvm_probe_seconds = 10
-qemu = "qemu-system-x86_64"
-vhost_device_vsock = ""
-guest_cid = 3
-run_dir = ${JSON.stringify(path.join(dir, 'run'))}
-command = "sh"
-openclaw_dir = ${JSON.stringify(path.join(target, 'openclaw'))}
-openclaw_memory_mb = 2048
-openclaw_command = "true"
-`;
-  const config = pepConfig(dir, llm.port, vm);
+  const config = pepConfig(dir, llm.port, vmTable(path.join(dir, 'run')));
   fs.writeFileSync(path.join(dir, 'openclaw.json'), JSON.stringify(openclawConfig(llm.port, '/tmp/openclaw/openclaw.log'), null, 2));
   // The guest's side of the test, on the image's share (read-only in the guest); results go to /out.
   const e2e = path.join(image, 'share', 'e2e');
