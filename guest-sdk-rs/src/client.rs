@@ -130,19 +130,12 @@ impl Client {
                 port,
             }))
             .await?;
-        match stream.next_event().await? {
-            StreamEvent::Head(ResponseHead::NetConnect(head)) => {
+        match stream.head("a tunnel").await? {
+            ResponseHead::NetConnect(head) => {
                 let sender = stream.sender();
                 Ok((Tunnel { head, stream }, sender))
             }
-            StreamEvent::Failed(error) => {
-                stream.finished = true;
-                Err(error)
-            }
-            _ => Err(Error::Pep(pexi_protocol::payload::ErrorPayload::new(
-                ErrorCode::ProtocolError,
-                "the PEP answered a tunnel with something else",
-            ))),
+            _ => Err(unexpected("a tunnel")),
         }
     }
 
@@ -152,16 +145,12 @@ impl Client {
             .open(MethodCall::PolicyCheck(HttpRequest::new(method, url)))
             .await?;
         stream.end()?;
-        match stream.next_event().await? {
-            StreamEvent::Head(ResponseHead::PolicyDecision(decision)) => {
+        match stream.head("a policy check").await? {
+            ResponseHead::PolicyDecision(decision) => {
                 stream.finished = true;
                 Ok(decision)
             }
-            StreamEvent::Failed(error) => Err(error),
-            _ => Err(Error::Pep(pexi_protocol::payload::ErrorPayload::new(
-                ErrorCode::ProtocolError,
-                "the PEP answered a policy check with something else",
-            ))),
+            _ => Err(unexpected("a policy check")),
         }
     }
 
@@ -248,6 +237,18 @@ impl StreamHandle {
         }
     }
 
+    /// Waits for the stream's HEAD; `what` names the call for the error when something else comes.
+    async fn head(&mut self, what: &str) -> Result<ResponseHead, Error> {
+        match self.next_event().await? {
+            StreamEvent::Head(head) => Ok(head),
+            StreamEvent::Failed(error) => {
+                self.finished = true;
+                Err(error)
+            }
+            _ => Err(unexpected(what)),
+        }
+    }
+
     fn sender(&self) -> UpgradeSender {
         UpgradeSender {
             key: self.key,
@@ -329,19 +330,12 @@ impl RequestBuilder {
             .client
             .open(MethodCall::HttpRequest(self.request))
             .await?;
-        match stream.next_event().await? {
-            StreamEvent::Head(ResponseHead::Http(head)) => {
+        match stream.head("an upgrade request").await? {
+            ResponseHead::Http(head) => {
                 let sender = stream.sender();
                 Ok((Response { head, stream }, sender))
             }
-            StreamEvent::Failed(error) => {
-                stream.finished = true;
-                Err(error)
-            }
-            _ => Err(Error::Pep(pexi_protocol::payload::ErrorPayload::new(
-                ErrorCode::ProtocolError,
-                "the PEP answered an upgrade request with something else",
-            ))),
+            _ => Err(unexpected("an upgrade request")),
         }
     }
 
@@ -366,16 +360,9 @@ impl RequestBuilder {
             }
         }
         stream.end()?;
-        match stream.next_event().await? {
-            StreamEvent::Head(ResponseHead::Http(head)) => Ok(Response { head, stream }),
-            StreamEvent::Failed(error) => {
-                stream.finished = true;
-                Err(error)
-            }
-            _ => Err(Error::Pep(pexi_protocol::payload::ErrorPayload::new(
-                ErrorCode::ProtocolError,
-                "the PEP answered an HTTP request with something else",
-            ))),
+        match stream.head("an HTTP request").await? {
+            ResponseHead::Http(head) => Ok(Response { head, stream }),
+            _ => Err(unexpected("an HTTP request")),
         }
     }
 }
@@ -422,6 +409,14 @@ impl Drop for UpgradeSender {
     fn drop(&mut self) {
         let _ = self.finish();
     }
+}
+
+/// The error for a HEAD of the wrong kind, or none where one was due.
+fn unexpected(what: &str) -> Error {
+    Error::Pep(pexi_protocol::payload::ErrorPayload::new(
+        ErrorCode::ProtocolError,
+        format!("the PEP answered {what} with something else"),
+    ))
 }
 
 /// What the host sends on a [`RawCall`].
@@ -489,6 +484,20 @@ impl Tunnel {
     /// The next bytes from the far end, `None` once it closed.
     pub async fn read(&mut self) -> Result<Option<Bytes>, Error> {
         self.stream.read().await
+    }
+
+    /// The far end's bytes as a stream.
+    pub fn into_stream(self) -> impl Stream<Item = Result<Bytes, Error>> {
+        futures_util::stream::unfold(self.stream, read_next)
+    }
+}
+
+/// One step of a stream of the host's bytes: the next chunk, or the end (an error is the last item).
+async fn read_next(mut stream: StreamHandle) -> Option<(Result<Bytes, Error>, StreamHandle)> {
+    match stream.read().await {
+        Ok(Some(chunk)) => Some((Ok(chunk), stream)),
+        Ok(None) => None,
+        Err(error) => Some((Err(error), stream)),
     }
 }
 
@@ -568,13 +577,7 @@ impl Response {
 
     /// The body as a `Stream` of chunks.
     pub fn into_stream(self) -> impl Stream<Item = Result<Bytes, Error>> {
-        futures_util::stream::unfold(self, |mut response| async move {
-            match response.chunk().await {
-                Ok(Some(chunk)) => Some((Ok(chunk), response)),
-                Ok(None) => None,
-                Err(error) => Some((Err(error), response)),
-            }
-        })
+        futures_util::stream::unfold(self.stream, read_next)
     }
 }
 

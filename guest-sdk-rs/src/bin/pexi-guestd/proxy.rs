@@ -141,7 +141,7 @@ impl Proxy {
                 builder = builder.header(name.as_str(), value.as_bytes());
             }
         }
-        let (mut response, mut sender) = match builder.upgrade().await {
+        let (response, sender) = match builder.upgrade().await {
             Ok(answer) => answer,
             Err(error) => return error_response(&error),
         };
@@ -171,40 +171,16 @@ impl Proxy {
                 .unwrap_or_else(|_| Response::new(empty()));
         }
         tokio::spawn(async move {
-            let client = match on_client.await {
-                Ok(upgraded) => TokioIo::new(upgraded),
-                Err(err) => {
-                    tracing::debug!(%err, "the client did not take the upgrade");
-                    return;
+            match on_client.await {
+                Ok(upgraded) => {
+                    relay(
+                        TokioIo::new(upgraded),
+                        response.into_stream().boxed(),
+                        sender,
+                    )
+                    .await
                 }
-            };
-            let (mut from_client, mut to_client) = tokio::io::split(client);
-            let upward = async {
-                let mut buffer = vec![0u8; 64 * 1024];
-                loop {
-                    match from_client.read(&mut buffer).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => match sender.send(Bytes::copy_from_slice(&buffer[..n])).await {
-                            Ok(true) => {}
-                            _ => break,
-                        },
-                    }
-                }
-                let _ = sender.finish();
-                // The other direction decides when the connection is over.
-                std::future::pending::<()>().await;
-            };
-            let downward = async {
-                while let Ok(Some(chunk)) = response.chunk().await {
-                    if to_client.write_all(&chunk).await.is_err() {
-                        return;
-                    }
-                }
-                let _ = to_client.shutdown().await;
-            };
-            tokio::select! {
-                () = upward => {}
-                () = downward => {}
+                Err(err) => tracing::debug!(%err, "the client did not take the upgrade"),
             }
         });
         out.body(empty()).unwrap_or_else(|_| Response::new(empty()))
@@ -298,7 +274,10 @@ impl Proxy {
             Ok((tunnel, sender)) => {
                 tokio::spawn(async move {
                     match hyper::upgrade::on(request).await {
-                        Ok(upgraded) => relay_tunnel(TokioIo::new(upgraded), tunnel, sender).await,
+                        Ok(upgraded) => {
+                            relay(TokioIo::new(upgraded), tunnel.into_stream().boxed(), sender)
+                                .await
+                        }
                         Err(err) => tracing::debug!(%err, "CONNECT upgrade failed"),
                     }
                 });
@@ -397,10 +376,11 @@ impl Proxy {
     }
 }
 
-/// An opaque tunnel: the client's bytes to the far end and back, uninspected.
-async fn relay_tunnel<IO>(
+/// Joins a client's connection to a PEP stream (an upgraded connection or an opaque tunnel): the client's
+/// bytes go out through `sender`, `incoming`'s come back, until the far end closes or the client goes.
+async fn relay<IO>(
     io: IO,
-    mut tunnel: pexi_guest::Tunnel,
+    mut incoming: futures_util::stream::BoxStream<'static, Result<Bytes, Error>>,
     mut sender: pexi_guest::UpgradeSender,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin,
@@ -418,10 +398,11 @@ async fn relay_tunnel<IO>(
             }
         }
         let _ = sender.finish();
+        // The other direction decides when the connection is over.
         std::future::pending::<()>().await;
     };
     let downward = async {
-        while let Ok(Some(chunk)) = tunnel.read().await {
+        while let Some(Ok(chunk)) = incoming.next().await {
             if to_client.write_all(&chunk).await.is_err() {
                 return;
             }
