@@ -185,20 +185,8 @@ struct StreamHandle {
 impl StreamHandle {
     /// Queues `data` for the PEP; `false` when the stream has already ended (the PEP answered or failed
     /// it), so an uploader stops producing a body nobody will read.
-    async fn send(&mut self, mut data: Bytes) -> Result<bool, Error> {
-        while !data.is_empty() {
-            let chunk = data.split_to(data.len().min(CHUNK));
-            // Fits: CHUNK does.
-            match self.buffer.acquire_many(chunk.len() as u32).await {
-                Ok(permit) => permit.forget(),
-                // The stream ended (an error from the PEP); the caller reads why.
-                Err(_) => return Ok(false),
-            }
-            self.commands
-                .send(Command::Data(self.key, chunk))
-                .map_err(|_| Error::Closed)?;
-        }
-        Ok(true)
+    async fn send(&mut self, data: Bytes) -> Result<bool, Error> {
+        send_data(self.key, &self.buffer, &self.commands, data).await
     }
 
     fn end(&mut self) -> Result<(), Error> {
@@ -379,18 +367,8 @@ pub struct UpgradeSender {
 impl UpgradeSender {
     /// Sends bytes to the upstream, waiting for flow-control room; `false` when the connection has
     /// already ended (the upstream closed or the PEP failed it).
-    pub async fn send(&mut self, mut data: Bytes) -> Result<bool, Error> {
-        while !data.is_empty() {
-            let chunk = data.split_to(data.len().min(CHUNK));
-            match self.buffer.acquire_many(chunk.len() as u32).await {
-                Ok(permit) => permit.forget(),
-                Err(_) => return Ok(false),
-            }
-            self.commands
-                .send(Command::Data(self.key, chunk))
-                .map_err(|_| Error::Closed)?;
-        }
-        Ok(true)
+    pub async fn send(&mut self, data: Bytes) -> Result<bool, Error> {
+        send_data(self.key, &self.buffer, &self.commands, data).await
     }
 
     /// Ends the guest's direction (the upstream sees a half-close); the other keeps flowing.
@@ -409,6 +387,28 @@ impl Drop for UpgradeSender {
     fn drop(&mut self) {
         let _ = self.finish();
     }
+}
+
+/// Queues `data` for a stream in pieces, each waiting for room in the stream's upload buffer; `false` once
+/// the stream has ended (the PEP answered or failed it: the caller reads why).
+async fn send_data(
+    key: u64,
+    buffer: &Semaphore,
+    commands: &mpsc::UnboundedSender<Command>,
+    mut data: Bytes,
+) -> Result<bool, Error> {
+    while !data.is_empty() {
+        let chunk = data.split_to(data.len().min(CHUNK));
+        // Fits: CHUNK does.
+        match buffer.acquire_many(chunk.len() as u32).await {
+            Ok(permit) => permit.forget(),
+            Err(_) => return Ok(false),
+        }
+        commands
+            .send(Command::Data(key, chunk))
+            .map_err(|_| Error::Closed)?;
+    }
+    Ok(true)
 }
 
 /// The error for a HEAD of the wrong kind, or none where one was due.
