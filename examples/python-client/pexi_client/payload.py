@@ -318,14 +318,35 @@ class HttpRequest:
 
 METHOD_HTTP_REQUEST = "pep.http.request"
 METHOD_POLICY_CHECK = "pep.policy.check"
+METHOD_NET_CONNECT = "pep.net.connect"
+
+
+@dataclass(frozen=True)
+class NetConnect:
+    """Parameters of pep.net.connect (§5.6): an opaque tunnel to host:port."""
+
+    host: str
+    port: int
+
+    def to_cbor(self) -> dict:
+        return {"host": self.host, "port": self.port}
+
+    @staticmethod
+    def from_cbor(value: Any) -> "NetConnect":
+        value = _map(value, "NetConnect")
+        return NetConnect(
+            host=_get(value, "host", str, "NetConnect"),
+            port=_uint(_get(value, "port", int, "NetConnect"), 16, "port"),
+        )
 
 
 @dataclass(frozen=True)
 class MethodCall:
-    """The OPEN payload: both methods of version 1 take an HttpRequest."""
+    """The OPEN payload: pep.http.request and pep.policy.check take an HttpRequest, pep.net.connect a
+    NetConnect."""
 
     method: str
-    params: HttpRequest
+    params: HttpRequest | NetConnect
 
     def to_cbor(self) -> dict:
         return {"method": self.method, "params": self.params.to_cbor()}
@@ -334,9 +355,12 @@ class MethodCall:
     def from_cbor(value: Any) -> "MethodCall":
         value = _map(value, "MethodCall")
         method = _get(value, "method", str, "MethodCall")
-        if method not in (METHOD_HTTP_REQUEST, METHOD_POLICY_CHECK):
-            raise PayloadError(f"unknown method {method!r}")
-        return MethodCall(method, HttpRequest.from_cbor(_get(value, "params", dict, "MethodCall")))
+        params = _get(value, "params", dict, "MethodCall")
+        if method in (METHOD_HTTP_REQUEST, METHOD_POLICY_CHECK):
+            return MethodCall(method, HttpRequest.from_cbor(params))
+        if method == METHOD_NET_CONNECT:
+            return MethodCall(method, NetConnect.from_cbor(params))
+        raise PayloadError(f"unknown method {method!r}")
 
 
 @dataclass(frozen=True)
@@ -384,6 +408,25 @@ class PolicyDecision:
             allow=_get(value, "allow", bool, "PolicyDecision"),
             reasons=tuple(_get(value, "reasons", list, "PolicyDecision", [])),
             decision_id=_get(value, "decision_id", str, "PolicyDecision"),
+        )
+
+
+@dataclass(frozen=True)
+class NetConnectHead:
+    """HEAD of pep.net.connect: the tunnel is open."""
+
+    address: str
+    decision_id: str
+
+    def to_cbor(self) -> dict:
+        return {"address": self.address, "decision_id": self.decision_id}
+
+    @staticmethod
+    def from_cbor(value: Any) -> "NetConnectHead":
+        value = _map(value, "NetConnectHead")
+        return NetConnectHead(
+            address=_get(value, "address", str, "NetConnectHead"),
+            decision_id=_get(value, "decision_id", str, "NetConnectHead"),
         )
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from . import __version__
 from .frame import DEFAULT_MAX_FRAME, FLAG_IGNORABLE, Frame, FrameDecoder, FrameType, FramingError, encode_frame
 from .payload import (
+    METHOD_NET_CONNECT,
     METHOD_POLICY_CHECK,
     End,
     ErrorDetails,
@@ -23,6 +24,7 @@ from .payload import (
     HttpResponseHead,
     Implementation,
     MethodCall,
+    NetConnectHead,
     PayloadError,
     PolicyDecision,
     ReceiveParams,
@@ -478,11 +480,12 @@ class Session:
                 return
             try:
                 value = loads(frame.payload)
-                head = (
-                    PolicyDecision.from_cbor(value)
-                    if stream.method == METHOD_POLICY_CHECK
-                    else HttpResponseHead.from_cbor(value)
-                )
+                if stream.method == METHOD_POLICY_CHECK:
+                    head = PolicyDecision.from_cbor(value)
+                elif stream.method == METHOD_NET_CONNECT:
+                    head = NetConnectHead.from_cbor(value)
+                else:
+                    head = HttpResponseHead.from_cbor(value)
             except PayloadError as error:
                 self._protocol_violation(stream_id, f"bad HEAD: {error}")
                 return

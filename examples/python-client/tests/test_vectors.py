@@ -23,6 +23,7 @@ TYPED = {
     "open.schema.json": p.MethodCall.from_cbor,
     "head.pep.http.request.schema.json": p.HttpResponseHead.from_cbor,
     "head.pep.policy.check.schema.json": p.PolicyDecision.from_cbor,
+    "head.pep.net.connect.schema.json": p.NetConnectHead.from_cbor,
     "error.schema.json": p.ErrorPayload.from_cbor,
 }
 
