@@ -67,13 +67,14 @@ const ns = folders('netns');
 fs.writeFileSync(path.join(ns, 'openclaw.json'), JSON.stringify(openclawConfig(llm.port, path.join(ns, 'openclaw.log'))));
 fs.writeFileSync(path.join(ns, 'run.sh'), `ip link set lo up
 "$GUESTD" --endpoint unix:${dir}/pep.sock --listen 127.0.0.1:3128 --ca-cert ${ns}/ca.pem --socket ${ns}/pexi.sock --deny-connect tunnel > ${ns}/guestd.out 2>&1 &
+GUESTD_PID=$!
 for i in $(seq 100); do [ -s ${ns}/guestd.out ] && break; sleep 0.05; done
 start=$(date +%s.%N)
 "$NODE" "$OPENCLAW" agent exec --json --timeout 300 --cwd ${ns}/work --config ${ns}/openclaw.json "Say hello." > ${ns}/turn.json 2> ${ns}/turn.err
 code=$?
 end=$(date +%s.%N)
 echo "$start $end" > ${ns}/times
-kill %1
+kill $GUESTD_PID
 exit $code
 `);
 await run('unshare', ['-n', 'sh', path.join(ns, 'run.sh')], {
