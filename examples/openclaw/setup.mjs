@@ -36,13 +36,13 @@ export function pepConfig(dir, port, extra = '') {
     return text.replace(from, to);
   };
   let config = fs.readFileSync(path.join(root, 'config.toml'), 'utf8');
-  config = replace(config, 'listen = ["unix:/tmp/pexi/pep.sock"]', `listen = [${JSON.stringify(`unix:${dir}/pep.sock`)}]`);
+  config = replace(config, 'listen = ["unix:{runtime_dir}/pep.sock"]', `listen = [${JSON.stringify(`unix:${dir}/pep.sock`)}]`);
   config = replace(config, 'dir = "policies"', `dir = ${JSON.stringify(path.join(root, 'policies'))}`);
   // The mock lives on the host's loopback; production leaves this empty.
   config = replace(config, 'allowed_cidrs = []', 'allowed_cidrs = ["127.0.0.0/8"]');
   config = replace(config, 'extra_ca_file = ""', `extra_ca_file = ${JSON.stringify(path.join(dir, 'ca.pem'))}`);
   config = replace(config, '[pep.network.dns_overrides]\n', '[pep.network.dns_overrides]\n"llm.test" = ["127.0.0.1"]\n"page.test" = ["127.0.0.1"]\n');
-  config = replace(config, 'path = "/tmp/pexi/audit.jsonl"', `path = ${JSON.stringify(path.join(dir, 'audit.jsonl'))}`);
+  config = replace(config, 'path = "{state_dir}/audit.jsonl"', `path = ${JSON.stringify(path.join(dir, 'audit.jsonl'))}`);
   config = config.replace(/\n\[vm\][\s\S]*$/, '\n');
   config += `
 [[pep.policy.allow]]
@@ -75,6 +75,7 @@ export function vmTable(runDir) {
 kernel = ${JSON.stringify(path.join(image, 'vmlinux'))}
 initrd = ${JSON.stringify(path.join(image, 'initramfs.cpio.gz'))}
 memory_mb = 768
+cpus = 1
 share = ${JSON.stringify(path.join(image, 'share'))}
 share_writable = false
 accel = "auto"
@@ -86,6 +87,7 @@ run_dir = ${JSON.stringify(runDir)}
 command = "sh"
 openclaw_dir = ${JSON.stringify(path.join(target, 'openclaw'))}
 openclaw_memory_mb = 2048
+openclaw_cpus = 2
 openclaw_command = "true"
 `;
 }

@@ -41,6 +41,12 @@ before(async () => {
     path.join(e2e, 'openclaw-vm.sh'),
     `set -u
 ip -o link show > /out/links.txt
+# Progress on the console while the turn runs (minutes under software emulation): uptime, load and the
+# last thing OpenClaw logged.
+( while sleep 20; do
+    log=$(ls -t /tmp/openclaw/*.log 2>/dev/null | head -n 1)
+    echo "guest: up $(cut -d. -f1 /proc/uptime) s, load $(cut -d' ' -f1-3 /proc/loadavg), openclaw: $([ -n "$log" ] && tail -n 1 "$log" | sed -n 's/.*"1":"\\([^"]*\\)".*/\\1/p' | cut -c1-120)"
+  done ) &
 openclaw agent exec --json --timeout 900 --cwd /tmp/work "FETCH https://page.test:${llm.port}/page FETCH https://denied.test/page" > /out/turn.json 2> /out/turn.err
 echo $? > /out/turn.code
 env > /out/env.txt
@@ -59,9 +65,26 @@ exit 0
     { env: { ...process.env, PEXI_TEST_LLM_KEY: KEY, RUST_LOG: 'warn' }, stdio: ['ignore', 'pipe', 'pipe'] },
   );
   let output = '';
-  child.stdout.on('data', (d) => (output += d));
-  child.stderr.on('data', (d) => (output += d));
+  // Every line the run prints (the guest's progress lines among them) as it comes, and a line of our own
+  // when nothing came for 30 s, so a slow run under emulation is never silent.
+  let said = Date.now();
+  const say = (text) => {
+    said = Date.now();
+    process.stdout.write(`[vm ${((Date.now() - started) / 1000).toFixed(0)} s] ${text}\n`);
+  };
+  let partial = '';
+  const take = (data) => {
+    output += data;
+    partial += data;
+    const lines = partial.split('\n');
+    partial = lines.pop();
+    for (const line of lines.filter((l) => l.trim())) say(line);
+  };
+  child.stdout.on('data', take);
+  child.stderr.on('data', take);
+  const ticker = setInterval(() => Date.now() - said >= 30_000 && say('pexi vm run is still running'), 5_000);
   const [code] = await once(child, 'exit');
+  clearInterval(ticker);
   run = { code, output, seconds: (Date.now() - started) / 1000 };
   console.log(`pexi vm run --profile openclaw: exit ${code} after ${run.seconds.toFixed(0)} s`);
 });

@@ -3,7 +3,7 @@
 `pexi-fetch`. Every request goes to the host PEP, which decides it with policy and performs it; the body
 streams to stdout as it arrives.
 
-    PEXI_ENDPOINT=unix:/tmp/pexi/pep.sock pexi_fetch.py https://api.example.com/v1/models
+    PEXI_ENDPOINT=unix:$(pexi paths socket) pexi_fetch.py https://api.example.com/v1/models
     pexi_fetch.py -X POST -H 'content-type: application/json' -d @request.json https://api.example.com/v1/messages
     pexi_fetch.py --check https://evil.example/      # ask the policy only
 

@@ -1,5 +1,5 @@
 // Streams a response through the PEP, printing each piece as it arrives.
-//   PEXI_ENDPOINT=unix:/tmp/pexi/pep.sock node examples/stream.mjs URL
+//   PEXI_ENDPOINT=unix:$(pexi paths socket) node examples/stream.mjs URL
 import { fetch } from '@pexi/guest';
 
 try {

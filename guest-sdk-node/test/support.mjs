@@ -26,8 +26,21 @@ export function pexiBinary() {
   return binary;
 }
 
+// Every folder a test makes is removed when its process exits (kept with PEXI_KEEP=1, to look at after a
+// failure), whether or not the test removed it itself.
+const madeDirs = [];
+process.on('exit', () => {
+  if (!process.env.PEXI_KEEP) {
+    for (const dir of madeDirs) {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  }
+});
+
 export function tempDir(tag) {
-  return fs.mkdtempSync(path.join(os.tmpdir(), `pexi-node-${tag}-`));
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), `pexi-node-${tag}-`));
+  madeDirs.push(dir);
+  return dir;
 }
 
 /**
@@ -50,10 +63,10 @@ export async function startPep({ allow = [], tag = 'pep', env = {}, secrets = []
     return text.replace(from, to);
   };
   let config = fs.readFileSync(path.join(repoRoot, 'config.toml'), 'utf8');
-  config = replace(config, 'listen = ["unix:/tmp/pexi/pep.sock"]', `listen = [${JSON.stringify(`unix:${socket}`)}]`);
+  config = replace(config, 'listen = ["unix:{runtime_dir}/pep.sock"]', `listen = [${JSON.stringify(`unix:${socket}`)}]`);
   config = replace(config, 'dir = "policies"', `dir = ${JSON.stringify(path.join(repoRoot, 'policies'))}`);
   config = replace(config, 'allowed_cidrs = []', 'allowed_cidrs = ["127.0.0.0/8"]');
-  config = replace(config, 'path = "/tmp/pexi/audit.jsonl"', `path = ${JSON.stringify(audit)}`);
+  config = replace(config, 'path = "{state_dir}/audit.jsonl"', `path = ${JSON.stringify(audit)}`);
   const overrides = Object.entries(dnsOverrides)
     .map(([name, address]) => `${JSON.stringify(name)} = [${JSON.stringify(address)}]\n`)
     .join('');

@@ -8,7 +8,9 @@ use std::time::Instant;
 
 use pexi_host::config::Config;
 use pexi_host::server::Server;
-use pexi_test_support::{loopback_options, temp_dir, write_config, GitServer, TestCa, Upstream};
+use pexi_test_support::{
+    loopback_options, temp_dir, write_config, GitServer, TestCa, TestDir, Upstream,
+};
 
 struct Guestd {
     child: Child,
@@ -142,7 +144,8 @@ struct Setup {
     plain: Upstream,
     tls: Upstream,
     git: GitServer,
-    dir: PathBuf,
+    /// Last: removed after everything that uses it has stopped.
+    dir: TestDir,
 }
 
 async fn setup() -> Setup {

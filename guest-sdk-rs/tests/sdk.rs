@@ -10,18 +10,23 @@ use bytes::Bytes;
 use pexi_guest::{Client, Endpoint};
 use pexi_host::config::Config;
 use pexi_host::server::Server;
-use pexi_test_support::{loopback_options, temp_dir, write_config, PepOptions, Upstream};
+use pexi_test_support::{loopback_options, temp_dir, write_config, PepOptions, TestDir, Upstream};
 
 /// A PEP serving in this test's runtime on a Unix socket in its own directory.
 struct InProcessPep {
     dir: PathBuf,
     socket: PathBuf,
     server: Server,
+    /// The folder, removed with the PEP when this one made it.
+    _owned: Option<TestDir>,
 }
 
 impl InProcessPep {
     async fn start(options: &PepOptions) -> InProcessPep {
-        InProcessPep::start_in(temp_dir("sdk-pep"), options).await
+        let dir = temp_dir("sdk-pep");
+        let mut pep = InProcessPep::start_in(dir.to_path_buf(), options).await;
+        pep._owned = Some(dir);
+        pep
     }
 
     async fn start_in(dir: PathBuf, options: &PepOptions) -> InProcessPep {
@@ -32,6 +37,7 @@ impl InProcessPep {
             dir,
             socket,
             server,
+            _owned: None,
         }
     }
 
@@ -395,7 +401,7 @@ async fn a_brokered_key_is_sent_only_to_its_host() {
 async fn a_websocket_upgrade_carries_bytes_both_ways() {
     let upstream = Upstream::http("127.0.0.1").await;
     let dir = temp_dir("sdk-upgrade");
-    let pep = InProcessPep::start_in(dir.clone(), &options()).await;
+    let pep = InProcessPep::start_in(dir.to_path_buf(), &options()).await;
     let client = pep.client();
     let upgrade = |url: String| {
         client

@@ -11,7 +11,7 @@ use pexi_guest::endpoint::{BoxTransport, Connector};
 use pexi_guest::{Client, Options};
 use pexi_host::config::Config;
 use pexi_host::server::Server;
-use pexi_test_support::{loopback_options, temp_dir, write_config, Upstream};
+use pexi_test_support::{loopback_options, temp_dir, write_config, TestDir, Upstream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
@@ -136,6 +136,8 @@ struct Setup {
     port: Arc<Port>,
     client: Client,
     server: Server,
+    /// The PEP's folder (socket, policy, audit): removed after the server, with the rest of the setup.
+    _dir: TestDir,
 }
 
 async fn setup() -> Setup {
@@ -158,6 +160,7 @@ async fn setup() -> Setup {
         port,
         client,
         server,
+        _dir: dir,
     }
 }
 

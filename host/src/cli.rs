@@ -33,10 +33,22 @@ enum Command {
     Check {
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Also append the decision to the configured audit log (by default a check leaves no record: it
+        /// is a question about the policy, not a request).
+        #[arg(long)]
+        audit: bool,
         /// HTTP method, e.g. GET.
         method: String,
         /// Absolute http(s) URL.
         url: String,
+    },
+    /// Print where the configured PEP listens and logs, after `{state_dir}` / `{runtime_dir}` are filled
+    /// in: `pexi paths socket` prints the first Unix socket alone (for PEXI_ENDPOINT=unix:...).
+    Paths {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// One of socket, audit, state_dir, runtime_dir; all of them when left out.
+        which: Option<String>,
     },
     /// Work with policy bundles.
     Policy {
@@ -69,6 +81,9 @@ enum VmCommand {
         /// Guest memory in MiB.
         #[arg(long)]
         memory: Option<u32>,
+        /// Virtual CPUs (more than one runs multi-threaded TCG under software emulation).
+        #[arg(long)]
+        cpus: Option<u32>,
         /// Uncompressed kernel (ELF vmlinux) to boot.
         #[arg(long)]
         kernel: Option<PathBuf>,
@@ -145,6 +160,7 @@ fn vm(command: VmCommand) -> ExitCode {
         config,
         accel,
         memory,
+        cpus,
         kernel,
         initrd,
         share,
@@ -170,6 +186,7 @@ fn vm(command: VmCommand) -> ExitCode {
         env,
         accel,
         memory_mb: memory,
+        cpus,
         kernel,
         initrd,
         share,
@@ -258,15 +275,22 @@ pub fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
         .with_writer(std::io::stderr)
+        // Colour only for a person at a terminal: a log file or a pipe gets plain text.
+        .with_ansi(
+            std::io::IsTerminal::is_terminal(&std::io::stderr())
+                && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
+        )
         .init();
     match cli.command {
         Command::Serve { config, listen } => serve(config, listen),
         Command::Vm { command } => vm(command),
         Command::Check {
             config,
+            audit,
             method,
             url,
-        } => check(config, method, url),
+        } => check(config, audit, method, url),
+        Command::Paths { config, which } => paths(config, which),
         Command::Policy {
             command: PolicyCommand::Test { dir },
         } => policy_test(&dir),
@@ -287,6 +311,50 @@ pub fn main() -> ExitCode {
                     until,
                 },
         } => audit_show(&files, kind, decision, host, since, until),
+    }
+}
+
+fn paths(config: Option<PathBuf>, which: Option<String>) -> ExitCode {
+    let config = match Config::load(config.as_deref()) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("pexi: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    let socket = config.pep.listen.iter().find_map(|listen| match listen {
+        Listen::Unix(path) => Some(path.display().to_string()),
+        _ => None,
+    });
+    let dirs = crate::dirs::UserDirs::from_env().ok();
+    let shown = |dir: Option<&PathBuf>| dir.map(|d| d.display().to_string());
+    let all = [
+        ("socket", socket),
+        ("audit", Some(config.pep.audit.path.display().to_string())),
+        ("state_dir", shown(dirs.as_ref().map(|d| &d.state))),
+        ("runtime_dir", shown(dirs.as_ref().map(|d| &d.runtime))),
+    ];
+    match which {
+        None => {
+            for (name, value) in &all {
+                println!("{name}\t{}", value.as_deref().unwrap_or("-"));
+            }
+            ExitCode::SUCCESS
+        }
+        Some(which) => match all.iter().find(|(name, _)| *name == which) {
+            Some((_, Some(value))) => {
+                println!("{value}");
+                ExitCode::SUCCESS
+            }
+            Some((name, None)) => {
+                eprintln!("pexi: the config has no {name}");
+                ExitCode::from(1)
+            }
+            None => {
+                eprintln!("pexi: {which:?} is not one of socket, audit, state_dir, runtime_dir");
+                ExitCode::from(2)
+            }
+        },
     }
 }
 
@@ -464,13 +532,53 @@ fn policy_eval(config: Option<PathBuf>, input: &std::path::Path) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn load(config: Option<PathBuf>) -> Result<Pipeline, String> {
-    let config = Config::load(config.as_deref()).map_err(|err| err.to_string())?;
-    Pipeline::new(config).map_err(|err| err.to_string())
+/// A folder of our own under the system's temporary folder (owner-only), removed when dropped.
+struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    fn new(tag: &str) -> std::io::Result<ScratchDir> {
+        use std::os::unix::fs::DirBuilderExt;
+        let mut bytes = [0u8; 8];
+        getrandom::fill(&mut bytes).map_err(|err| std::io::Error::other(err.to_string()))?;
+        let dir = std::env::temp_dir().join(format!("pexi-{tag}-{}", hex::encode(bytes)));
+        // Not recursive: the name is fresh, and creating it ourselves is what makes it ours.
+        std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+        Ok(ScratchDir(dir))
+    }
 }
 
-fn check(config: Option<PathBuf>, method: String, url: String) -> ExitCode {
-    let pipeline = match load(config) {
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn check(config: Option<PathBuf>, audit: bool, method: String, url: String) -> ExitCode {
+    let mut config = match Config::load(config.as_deref()) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("pexi: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    // Without --audit the decision goes to a throwaway log: the pipeline is the same one `serve` runs.
+    let _scratch = if audit {
+        None
+    } else {
+        let scratch = match ScratchDir::new("check") {
+            Ok(scratch) => scratch,
+            Err(err) => {
+                eprintln!("pexi: cannot make a temporary folder: {err}");
+                return ExitCode::from(2);
+            }
+        };
+        config.pep.audit.path = scratch.0.join("audit.jsonl");
+        config.pep.audit.key_file = "none".into();
+        config.pep.audit.durability = crate::audit::Durability::None;
+        config.private_dirs.clear();
+        Some(scratch)
+    };
+    let pipeline = match Pipeline::new(config) {
         Ok(pipeline) => pipeline,
         Err(err) => {
             eprintln!("pexi: {err}");

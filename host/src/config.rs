@@ -34,6 +34,11 @@ pub enum ConfigError {
         file: String,
         source: std::io::Error,
     },
+    #[error("{file}: {source}")]
+    Dirs {
+        file: String,
+        source: crate::dirs::DirError,
+    },
     #[error("environment variable {name}={value:?}: {message}")]
     Env {
         name: &'static str,
@@ -229,6 +234,9 @@ pub struct VmConfig {
     pub kernel: PathBuf,
     pub initrd: PathBuf,
     pub memory_mb: u32,
+    /// Virtual CPUs. Under software emulation more than one runs multi-threaded TCG: worth it for a guest
+    /// whose work is spread over threads (Node's workers), not for a single-threaded command.
+    pub cpus: u32,
     /// A host folder the guest mounts at /share over virtio-9p; empty for none.
     pub share: PathBuf,
     pub share_writable: bool,
@@ -248,8 +256,12 @@ pub struct VmConfig {
     pub openclaw_dir: PathBuf,
     #[serde(default = "default_openclaw_memory")]
     pub openclaw_memory_mb: u32,
+    pub openclaw_cpus: u32,
     #[serde(default = "default_openclaw_command")]
     pub openclaw_command: String,
+    /// The per-user folders `run_dir` lies in (see [`Config::private_dirs`]); `pexi vm run` makes them.
+    #[serde(skip)]
+    pub private_dirs: Vec<PathBuf>,
 }
 
 fn default_openclaw_dir() -> PathBuf {
@@ -303,6 +315,9 @@ pub struct Config {
     pub vm: Option<VmConfig>,
     /// `[[secrets]]`, their values read (docs/secrets.md).
     pub secrets: crate::secrets::Secrets,
+    /// Folders named by `{state_dir}` / `{runtime_dir}`: created owner-only, refused when shared
+    /// ([`Config::ensure_private_dirs`]).
+    pub private_dirs: Vec<PathBuf>,
 }
 
 impl Config {
@@ -332,7 +347,12 @@ impl Config {
                 (path.display().to_string(), text, Some(base))
             }
         };
-        let (mut pep, vm, secret_configs) = parse(&source, &text)?;
+        let Parsed {
+            mut pep,
+            vm,
+            secrets: secret_configs,
+            user_keys,
+        } = parse(&source, &text)?;
         apply_env(&mut pep, env)?;
         let invalid = |message: String| ConfigError::Invalid {
             file: source.clone(),
@@ -341,35 +361,71 @@ impl Config {
         if pep.listen.is_empty() {
             return Err(invalid("pep.listen names no listener".into()));
         }
+        // A path the file itself sets is relative to the file's folder; one it leaves to the default is
+        // the default's (the compiled-in policy, the repository's `target/vm`).
+        let set_here = |key: &str| base.is_some() && user_keys.contains(key);
+        let relative_note = |key: &str, value: &Path, resolved: &Path| {
+            format!(
+                "{key} = {value:?} names {}, which does not exist (a relative path in a config file is relative \
+                 to the file's folder{}); give an absolute path, or leave {key} out to use the default",
+                resolved.display(),
+                base.as_deref()
+                    .map(|b| format!(", {}", b.display()))
+                    .unwrap_or_default()
+            )
+        };
         let policy_root = match &base {
-            None => PolicyRoot::Embedded,
-            Some(base) => PolicyRoot::Dir(base.join(&pep.policy.dir)),
+            Some(base) if set_here("pep.policy.dir") => {
+                let dir = base.join(&pep.policy.dir);
+                if !dir.is_dir() {
+                    return Err(invalid(relative_note(
+                        "pep.policy.dir",
+                        &pep.policy.dir,
+                        &dir,
+                    )));
+                }
+                PolicyRoot::Dir(dir)
+            }
+            _ => PolicyRoot::Embedded,
         };
         let extra_ca_pem = match pep.network.extra_ca_file.as_str() {
             "" => None,
             file => {
                 let path = base.as_deref().unwrap_or(Path::new(".")).join(file);
+                if !path.exists() {
+                    return Err(invalid(relative_note(
+                        "pep.network.extra_ca_file",
+                        Path::new(file),
+                        &path,
+                    )));
+                }
                 Some(std::fs::read(&path).map_err(|source| ConfigError::Read {
                     file: path.display().to_string(),
                     source,
                 })?)
             }
         };
-        let vm = vm.map(|mut vm| {
-            let base = base.as_deref().unwrap_or(Path::new(""));
-            for path in [
-                &mut vm.kernel,
-                &mut vm.initrd,
-                &mut vm.share,
-                &mut vm.run_dir,
-                &mut vm.openclaw_dir,
+        let mut vm = vm.map(|mut vm| {
+            for (key, path) in [
+                ("vm.kernel", &mut vm.kernel),
+                ("vm.initrd", &mut vm.initrd),
+                ("vm.share", &mut vm.share),
+                ("vm.run_dir", &mut vm.run_dir),
+                ("vm.openclaw_dir", &mut vm.openclaw_dir),
             ] {
-                if !path.as_os_str().is_empty() {
-                    *path = base.join(&*path);
+                if let Some(base) = base.as_deref().filter(|_| set_here(key)) {
+                    if !path.as_os_str().is_empty() && !crate::dirs::is_placeholder(path) {
+                        *path = base.join(&*path);
+                    }
                 }
             }
             vm
         });
+        let private_dirs =
+            expand_user_dirs(&mut pep, vm.as_mut()).map_err(|err| ConfigError::Dirs {
+                file: source.clone(),
+                source: err,
+            })?;
         let secret_base = base.as_deref().unwrap_or(Path::new("."));
         let secrets = secret_configs
             .iter()
@@ -385,31 +441,171 @@ impl Config {
             extra_ca_pem,
             vm,
             secrets,
+            private_dirs,
         })
+    }
+
+    /// Creates the per-user folders this config names (mode 0700), or checks that they are this user's
+    /// and written by nobody else. Everything that writes there calls this first.
+    pub fn ensure_private_dirs(&self) -> Result<(), ConfigError> {
+        for dir in &self.private_dirs {
+            crate::dirs::ensure_private(dir).map_err(|source| ConfigError::Dirs {
+                file: self.source.clone(),
+                source,
+            })?;
+        }
+        Ok(())
     }
 }
 
-type Parsed = (
-    PepConfig,
-    Option<VmConfig>,
-    Vec<crate::secrets::SecretConfig>,
-);
+/// Replaces `{state_dir}` / `{runtime_dir}` in the paths that may hold them; returns the folders that
+/// must be private (each placeholder's folder and the folder of each path under it).
+fn expand_user_dirs(
+    pep: &mut PepConfig,
+    vm: Option<&mut VmConfig>,
+) -> Result<Vec<PathBuf>, crate::dirs::DirError> {
+    let mut user_dirs = None;
+    if let Some(vm) = vm {
+        let mut run_dir = vm.run_dir.clone();
+        vm.private_dirs = expand_paths(vec![(&mut run_dir, true)], &mut user_dirs)?;
+        vm.run_dir = run_dir;
+    }
+    let mut paths: Vec<(&mut PathBuf, bool)> = Vec::new();
+    for listen in pep.listen.iter_mut() {
+        if let Listen::Unix(path) | Listen::Connect(path) = listen {
+            paths.push((path, false));
+        }
+    }
+    paths.push((&mut pep.audit.path, false));
+    let mut key_file = PathBuf::from(&pep.audit.key_file);
+    paths.push((&mut key_file, false));
+    let private = expand_paths(paths, &mut user_dirs)?;
+    if crate::dirs::is_placeholder(Path::new(&pep.audit.key_file)) {
+        pep.audit.key_file = key_file.display().to_string();
+    }
+    Ok(private)
+}
 
-fn parse(source: &str, text: &str) -> Result<Parsed, ConfigError> {
-    toml::from_str::<File>(text)
-        .map(|file| (file.pep, file.vm, file.secrets))
-        .map_err(|err| {
-            let (line, column) = err
-                .span()
-                .map(|span| line_and_column(text, span.start))
-                .unwrap_or((0, 0));
-            ConfigError::Parse {
-                file: source.to_string(),
-                line,
-                column,
-                message: err.message().to_string(),
+fn expand_paths(
+    paths: Vec<(&mut PathBuf, bool)>,
+    user_dirs: &mut Option<crate::dirs::UserDirs>,
+) -> Result<Vec<PathBuf>, crate::dirs::DirError> {
+    let mut private = Vec::new();
+    for (path, is_dir) in paths {
+        if !crate::dirs::is_placeholder(path) {
+            continue;
+        }
+        let dirs = match &user_dirs {
+            Some(dirs) => dirs,
+            None => user_dirs.insert(crate::dirs::UserDirs::from_env()?),
+        };
+        *path = dirs.expand(path);
+        let folder = if is_dir {
+            Some(path.clone())
+        } else {
+            path.parent().map(Path::to_path_buf)
+        };
+        for dir in [Some(dirs.state.clone()), Some(dirs.runtime.clone()), folder]
+            .into_iter()
+            .flatten()
+        {
+            if dirs.holds(&dir) && !private.contains(&dir) {
+                private.push(dir);
             }
+        }
+    }
+    Ok(private)
+}
+
+struct Parsed {
+    pep: PepConfig,
+    vm: Option<VmConfig>,
+    secrets: Vec<crate::secrets::SecretConfig>,
+    /// The dotted keys the file itself sets (`pep.policy.dir`), as opposed to the default's.
+    user_keys: std::collections::BTreeSet<String>,
+}
+
+/// Parses `text` laid over the embedded default: a file names only what it changes. Tables merge key by
+/// key; any other value (an array, `[[pep.policy.allow]]` and `[[secrets]]` among them) replaces the
+/// default's whole. A key the default does not have is still an error at its line, as is a bad value.
+fn parse(source: &str, text: &str) -> Result<Parsed, ConfigError> {
+    let parse_error = |err: toml::de::Error| {
+        let (line, column) = err
+            .span()
+            .map(|span| line_and_column(text, span.start))
+            .unwrap_or((0, 0));
+        ConfigError::Parse {
+            file: source.to_string(),
+            line,
+            column,
+            message: err.message().to_string(),
+        }
+    };
+    let user = toml::de::DeTable::parse(text).map_err(parse_error)?;
+    let mut user_keys = std::collections::BTreeSet::new();
+    collect_keys(user.get_ref(), "", &mut user_keys);
+    let merged = if std::ptr::eq(text, EMBEDDED_CONFIG) {
+        user
+    } else {
+        let mut base =
+            toml::de::DeTable::parse(EMBEDDED_CONFIG).map_err(|err| ConfigError::Invalid {
+                file: EMBEDDED_NAME.into(),
+                message: err.to_string(),
+            })?;
+        overlay(base.get_mut(), user.into_inner());
+        base
+    };
+    // The embedded default's spans index its own text, a user's value's index the user's: only the
+    // user's values can be wrong, so line numbers are computed against `text`.
+    File::deserialize(toml::de::Deserializer::from(merged))
+        .map(|file| Parsed {
+            pep: file.pep,
+            vm: file.vm,
+            secrets: file.secrets,
+            user_keys,
         })
+        .map_err(parse_error)
+}
+
+fn collect_keys(
+    table: &toml::de::DeTable<'_>,
+    prefix: &str,
+    keys: &mut std::collections::BTreeSet<String>,
+) {
+    for (key, value) in table {
+        let name = format!("{prefix}{}", key.get_ref());
+        if let toml::de::DeValue::Table(inner) = value.get_ref() {
+            collect_keys(inner, &format!("{name}."), keys);
+        }
+        keys.insert(name);
+    }
+}
+
+/// Lays `over` onto `base`: tables recursively, everything else replaced.
+fn overlay<'i>(base: &mut toml::de::DeTable<'i>, over: toml::de::DeTable<'i>) {
+    use toml::de::DeValue;
+    for (key, value) in over {
+        let existing = base
+            .iter_mut()
+            .find(|(name, _)| name.get_ref() == key.get_ref())
+            .map(|(_, existing)| existing);
+        match existing {
+            Some(existing)
+                if matches!(existing.get_ref(), DeValue::Table(_))
+                    && matches!(value.get_ref(), DeValue::Table(_)) =>
+            {
+                if let (DeValue::Table(inner), DeValue::Table(table)) =
+                    (existing.get_mut(), value.into_inner())
+                {
+                    overlay(inner, table);
+                }
+            }
+            Some(existing) => *existing = value,
+            None => {
+                base.insert(key, value);
+            }
+        }
+    }
 }
 
 fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
@@ -522,6 +718,8 @@ mod tests {
         std::fs::write(&path, edit(EMBEDDED_CONFIG)).expect("write config");
         let result = Config::load_with_env(Some(&path), &[]);
         std::fs::remove_file(&path).expect("cleanup");
+        // Other tests may still be writing theirs into the folder: only the last one out removes it.
+        let _ = std::fs::remove_dir(&dir);
         match result {
             Ok(_) => "loaded".to_string(),
             Err(err) => err.to_string(),
@@ -553,7 +751,7 @@ mod tests {
 
         let err = parse_error(|t| {
             t.replace(
-                "listen = [\"unix:/tmp/pexi/pep.sock\"]",
+                "listen = [\"unix:{runtime_dir}/pep.sock\"]",
                 "listen = [\"tcp:0.0.0.0:80\"]",
             )
         });
@@ -576,7 +774,96 @@ mod tests {
             "{err}"
         );
 
-        assert_eq!(parse_error(|t| t.to_string()), "loaded");
+        // A whole copy of the default elsewhere names `policies` next to itself, which is not there.
+        let err = parse_error(|t| t.to_string());
+        assert!(err.contains("relative to the file's folder"), "{err}");
+        assert_eq!(
+            parse_error(|t| t.replace("dir = \"policies\"\n", "")),
+            "loaded"
+        );
+    }
+
+    /// Writes `text` as a config file in a folder of its own and loads it.
+    fn load_text(text: &str) -> (Result<Config, ConfigError>, PathBuf) {
+        let dir = std::env::temp_dir().join(format!(
+            "pexi-config-test-{}-{}",
+            std::process::id(),
+            rand_suffix()
+        ));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let path = dir.join("mine.toml");
+        std::fs::write(&path, text).expect("write config");
+        let result = Config::load_with_env(Some(&path), &[]);
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+        (result, dir)
+    }
+
+    #[test]
+    fn a_file_names_only_what_it_changes() {
+        let (config, _) = load_text(
+            "[pep.limits]\nmax_redirects = 2\n\n[pep.audit]\nbatch_ms = 7\n\n[[pep.policy.allow]]\nhost = \"api.example.com\"\n",
+        );
+        let config = config.expect("a partial file loads");
+        let embedded = Config::load_with_env(None, &[]).expect("embedded");
+        assert_eq!(config.pep.limits.max_redirects, 2);
+        assert_eq!(config.pep.audit.batch_ms, 7);
+        // Everything else is the default's, the built-in policy and the per-user paths among it.
+        assert_eq!(
+            config.pep.limits.max_request_bytes,
+            embedded.pep.limits.max_request_bytes
+        );
+        assert_eq!(config.pep.audit.durability, embedded.pep.audit.durability);
+        assert_eq!(config.pep.audit.path, embedded.pep.audit.path);
+        assert_eq!(config.pep.listen, embedded.pep.listen);
+        assert_eq!(config.policy_root, PolicyRoot::Embedded);
+        assert_eq!(config.pep.policy.allow.len(), 1);
+        let vm = config.vm.expect("[vm] from the default");
+        assert_eq!(vm.kernel, PathBuf::from("target/vm/vmlinux"));
+    }
+
+    #[test]
+    fn a_misspelt_key_in_a_partial_file_is_refused_at_its_line() {
+        let (err, _) = load_text("# mine\n[pep.limits]\nmax_redirect = 2\n");
+        let err = err.expect_err("misspelt").to_string();
+        assert!(err.contains("mine.toml:3:"), "{err}");
+        assert!(err.contains("unknown field `max_redirect`"), "{err}");
+        let (err, _) = load_text("[pep.limits]\nmax_redirects = \"two\"\n");
+        let err = err.expect_err("bad value").to_string();
+        assert!(err.contains("mine.toml:2:"), "{err}");
+        let (err, _) = load_text("[pep.audti]\npath = \"/x\"\n");
+        assert!(err.expect_err("bad table").to_string().contains("audti"));
+    }
+
+    #[test]
+    fn paths_a_file_sets_are_relative_to_it_and_a_missing_one_says_so() {
+        let (err, dir) = load_text("[pep.policy]\ndir = \"policies\"\n");
+        let err = err.expect_err("no policies next to the file").to_string();
+        assert!(
+            err.contains("pep.policy.dir")
+                && err.contains(&dir.join("policies").display().to_string())
+                && err.contains("relative to the file's folder"),
+            "{err}"
+        );
+        let (config, dir) = load_text("[vm]\nkernel = \"k/vmlinux\"\nrun_dir = \"/abs/run\"\n");
+        let vm = config.expect("loads").vm.expect("vm");
+        assert_eq!(vm.kernel, dir.join("k/vmlinux"));
+        assert_eq!(vm.run_dir, PathBuf::from("/abs/run"));
+        // Left to the default: the default's meaning, not the file's folder.
+        assert_eq!(vm.initrd, PathBuf::from("target/vm/initramfs.cpio.gz"));
+    }
+
+    #[test]
+    fn the_default_paths_are_per_user_folders() {
+        let config = Config::load_with_env(None, &[]).expect("embedded");
+        let dirs = crate::dirs::UserDirs::from_env().expect("a home folder");
+        assert_eq!(config.pep.audit.path, dirs.state.join("audit.jsonl"));
+        assert_eq!(
+            config.pep.listen,
+            vec![Listen::Unix(dirs.runtime.join("pep.sock"))]
+        );
+        assert!(config.private_dirs.contains(&dirs.state));
+        assert!(config.private_dirs.contains(&dirs.runtime));
+        assert!(!config.pep.audit.path.starts_with("/tmp"));
     }
 
     #[test]

@@ -10,6 +10,7 @@
 pub mod audit;
 pub mod cli;
 pub mod config;
+pub mod dirs;
 pub mod pipeline;
 pub mod policy;
 pub mod reload;

@@ -51,6 +51,7 @@ pub struct RunOptions {
     pub env: Vec<(String, String)>,
     pub accel: Option<Accel>,
     pub memory_mb: Option<u32>,
+    pub cpus: Option<u32>,
     pub kernel: Option<PathBuf>,
     pub initrd: Option<PathBuf>,
     pub share: Option<PathBuf>,
@@ -141,6 +142,12 @@ impl Plan {
         let openclaw = options.profile == Some(Profile::OpenClaw);
         if openclaw {
             vm.memory_mb = vm.memory_mb.max(vm.openclaw_memory_mb);
+            vm.cpus = vm.cpus.max(vm.openclaw_cpus);
+        }
+        if let Some(cpus) = options.cpus {
+            vm.cpus = cpus;
+        }
+        if openclaw {
             let modules = vm.openclaw_dir.join("node_modules");
             if !modules.join("openclaw").is_dir() {
                 return Err(VmError::Setup(format!(
@@ -251,7 +258,15 @@ impl Plan {
     /// QEMU's arguments for `accel` (kvm or tcg).
     pub fn qemu_args(&self, accel: &str) -> Result<Vec<String>, VmError> {
         let vm = &self.vm;
-        let mut args: Vec<String> = vec!["-accel".into(), accel.into()];
+        let cpus = vm.cpus.max(1);
+        // Several vCPUs under TCG are only parallel with one host thread each (MTTCG).
+        let accel_arg = if accel == "tcg" && cpus > 1 {
+            "tcg,thread=multi".to_string()
+        } else {
+            accel.to_string()
+        };
+        let mut args: Vec<String> =
+            vec!["-accel".into(), accel_arg, "-smp".into(), cpus.to_string()];
         if self.vsock {
             // vhost-user needs guest memory the backend process can map.
             args.extend([
@@ -371,6 +386,9 @@ pub async fn run(mut config: Config, options: RunOptions) -> Result<i32, VmError
             "the share {} is not a folder",
             vm.share.display()
         )));
+    }
+    for dir in &vm.private_dirs {
+        crate::dirs::ensure_private(dir).map_err(|err| VmError::Setup(err.to_string()))?;
     }
     std::fs::create_dir_all(&vm.run_dir).map_err(io(format!("create {}", vm.run_dir.display())))?;
     for stale in [
@@ -712,6 +730,8 @@ mod tests {
         };
         let plan = Plan::new(&config, &options).expect("plan");
         assert_eq!(plan.vm.memory_mb, 2048);
+        // Two vCPUs on multi-threaded TCG: OpenClaw's workers run beside its main thread.
+        assert_eq!(plan.vm.cpus, 2);
         assert!(plan.guestd);
         assert!(plan.command.starts_with("openclaw agent exec"));
         let line = plan.cmdline().expect("fits");
@@ -737,6 +757,25 @@ mod tests {
         let args = plan.qemu_args("tcg").expect("args").join(" ");
         assert!(args.contains("id=pexim0,path="), "{args}");
         assert!(args.contains("security_model=none,readonly=on"));
+        assert!(args.contains("-accel tcg,thread=multi -smp 2"), "{args}");
+        assert!(plan
+            .qemu_args("kvm")
+            .expect("args")
+            .join(" ")
+            .contains("-accel kvm -smp 2"));
+        let one = Plan::new(
+            &config,
+            &RunOptions {
+                cpus: Some(1),
+                ..options.clone()
+            },
+        )
+        .expect("plan");
+        assert!(one
+            .qemu_args("tcg")
+            .expect("args")
+            .join(" ")
+            .contains("-accel tcg -smp 1"));
         assert!(dir.join("run/openclaw/openclaw.json").is_file());
         // Without OpenClaw installed the profile says what to do.
         let mut missing = config.clone();

@@ -3,7 +3,7 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use pexi_host::audit::verify::verify;
 use pexi_host::audit::{log_files, AuditLog, AuditSettings, Durability};
@@ -56,13 +56,13 @@ fn ten_thousand_records_across_rotations_form_one_chain() {
     std::fs::remove_dir_all(&dir).expect("cleanup");
 }
 
-fn tampered(original: &[String], change: impl FnOnce(&mut Vec<String>)) -> PathBuf {
+/// A folder holding `audit.jsonl`: the original lines, changed.
+fn tampered(original: &[String], change: impl FnOnce(&mut Vec<String>)) -> support::TestDir {
     let dir = support::temp_dir("audit-tamper");
     let mut lines = original.to_vec();
     change(&mut lines);
-    let path = dir.join("audit.jsonl");
-    std::fs::write(&path, lines.join("\n") + "\n").expect("write");
-    path
+    std::fs::write(dir.join("audit.jsonl"), lines.join("\n") + "\n").expect("write");
+    dir
 }
 
 #[test]
@@ -122,11 +122,11 @@ fn every_kind_of_tampering_is_found_at_its_line() {
         ),
     ];
     for (what, change, line, problem) in cases {
-        let path = tampered(&original, change);
+        let dir = tampered(&original, change);
+        let path = dir.join("audit.jsonl");
         let broken = verify(std::slice::from_ref(&path)).expect_err(what);
         assert_eq!(broken.line, line, "{what}: {broken}");
         assert!(broken.problem.contains(problem), "{what}: {broken}");
-        std::fs::remove_dir_all(path.parent().expect("dir")).expect("cleanup");
     }
     std::fs::remove_dir_all(&dir).expect("cleanup");
 }

@@ -49,7 +49,20 @@ fn check_exits_0_on_allow_1_on_deny_2_on_error() {
         text(&invalid.stderr)
     );
 
-    // Every decision went to the audit log named by PEP_AUDIT_LOG.
+    // A check is a question about the policy: nothing reaches the configured log unless asked.
+    assert!(!dir.join("audit.jsonl").exists());
+    let logged = pexi(
+        &["check", "--audit", "GET", "https://example.com"],
+        &[],
+        &dir,
+    );
+    assert_eq!(logged.status.code(), Some(1));
+    let again = pexi(
+        &["check", "--audit", "POST", "https://api.example.com/v1"],
+        &[("PEP_ALLOWED_DOMAINS", "api.example.com")],
+        &dir,
+    );
+    assert_eq!(again.status.code(), Some(0));
     let log = std::fs::read_to_string(dir.join("audit.jsonl")).expect("audit log");
     assert_eq!(
         log.lines()
@@ -57,7 +70,73 @@ fn check_exits_0_on_allow_1_on_deny_2_on_error() {
             .count(),
         2
     );
-    std::fs::remove_dir_all(&dir).expect("cleanup");
+}
+
+/// `pexi` with a home folder of its own and no PEP_AUDIT_LOG: the embedded default's per-user paths.
+fn pexi_at_home(args: &[&str], home: &std::path::Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_pexi"))
+        .args(args)
+        .env("HOME", home)
+        .env_remove("XDG_STATE_HOME")
+        .env_remove("XDG_RUNTIME_DIR")
+        .env_remove("PEP_AUDIT_LOG")
+        .env_remove("PEP_ALLOWED_DOMAINS")
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run pexi")
+}
+
+#[test]
+fn the_default_state_folder_is_per_user_owner_only_and_a_shared_one_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let home = support::temp_dir("cli-home");
+    let state = home.join(".local/state/pexi");
+
+    let paths = pexi_at_home(&["paths"], &home);
+    let listed = text(&paths.stdout);
+    assert!(
+        listed.contains(&format!("audit\t{}", state.join("audit.jsonl").display()))
+            && listed.contains(&format!("socket\t{}", state.join("run/pep.sock").display())),
+        "{listed}"
+    );
+
+    // A plain check leaves nothing behind; --audit makes the folder, owner-only, and logs there.
+    let checked = pexi_at_home(&["check", "GET", "https://example.com"], &home);
+    assert_eq!(checked.status.code(), Some(1), "{}", text(&checked.stderr));
+    assert!(!state.exists());
+    let logged = pexi_at_home(&["check", "--audit", "GET", "https://example.com"], &home);
+    assert_eq!(logged.status.code(), Some(1), "{}", text(&logged.stderr));
+    let mode = std::fs::metadata(&state)
+        .expect("state folder")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o700);
+    assert!(state.join("audit.jsonl").is_file());
+
+    // A folder others may write (planted, or loosened) is refused before anything is written to it.
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    let refused = pexi_at_home(&["check", "--audit", "GET", "https://example.com"], &home);
+    assert_eq!(refused.status.code(), Some(2));
+    let stderr = text(&refused.stderr);
+    assert!(
+        stderr.contains(&state.display().to_string()) && stderr.contains("other users"),
+        "{stderr}"
+    );
+
+    // So is one that is a link to somewhere else.
+    std::fs::remove_dir_all(&state).expect("remove");
+    let elsewhere = home.join("elsewhere");
+    std::fs::create_dir_all(&elsewhere).expect("mkdir");
+    std::os::unix::fs::symlink(&elsewhere, &state).expect("symlink");
+    let refused = pexi_at_home(&["check", "--audit", "GET", "https://example.com"], &home);
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(
+        text(&refused.stderr).contains("symbolic link"),
+        "{}",
+        text(&refused.stderr)
+    );
+    assert_eq!(std::fs::read_dir(&elsewhere).expect("read").count(), 0);
 }
 
 #[test]
@@ -279,4 +358,29 @@ fn audit_verify_and_show() {
         text(&broken.stdout)
     );
     std::fs::remove_dir_all(&dir).expect("cleanup");
+}
+
+#[test]
+fn logs_written_to_a_pipe_or_file_are_plain_text() {
+    let dir = support::temp_dir("cli-plain-logs");
+    let socket = dir.join("pep.sock");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pexi"))
+        .args(["serve", "--listen", &format!("unix:{}", socket.display())])
+        .env("PEP_AUDIT_LOG", dir.join("audit.jsonl"))
+        .env("RUST_LOG", "info")
+        .env_remove("NO_COLOR")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn pexi");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !socket.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // Only our own child, by PID.
+    let _ = child.kill();
+    let output = child.wait_with_output().expect("wait");
+    let stderr = text(&output.stderr);
+    assert!(stderr.contains("listening"), "{stderr}");
+    assert!(!stderr.contains('\u{1b}'), "escape codes in {stderr:?}");
 }

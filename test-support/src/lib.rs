@@ -55,7 +55,40 @@ fn allowed_ports() -> Vec<toml::Value> {
         .collect()
 }
 
-pub fn temp_dir(tag: &str) -> PathBuf {
+/// A test's own folder under the system's temporary folder, removed when the value is dropped (kept when
+/// `PEXI_KEEP` is set, to look at after a failure). Derefs to its path.
+#[derive(Debug)]
+pub struct TestDir(PathBuf);
+
+impl TestDir {
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for TestDir {
+    type Target = Path;
+
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for TestDir {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        if std::env::var_os("PEXI_KEEP").is_none() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+pub fn temp_dir(tag: &str) -> TestDir {
     let dir = std::env::temp_dir().join(format!(
         "pexi-host-test-{}-{}-{tag}",
         std::process::id(),
@@ -63,7 +96,7 @@ pub fn temp_dir(tag: &str) -> PathBuf {
     ));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("temp dir");
-    dir
+    TestDir(dir)
 }
 
 /// The embedded `config.toml` with the test's listener, audit path, allowlist, CIDRs, DNS overrides and CA.

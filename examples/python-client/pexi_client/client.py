@@ -137,7 +137,7 @@ class Response:
 
 
 class Client:
-    """`Client("unix:/tmp/pexi/pep.sock")`, or `Client()` for `PEXI_ENDPOINT` / the default virtio port."""
+    """`Client("unix:/run/user/1000/pexi/pep.sock")`, or `Client()` for `PEXI_ENDPOINT` / the default virtio port."""
 
     def __init__(
         self,

@@ -45,10 +45,10 @@ class Pep:
         self.audit = self.dir / "audit.jsonl"
         config = (REPO / "config.toml").read_text()
         for old, new in [
-            ('listen = ["unix:/tmp/pexi/pep.sock"]', f'listen = ["unix:{self.socket}"]'),
+            ('listen = ["unix:{runtime_dir}/pep.sock"]', f'listen = ["unix:{self.socket}"]'),
             ('dir = "policies"', f'dir = "{REPO / "policies"}"'),
             ("allowed_cidrs = []", 'allowed_cidrs = ["127.0.0.0/8"]'),
-            ('path = "/tmp/pexi/audit.jsonl"', f'path = "{self.audit}"'),
+            ('path = "{state_dir}/audit.jsonl"', f'path = "{self.audit}"'),
         ]:
             assert old in config, f"config.toml no longer contains {old}"
             config = config.replace(old, new)

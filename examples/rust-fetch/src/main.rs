@@ -2,7 +2,7 @@
 //! with policy and performs it; the body streams to stdout as it arrives.
 //!
 //! ```sh
-//! PEXI_ENDPOINT=unix:/tmp/pexi/pep.sock pexi-fetch https://api.example.com/v1/models
+//! PEXI_ENDPOINT=unix:$(pexi paths socket) pexi-fetch https://api.example.com/v1/models
 //! pexi-fetch -X POST -H 'content-type: application/json' -d @request.json https://api.example.com/v1/messages
 //! pexi-fetch --check https://evil.example/      # ask the policy only
 //! ```

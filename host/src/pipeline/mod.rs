@@ -49,6 +49,8 @@ pub enum StartError {
     },
     #[error("HTTP client: {0}")]
     Http(String),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
 }
 
 pub struct Pipeline {
@@ -72,6 +74,7 @@ pub struct Logged {
 
 impl Pipeline {
     pub fn new(config: Config) -> Result<Pipeline, StartError> {
+        config.ensure_private_dirs()?;
         let policy = PolicyStore::new(load_policy(&config)?);
         let audit_error = |source: std::io::Error| StartError::Audit {
             path: config.pep.audit.path.display().to_string(),

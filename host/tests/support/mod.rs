@@ -12,7 +12,8 @@ use serde_json::Value;
 
 pub struct TestPep {
     child: Child,
-    pub dir: PathBuf,
+    /// Removed after the process is gone (fields drop after `drop`).
+    pub dir: TestDir,
     pub socket: PathBuf,
     pub audit: PathBuf,
 }
@@ -154,6 +155,5 @@ impl Drop for TestPep {
         // Only our own child, by PID.
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -3,7 +3,7 @@
 //! (`HTTP_PROXY`/`HTTPS_PROXY`, OpenClaw's `proxy.proxyUrl`); see docs/guest.md.
 //!
 //! ```sh
-//! pexi-guestd --endpoint unix:/tmp/pexi/pep.sock --listen 127.0.0.1:3128 --ca-cert /run/pexi/ca.pem
+//! pexi-guestd --endpoint unix:/run/user/1000/pexi/pep.sock --listen 127.0.0.1:3128 --ca-cert /run/pexi/ca.pem
 //! ```
 //!
 //! When the proxy is listening it prints one line to stdout, `pexi-guestd: proxy http://ADDR ca PATH`, so a
@@ -57,6 +57,11 @@ async fn main() -> std::process::ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        // Init sends stderr to a file in the guest: colour only for a person at a terminal.
+        .with_ansi(
+            std::io::IsTerminal::is_terminal(&std::io::stderr())
+                && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
+        )
         .init();
     let args = Args::parse();
     match run(args).await {
