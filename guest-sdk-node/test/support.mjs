@@ -120,8 +120,10 @@ export async function startPep({ allow = [], tag = 'pep', env = {}, secrets = []
       if (!fs.existsSync(audit)) {
         return [];
       }
-      return fs
-        .readFileSync(audit, 'utf8')
+      // The PEP may be appending right now: a last line without its newline is not written yet.
+      const text = fs.readFileSync(audit, 'utf8');
+      return text
+        .slice(0, text.lastIndexOf('\n') + 1)
         .split('\n')
         .filter((line) => line !== '')
         .map((line) => JSON.parse(line));

@@ -352,7 +352,7 @@ impl Config {
             vm,
             secrets: secret_configs,
             user_keys,
-        } = parse(&source, &text)?;
+        } = parse(&source, &text, path.is_some())?;
         apply_env(&mut pep, env)?;
         let invalid = |message: String| ConfigError::Invalid {
             file: source.clone(),
@@ -466,9 +466,7 @@ fn expand_user_dirs(
 ) -> Result<Vec<PathBuf>, crate::dirs::DirError> {
     let mut user_dirs = None;
     if let Some(vm) = vm {
-        let mut run_dir = vm.run_dir.clone();
-        vm.private_dirs = expand_paths(vec![(&mut run_dir, true)], &mut user_dirs)?;
-        vm.run_dir = run_dir;
+        vm.private_dirs = expand_paths(vec![(&mut vm.run_dir, true)], &mut user_dirs)?;
     }
     let mut paths: Vec<(&mut PathBuf, bool)> = Vec::new();
     for listen in pep.listen.iter_mut() {
@@ -499,16 +497,14 @@ fn expand_paths(
             Some(dirs) => dirs,
             None => user_dirs.insert(crate::dirs::UserDirs::from_env()?),
         };
+        let root = dirs.root_of(path);
         *path = dirs.expand(path);
         let folder = if is_dir {
             Some(path.clone())
         } else {
             path.parent().map(Path::to_path_buf)
         };
-        for dir in [Some(dirs.state.clone()), Some(dirs.runtime.clone()), folder]
-            .into_iter()
-            .flatten()
-        {
+        for dir in [root, folder].into_iter().flatten() {
             if dirs.holds(&dir) && !private.contains(&dir) {
                 private.push(dir);
             }
@@ -528,7 +524,7 @@ struct Parsed {
 /// Parses `text` laid over the embedded default: a file names only what it changes. Tables merge key by
 /// key; any other value (an array, `[[pep.policy.allow]]` and `[[secrets]]` among them) replaces the
 /// default's whole. A key the default does not have is still an error at its line, as is a bad value.
-fn parse(source: &str, text: &str) -> Result<Parsed, ConfigError> {
+fn parse(source: &str, text: &str, over_default: bool) -> Result<Parsed, ConfigError> {
     let parse_error = |err: toml::de::Error| {
         let (line, column) = err
             .span()
@@ -544,7 +540,7 @@ fn parse(source: &str, text: &str) -> Result<Parsed, ConfigError> {
     let user = toml::de::DeTable::parse(text).map_err(parse_error)?;
     let mut user_keys = std::collections::BTreeSet::new();
     collect_keys(user.get_ref(), "", &mut user_keys);
-    let merged = if std::ptr::eq(text, EMBEDDED_CONFIG) {
+    let merged = if !over_default {
         user
     } else {
         let mut base =

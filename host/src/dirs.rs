@@ -69,6 +69,18 @@ impl UserDirs {
         path.to_path_buf()
     }
 
+    /// The folder a placeholder path starts with, if it starts with one.
+    pub fn root_of(&self, path: &Path) -> Option<PathBuf> {
+        let text = path.to_string_lossy();
+        if text.starts_with(STATE) {
+            Some(self.state.clone())
+        } else if text.starts_with(RUNTIME) {
+            Some(self.runtime.clone())
+        } else {
+            None
+        }
+    }
+
     /// Whether `path` lies in one of the per-user folders (so its folder must be private).
     pub fn holds(&self, path: &Path) -> bool {
         path.starts_with(&self.state) || path.starts_with(&self.runtime)

@@ -143,11 +143,6 @@ impl Plan {
         if openclaw {
             vm.memory_mb = vm.memory_mb.max(vm.openclaw_memory_mb);
             vm.cpus = vm.cpus.max(vm.openclaw_cpus);
-        }
-        if let Some(cpus) = options.cpus {
-            vm.cpus = cpus;
-        }
-        if openclaw {
             let modules = vm.openclaw_dir.join("node_modules");
             if !modules.join("openclaw").is_dir() {
                 return Err(VmError::Setup(format!(
@@ -177,6 +172,10 @@ impl Plan {
                 ));
             }
             command = command.or_else(|| Some(vm.openclaw_command.clone()));
+        }
+        // An explicit --cpus wins over the profile's: OpenClaw runs on one vCPU, just not in less memory.
+        if let Some(cpus) = options.cpus {
+            vm.cpus = cpus;
         }
         if let Some(output) = &options.output {
             std::fs::create_dir_all(output).map_err(io(format!("{}", output.display())))?;
