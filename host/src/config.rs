@@ -343,7 +343,11 @@ impl Config {
                     file: path.display().to_string(),
                     source,
                 })?;
-                let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+                // Absolute, so that messages name the folder even for `--config pexi.toml`.
+                let base = std::path::absolute(path)
+                    .ok()
+                    .and_then(|p| p.parent().map(Path::to_path_buf))
+                    .unwrap_or_else(|| path.parent().map(Path::to_path_buf).unwrap_or_default());
                 (path.display().to_string(), text, Some(base))
             }
         };
@@ -510,6 +514,8 @@ fn expand_paths(
             }
         }
     }
+    // Ancestors first: a folder is checked (not a link, ours, private) before anything is made inside it.
+    private.sort_by_key(|dir| dir.components().count());
     Ok(private)
 }
 
@@ -860,6 +866,16 @@ mod tests {
         assert!(config.private_dirs.contains(&dirs.state));
         assert!(config.private_dirs.contains(&dirs.runtime));
         assert!(!config.pep.audit.path.starts_with("/tmp"));
+        // No folder comes before one of its ancestors: each is checked before anything is made in it.
+        for (i, dir) in config.private_dirs.iter().enumerate() {
+            assert!(
+                !config.private_dirs[i + 1..]
+                    .iter()
+                    .any(|later| dir.starts_with(later) && dir != later),
+                "{:?}",
+                config.private_dirs
+            );
+        }
     }
 
     #[test]
