@@ -29,9 +29,10 @@ before(async () => {
     ],
     tag: 'secrets',
     env: { PEXI_TEST_OPENAI_KEY: KEY, PEXI_TEST_ANTHROPIC_KEY: KEY, RUST_LOG: 'trace' },
+    // The mock LLMs speak plain HTTP: the keys may go in the clear only because the entries say so.
     secrets: [
-      { name: 'openai', env: 'PEXI_TEST_OPENAI_KEY', header: 'authorization', template: 'Bearer {secret}', hosts: ['127.0.0.1'] },
-      { name: 'anthropic', env: 'PEXI_TEST_ANTHROPIC_KEY', header: 'x-api-key', hosts: ['127.0.0.1'] },
+      { name: 'openai', env: 'PEXI_TEST_OPENAI_KEY', header: 'authorization', template: 'Bearer {secret}', hosts: ['127.0.0.1'], schemes: ['http'] },
+      { name: 'anthropic', env: 'PEXI_TEST_ANTHROPIC_KEY', header: 'x-api-key', hosts: ['127.0.0.1'], schemes: ['http'] },
     ],
   });
   dir = appDir('secrets-app', ['openai', '@anthropic-ai/sdk']);

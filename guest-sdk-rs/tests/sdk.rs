@@ -358,7 +358,7 @@ async fn a_brokered_key_is_sent_only_to_its_host() {
     .expect("chmod");
     let mut text = std::fs::read_to_string(&path).expect("config");
     text.push_str(
-        "\n[[secrets]]\nname = \"llm\"\nfile = \"llm.key\"\nheader = \"authorization\"\ntemplate = \"Bearer {secret}\"\nhosts = [\"api.test\"]\n",
+        "\n[[secrets]]\nname = \"llm\"\nfile = \"llm.key\"\nheader = \"authorization\"\ntemplate = \"Bearer {secret}\"\nhosts = [\"api.test\"]\n# The test upstream is plain HTTP: the key may go in the clear only because the entry says so.\nschemes = [\"http\"]\n",
     );
     std::fs::write(&path, text).expect("config");
     let server = Server::start(Config::load(Some(&path)).expect("config"))

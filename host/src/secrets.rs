@@ -38,9 +38,13 @@ pub struct SecretConfig {
     pub template: String,
     /// Host patterns (the allowlist's language) the secret may be sent to; at least one.
     pub hosts: Vec<HostPattern>,
-    /// Methods it may be sent with; any when absent.
+    /// Methods it may be sent with; any when absent (TRACE, TRACK and CONNECT never).
     #[serde(default)]
     pub methods: Option<Vec<MethodName>>,
+    /// URL schemes it may travel over: `https` only unless `http` is listed too (anyone on a plain-HTTP
+    /// path reads the header).
+    #[serde(default = "default_schemes")]
+    pub schemes: Vec<String>,
     /// Another string the guest may use instead of `pexi:secret:NAME` (for clients that check a key's
     /// shape, such as `sk-pexi-placeholder-openai`).
     #[serde(default)]
@@ -54,6 +58,14 @@ pub struct SecretConfig {
 fn default_template() -> String {
     "{secret}".into()
 }
+
+fn default_schemes() -> Vec<String> {
+    vec!["https".into()]
+}
+
+/// Methods that make an upstream send the request back (TRACE echoes it, TRACK is IIS's TRACE) or hand
+/// the connection over (CONNECT): a secret on them would reach the guest.
+const NEVER_WITH_SECRETS: [&str; 3] = ["TRACE", "TRACK", "CONNECT"];
 
 /// The value itself. Its `Debug` never shows it, so no derived `Debug` up the tree can leak it.
 #[derive(Clone)]
@@ -73,6 +85,7 @@ pub struct Secret {
     value: Value,
     pub hosts: Vec<HostPattern>,
     pub methods: Option<Vec<Method>>,
+    pub schemes: Vec<String>,
     /// Every string that stands for this secret in a guest's header.
     placeholders: Vec<String>,
     pub allow_guest_value: bool,
@@ -126,6 +139,27 @@ impl Secret {
                 "hosts names no host: the secret could go nowhere".into(),
             ));
         }
+        let schemes: Vec<String> = config
+            .schemes
+            .iter()
+            .map(|scheme| scheme.to_ascii_lowercase())
+            .collect();
+        if schemes.is_empty() || schemes.iter().any(|s| s != "https" && s != "http") {
+            return Err(fail(format!(
+                "schemes {:?}: list \"https\" (the default), and \"http\" only to send the key in the clear",
+                config.schemes
+            )));
+        }
+        if let Some(method) = config.methods.iter().flatten().find(|m| {
+            NEVER_WITH_SECRETS
+                .iter()
+                .any(|never| m.as_str().eq_ignore_ascii_case(never))
+        }) {
+            return Err(fail(format!(
+                "methods lists {}: a secret is never sent with TRACE, TRACK or CONNECT",
+                method.as_str()
+            )));
+        }
         let value = match (&config.env, &config.file) {
             (Some(var), None) => env
                 .iter()
@@ -167,6 +201,7 @@ impl Secret {
                     .filter_map(|m| Method::from_bytes(m.as_str().as_bytes()).ok())
                     .collect()
             }),
+            schemes,
             placeholders,
             allow_guest_value: config.allow_guest_value,
         })
@@ -177,9 +212,17 @@ impl Secret {
     }
 
     fn allows_method(&self, method: &Method) -> bool {
-        self.methods
-            .as_ref()
-            .is_none_or(|methods| methods.contains(method))
+        !NEVER_WITH_SECRETS
+            .iter()
+            .any(|never| method.as_str().eq_ignore_ascii_case(never))
+            && self
+                .methods
+                .as_ref()
+                .is_none_or(|methods| methods.contains(method))
+    }
+
+    fn allows_scheme(&self, scheme: &str) -> bool {
+        self.schemes.iter().any(|s| s.eq_ignore_ascii_case(scheme))
     }
 
     fn header_value(&self) -> HeaderValue {
@@ -240,6 +283,8 @@ pub struct Hop<'a> {
     /// (scheme, host, port) of this hop and of the request's first hop.
     pub origin: (&'a str, &'a str, u16),
     pub first_origin: (&'a str, &'a str, u16),
+    /// Whether a header (lower-case name) carries credentials.
+    pub is_credential: &'a dyn Fn(&str) -> bool,
 }
 
 /// The configured secrets.
@@ -356,17 +401,20 @@ impl Secrets {
         requested: &[String],
         granted: Option<&[String]>,
     ) -> Result<HopHeaders, Refusal> {
-        // A credential the guest brought itself, to a host whose credential is brokered.
+        // A credential the guest brought itself, to a host whose credential is brokered: in the
+        // secret's own header or in any other that carries credentials (`is_credential`: the audit's
+        // redaction list and credential-like names), since an API usually accepts its key in several.
         for secret in self.list.iter().filter(|s| !s.allow_guest_value) {
             if !secret.binds(hop.host) {
                 continue;
             }
             for (name, value) in headers {
-                if *name == secret.header && self.in_value(value.as_bytes())?.is_empty() {
+                let credential = *name == secret.header || (hop.is_credential)(name.as_str());
+                if credential && self.in_value(value.as_bytes())?.is_empty() {
                     return Err(Refusal(format!(
-                        "the request carries its own {} for {}, whose credential the PEP brokers \
-                         (secret {:?}); send the placeholder {PLACEHOLDER_PREFIX}{} instead",
-                        secret.header, hop.host, secret.name, secret.name
+                        "the request carries its own {name} for {}, whose credential the PEP brokers \
+                         (secret {:?}); send the placeholder {PLACEHOLDER_PREFIX}{} in {} instead",
+                        hop.host, secret.name, secret.name, secret.header
                     )));
                 }
             }
@@ -422,6 +470,13 @@ impl Secrets {
                     hop.method
                 )));
             }
+            if !secret.allows_scheme(hop.origin.0) {
+                return Err(Refusal(format!(
+                    "secret {name:?} may not be sent over {}: it travels over {} only",
+                    hop.origin.0,
+                    secret.schemes.join(", ")
+                )));
+            }
             out.retain(|(header, _)| *header != secret.header);
             out.push((secret.header.clone(), secret.header_value()));
             hop_headers.injected.push(name.clone());
@@ -475,6 +530,7 @@ mod tests {
                 .map(|h| HostPattern::parse(h).expect("pattern"))
                 .collect(),
             methods: None,
+            schemes: default_schemes(),
             placeholder: None,
             allow_guest_value: false,
         }
@@ -503,12 +559,18 @@ mod tests {
             .collect()
     }
 
+    /// What the PEP's default redaction list calls a credential header.
+    fn credential(name: &str) -> bool {
+        ["authorization", "x-api-key", "cookie"].contains(&name) || name.contains("token")
+    }
+
     fn hop<'a>(method: &'a Method, host: &'a str, first: &'a str) -> Hop<'a> {
         Hop {
             method,
             host,
             origin: ("https", host, 443),
             first_origin: ("https", first, 443),
+            is_credential: &credential,
         }
     }
 
@@ -626,6 +688,56 @@ mod tests {
             )
             .expect_err("not granted");
         assert!(err.0.contains("did not grant"), "{err}");
+        // The guest's own key in another credential header than the secret's: refused the same way.
+        let err = secrets
+            .resolve(
+                &hop(&post, "api.test", "api.test"),
+                &headers(&[("authorization", "Bearer sk-own")]),
+                &[],
+                None,
+            )
+            .expect_err("own key, another header");
+        assert!(err.0.contains("own authorization"), "{err}");
+        // Over plain http, and with a method that echoes or tunnels, the value never goes.
+        let plain = Hop {
+            origin: ("http", "api.test", 80),
+            first_origin: ("http", "api.test", 80),
+            ..hop(&post, "api.test", "api.test")
+        };
+        let err = secrets
+            .resolve(&plain, &sent, &["k".into()], None)
+            .expect_err("http");
+        assert!(err.0.contains("over http"), "{err}");
+        let trace = Method::TRACE;
+        let any_method = load(&[secret("k", "x-api-key", "{secret}", &["api.test"])]);
+        for method in [trace, Method::from_bytes(b"TRACK").expect("TRACK")] {
+            let err = any_method
+                .resolve(
+                    &hop(&method, "api.test", "api.test"),
+                    &sent,
+                    &["k".into()],
+                    None,
+                )
+                .expect_err("echoing method");
+            assert!(err.0.contains("may not be sent with"), "{err}");
+        }
+    }
+
+    #[test]
+    fn schemes_and_methods_are_checked_at_load() {
+        let env = vec![("KEY_VAR".to_string(), KEY.to_string())];
+        let mut ftp = secret("k", "x-api-key", "{secret}", &["api.test"]);
+        ftp.schemes = vec!["ftp".into()];
+        let mut trace = secret("k", "x-api-key", "{secret}", &["api.test"]);
+        trace.methods = Some(vec![MethodName::parse("TRACE").expect("method")]);
+        for (config, why) in [(ftp, "schemes"), (trace, "TRACE")] {
+            let err = Secret::load(&config, &env, Path::new(".")).expect_err(why);
+            assert!(err.to_string().contains(why), "{err}");
+        }
+        let mut both = secret("k", "x-api-key", "{secret}", &["api.test"]);
+        both.schemes = vec!["HTTPS".into(), "http".into()];
+        let loaded = Secret::load(&both, &env, Path::new(".")).expect("http allowed explicitly");
+        assert!(loaded.allows_scheme("http") && loaded.allows_scheme("https"));
     }
 
     #[test]

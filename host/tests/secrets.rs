@@ -213,3 +213,159 @@ async fn the_key_reaches_only_its_host_and_is_written_nowhere() {
     }
     assert!(!contains(&received, key.as_bytes()));
 }
+
+// ---------------------------------------------------------------------------------------------------------
+// A hostile guest's attempts on a brokered key. Each runs alone in a loopback-only network namespace: if a
+// refusal failed, nothing could leave the machine.
+
+/// A PEP brokering the key as secret `llm` for `api.test` (the secret's other fields from `fields`), with an
+/// HTTPS upstream (which echoes headers at /headers) and a plain-HTTP one, both answering as api.test. With
+/// `methods`, the policy's allow entry for api.test names them.
+async fn brokering(
+    key: &str,
+    fields: toml::Table,
+    methods: Option<&[&str]>,
+) -> (TestPep, Upstream, Upstream) {
+    let ca = TestCa::new(&["api.test"]);
+    let tls = Upstream::https("127.0.0.1", &ca).await;
+    let plain = Upstream::http("127.0.0.1").await;
+    let mut options = loopback_options(&[("api.test", "127.0.0.1")], &["api.test"]);
+    options.extra_ca_pem = Some(ca.ca_pem.clone());
+    options.env = vec![("PEXI_TEST_LLM_KEY".into(), key.to_string())];
+    let pep = TestPep::start_with(options, |doc| {
+        if let Some(methods) = methods {
+            let allow = doc["pep"]["policy"]["allow"]
+                .as_array_mut()
+                .expect("allow entries");
+            for entry in allow.iter_mut().filter_map(toml::Value::as_table_mut) {
+                entry.insert(
+                    "methods".into(),
+                    toml::Value::Array(methods.iter().map(|m| (*m).into()).collect()),
+                );
+            }
+        }
+        let mut secret: toml::Table = toml::toml! {
+            name = "llm"
+            env = "PEXI_TEST_LLM_KEY"
+            hosts = ["api.test"]
+        };
+        secret.extend(fields);
+        doc.insert(
+            "secrets".into(),
+            toml::Value::Array(vec![toml::Value::Table(secret)]),
+        );
+    });
+    (pep, tls, plain)
+}
+
+fn refused_with(reply: &support::Reply, words: &str) {
+    assert_eq!(
+        reply.error_code(),
+        "secret_not_allowed",
+        "{:?}",
+        reply.error
+    );
+    let message = &reply.error.as_ref().expect("error").message;
+    assert!(message.contains(words), "{words}: {message}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_brokered_key_never_travels_over_plain_http() {
+    if !support::in_isolated_netns("a_brokered_key_never_travels_over_plain_http") {
+        return;
+    }
+    let key = key();
+    let fields = toml::toml! { header = "authorization" template = "Bearer {secret}" };
+    let (pep, tls, plain) = brokering(&key, fields, None).await;
+    let mut guest = pep.guest().await;
+    let placeholder = "Bearer pexi:secret:llm";
+    let url = format!("http://api.test:{}/headers", plain.port());
+    let reply = guest
+        .call(
+            MethodCall::HttpRequest(with_auth("POST", &url, placeholder)),
+            b"x",
+        )
+        .await;
+    refused_with(&reply, "over http");
+    assert!(plain.hits().is_empty(), "nothing went out in the clear");
+    // The control: the same request over https carries the key.
+    let url = format!("https://api.test:{}/hello", tls.port());
+    let reply = guest
+        .call(
+            MethodCall::HttpRequest(with_auth("POST", &url, placeholder)),
+            b"x",
+        )
+        .await;
+    assert_eq!(reply.status(), 200, "{:?}", reply.error);
+    let hit = tls.hits().pop().expect("the https request arrived");
+    assert!(hit
+        .headers
+        .iter()
+        .any(|(name, value)| name == "authorization" && *value == format!("Bearer {key}")));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_brokered_key_is_never_sent_with_a_method_an_upstream_echoes() {
+    if !support::in_isolated_netns("a_brokered_key_is_never_sent_with_a_method_an_upstream_echoes")
+    {
+        return;
+    }
+    let key = key();
+    // No `methods` on the secret: any method may carry the key, and still not these. The policy allows
+    // them here (its default entry would not), so that the broker's own refusal is what is tested.
+    let fields = toml::toml! { header = "x-api-key" };
+    let (pep, tls, _plain) = brokering(&key, fields, Some(&["GET", "TRACE", "TRACK"])).await;
+    let mut guest = pep.guest().await;
+    for method in ["TRACE", "TRACK"] {
+        let request = HttpRequest {
+            headers: vec![HeaderField::new("x-api-key", "pexi:secret:llm")],
+            ..HttpRequest::new(method, format!("https://api.test:{}/headers", tls.port()))
+        };
+        let reply = guest.call(MethodCall::HttpRequest(request), b"").await;
+        refused_with(&reply, &format!("may not be sent with {method}"));
+        assert!(!contains(&reply.body, key.as_bytes()));
+    }
+    assert!(
+        tls.hits().is_empty(),
+        "no echoing request reached the upstream"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_guest_key_in_another_credential_header_is_refused() {
+    if !support::in_isolated_netns("a_guest_key_in_another_credential_header_is_refused") {
+        return;
+    }
+    let key = key();
+    // The secret goes in x-api-key; the guest's own SDK would send its own key as a bearer token.
+    let fields = toml::toml! { header = "x-api-key" };
+    let (pep, tls, _plain) = brokering(&key, fields, None).await;
+    let mut guest = pep.guest().await;
+    let url = format!("https://api.test:{}/hello", tls.port());
+    for (header, value) in [
+        ("authorization", "Bearer sk-the-guests-own-key"),
+        ("x-goog-api-key", "the-guests-own-key"),
+        ("x-auth-token", "the-guests-own-key"),
+    ] {
+        let request = HttpRequest {
+            headers: vec![HeaderField::new(header, value)],
+            ..HttpRequest::new("GET", url.clone())
+        };
+        let reply = guest.call(MethodCall::HttpRequest(request), b"").await;
+        refused_with(&reply, &format!("its own {header}"));
+    }
+    assert!(
+        tls.hits().is_empty(),
+        "no guest credential reached the host"
+    );
+    // An ordinary header is not a credential: the request goes, with the brokered key.
+    let request = HttpRequest {
+        headers: vec![
+            HeaderField::new("x-api-key", "pexi:secret:llm"),
+            HeaderField::new("accept", "application/json"),
+        ],
+        ..HttpRequest::new("GET", url)
+    };
+    let reply = guest.call(MethodCall::HttpRequest(request), b"").await;
+    assert_eq!(reply.status(), 200, "{:?}", reply.error);
+}

@@ -135,7 +135,16 @@ scheme_ok(entry) if req.scheme in object.get(entry, "schemes", ["http", "https"]
 
 port_ok(entry) if req.port in object.get(entry, "ports", [default_port])
 
-method_ok(entry) if req.method in object.get(entry, "methods", [req.method])
+# An entry without `methods` allows any method but these: TRACE (and IIS's TRACK) make an upstream send the
+# request back, headers and all, and CONNECT hands the connection over. An entry that names them allows them.
+echoing_methods := {"TRACE", "TRACK", "CONNECT"}
+
+method_ok(entry) if req.method in entry.methods
+
+method_ok(entry) if {
+	not entry.methods
+	not upper(req.method) in echoing_methods
+}
 
 path_ok(entry) if not entry.paths
 

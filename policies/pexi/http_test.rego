@@ -113,6 +113,20 @@ test_explicit_ports if {
 	denied(get("example.com"), [{"host": "example.com", "ports": [8443]}])
 }
 
+test_echoing_methods_need_an_entry_that_names_them if {
+	entry := {"host": "api.example.com"}
+	every method in ["TRACE", "TRACK", "CONNECT", "trace"] {
+		d := decide(request(method, "https", "api.example.com", "dns", 443, "/"), [entry], [])
+		d.allow == false
+		d.reasons == [sprintf("method %s not allowed for api.example.com", [method])]
+	}
+}
+
+test_an_entry_that_names_trace_allows_it if {
+	allowed(request("TRACE", "https", "api.example.com", "dns", 443, "/"), [{"host": "api.example.com", "methods": ["TRACE"]}])
+	allowed(request("DELETE", "https", "api.example.com", "dns", 443, "/"), [{"host": "api.example.com"}])
+}
+
 test_methods if {
 	entry := {"host": "api.example.com", "methods": ["GET", "POST"]}
 	allowed(request("POST", "https", "api.example.com", "dns", 443, "/"), [entry])

@@ -687,6 +687,33 @@ impl TestCa {
 }
 
 /// Options for the common case: names that lead to loopback through DNS overrides, loopback allowed.
+/// Runs the calling test again, alone, inside a fresh network namespace that has only loopback (`unshare -n`
+/// with `lo` up), so that a refusal that fails lets no packet leave the machine: its upstreams, its PEP and
+/// its guest all live in there. Returns true in that inner run (go on with the test) and false in the outer
+/// one, after the inner run passed; panics with the inner run's output when it did not. Needs root.
+pub fn in_isolated_netns(test_name: &str) -> bool {
+    const INSIDE: &str = "PEXI_TEST_ISOLATED_NETNS";
+    if std::env::var_os(INSIDE).is_some() {
+        return true;
+    }
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let output = std::process::Command::new("unshare")
+        .args(["-n", "sh", "-c", "ip link set lo up && exec \"$0\" \"$@\""])
+        .arg(&exe)
+        .args([test_name, "--exact", "--nocapture", "--test-threads=1"])
+        .env(INSIDE, "1")
+        .output()
+        .expect("run unshare -n (util-linux; needs root)");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success() && stdout.contains("1 passed"),
+        "{test_name} in a loopback-only network namespace: {}\n{stdout}\n{stderr}",
+        output.status
+    );
+    false
+}
+
 pub fn loopback_options(names: &[(&str, &str)], allowed: &[&str]) -> PepOptions {
     PepOptions {
         allowed_domains: allowed.iter().map(|d| d.to_string()).collect(),

@@ -358,6 +358,7 @@ impl Pipeline {
                         host: &host,
                         origin: (prepared.target.url.scheme(), &host, prepared.target.port),
                         first_origin: (&first_origin.0, &first_origin.1, first_origin.2),
+                        is_credential: &|name| self.redactor.is_secret_header(name),
                     },
                     &prepared.headers,
                     &prepared.secrets,
