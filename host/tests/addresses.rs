@@ -19,6 +19,8 @@ const NAMES: &[(&str, &[&str])] = &[
     ("linklocal6.test", &["fe80::1"]),
     ("mixed.test", &["10.0.0.1", "192.168.1.1", "172.16.0.1"]),
     ("multicast.test", &["224.0.0.1"]),
+    // IPv4-compatible (deprecated ::/96): refused as a class, though 8.8.8.8 itself is public.
+    ("compat.test", &["::8.8.8.8"]),
 ];
 
 const LITERALS: &[&str] = &[
@@ -35,6 +37,7 @@ const LITERALS: &[&str] = &[
     "http://[fe80::1]/",
     "http://100.100.100.200/",
     "http://192.168.0.1./",
+    "http://[::8.8.8.8]/",
 ];
 
 fn options(allowed_cidrs: &[&str]) -> PepOptions {
@@ -49,6 +52,7 @@ fn options(allowed_cidrs: &[&str]) -> PepOptions {
             "fe80::1",
             "100.100.100.200",
             "192.168.0.1",
+            "::8.8.8.8",
         ]
         .map(String::from),
     );

@@ -121,6 +121,13 @@ const V6_REFUSED: &[(Ipv6Addr, u8, &str)] = &[
         "unspecified (::)",
     ),
     (Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 1), 128, "loopback (::1)"),
+    // Deprecated (RFC 4291 §2.5.5.1) and still routed over `sit` tunnels: refused as a class, whatever
+    // IPv4 address it carries (judging that address would let ::8.8.8.8 through to a tunnel endpoint).
+    (
+        Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 0),
+        96,
+        "IPv4-compatible, deprecated (::/96)",
+    ),
     (
         Ipv6Addr::new(0x64, 0xff9b, 1, 0, 0, 0, 0, 0),
         48,
@@ -184,12 +191,9 @@ fn embedded_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
     let bits = u128::from(ip);
     let low32 = Ipv4Addr::from((bits & 0xffff_ffff) as u32);
     let seg = ip.segments();
-    // ::ffff:a.b.c.d (mapped) and ::a.b.c.d (deprecated IPv4-compatible; :: and ::1 are judged as IPv6).
+    // ::ffff:a.b.c.d (mapped). The deprecated IPv4-compatible ::a.b.c.d is refused as a class (V6_REFUSED).
     if let Some(v4) = ip.to_ipv4_mapped() {
         return Some(v4);
-    }
-    if bits >> 32 == 0 && bits > 1 {
-        return Some(low32);
     }
     // 64:ff9b::/96, the well-known NAT64 prefix.
     if bits >> 32 == u128::from(Ipv6Addr::new(0x64, 0xff9b, 0, 0, 0, 0, 0, 0)) >> 32 {
@@ -215,7 +219,7 @@ mod tests {
         )
     }
 
-    /// 70 addresses every egress guard must refuse by default.
+    /// 72 addresses every egress guard must refuse by default.
     const REFUSED: &[&str] = &[
         "0.0.0.0",
         "0.1.2.3",
@@ -257,6 +261,8 @@ mod tests {
         "::127.0.0.1",
         "::10.0.0.1",
         "::169.254.169.254",
+        "::8.8.8.8",
+        "::1.1.1.1",
         "64:ff9b::7f00:1",
         "64:ff9b::a9fe:a9fe",
         "64:ff9b::a00:1",
@@ -364,6 +370,10 @@ mod tests {
         assert_eq!(
             g.check("2002:7f00:1::".parse().expect("ip")),
             Err(Refused("loopback (127.0.0.0/8)"))
+        );
+        assert_eq!(
+            g.check("::8.8.8.8".parse().expect("ip")),
+            Err(Refused("IPv4-compatible, deprecated (::/96)"))
         );
     }
 }

@@ -64,6 +64,23 @@ const HOP_BY_HOP: &[&str] = &[
     "upgrade",
 ];
 
+/// Claims about the client's network path (RFC 7239 and the de facto X-Forwarded-* family, `Via`). The
+/// PEP is the client an upstream talks to; a guest's claim to be someone else (an internal address an
+/// upstream trusts, say) is dropped, never forwarded.
+const FORWARDING: &[&str] = &[
+    "forwarded",
+    "via",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-forwarded-port",
+    "x-forwarded-server",
+    "x-real-ip",
+    "x-client-ip",
+    "client-ip",
+    "true-client-ip",
+];
+
 pub fn prepare(request: &HttpRequest) -> Result<Prepared, InvalidRequest> {
     let method = Method::from_bytes(request.method.as_bytes())
         .map_err(|_| InvalidRequest::Method(request.method.clone()))?;
@@ -128,6 +145,7 @@ pub fn prepare(request: &HttpRequest) -> Result<Prepared, InvalidRequest> {
             continue;
         }
         if HOP_BY_HOP.contains(&name.as_str())
+            || FORWARDING.contains(&name.as_str())
             || named_by_connection.iter().any(|n| n == name.as_str())
         {
             continue;

@@ -68,7 +68,26 @@ impl Pipeline {
         responder: &Responder,
         decided: &std::sync::Mutex<Option<String>>,
     ) -> Result<(String, u64, u64), ErrorPayload> {
-        let host = if params.host.contains(':') && !params.host.starts_with('[') {
+        // A bare DNS name or IP literal only: URL syntax (`tun.test/`, `tun.test:8443/`, `user@tun.test`)
+        // would let the parsed destination differ from the one the guest names and the policy decides.
+        let invalid = |why: &str| {
+            ErrorPayload::new(
+                ErrorCode::InvalidRequest,
+                format!("tunnel destination {:?}: {why}", params.host),
+            )
+        };
+        let literal_v6 = params.host.parse::<std::net::Ipv6Addr>().is_ok();
+        if params.host.is_empty()
+            || (!literal_v6
+                && params.host.chars().any(|c| {
+                    c.is_whitespace() || c.is_control() || "/\\?#@:%[]<>\"'`|^{}".contains(c)
+                }))
+        {
+            return Err(invalid(
+                "give a bare DNS name or IP address (no URL syntax)",
+            ));
+        }
+        let host = if literal_v6 {
             format!("[{}]", params.host)
         } else {
             params.host.clone()
@@ -85,6 +104,10 @@ impl Pipeline {
                 ErrorCode::InvalidRequest,
                 "tunnel destination port 0",
             ));
+        }
+        // What was parsed is what was named: the same port, nothing after the host.
+        if target.port != params.port || target.url.path() != "/" || target.url.query().is_some() {
+            return Err(invalid("not a bare DNS name or IP address"));
         }
         let prepared = Prepared {
             method: http::Method::CONNECT,

@@ -1,0 +1,113 @@
+//! What the policy decided is exactly what is sent: a hostile guest's spellings and extra headers, end to
+//! end against a real `pexi serve` and loopback upstreams. Each test runs alone in a loopback-only network
+//! namespace (`unshare -n`), so a refusal that failed could send nothing off the machine.
+
+mod support;
+
+use pexi_protocol::payload::{HeaderField, HttpRequest, MethodCall, NetConnect, ResponseHead};
+use support::{loopback_options, TestPep, Upstream};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn forwarding_headers_from_the_guest_never_reach_an_upstream() {
+    if !support::in_isolated_netns("forwarding_headers_from_the_guest_never_reach_an_upstream") {
+        return;
+    }
+    let api = Upstream::http("127.0.0.1").await;
+    let pep = TestPep::start(loopback_options(
+        &[("api.test", "127.0.0.1")],
+        &["api.test"],
+    ));
+    let mut guest = pep.guest().await;
+    // Claims an upstream might trust: "this request comes from inside".
+    let claims = [
+        ("x-forwarded-for", "10.0.0.1"),
+        ("forwarded", "for=10.0.0.1;proto=https"),
+        ("via", "1.1 internal-gateway"),
+        ("x-real-ip", "10.0.0.1"),
+        ("x-forwarded-host", "admin.internal"),
+        ("true-client-ip", "10.0.0.1"),
+    ];
+    let mut headers: Vec<HeaderField> = claims
+        .iter()
+        .map(|&(name, value)| HeaderField::new(name, value))
+        .collect();
+    headers.push(HeaderField::new("x-request-id", "kept"));
+    let request = HttpRequest {
+        headers,
+        ..HttpRequest::new("GET", format!("http://api.test:{}/headers", api.port()))
+    };
+    let reply = guest.call(MethodCall::HttpRequest(request), b"").await;
+    assert_eq!(reply.status(), 200, "{:?}", reply.error);
+    let hit = api.hits().pop().expect("the request arrived");
+    for (name, _) in claims {
+        assert!(
+            hit.headers.iter().all(|(sent, _)| sent != name),
+            "{name} reached the upstream: {:?}",
+            hit.headers
+        );
+    }
+    assert!(
+        hit.headers
+            .iter()
+            .any(|(name, value)| name == "x-request-id" && value == "kept"),
+        "an ordinary header still goes: {:?}",
+        hit.headers
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tunnel_destination_is_a_bare_name_or_address() {
+    if !support::in_isolated_netns("a_tunnel_destination_is_a_bare_name_or_address") {
+        return;
+    }
+    // Something listening, so that the allowed tunnel has somewhere to go.
+    let far = Upstream::http("127.0.0.1").await;
+    let port = far.port();
+    let pep = TestPep::start_with(loopback_options(&[("tun.test", "127.0.0.1")], &[]), |doc| {
+        let entry: toml::Table = toml::toml! {
+            host = "tun.test"
+            tunnel = true
+            ports = [port]
+        };
+        doc["pep"]["policy"]
+            .as_table_mut()
+            .expect("policy")
+            .insert("allow".into(), toml::Value::Array(vec![entry.into()]));
+    });
+    let mut guest = pep.guest().await;
+    let connect = |host: &str, port: u16| {
+        MethodCall::NetConnect(NetConnect {
+            host: host.into(),
+            port,
+        })
+    };
+    // URL syntax around an allowed name: each would make the parsed destination (or its port) differ
+    // from what the guest named.
+    for host in [
+        "tun.test/".to_string(),
+        format!("tun.test:{port}"),
+        format!("tun.test:{port}/"),
+        "user@tun.test".to_string(),
+        "tun.test?x".to_string(),
+        "tun.test#x".to_string(),
+        "tun.test\\x".to_string(),
+        "tun%2Etest".to_string(),
+        "[::1]".to_string(),
+        String::new(),
+    ] {
+        let reply = guest.call(connect(&host, port), b"").await;
+        assert_eq!(
+            reply.error_code(),
+            "invalid_request",
+            "{host:?}: {:?}",
+            reply.error
+        );
+    }
+    // The same name, bare: a tunnel.
+    let reply = guest.call(connect("tun.test", port), b"").await;
+    assert!(
+        matches!(reply.head, Some(ResponseHead::NetConnect(_))),
+        "{:?}",
+        reply.error
+    );
+}
