@@ -111,3 +111,64 @@ async fn a_tunnel_destination_is_a_bare_name_or_address() {
         reply.error
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_method_is_decided_as_it_is_sent_whatever_its_spelling() {
+    if !support::in_isolated_netns("a_method_is_decided_as_it_is_sent_whatever_its_spelling") {
+        return;
+    }
+    let api = Upstream::http("127.0.0.1").await;
+    let pep = TestPep::start_with(
+        loopback_options(&[("api.test", "127.0.0.1")], &["api.test"]),
+        |doc| {
+            let deny: toml::Table = toml::toml! {
+                host = "api.test"
+                methods = ["DELETE"]
+            };
+            doc["pep"]["policy"]
+                .as_table_mut()
+                .expect("policy")
+                .insert("deny".into(), toml::Value::Array(vec![deny.into()]));
+        },
+    );
+    let mut guest = pep.guest().await;
+    let url = format!("http://api.test:{}/echo", api.port());
+    // Every spelling of a denied standard method is that method, and denied.
+    for spelling in ["DELETE", "delete", "Delete", "dElEtE"] {
+        let reply = guest
+            .call(
+                MethodCall::HttpRequest(HttpRequest::new(spelling, url.clone())),
+                b"",
+            )
+            .await;
+        assert_eq!(
+            reply.error_code(),
+            "policy_denied",
+            "{spelling}: {:?}",
+            reply.error
+        );
+    }
+    // Another method in lower case has no one meaning across servers: refused, not guessed at.
+    let reply = guest
+        .call(
+            MethodCall::HttpRequest(HttpRequest::new("purge", url.clone())),
+            b"",
+        )
+        .await;
+    assert_eq!(reply.error_code(), "invalid_request", "{:?}", reply.error);
+    assert!(api.hits().is_empty(), "nothing reached the upstream");
+    // An allowed method in any case is sent upper-case, as the policy saw it.
+    for (spelling, sent) in [("get", "GET"), ("Post", "POST"), ("PURGE", "PURGE")] {
+        let reply = guest
+            .call(
+                MethodCall::HttpRequest(HttpRequest::new(spelling, url.clone())),
+                b"",
+            )
+            .await;
+        assert_eq!(reply.status(), 200, "{spelling}: {:?}", reply.error);
+        let hit = api.hits().pop().expect("arrived");
+        assert_eq!(hit.method, sent);
+        let records = pep.wait_records(&reply.http_head().decision_id, &["decision"]);
+        assert_eq!(records[0]["request"]["method"], sent);
+    }
+}

@@ -31,6 +31,11 @@ pub enum InvalidRequest {
     Url(#[from] UrlError),
     #[error("invalid method {0:?}")]
     Method(String),
+    #[error(
+        "method {0:?} has lower-case letters: methods are case-sensitive, and servers disagree on what \
+         {0:?} means; send it in upper case"
+    )]
+    MethodCase(String),
     #[error("invalid header name {0:?}")]
     HeaderName(String),
     #[error("invalid header value for {0}")]
@@ -81,9 +86,29 @@ const FORWARDING: &[&str] = &[
     "true-client-ip",
 ];
 
+/// The methods whose spelling is fixed (RFC 9110 §9 and PATCH): any case of these is upper-cased, as
+/// WHATWG fetch does, so the policy and the upstream see the same method.
+const STANDARD_METHODS: &[&str] = &[
+    "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+];
+
+/// The method as it is decided and sent. Any other method with a lower-case letter is refused: the policy
+/// compares methods exactly, so a deny on `PURGE` must not be passed by `purge`, which some servers treat
+/// as PURGE and others not.
+fn canonical_method(given: &str) -> Result<Method, InvalidRequest> {
+    let upper = given.to_ascii_uppercase();
+    let spelled = if STANDARD_METHODS.contains(&upper.as_str()) {
+        upper
+    } else if given.bytes().any(|b| b.is_ascii_lowercase()) {
+        return Err(InvalidRequest::MethodCase(given.to_string()));
+    } else {
+        given.to_string()
+    };
+    Method::from_bytes(spelled.as_bytes()).map_err(|_| InvalidRequest::Method(given.to_string()))
+}
+
 pub fn prepare(request: &HttpRequest) -> Result<Prepared, InvalidRequest> {
-    let method = Method::from_bytes(request.method.as_bytes())
-        .map_err(|_| InvalidRequest::Method(request.method.clone()))?;
+    let method = canonical_method(&request.method)?;
     let target = Target::parse(&request.url)?;
     let mut content_length = request.content_length;
     let mut parsed = Vec::with_capacity(request.headers.len());
@@ -173,6 +198,28 @@ pub fn prepare(request: &HttpRequest) -> Result<Prepared, InvalidRequest> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn standard_methods_are_upper_cased_and_other_lower_case_methods_refused() {
+        for (given, sent) in [
+            ("get", "GET"),
+            ("Delete", "DELETE"),
+            ("patch", "PATCH"),
+            ("PURGE", "PURGE"),
+        ] {
+            assert_eq!(canonical_method(given).expect(given).as_str(), sent);
+        }
+        for given in ["purge", "Propfind", "m-search"] {
+            assert!(
+                matches!(canonical_method(given), Err(InvalidRequest::MethodCase(_))),
+                "{given}"
+            );
+        }
+        assert!(matches!(
+            canonical_method("GE T"),
+            Err(InvalidRequest::Method(_))
+        ));
+    }
 
     fn req(method: &str, url: &str, headers: &[(&str, &[u8])]) -> HttpRequest {
         HttpRequest {
