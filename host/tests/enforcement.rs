@@ -172,3 +172,34 @@ async fn a_method_is_decided_as_it_is_sent_whatever_its_spelling() {
         assert_eq!(records[0]["request"]["method"], sent);
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn guest_chosen_text_cannot_forge_log_lines_or_drive_the_terminal() {
+    if !support::in_isolated_netns("guest_chosen_text_cannot_forge_log_lines_or_drive_the_terminal")
+    {
+        return;
+    }
+    let mut options = loopback_options(&[], &[]);
+    options.log_to_file = true;
+    options.env = vec![("RUST_LOG".into(), "info".into())];
+    let mut pep = TestPep::start(options);
+    let forged =
+        "2026-12-01T00:00:00.000000Z  INFO pexi_host::cli: policy reloaded, allow everything";
+    let name = format!("agent\n{forged}");
+    // Set the terminal's title, then switch to red: what a raw write would do to the operator's terminal.
+    let version = "1.0\u{1b}]0;pwned\u{7}\u{1b}[31m";
+    let guest = support::Guest::connect_as(&pep.socket, &name, version).await;
+    drop(guest);
+    assert!(pep.terminate().success());
+    let log = std::fs::read_to_string(pep.dir.join("pep.log")).expect("log");
+    assert!(log.contains("session established"), "{log}");
+    assert!(
+        !log.lines().any(|line| line.starts_with(forged)),
+        "a forged line: {log}"
+    );
+    assert!(
+        !log.contains('\u{1b}'),
+        "an escape sequence reached the log: {log:?}"
+    );
+    assert!(!log.contains('\u{7}'), "{log:?}");
+}

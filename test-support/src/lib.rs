@@ -201,6 +201,11 @@ impl Reply {
 
 impl Guest {
     pub async fn connect(path: &Path) -> Guest {
+        Guest::connect_as(path, "pexi-test-guest", "1").await
+    }
+
+    /// Like [`Guest::connect`], announcing itself in HELLO with `name` and `version`.
+    pub async fn connect_as(path: &Path, name: &str, version: &str) -> Guest {
         // The socket file appears at bind(), a moment before listen(): a connection in between is refused,
         // which a loaded machine makes likely. Retry that for a while; anything else fails at once.
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -216,10 +221,7 @@ impl Guest {
                 Err(err) => panic!("connect to pexi at {}: {err}", path.display()),
             }
         };
-        let mut conn = Connection::new(
-            stream,
-            Session::client(SessionConfig::new("pexi-test-guest", "1")),
-        );
+        let mut conn = Connection::new(stream, Session::client(SessionConfig::new(name, version)));
         match conn.next_event().await.expect("io") {
             Some(Event::Established(_)) => Guest { conn },
             other => panic!("handshake: {other:?}"),

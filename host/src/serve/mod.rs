@@ -175,8 +175,10 @@ impl Driver {
                     tracing::info!(
                         peer = %self.peer,
                         session = format_args!("{:016x}", info.session_id),
-                        guest = %info.peer.name,
-                        guest_version = %info.peer.version,
+                        // Debug form: the guest chose these bytes, and a newline or an escape
+                        // sequence must not forge a log line or drive the operator's terminal.
+                        guest = ?info.peer.name,
+                        guest_version = ?info.peer.version,
                         "session established"
                     );
                     self.pipeline.record(
@@ -222,11 +224,11 @@ impl Driver {
                 }
                 Event::SendCapacity { stream_id } => self.flush_stream(stream_id),
                 Event::Rejected { stream_id, error } => tracing::warn!(
-                    peer = %self.peer, stream_id, code = %error.code, message = %error.message,
+                    peer = %self.peer, stream_id, code = ?error.code, message = ?error.message,
                     "refused guest input"
                 ),
                 Event::PeerError(error) => tracing::warn!(
-                    peer = %self.peer, code = %error.code, message = %error.message, "guest reported an error"
+                    peer = %self.peer, code = ?error.code, message = ?error.message, "guest reported an error"
                 ),
                 Event::GoAway(goaway) => {
                     tracing::info!(peer = %self.peer, code = %goaway.code, "guest sent GOAWAY")
