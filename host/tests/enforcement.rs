@@ -203,3 +203,47 @@ async fn guest_chosen_text_cannot_forge_log_lines_or_drive_the_terminal() {
     );
     assert!(!log.contains('\u{7}'), "{log:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn outcome_messages_quote_urls_redacted() {
+    if !support::in_isolated_netns("outcome_messages_quote_urls_redacted") {
+        return;
+    }
+    // Port 8080 is allowed and nothing listens on it in this namespace: the connection error quotes the URL.
+    let pep = TestPep::start(loopback_options(
+        &[("api.test", "127.0.0.1")],
+        &["api.test"],
+    ));
+    let mut guest = pep.guest().await;
+    let token = "tok-3f9a1c7e5d";
+    let reply = guest
+        .get(&format!(
+            "http://api.test:8080/cb?access_token={token}&page=2"
+        ))
+        .await;
+    let error = reply.error.expect("nothing listens there");
+    assert!(!error.message.is_empty());
+    // The outcome follows the error within the batch window.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let outcome = loop {
+        if let Some(outcome) = pep
+            .audit_records()
+            .into_iter()
+            .find(|r| r["kind"] == "outcome" && r["message"].is_string())
+        {
+            break outcome;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no outcome for {error:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let audit = std::fs::read_to_string(&pep.audit).expect("audit");
+    assert!(
+        !audit.contains(token),
+        "the token is in the audit log: {}",
+        outcome["message"]
+    );
+    assert!(audit.contains("page=2"), "the rest of the URL is kept");
+}

@@ -92,6 +92,60 @@ impl Redactor {
         self.redact_url(url, "request.query", 0)
     }
 
+    /// Free text (an error message, a quoted `Location`) as it may be written: every URL in it with its
+    /// secret parameters replaced, and any other `name=value` whose name is secret (a relative
+    /// `/cb?access_token=...`) with its value replaced.
+    pub fn text(&self, text: &str) -> String {
+        const STOP: &[char] = &['"', '\'', '<', '>', '(', ')', '[', ']', '{', '}', '`'];
+        let mut out = String::with_capacity(text.len());
+        let mut rest = text;
+        while let Some(at) = find_url(rest) {
+            out.push_str(&self.pairs(&rest[..at]));
+            let tail = &rest[at..];
+            let end = tail
+                .find(|c: char| c.is_whitespace() || c.is_control() || STOP.contains(&c))
+                .unwrap_or(tail.len());
+            let candidate = tail[..end].trim_end_matches(['.', ',', ';', ':', '!', '?']);
+            match url::Url::parse(candidate) {
+                Ok(url) => out.push_str(&self.pairs(&self.url(&url))),
+                Err(_) => out.push_str(&self.pairs(candidate)),
+            }
+            rest = &tail[candidate.len()..];
+        }
+        out.push_str(&self.pairs(rest));
+        out
+    }
+
+    /// `name=value` pairs in `text` whose name is secret, with the value replaced.
+    fn pairs(&self, text: &str) -> String {
+        let mut out = String::with_capacity(text.len());
+        let mut rest = text;
+        while let Some(eq) = rest.find('=') {
+            let before = &rest[..eq];
+            let name_start = before
+                .rfind(|c: char| !(c.is_ascii_alphanumeric() || "-_.".contains(c)))
+                .map_or(0, |i| i + 1);
+            let name = &before[name_start..];
+            let after = &rest[eq + 1..];
+            let value_end = after
+                .find(|c: char| c.is_whitespace() || "&;#\"'<>,)".contains(c))
+                .unwrap_or(after.len());
+            out.push_str(&rest[..=eq]);
+            if !name.is_empty()
+                && self.is_secret_param(name)
+                && value_end > 0
+                && &after[..value_end] != REDACTED
+            {
+                out.push_str(REDACTED);
+            } else {
+                out.push_str(&after[..value_end]);
+            }
+            rest = &after[value_end..];
+        }
+        out.push_str(rest);
+        out
+    }
+
     /// A parameter whose value is itself a URL (`redirect_uri=`, `next=`) has that URL's query redacted
     /// too, a few levels deep.
     fn redact_url(&self, url: &url::Url, prefix: &str, depth: u8) -> (String, Vec<Redaction>) {
@@ -126,6 +180,15 @@ impl Redactor {
     }
 }
 
+/// Where the next `http://` or `https://` URL starts in `text`, any case.
+fn find_url(text: &str) -> Option<usize> {
+    let lower = text.to_ascii_lowercase();
+    [lower.find("http://"), lower.find("https://")]
+        .into_iter()
+        .flatten()
+        .min()
+}
+
 /// The host-only key for redaction digests: read from `path`, or created there (32 random bytes, 0600).
 pub fn load_or_create_key(path: &std::path::Path) -> std::io::Result<Vec<u8>> {
     use std::io::Write;
@@ -158,6 +221,26 @@ pub fn load_or_create_key(path: &std::path::Path) -> std::io::Result<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn urls_and_secret_pairs_in_free_text_are_redacted() {
+        let r = Redactor::new(&[], &["key".into()], None);
+        let text = r.text(
+            "error sending request for url (https://api.test/cb?access_token=tok123&x=1): refused; \
+             redirect to HTTP://b.test/x?signature=sig456. and /rel?key=k789&y=2",
+        );
+        for secret in ["tok123", "sig456", "k789"] {
+            assert!(!text.contains(secret), "{text}");
+        }
+        assert!(
+            text.contains("x=1") && text.contains("y=2") && text.contains("refused"),
+            "{text}"
+        );
+        assert_eq!(
+            r.text("nothing secret here: a=b"),
+            "nothing secret here: a=b"
+        );
+    }
 
     #[test]
     fn secret_query_values_are_replaced() {

@@ -302,6 +302,11 @@ impl Pipeline {
         mut detail: Value,
     ) {
         if let Some(object) = detail.as_object_mut() {
+            // Error text may quote a URL (the request's, a redirect's Location) with a token in it.
+            if let Some(Value::String(message)) = object.get("message") {
+                let redacted = self.redactor.text(message);
+                object.insert("message".into(), json!(redacted));
+            }
             object.insert("decision_id".into(), json!(decision_id));
             object.insert(
                 "session_id".into(),
