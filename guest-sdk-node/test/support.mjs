@@ -79,6 +79,9 @@ export async function startPep({ allow = [], tag = 'pep', env = {}, secrets = []
     if (entry.ports) {
       config += `ports = [${entry.ports.join(', ')}]\n`;
     }
+    if (entry.upgrade) {
+      config += `upgrade = ${JSON.stringify(entry.upgrade)}\n`;
+    }
   }
   for (const secret of secrets) {
     config += '\n[[secrets]]\n';

@@ -68,7 +68,8 @@ before(async () => {
   wss.on('connection', (socket) => socket.on('message', (data, isBinary) => socket.send(data, { binary: isBinary })));
   await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve));
   pep = await startPep({
-    allow: [{ host: 'ws.test', ports: [server.address().port] }],
+    // WebSocket upgrades are allowed only by an entry that lists them.
+    allow: [{ host: 'ws.test', ports: [server.address().port], upgrade: ['websocket'] }],
     dnsOverrides: { 'ws.test': '127.0.0.1' },
     extraCaFile: p('ca.pem'),
     tag: 'websocket',

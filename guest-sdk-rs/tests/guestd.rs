@@ -164,6 +164,7 @@ async fn setup() -> Setup {
         &["api.test", "secure.test", "git.test"],
     );
     options.extra_ca_pem = Some(ca.ca_pem.clone());
+    options.websocket = true;
     let config = Config::load(Some(&write_config(&dir, &socket, &options))).expect("config");
     let server = Server::start(config).await.expect("PEP");
     let guestd = Guestd::start(&socket, &dir);

@@ -401,7 +401,9 @@ async fn a_brokered_key_is_sent_only_to_its_host() {
 async fn a_websocket_upgrade_carries_bytes_both_ways() {
     let upstream = Upstream::http("127.0.0.1").await;
     let dir = temp_dir("sdk-upgrade");
-    let pep = InProcessPep::start_in(dir.to_path_buf(), &options()).await;
+    let mut options = options();
+    options.websocket = true;
+    let pep = InProcessPep::start_in(dir.to_path_buf(), &options).await;
     let client = pep.client();
     let upgrade = |url: String| {
         client

@@ -247,3 +247,84 @@ async fn outcome_messages_quote_urls_redacted() {
     );
     assert!(audit.contains("page=2"), "the rest of the URL is kept");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn asking_for_an_upgrade_does_not_lift_the_deadline_until_the_upstream_switches() {
+    if !support::in_isolated_netns(
+        "asking_for_an_upgrade_does_not_lift_the_deadline_until_the_upstream_switches",
+    ) {
+        return;
+    }
+    // An upstream that answers the handshake with 200 and a body that never ends.
+    let api = Upstream::http("127.0.0.1").await;
+    let mut options = loopback_options(&[("api.test", "127.0.0.1")], &["api.test"]);
+    options.limits = vec![("total_timeout_ms", 1500)];
+    options.websocket = true;
+    let pep = TestPep::start(options);
+    let mut guest = pep.guest().await;
+    let request = HttpRequest {
+        headers: vec![
+            HeaderField::new("connection", "upgrade"),
+            HeaderField::new("upgrade", "websocket"),
+            HeaderField::new("sec-websocket-version", "13"),
+            HeaderField::new("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ],
+        ..HttpRequest::new(
+            "GET",
+            format!("http://api.test:{}/forever?gap_ms=100", api.port()),
+        )
+    };
+    let reply = tokio::time::timeout(
+        std::time::Duration::from_secs(15),
+        guest.call(MethodCall::HttpRequest(request), b""),
+    )
+    .await
+    .expect("the 1.5 s deadline ended the request: it did not run on");
+    assert_eq!(reply.status(), 200);
+    assert_eq!(reply.error_code(), "upstream_timeout", "{:?}", reply.error);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upgrade_needs_an_allow_entry_that_lists_it() {
+    if !support::in_isolated_netns("an_upgrade_needs_an_allow_entry_that_lists_it") {
+        return;
+    }
+    let api = Upstream::http("127.0.0.1").await;
+    let pep = TestPep::start_with(
+        loopback_options(&[("api.test", "127.0.0.1")], &["api.test"]),
+        |doc| {
+            // GET only: an entry for reads, which a WebSocket handshake (a GET) would otherwise pass.
+            for entry in doc["pep"]["policy"]["allow"]
+                .as_array_mut()
+                .expect("allow")
+                .iter_mut()
+                .filter_map(toml::Value::as_table_mut)
+            {
+                entry.insert("methods".into(), toml::Value::Array(vec!["GET".into()]));
+            }
+        },
+    );
+    let mut guest = pep.guest().await;
+    let request = HttpRequest {
+        headers: vec![
+            HeaderField::new("connection", "upgrade"),
+            HeaderField::new("upgrade", "websocket"),
+            HeaderField::new("sec-websocket-version", "13"),
+            HeaderField::new("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ],
+        ..HttpRequest::new("GET", format!("http://api.test:{}/ws-echo", api.port()))
+    };
+    let reply = guest.call(MethodCall::HttpRequest(request), b"").await;
+    assert_eq!(reply.error_code(), "policy_denied", "{:?}", reply.error);
+    let reasons = &reply.error.as_ref().expect("error").details.reasons;
+    assert!(
+        reasons.iter().any(|r| r.contains("upgrade to websocket")),
+        "{reasons:?}"
+    );
+    assert!(api.hits().is_empty(), "no handshake reached the upstream");
+    // A plain GET to the same entry is still allowed.
+    let reply = guest
+        .get(&format!("http://api.test:{}/hello", api.port()))
+        .await;
+    assert_eq!(reply.status(), 200, "{:?}", reply.error);
+}

@@ -66,6 +66,7 @@ allowed_by contains entry.host if {
 	port_ok(entry)
 	method_ok(entry)
 	path_ok(entry)
+	upgrade_ok(entry)
 }
 
 allowed_by contains entry.host if {
@@ -127,6 +128,12 @@ field_misses contains sprintf("path %s not allowed for %s", [req.path, req.host]
 	not path_ok(entry)
 }
 
+field_misses contains sprintf("upgrade to %s not allowed for %s (an allow entry lists it in upgrade)", [req.upgrade, req.host]) if {
+	some entry in host_entries
+	not entry.tunnel
+	not upgrade_ok(entry)
+}
+
 default_port := 443 if req.scheme == "https"
 
 default_port := 80 if req.scheme == "http"
@@ -138,6 +145,12 @@ port_ok(entry) if req.port in object.get(entry, "ports", [default_port])
 # An entry without `methods` allows any method but these: TRACE (and IIS's TRACK) make an upstream send the
 # request back, headers and all, and CONNECT hands the connection over. An entry that names them allows them.
 echoing_methods := {"TRACE", "TRACK", "CONNECT"}
+
+# An upgrade (WebSocket) carries bytes both ways past what methods and paths describe: only an entry that
+# lists the protocol in `upgrade` allows it.
+upgrade_ok(_) if object.get(req, "upgrade", null) == null
+
+upgrade_ok(entry) if req.upgrade in object.get(entry, "upgrade", [])
 
 method_ok(entry) if req.method in entry.methods
 

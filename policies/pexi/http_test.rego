@@ -127,6 +127,15 @@ test_an_entry_that_names_trace_allows_it if {
 	allowed(request("DELETE", "https", "api.example.com", "dns", 443, "/"), [{"host": "api.example.com"}])
 }
 
+test_an_upgrade_needs_an_entry_that_lists_it if {
+	ws := object.union(request("GET", "https", "api.example.com", "dns", 443, "/socket"), {"request": {"upgrade": "websocket"}})
+	d := decide(ws, [{"host": "api.example.com", "methods": ["GET"]}], [])
+	d.allow == false
+	d.reasons == ["upgrade to websocket not allowed for api.example.com (an allow entry lists it in upgrade)"]
+	allowed(ws, [{"host": "api.example.com", "methods": ["GET"], "upgrade": ["websocket"]}])
+	allowed(request("GET", "https", "api.example.com", "dns", 443, "/"), [{"host": "api.example.com", "upgrade": ["websocket"]}])
+}
+
 test_methods if {
 	entry := {"host": "api.example.com", "methods": ["GET", "POST"]}
 	allowed(request("POST", "https", "api.example.com", "dns", 443, "/"), [entry])

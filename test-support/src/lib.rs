@@ -38,6 +38,8 @@ pub struct PepOptions {
     pub env: Vec<(String, String)>,
     /// Write the PEP's stderr (its logs) to `pep.log` in its directory instead of the test's stderr.
     pub log_to_file: bool,
+    /// The allow entries of `allowed_domains` also allow WebSocket upgrades (`upgrade = ["websocket"]`).
+    pub websocket: bool,
 }
 
 static NEXT_DIR: AtomicUsize = AtomicUsize::new(0);
@@ -117,6 +119,12 @@ pub fn test_config(dir: &Path, socket: &Path, audit: &Path, options: &PepOptions
             let mut entry = toml::Table::new();
             entry.insert("host".into(), d.clone().into());
             entry.insert("ports".into(), toml::Value::Array(allowed_ports()));
+            if options.websocket {
+                entry.insert(
+                    "upgrade".into(),
+                    toml::Value::Array(vec!["websocket".into()]),
+                );
+            }
             toml::Value::Table(entry)
         })
         .collect();

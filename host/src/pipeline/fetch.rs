@@ -183,6 +183,9 @@ struct BodyTap {
     /// A copy for 307/308, dropped once it passes [`REPLAY_LIMIT`].
     replay: Mutex<Option<Vec<u8>>>,
     complete: AtomicBool,
+    /// The upstream answered 101: from here the connection is bound by idle time and byte caps, not by
+    /// the request's deadline.
+    switched: AtomicBool,
 }
 
 impl Pipeline {
@@ -213,20 +216,16 @@ impl Pipeline {
                     .await;
             }
             MethodCall::HttpRequest(params) => {
-                // An upgraded connection lives as long as it is used: idle timeout and byte caps bound
-                // it, not the whole-request deadline.
-                let upgrading = params
-                    .headers
-                    .iter()
-                    .any(|h| h.name().eq_ignore_ascii_case("upgrade"));
-                let total = Duration::from_millis(if upgrading {
-                    NO_DEADLINE_MS
-                } else {
+                // The whole-request deadline holds until the upstream switches protocols (101); an
+                // upgraded connection then lives as long as it is used (idle timeout and byte caps bound
+                // it). Asking for an upgrade lifts nothing: an upstream answering 200 is a request.
+                let total = Duration::from_millis(
                     params
                         .timeout_ms
                         .unwrap_or(u64::MAX)
                         .min(self.config.pep.limits.total_timeout_ms)
-                });
+                        .min(NO_DEADLINE_MS),
+                );
                 let started = std::time::Instant::now();
                 let tap = Arc::new(BodyTap {
                     replay: Mutex::new(Some(Vec::new())),
@@ -242,11 +241,18 @@ impl Pipeline {
                     tap.clone(),
                     decided.clone(),
                 );
+                let deadline = async {
+                    tokio::time::sleep(total).await;
+                    if tap.switched.load(Ordering::Acquire) {
+                        std::future::pending::<()>().await;
+                    }
+                };
                 let result = tokio::select! {
                     _ = cancel.cancelled() => Err(Failure::from(ErrorPayload::new(ErrorCode::Cancelled, "cancelled"))),
-                    result = tokio::time::timeout(total, work) => result.unwrap_or_else(|_| Err(Failure::from(
+                    result = work => result,
+                    _ = deadline => Err(Failure::from(
                         ErrorPayload::new(ErrorCode::UpstreamTimeout, format!("request took longer than {total:?}")).retryable(true),
-                    ))),
+                    )),
                 };
                 let request_body = json!({
                     "bytes": tap.sent.load(Ordering::Relaxed),
@@ -467,6 +473,9 @@ impl Pipeline {
                 decision_id: logged.decision_id.clone(),
             };
             let switching = status == StatusCode::SWITCHING_PROTOCOLS && prepared.upgrade.is_some();
+            if switching {
+                tap.switched.store(true, Ordering::Release);
+            }
             let head = if switching {
                 // The guest's client checks the handshake: it needs the pair a 101 carries.
                 let mut head = head;

@@ -22,6 +22,10 @@ pub struct Entry {
     /// A tunnel-only destination: `pep.net.connect` only (host and ports).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tunnel: Option<bool>,
+    /// Protocols a request to this entry may upgrade to (`["websocket"]`); none unless listed, since an
+    /// upgraded connection carries bytes both ways past what `methods` and `paths` say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upgrade: Option<Vec<UpgradeProtocol>>,
 }
 
 impl Entry {
@@ -33,6 +37,7 @@ impl Entry {
             paths: None,
             schemes: None,
             tunnel: None,
+            upgrade: None,
         })
     }
 }
@@ -105,6 +110,15 @@ validated_string!(
     |text| match text.to_ascii_lowercase().as_str() {
         s @ ("http" | "https") => Ok(s.to_string()),
         _ => Err(format!("scheme {text:?} is not http or https")),
+    }
+);
+
+validated_string!(
+    /// A protocol a request may upgrade to: `websocket`.
+    UpgradeProtocol,
+    |text| match text.to_ascii_lowercase().as_str() {
+        s @ "websocket" => Ok(s.to_string()),
+        _ => Err(format!("upgrade {text:?} is not websocket")),
     }
 );
 
