@@ -328,3 +328,50 @@ async fn an_upgrade_needs_an_allow_entry_that_lists_it() {
         .await;
     assert_eq!(reply.status(), 200, "{:?}", reply.error);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn response_headers_larger_than_a_frame_end_the_stream_with_an_error() {
+    if !support::in_isolated_netns(
+        "response_headers_larger_than_a_frame_end_the_stream_with_an_error",
+    ) {
+        return;
+    }
+    let api = Upstream::http("127.0.0.1").await;
+    let pep = TestPep::start(loopback_options(
+        &[("api.test", "127.0.0.1")],
+        &["api.test"],
+    ));
+    let mut guest = pep.guest().await;
+    // 80 headers of 1000 bytes: over the 64 KiB frame a HEAD must fit in.
+    let reply = tokio::time::timeout(
+        std::time::Duration::from_secs(15),
+        guest.get(&format!("http://api.test:{}/bigheaders?n=80", api.port())),
+    )
+    .await
+    .expect("the guest is answered, not left waiting");
+    assert!(reply.head.is_none(), "no HEAD could carry them");
+    let error = reply.error.expect("an error ends the stream");
+    assert_eq!(error.code.as_str(), "response_too_large", "{error:?}");
+    assert!(
+        error.message.contains("response headers"),
+        "{}",
+        error.message
+    );
+    // Audited as what it was: an error, not a 200.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let records = pep.audit_records();
+        if let Some(outcome) = records.iter().find(|r| r["kind"] == "outcome") {
+            assert_eq!(outcome["error"], "response_too_large", "{outcome}");
+            assert!(outcome["status"].is_null(), "{outcome}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no outcome");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // A small response on the same session still works.
+    let reply = guest
+        .get(&format!("http://api.test:{}/hello", api.port()))
+        .await;
+    assert_eq!(reply.status(), 200);
+}

@@ -535,6 +535,14 @@ async fn handle(
             .body(full(""))
             .expect("response"),
         "/big" => Response::new(full(vec![b'x'; n])),
+        // `n` response headers of 1000 bytes each.
+        "/bigheaders" => {
+            let mut response = Response::builder();
+            for i in 0..n {
+                response = response.header(format!("x-filler-{i}"), "f".repeat(1000));
+            }
+            response.body(full("small body")).expect("response")
+        }
         "/setcookie" => Response::builder()
             .header(
                 "set-cookie",

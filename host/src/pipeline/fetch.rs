@@ -20,7 +20,7 @@ use super::resolve::Resolver;
 use super::target::{CanonicalHost, Target};
 use super::{Caller, Pipeline};
 use crate::config::Config;
-use crate::serve::{RequestBody, Responder, StreamRequest};
+use crate::serve::{HeadRefused, RequestBody, Responder, StreamRequest};
 
 const METHOD: &str = "pep.http.request";
 /// "No deadline" for an upgraded connection: a century, so the timer arithmetic stays finite.
@@ -488,11 +488,23 @@ impl Pipeline {
             } else {
                 head
             };
-            if responder.head(ResponseHead::Http(head)).is_err() {
-                return Err(fail(ErrorPayload::new(
-                    ErrorCode::Cancelled,
-                    "the stream is gone",
-                )));
+            match responder.head(ResponseHead::Http(head)) {
+                Ok(()) => {}
+                Err(HeadRefused::Gone) => {
+                    return Err(fail(ErrorPayload::new(
+                        ErrorCode::Cancelled,
+                        "the stream is gone",
+                    )))
+                }
+                Err(HeadRefused::TooLarge { length, max }) => {
+                    return Err(fail(ErrorPayload::new(
+                        ErrorCode::ResponseTooLarge,
+                        format!(
+                            "the upstream's response headers ({status}) encode to {length} bytes, over the \
+                             {max}-byte frame this session accepts"
+                        ),
+                    )))
+                }
             }
             if switching {
                 let upgraded = response

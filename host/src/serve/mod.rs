@@ -20,7 +20,9 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use stream::Command;
-pub use stream::{Gone, RequestBody, Responder, StreamRequest, MAX_CHUNK, STREAM_BUFFER};
+pub use stream::{
+    Gone, HeadRefused, RequestBody, Responder, StreamRequest, MAX_CHUNK, STREAM_BUFFER,
+};
 
 use crate::pipeline::{Caller, Pipeline};
 
@@ -276,6 +278,12 @@ impl Driver {
                 stream_id,
                 commands: self.commands_tx.clone(),
                 buffer,
+                max_head: self
+                    .session
+                    .info()
+                    .map_or(pexi_protocol::frame::DEFAULT_MAX_PAYLOAD, |info| {
+                        info.peer_receive.max_frame
+                    }) as usize,
             },
             cancel,
         };

@@ -78,6 +78,19 @@ pub struct Responder {
     pub(super) stream_id: u32,
     pub(super) commands: mpsc::UnboundedSender<Command>,
     pub(super) buffer: Arc<Semaphore>,
+    /// The largest frame payload the guest accepts: a HEAD is one frame and cannot be split.
+    pub(super) max_head: usize,
+}
+
+/// Why a HEAD was not sent.
+#[derive(Debug, PartialEq, Eq)]
+pub enum HeadRefused {
+    Gone,
+    /// It encodes to `length` bytes, over the guest's `max` frame payload.
+    TooLarge {
+        length: usize,
+        max: usize,
+    },
 }
 
 impl Responder {
@@ -85,10 +98,19 @@ impl Responder {
         self.stream_id
     }
 
-    pub fn head(&self, head: ResponseHead) -> Result<(), Gone> {
+    /// Queues the HEAD, or says why it cannot go: a HEAD larger than the guest's frames would be dropped
+    /// by the session and leave the guest waiting, so the caller must end the stream with an error.
+    pub fn head(&self, head: ResponseHead) -> Result<(), HeadRefused> {
+        let length = head.encode().len();
+        if length > self.max_head {
+            return Err(HeadRefused::TooLarge {
+                length,
+                max: self.max_head,
+            });
+        }
         self.commands
             .send(Command::Head(self.stream_id, head))
-            .map_err(|_| Gone)
+            .map_err(|_| HeadRefused::Gone)
     }
 
     /// Hands response bytes to the driver, waiting while the stream's buffer is full.
