@@ -375,3 +375,73 @@ async fn response_headers_larger_than_a_frame_end_the_stream_with_an_error() {
         .await;
     assert_eq!(reply.status(), 200);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_policy_bound_on_the_body_holds_whether_or_not_the_length_is_announced() {
+    if !support::in_isolated_netns(
+        "a_policy_bound_on_the_body_holds_whether_or_not_the_length_is_announced",
+    ) {
+        return;
+    }
+    let api = Upstream::http("127.0.0.1").await;
+    // The shipped bundle plus the extension of docs/policy.md: uploads up to 1 MiB.
+    let bundle = support::temp_dir("policy-uploads");
+    support::copy_policies(&bundle);
+    let rules = bundle.join("policies/pexi/rules");
+    std::fs::create_dir_all(&rules).expect("mkdir");
+    std::fs::write(
+        rules.join("uploads.rego"),
+        "package pexi.rules.uploads\n\nimport rego.v1\n\nmax_body_bytes := 1048576\n",
+    )
+    .expect("extension");
+    let policy_dir = bundle.join("policies").display().to_string();
+    let pep = TestPep::start_with(
+        loopback_options(&[("api.test", "127.0.0.1")], &["api.test"]),
+        |doc| {
+            doc["pep"]["policy"]
+                .as_table_mut()
+                .expect("policy")
+                .insert("dir".into(), policy_dir.into());
+        },
+    );
+    let mut guest = pep.guest().await;
+    let url = format!("http://api.test:{}/echo", api.port());
+    let two_mib = vec![b'u'; 2 << 20];
+    // Streamed without a length: cut at the bound.
+    let reply = guest
+        .call(
+            MethodCall::HttpRequest(HttpRequest::new("POST", url.clone())),
+            &two_mib,
+        )
+        .await;
+    assert_eq!(reply.error_code(), "body_too_large", "{:?}", reply.error);
+    assert_eq!(
+        reply.error.as_ref().and_then(|e| e.details.limit),
+        Some(1_048_576)
+    );
+    assert!(
+        api.hits().iter().all(|hit| hit.body_len <= 1_048_576),
+        "no more than the bound reached the upstream"
+    );
+    // Announced over the bound: refused before anything is sent.
+    let hits = api.hits().len();
+    let announced = HttpRequest {
+        content_length: Some(two_mib.len() as u64),
+        ..HttpRequest::new("POST", url.clone())
+    };
+    let reply = guest
+        .call(MethodCall::HttpRequest(announced), &two_mib)
+        .await;
+    assert_eq!(reply.error_code(), "body_too_large", "{:?}", reply.error);
+    assert_eq!(api.hits().len(), hits, "nothing was sent");
+    // Under the bound, streamed: through, whole.
+    let small = vec![b's'; 500_000];
+    let reply = guest
+        .call(
+            MethodCall::HttpRequest(HttpRequest::new("POST", url)),
+            &small,
+        )
+        .await;
+    assert_eq!(reply.status(), 200, "{:?}", reply.error);
+    assert_eq!(reply.body.len(), small.len());
+}

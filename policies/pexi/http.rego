@@ -28,7 +28,20 @@ package pexi.http
 
 import rego.v1
 
-decision := {"allow": allow, "reasons": reasons}
+decision := object.union({"allow": allow, "reasons": reasons}, body_obligation)
+
+# Extensions bound the request body by defining `max_body_bytes` (for every request, or under conditions of
+# their own); the smallest applies. The PEP counts the body as it streams, so the bound holds whether or not
+# the guest announced a length (`request.body_length` is null when it did not).
+body_limits contains n if {
+	some extension in data.pexi.rules
+	n := extension.max_body_bytes
+	is_number(n)
+}
+
+default body_obligation := {}
+
+body_obligation := {"max_body_bytes": min(body_limits)} if count(body_limits) > 0
 
 default allow := false
 

@@ -243,7 +243,13 @@ impl Guest {
     /// Opens a stream, sends `body` under flow control, ends it, and collects the reply.
     pub async fn call(&mut self, call: MethodCall, body: &[u8]) -> Reply {
         let id = self.session().open(call).expect("open");
-        self.send_body(id, body).await;
+        // The host may end the stream while the body is still going (a bound on it, a refusal).
+        if let Some(error) = self.send_body(id, body).await {
+            return Reply {
+                error: Some(error),
+                ..Reply::default()
+            };
+        }
         self.session().send_end(id, vec![]).expect("end");
         self.collect(id).await
     }
@@ -253,14 +259,16 @@ impl Guest {
             .await
     }
 
-    /// Sends `body` on `id`, waiting for credit as needed.
-    pub async fn send_body(&mut self, id: u32, mut body: &[u8]) {
+    /// Sends `body` on `id`, waiting for credit as needed; the host's error if it ended the stream first.
+    pub async fn send_body(&mut self, id: u32, mut body: &[u8]) -> Option<ErrorPayload> {
         while !body.is_empty() {
             let room = self.session().send_capacity(id);
             if room == 0 {
                 match self.conn.next_event().await.expect("io") {
                     Some(Event::SendCapacity { .. }) => continue,
-                    Some(Event::StreamFailed { stream_id, .. }) if stream_id == id => return,
+                    Some(Event::StreamFailed {
+                        stream_id, error, ..
+                    }) if stream_id == id => return Some(error),
                     Some(_) => continue,
                     None => panic!("transport closed while sending"),
                 }
@@ -272,6 +280,7 @@ impl Guest {
             body = &body[n..];
             self.conn.flush().await.expect("flush");
         }
+        None
     }
 
     /// Reads events until stream `id` ends or fails, consuming (releasing) its data as it comes.

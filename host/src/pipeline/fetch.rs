@@ -354,6 +354,21 @@ impl Pipeline {
             if !logged.decision.allow {
                 return Err(fail(Pipeline::denied(&logged)));
             }
+            // The body bound this hop's decision sets (an obligation), counted as the body streams:
+            // an announced length over it is refused before anything is sent, an unannounced body is cut.
+            let body_limit = logged
+                .decision
+                .max_body_bytes
+                .map_or(limits.max_request_bytes, |max| {
+                    max.min(limits.max_request_bytes)
+                });
+            let known = prepared
+                .content_length
+                .unwrap_or(0)
+                .max(tap.sent.load(Ordering::Relaxed));
+            if known > body_limit {
+                return Err(fail(body_too_large(body_limit)));
+            }
             // Secrets before DNS: a refused one means nothing at all is sent.
             let host = prepared.target.host.to_string();
             let hop_headers = self
@@ -407,7 +422,7 @@ impl Pipeline {
                 builder = builder.body(reqwest::Body::wrap_stream(body_stream(
                     body,
                     tap.clone(),
-                    limits.max_request_bytes,
+                    body_limit,
                     prepared.content_length,
                 )));
             } else if let Some(bytes) = replay_body.take() {
@@ -415,7 +430,7 @@ impl Pipeline {
             }
             let response = builder.send().await.map_err(|err| {
                 if tap.too_large.load(Ordering::Relaxed) {
-                    fail(body_too_large(limits.max_request_bytes))
+                    fail(body_too_large(body_limit))
                 } else {
                     fail(upstream_error(&err))
                 }

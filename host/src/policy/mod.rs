@@ -30,6 +30,9 @@ pub struct Decision {
     /// Obligations: when the policy names them, exactly these brokered secrets go into an allowed
     /// request (each still only within its binding); `None` leaves it to the request's placeholders.
     pub secrets: Option<Vec<String>>,
+    /// Obligation: the request body may not pass this many bytes, announced or not (the PEP counts the
+    /// stream); `None` leaves only `limits.max_request_bytes`.
+    pub max_body_bytes: Option<u64>,
 }
 
 impl Decision {
@@ -38,6 +41,7 @@ impl Decision {
             allow: false,
             reasons: vec![reason.into()],
             secrets: None,
+            max_body_bytes: None,
         }
     }
 }
@@ -322,7 +326,7 @@ fn probe_inputs(bundle: &Bundle) -> Vec<serde_json::Value> {
 }
 
 /// Reads a decision object strictly: exactly `allow` and `reasons`, of exactly their types, and
-/// optionally `secrets`, an array of secret names.
+/// optionally `secrets`, an array of secret names, and `max_body_bytes`, a non-negative integer.
 fn interpret(parsed: &serde_json::Value) -> Result<Decision, String> {
     let malformed = || format!("policy decision is malformed: {parsed}");
     let object = parsed.as_object().ok_or_else(malformed)?;
@@ -338,7 +342,11 @@ fn interpret(parsed: &serde_json::Value) -> Result<Decision, String> {
                 .ok_or_else(malformed)?,
         ),
     };
-    if object.len() != 2 + usize::from(secrets.is_some()) {
+    let max_body_bytes = match object.get("max_body_bytes") {
+        None => None,
+        Some(n) => Some(n.as_u64().ok_or_else(malformed)?),
+    };
+    if object.len() != 2 + usize::from(secrets.is_some()) + usize::from(max_body_bytes.is_some()) {
         return Err(malformed());
     }
     let allow = object
@@ -357,6 +365,7 @@ fn interpret(parsed: &serde_json::Value) -> Result<Decision, String> {
         allow,
         reasons,
         secrets,
+        max_body_bytes,
     })
 }
 
@@ -423,6 +432,7 @@ mod tests {
                 allow: false,
                 reasons: vec!["host example.com is not in the allowlist".into()],
                 secrets: None,
+                max_body_bytes: None,
             }
         );
     }
@@ -540,21 +550,36 @@ mod tests {
     }
 
     #[test]
-    fn extension_packages_add_denials_to_the_shipped_policy() {
+    fn extension_packages_add_denials_and_body_bounds_to_the_shipped_policy() {
         let mut bundle = Bundle::load(
             &PolicyRoot::Embedded,
             &[Entry::host("uploads.example.com").expect("entry")],
             &[],
         )
         .expect("bundle");
+        // The example of docs/policy.md: a bound on every body, and a denial for one announced too large.
         bundle.modules.push((
-            "pexi/rules/body_limits.rego".into(),
-            "package pexi.rules.body_limits\nimport rego.v1\n\ndenials contains sprintf(\"body of %d bytes is over 1 MiB\", [input.request.body_length]) if {\n\tinput.request.body_length > 1048576\n}\n".into(),
+            "pexi/rules/uploads.rego".into(),
+            "package pexi.rules.uploads\nimport rego.v1\n\nmax_body_bytes := 1048576\n\ndenials contains sprintf(\"body of %d bytes is over 1 MiB\", [input.request.body_length]) if {\n\tinput.request.body_length > 1048576\n}\n".into(),
+        ));
+        bundle.modules.push((
+            "pexi/rules/other.rego".into(),
+            "package pexi.rules.other\nimport rego.v1\n\nmax_body_bytes := 4096 if input.request.method == \"PUT\"\n".into(),
         ));
         let policy = PolicyEngine::load(&bundle, "data.pexi.http.decision", 1000).expect("loads");
         let mut small = request("uploads.example.com");
         small["request"]["body_length"] = json!(1000);
-        assert!(policy.decide(&small).allow);
+        let decided = policy.decide(&small);
+        assert!(decided.allow);
+        assert_eq!(decided.max_body_bytes, Some(1_048_576));
+        // Not announced: allowed, and bounded all the same.
+        let unknown = request("uploads.example.com");
+        let decided = policy.decide(&unknown);
+        assert!(decided.allow && decided.max_body_bytes == Some(1_048_576));
+        // The smallest bound that applies wins.
+        let mut put = request("uploads.example.com");
+        put["request"]["method"] = json!("PUT");
+        assert_eq!(policy.decide(&put).max_body_bytes, Some(4096));
         let mut big = request("uploads.example.com");
         big["request"]["body_length"] = json!(5_000_000);
         assert_eq!(
@@ -563,6 +588,7 @@ mod tests {
                 allow: false,
                 reasons: vec!["body of 5000000 bytes is over 1 MiB".into()],
                 secrets: None,
+                max_body_bytes: Some(1_048_576),
             }
         );
     }
