@@ -167,3 +167,47 @@ async fn sighup_reloads_at_once() {
     wait_for_record(&pep, "reload", 0);
     assert!(!check(&mut guest, "https://api.test/").await.allow);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_that_needs_a_restart_is_refused_whole() {
+    if !support::in_isolated_netns("a_reload_that_needs_a_restart_is_refused_whole") {
+        return;
+    }
+    let pep = TestPep::start(loopback_options(&[], &["api.test"]));
+    let mut guest = pep.guest().await;
+    let url = "https://api.test/v1";
+    assert!(check(&mut guest, url).await.allow);
+    // One edit: a deny for api.test (policy, which a reload applies) and an address range opened to the
+    // guard (which only a restart applies). Applying the first and keeping the second would be a
+    // half-reload that the audit log calls a reload.
+    let config_path = pep.dir.join("config.toml");
+    let mut doc: toml::Table = std::fs::read_to_string(&config_path)
+        .expect("config")
+        .parse()
+        .expect("toml");
+    let policy = doc["pep"]["policy"].as_table_mut().expect("policy");
+    let deny: toml::Table = toml::toml! { host = "api.test" };
+    policy.insert("deny".into(), toml::Value::Array(vec![deny.into()]));
+    doc["pep"]["network"]
+        .as_table_mut()
+        .expect("network")
+        .insert(
+            "allowed_cidrs".into(),
+            toml::Value::Array(vec!["10.0.0.0/8".into()]),
+        );
+    replace(&config_path, &toml::to_string(&doc).expect("toml"));
+    let rejected = wait_for_record(&pep, "reload_rejected", 0);
+    let error = rejected["error"].as_str().expect("error");
+    assert!(
+        error.contains("pep.network.allowed_cidrs") && error.contains("restart"),
+        "{rejected}"
+    );
+    assert!(
+        pep.audit_records()
+            .iter()
+            .all(|r| !(r["kind"] == "policy" && r["event"] == "reload")),
+        "no reload record"
+    );
+    let still = check(&mut guest, url).await;
+    assert!(still.allow, "the old policy keeps deciding: {still:?}");
+}

@@ -65,6 +65,47 @@ pub struct Pipeline {
     decisions: AtomicU64,
 }
 
+/// The settings that differ between the config in service and a fresh read of its file, outside
+/// `[pep.policy]` (which a reload applies): the listeners, limits, network (address guard, DNS overrides,
+/// CA), audit and brokered secrets are built into the running PEP once, so a reload that changes any of
+/// them is refused rather than half-applied. Secret values are not compared (they are read at start).
+fn restart_only_changes(running: &Config, fresh: &Config) -> Vec<&'static str> {
+    let differ =
+        |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
+    let mut changed = Vec::new();
+    let (r, f) = (&running.pep, &fresh.pep);
+    for (name, a, b) in [
+        (
+            "pep.listen",
+            &r.listen as &dyn std::fmt::Debug,
+            &f.listen as &dyn std::fmt::Debug,
+        ),
+        ("pep.limits", &r.limits, &f.limits),
+        (
+            "pep.network.allowed_cidrs",
+            &r.network.allowed_cidrs,
+            &f.network.allowed_cidrs,
+        ),
+        (
+            "pep.network.dns_overrides",
+            &r.network.dns_overrides,
+            &f.network.dns_overrides,
+        ),
+        (
+            "pep.network.extra_ca_file",
+            &running.extra_ca_pem,
+            &fresh.extra_ca_pem,
+        ),
+        ("pep.audit", &r.audit, &f.audit),
+        ("secrets", &running.secrets, &fresh.secrets),
+    ] {
+        if differ(a, b) {
+            changed.push(name);
+        }
+    }
+    changed
+}
+
 /// A decision that was logged, ready to be reported or acted on.
 #[derive(Clone, Debug)]
 pub struct Logged {
@@ -141,6 +182,19 @@ impl Pipeline {
         };
         let loaded = Config::load(Some(path))
             .map_err(|err| err.to_string())
+            .and_then(|fresh| {
+                let changed = restart_only_changes(&self.config, &fresh);
+                if changed.is_empty() {
+                    Ok(fresh)
+                } else {
+                    Err(format!(
+                        "{} changed, which takes effect only when the PEP restarts; nothing was \
+                         reloaded (the policy neither): restart the PEP, or revert {}",
+                        changed.join(", "),
+                        if changed.len() == 1 { "it" } else { "them" }
+                    ))
+                }
+            })
             .and_then(|fresh| load_policy(&fresh).map_err(|err| err.to_string()));
         let engine = match loaded {
             Ok(engine) => engine,
