@@ -445,3 +445,68 @@ async fn a_policy_bound_on_the_body_holds_whether_or_not_the_length_is_announced
     assert_eq!(reply.status(), 200, "{:?}", reply.error);
     assert_eq!(reply.body.len(), small.len());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_path_deny_holds_against_every_spelling_a_server_routes_to_the_same_place() {
+    if !support::in_isolated_netns(
+        "a_path_deny_holds_against_every_spelling_a_server_routes_to_the_same_place",
+    ) {
+        return;
+    }
+    let api = Upstream::http("127.0.0.1").await;
+    let pep = TestPep::start_with(
+        loopback_options(&[("api.test", "127.0.0.1")], &["api.test"]),
+        |doc| {
+            let deny: toml::Table = toml::toml! {
+                host = "api.test"
+                paths = ["/admin"]
+            };
+            doc["pep"]["policy"]
+                .as_table_mut()
+                .expect("policy")
+                .insert("deny".into(), toml::Value::Array(vec![deny.into()]));
+        },
+    );
+    let mut guest = pep.guest().await;
+    let base = format!("http://api.test:{}", api.port());
+    // What Flask/werkzeug, Express, nginx, Go net/http or Rails would route to /admin, and what the deny
+    // on the prefix /admin does with each: denied (the path is canonicalised to /admin...) or refused
+    // as ambiguous (invalid_request) before the policy.
+    let table = [
+        ("/admin", "policy_denied"),
+        ("/admin/", "policy_denied"),
+        ("/admin/users", "policy_denied"),
+        ("/%61dmin", "policy_denied"),
+        ("/%61%64%6D%69%6E", "policy_denied"),
+        ("/adm%69n/users", "policy_denied"),
+        ("/./admin", "policy_denied"),
+        ("/public/../admin", "policy_denied"),
+        ("/%2e/admin", "policy_denied"),
+        ("/public/%2e%2e/admin", "policy_denied"),
+        ("/admin?x=1", "policy_denied"),
+        ("//admin", "invalid_request"),
+        ("/admin;jsessionid=1", "invalid_request"),
+        ("/admin;/", "invalid_request"),
+        ("/public%2F..%2Fadmin", "invalid_request"),
+        ("/%2Fadmin", "invalid_request"),
+        ("/admin%5C", "invalid_request"),
+    ];
+    for (path, code) in table {
+        let reply = guest.get(&format!("{base}{path}")).await;
+        assert_eq!(reply.error_code(), code, "{path}: {:?}", reply.error);
+    }
+    assert!(api.hits().is_empty(), "no spelling reached the upstream");
+    // What the policy saw is what is sent: a decoded unreserved escape arrives decoded, and the URL
+    // parser's dot-segment resolution (which ate the empty segment here) is what the upstream gets too.
+    for (path, sent) in [
+        ("/%70ublic/x", "/public/x"),
+        ("/public//../admin", "/public/admin"),
+    ] {
+        let reply = guest.get(&format!("{base}{path}")).await;
+        assert_eq!(reply.status(), 404, "{path}: {:?}", reply.error);
+        let hit = api.hits().pop().expect("sent");
+        assert_eq!(hit.path, sent);
+        let records = pep.wait_records(&reply.http_head().decision_id, &["decision"]);
+        assert_eq!(records[0]["request"]["path"], sent);
+    }
+}

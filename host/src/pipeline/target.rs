@@ -131,6 +131,8 @@ impl Target {
         }
         let mut url = parsed;
         url.set_fragment(None);
+        let path = canonical_path(url.path())?;
+        url.set_path(&path);
         let host_text = match &host {
             CanonicalHost::Ip(IpAddr::V6(ip)) => format!("[{ip}]"),
             other => other.to_string(),
@@ -139,6 +141,55 @@ impl Target {
             .map_err(|err| UrlError(format!("canonical host rejected: {err}")))?;
         Ok(Target { url, host, port })
     }
+}
+
+/// The path as the policy decides it and the upstream receives it, in one spelling: percent-escapes of
+/// unreserved characters decoded (`/%61dmin` is `/admin`), other escapes in upper case. Forms that
+/// servers route differently from one another are refused rather than guessed at: an empty segment
+/// (`//admin`, one segment or two?), a `;` parameter (`/admin;x`, which Tomcat and Jetty route to
+/// `/admin`), an encoded separator (`%2F`, `%5C`, which some proxies decode before routing). Dot segments
+/// were resolved by the URL parser, encoded ones included (`/%2e%2e/admin` is `/admin`).
+fn canonical_path(path: &str) -> Result<String, UrlError> {
+    let refuse = |why: &str| Err(UrlError(format!("path {path:?}: {why}")));
+    let bytes = path.as_bytes();
+    let mut out = String::with_capacity(path.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if b == b'%' && i + 2 < bytes.len() {
+            let hex = &path[i + 1..i + 3];
+            if let Ok(value) = u8::from_str_radix(hex, 16) {
+                let c = char::from(value);
+                if c.is_ascii_alphanumeric() || "-._~".contains(c) {
+                    out.push(c);
+                } else if value == b'/' || value == b'\\' {
+                    return refuse("an encoded / or \\ (%2F, %5C): servers disagree on whether it separates segments");
+                } else {
+                    out.push('%');
+                    out.push_str(&hex.to_ascii_uppercase());
+                }
+                i += 3;
+                continue;
+            }
+        }
+        if b == b';' {
+            return refuse("a ; parameter in a segment: some servers route /a;x to /a, others not");
+        }
+        out.push(char::from(b));
+        i += 1;
+    }
+    if out.contains("//") {
+        return refuse(
+            "an empty segment (//): servers disagree on whether it is one segment or two",
+        );
+    }
+    if out
+        .split('/')
+        .any(|segment| segment == "." || segment == "..")
+    {
+        return refuse("a dot segment spelt so the URL parser kept it");
+    }
+    Ok(out)
 }
 
 fn canonical_domain(name: &str) -> Result<CanonicalHost, UrlError> {
