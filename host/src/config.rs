@@ -91,6 +91,9 @@ pub struct LimitsConfig {
     /// Bytes each way over one upgraded connection (WebSocket); it is closed with an error past this.
     #[serde(default = "default_max_upgraded_bytes")]
     pub max_upgraded_bytes: u64,
+    /// A connection whose guest has not completed HELLO within this is closed (a slow or silent client
+    /// must not hold a connection slot).
+    pub handshake_timeout_ms: u64,
 }
 
 fn default_max_upgraded_bytes() -> u64 {

@@ -410,3 +410,58 @@ async fn unread_request_bodies_do_not_leak_session_credit() {
     .expect("the session still has credit");
     assert_eq!(reply.body.len(), 200_000);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_without_a_timely_hello_is_closed() {
+    let mut options = loopback_options(&[], &[]);
+    options.limits = vec![("handshake_timeout_ms", 300)];
+    let pep = TestPep::start(options);
+    // Silent, and trickling a HELLO one byte at a time: both are cut at the deadline.
+    for trickle in [false, true] {
+        let mut raw = UnixStream::connect(&pep.socket).await.expect("connect");
+        let started = Instant::now();
+        let closed = async {
+            let mut buf = [0u8; 64];
+            loop {
+                if trickle {
+                    // The first bytes of a frame header, never completed.
+                    let _ = raw.write_all(b"P").await;
+                }
+                match tokio::time::timeout(Duration::from_millis(100), raw.read(&mut buf)).await {
+                    Ok(Ok(0)) | Ok(Err(_)) => return,
+                    _ => {}
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), closed)
+            .await
+            .expect("the PEP closed the connection");
+        assert!(started.elapsed() >= Duration::from_millis(250));
+    }
+    // Audit records other than decisions are written behind the effect: wait for both.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let records = pep.audit_records();
+        let timeouts = records
+            .iter()
+            .filter(|r| r["kind"] == "session" && r["event"] == "handshake_timeout")
+            .count();
+        if timeouts == 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{timeouts} handshake_timeout records: {records:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // A guest that says HELLO at once is served as before.
+    let mut guest = pep.guest().await;
+    let reply = guest
+        .call(
+            MethodCall::PolicyCheck(HttpRequest::new("GET", "https://example.com/")),
+            b"",
+        )
+        .await;
+    assert!(reply.head.is_some(), "{:?}", reply.error);
+}

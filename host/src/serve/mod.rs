@@ -122,9 +122,21 @@ impl Driver {
     ) {
         let mut input_open = true;
         let mut shutting_down = false;
+        let handshake_limit =
+            Duration::from_millis(self.pipeline.config.pep.limits.handshake_timeout_ms);
+        let handshake_deadline = tokio::time::sleep(handshake_limit);
+        tokio::pin!(handshake_deadline);
         loop {
             tokio::select! {
                 biased;
+                () = &mut handshake_deadline, if self.session.info().is_none() => {
+                    tracing::info!(peer = %self.peer, ?handshake_limit, "no HELLO in time; closing the connection");
+                    self.pipeline.record(
+                        "session",
+                        serde_json::json!({"event": "handshake_timeout", "peer": self.peer, "limit_ms": handshake_limit.as_millis() as u64}),
+                    );
+                    break;
+                }
                 _ = shutdown.cancelled(), if !shutting_down => {
                     shutting_down = true;
                     // Each in-flight stream learns its outcome is unknown, then no new stream is accepted.
