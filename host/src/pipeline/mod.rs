@@ -1,5 +1,5 @@
 //! The request pipeline: what happens to every hop of every request, in this order (see
-//! `shared/notes/egress-security.md`, and `docs/architecture.md`):
+//! `docs/threat-model.md` and `docs/architecture.md`):
 //!
 //! 1. validate the parameters ([`request`]) and parse the URL strictly ([`target`]);
 //! 2. canonicalise the host ([`target`]);
