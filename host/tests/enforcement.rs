@@ -7,16 +7,29 @@ mod support;
 use pexi_protocol::payload::{HeaderField, HttpRequest, MethodCall, NetConnect, ResponseHead};
 use support::{loopback_options, TestPep, Upstream};
 
+/// A PEP that allows api.test (answering on 127.0.0.1), after one more edit of its config.
+fn api_pep(edit: impl FnOnce(&mut toml::Table)) -> TestPep {
+    TestPep::start_with(
+        loopback_options(&[("api.test", "127.0.0.1")], &["api.test"]),
+        edit,
+    )
+}
+
+/// Sets `[pep.policy] key`: the allow or deny entries, the bundle's folder.
+fn set_policy(doc: &mut toml::Table, key: &str, value: impl Into<toml::Value>) {
+    doc["pep"]["policy"]
+        .as_table_mut()
+        .expect("[pep.policy]")
+        .insert(key.into(), value.into());
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn forwarding_headers_from_the_guest_never_reach_an_upstream() {
     if !support::in_isolated_netns("forwarding_headers_from_the_guest_never_reach_an_upstream") {
         return;
     }
     let api = Upstream::http("127.0.0.1").await;
-    let pep = TestPep::start(loopback_options(
-        &[("api.test", "127.0.0.1")],
-        &["api.test"],
-    ));
+    let pep = api_pep(|_| {});
     let mut guest = pep.guest().await;
     // Claims an upstream might trust: "this request comes from inside".
     let claims = [
@@ -63,16 +76,13 @@ async fn a_tunnel_destination_is_a_bare_name_or_address() {
     // Something listening, so that the allowed tunnel has somewhere to go.
     let far = Upstream::http("127.0.0.1").await;
     let port = far.port();
+    let entry: toml::Table = toml::toml! {
+        host = "tun.test"
+        tunnel = true
+        ports = [port]
+    };
     let pep = TestPep::start_with(loopback_options(&[("tun.test", "127.0.0.1")], &[]), |doc| {
-        let entry: toml::Table = toml::toml! {
-            host = "tun.test"
-            tunnel = true
-            ports = [port]
-        };
-        doc["pep"]["policy"]
-            .as_table_mut()
-            .expect("policy")
-            .insert("allow".into(), toml::Value::Array(vec![entry.into()]));
+        set_policy(doc, "allow", vec![toml::Value::from(entry)])
     });
     let mut guest = pep.guest().await;
     let connect = |host: &str, port: u16| {
@@ -118,19 +128,11 @@ async fn a_method_is_decided_as_it_is_sent_whatever_its_spelling() {
         return;
     }
     let api = Upstream::http("127.0.0.1").await;
-    let pep = TestPep::start_with(
-        loopback_options(&[("api.test", "127.0.0.1")], &["api.test"]),
-        |doc| {
-            let deny: toml::Table = toml::toml! {
-                host = "api.test"
-                methods = ["DELETE"]
-            };
-            doc["pep"]["policy"]
-                .as_table_mut()
-                .expect("policy")
-                .insert("deny".into(), toml::Value::Array(vec![deny.into()]));
-        },
-    );
+    let deny: toml::Table = toml::toml! {
+        host = "api.test"
+        methods = ["DELETE"]
+    };
+    let pep = api_pep(|doc| set_policy(doc, "deny", vec![toml::Value::from(deny)]));
     let mut guest = pep.guest().await;
     let url = format!("http://api.test:{}/echo", api.port());
     // Every spelling of a denied standard method is that method, and denied.
@@ -210,10 +212,7 @@ async fn outcome_messages_quote_urls_redacted() {
         return;
     }
     // Port 8080 is allowed and nothing listens on it in this namespace: the connection error quotes the URL.
-    let pep = TestPep::start(loopback_options(
-        &[("api.test", "127.0.0.1")],
-        &["api.test"],
-    ));
+    let pep = api_pep(|_| {});
     let mut guest = pep.guest().await;
     let token = "tok-3f9a1c7e5d";
     let reply = guest
@@ -290,20 +289,17 @@ async fn an_upgrade_needs_an_allow_entry_that_lists_it() {
         return;
     }
     let api = Upstream::http("127.0.0.1").await;
-    let pep = TestPep::start_with(
-        loopback_options(&[("api.test", "127.0.0.1")], &["api.test"]),
-        |doc| {
-            // GET only: an entry for reads, which a WebSocket handshake (a GET) would otherwise pass.
-            for entry in doc["pep"]["policy"]["allow"]
-                .as_array_mut()
-                .expect("allow")
-                .iter_mut()
-                .filter_map(toml::Value::as_table_mut)
-            {
-                entry.insert("methods".into(), toml::Value::Array(vec!["GET".into()]));
-            }
-        },
-    );
+    let pep = api_pep(|doc| {
+        // GET only: an entry for reads, which a WebSocket handshake (a GET) would otherwise pass.
+        for entry in doc["pep"]["policy"]["allow"]
+            .as_array_mut()
+            .expect("allow")
+            .iter_mut()
+            .filter_map(toml::Value::as_table_mut)
+        {
+            entry.insert("methods".into(), toml::Value::Array(vec!["GET".into()]));
+        }
+    });
     let mut guest = pep.guest().await;
     let request = HttpRequest {
         headers: vec![
@@ -337,10 +333,7 @@ async fn response_headers_larger_than_a_frame_end_the_stream_with_an_error() {
         return;
     }
     let api = Upstream::http("127.0.0.1").await;
-    let pep = TestPep::start(loopback_options(
-        &[("api.test", "127.0.0.1")],
-        &["api.test"],
-    ));
+    let pep = api_pep(|_| {});
     let mut guest = pep.guest().await;
     // 80 headers of 1000 bytes: over the 64 KiB frame a HEAD must fit in.
     let reply = tokio::time::timeout(
@@ -395,15 +388,7 @@ async fn a_policy_bound_on_the_body_holds_whether_or_not_the_length_is_announced
     )
     .expect("extension");
     let policy_dir = bundle.join("policies").display().to_string();
-    let pep = TestPep::start_with(
-        loopback_options(&[("api.test", "127.0.0.1")], &["api.test"]),
-        |doc| {
-            doc["pep"]["policy"]
-                .as_table_mut()
-                .expect("policy")
-                .insert("dir".into(), policy_dir.into());
-        },
-    );
+    let pep = api_pep(|doc| set_policy(doc, "dir", policy_dir));
     let mut guest = pep.guest().await;
     let url = format!("http://api.test:{}/echo", api.port());
     let two_mib = vec![b'u'; 2 << 20];
@@ -457,19 +442,11 @@ async fn a_path_deny_holds_against_every_spelling_a_server_routes_to_the_same_pl
         return;
     }
     let api = Upstream::http("127.0.0.1").await;
-    let pep = TestPep::start_with(
-        loopback_options(&[("api.test", "127.0.0.1")], &["api.test"]),
-        |doc| {
-            let deny: toml::Table = toml::toml! {
-                host = "api.test"
-                paths = ["/admin"]
-            };
-            doc["pep"]["policy"]
-                .as_table_mut()
-                .expect("policy")
-                .insert("deny".into(), toml::Value::Array(vec![deny.into()]));
-        },
-    );
+    let deny: toml::Table = toml::toml! {
+        host = "api.test"
+        paths = ["/admin"]
+    };
+    let pep = api_pep(|doc| set_policy(doc, "deny", vec![toml::Value::from(deny)]));
     let mut guest = pep.guest().await;
     let base = format!("http://api.test:{}", api.port());
     // What Flask/werkzeug, Express, nginx, Go net/http or Rails would route to /admin, and what the deny
