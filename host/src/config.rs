@@ -455,13 +455,10 @@ impl Config {
     /// Creates the per-user folders this config names (mode 0700), or checks that they are this user's
     /// and written by nobody else. Everything that writes there calls this first.
     pub fn ensure_private_dirs(&self) -> Result<(), ConfigError> {
-        for dir in &self.private_dirs {
-            crate::dirs::ensure_private(dir).map_err(|source| ConfigError::Dirs {
-                file: self.source.clone(),
-                source,
-            })?;
-        }
-        Ok(())
+        crate::dirs::ensure_private_all(&self.private_dirs).map_err(|source| ConfigError::Dirs {
+            file: self.source.clone(),
+            source,
+        })
     }
 }
 

@@ -93,6 +93,11 @@ pub fn is_placeholder(path: &Path) -> bool {
     text.starts_with(STATE) || text.starts_with(RUNTIME)
 }
 
+/// [`ensure_private`] for each folder, in order (ancestors first).
+pub fn ensure_private_all(dirs: &[PathBuf]) -> Result<(), DirError> {
+    dirs.iter().try_for_each(|dir| ensure_private(dir))
+}
+
 /// Creates `dir` (and missing parents) owner-only, or checks that the existing one is this user's and
 /// that nobody else may write it.
 pub fn ensure_private(dir: &Path) -> Result<(), DirError> {

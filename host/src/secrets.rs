@@ -67,6 +67,12 @@ fn default_schemes() -> Vec<String> {
 /// the connection over (CONNECT): a secret on them would reach the guest.
 const NEVER_WITH_SECRETS: [&str; 3] = ["TRACE", "TRACK", "CONNECT"];
 
+fn never_with_secrets(method: &str) -> bool {
+    NEVER_WITH_SECRETS
+        .iter()
+        .any(|never| method.eq_ignore_ascii_case(never))
+}
+
 /// The value itself. Its `Debug` never shows it, so no derived `Debug` up the tree can leak it.
 #[derive(Clone)]
 struct Value(String);
@@ -150,11 +156,12 @@ impl Secret {
                 config.schemes
             )));
         }
-        if let Some(method) = config.methods.iter().flatten().find(|m| {
-            NEVER_WITH_SECRETS
-                .iter()
-                .any(|never| m.as_str().eq_ignore_ascii_case(never))
-        }) {
+        if let Some(method) = config
+            .methods
+            .iter()
+            .flatten()
+            .find(|m| never_with_secrets(m.as_str()))
+        {
             return Err(fail(format!(
                 "methods lists {}: a secret is never sent with TRACE, TRACK or CONNECT",
                 method.as_str()
@@ -212,9 +219,7 @@ impl Secret {
     }
 
     fn allows_method(&self, method: &Method) -> bool {
-        !NEVER_WITH_SECRETS
-            .iter()
-            .any(|never| method.as_str().eq_ignore_ascii_case(never))
+        !never_with_secrets(method.as_str())
             && self
                 .methods
                 .as_ref()

@@ -386,9 +386,8 @@ pub async fn run(mut config: Config, options: RunOptions) -> Result<i32, VmError
             vm.share.display()
         )));
     }
-    for dir in &vm.private_dirs {
-        crate::dirs::ensure_private(dir).map_err(|err| VmError::Setup(err.to_string()))?;
-    }
+    crate::dirs::ensure_private_all(&vm.private_dirs)
+        .map_err(|err| VmError::Setup(err.to_string()))?;
     std::fs::create_dir_all(&vm.run_dir).map_err(io(format!("create {}", vm.run_dir.display())))?;
     for stale in [
         &plan.virtio_socket,

@@ -150,14 +150,25 @@ async fn a_method_is_decided_as_it_is_sent_whatever_its_spelling() {
             reply.error
         );
     }
-    // Another method in lower case has no one meaning across servers: refused, not guessed at.
-    let reply = guest
-        .call(
-            MethodCall::HttpRequest(HttpRequest::new("purge", url.clone())),
-            b"",
+    // Another method in lower case has no one meaning across servers: refused, not guessed at. Also one
+    // whose quoted spelling in the error (and the audited outcome) holds a non-ASCII `name=value`.
+    for spelling in ["purge", "ké=y"] {
+        let reply = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            guest.call(
+                MethodCall::HttpRequest(HttpRequest::new(spelling, url.clone())),
+                b"",
+            ),
         )
-        .await;
-    assert_eq!(reply.error_code(), "invalid_request", "{:?}", reply.error);
+        .await
+        .expect("answered: writing the outcome must not take the stream down");
+        assert_eq!(
+            reply.error_code(),
+            "invalid_request",
+            "{spelling}: {:?}",
+            reply.error
+        );
+    }
     assert!(api.hits().is_empty(), "nothing reached the upstream");
     // An allowed method in any case is sent upper-case, as the policy saw it.
     for (spelling, sent) in [("get", "GET"), ("Post", "POST"), ("PURGE", "PURGE")] {

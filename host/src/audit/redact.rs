@@ -122,9 +122,12 @@ impl Redactor {
         let mut rest = text;
         while let Some(eq) = rest.find('=') {
             let before = &rest[..eq];
+            // After the last character that cannot be in a name (which may be several bytes long).
             let name_start = before
-                .rfind(|c: char| !(c.is_ascii_alphanumeric() || "-_.".contains(c)))
-                .map_or(0, |i| i + 1);
+                .char_indices()
+                .rev()
+                .find(|(_, c)| !(c.is_ascii_alphanumeric() || "-_.".contains(*c)))
+                .map_or(0, |(i, c)| i + c.len_utf8());
             let name = &before[name_start..];
             let after = &rest[eq + 1..];
             let value_end = after
@@ -239,6 +242,11 @@ mod tests {
         assert_eq!(
             r.text("nothing secret here: a=b"),
             "nothing secret here: a=b"
+        );
+        // Guest-chosen text (an invalid method quoted in an error) may hold any characters.
+        assert_eq!(
+            r.text("invalid method \"é=x\" and ü€key=v"),
+            "invalid method \"é=x\" and ü€key=[redacted]"
         );
     }
 

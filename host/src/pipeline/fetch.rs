@@ -23,7 +23,8 @@ use crate::config::Config;
 use crate::serve::{HeadRefused, RequestBody, Responder, StreamRequest};
 
 const METHOD: &str = "pep.http.request";
-/// "No deadline" for an upgraded connection: a century, so the timer arithmetic stays finite.
+/// The longest any request deadline may be (a century), so the timer arithmetic stays finite whatever
+/// the config or the guest's `timeout_ms` says; an upgraded connection's is lifted at the 101 instead.
 const NO_DEADLINE_MS: u64 = 100 * 365 * 86_400_000;
 /// Request bodies up to this size are kept so a 307/308 redirect can send them again.
 const REPLAY_LIMIT: usize = 1024 * 1024;

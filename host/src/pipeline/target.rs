@@ -156,7 +156,8 @@ fn canonical_path(path: &str) -> Result<String, UrlError> {
     let mut i = 0;
     while i < bytes.len() {
         let b = bytes[i];
-        if b == b'%' && i + 2 < bytes.len() {
+        if b == b'%' && i + 2 < bytes.len() && bytes[i + 1..i + 3].iter().all(u8::is_ascii_hexdigit)
+        {
             let hex = &path[i + 1..i + 3];
             if let Ok(value) = u8::from_str_radix(hex, 16) {
                 let c = char::from(value);
