@@ -28,6 +28,8 @@ fn run(durability: Durability, writers: usize, per_thread: usize) -> f64 {
             batch_ms: 0,
             batch_records: 256,
             rotate_bytes: 64 * 1024 * 1024,
+            keep_rotated_files: 0,
+            keep_rotated_bytes: 0,
         })
         .expect("open"),
     );

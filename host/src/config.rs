@@ -94,6 +94,23 @@ pub struct LimitsConfig {
     /// A connection whose guest has not completed HELLO within this is closed (a slow or silent client
     /// must not hold a connection slot).
     pub handshake_timeout_ms: u64,
+    /// An established session with no open stream that sends nothing (not even PING) for this long is
+    /// closed. The SDK pings every 15 s, so only a silent, abandoned connection reaches it.
+    pub idle_connection_timeout_ms: u64,
+    /// After SIGTERM, or after the guest's GOAWAY, streams already open get this long to finish; the rest
+    /// are then cut with `session_reset` and their outcome records say `shutdown`.
+    pub drain_timeout_ms: u64,
+    /// Sessions (connections) served at once: per listener and in total. Over either, a guest's HELLO is
+    /// answered with `resource_exhausted`.
+    pub max_sessions: u32,
+    pub max_sessions_per_listener: u32,
+    /// Streams served at once across all sessions (each session is also held to max_concurrent_streams).
+    pub max_streams_total: u32,
+    /// Bytes buffered on guests' behalf (response data not yet taken by the transport, replay copies):
+    /// the shared host pool, one session's most, and one session's own reserve (outside the pool).
+    pub buffer_budget_bytes: u64,
+    pub session_buffer_bytes: u64,
+    pub session_reserved_bytes: u64,
 }
 
 fn default_max_upgraded_bytes() -> u64 {
@@ -111,6 +128,46 @@ impl LimitsConfig {
             idle_timeout_ms: self.idle_timeout_ms,
             total_timeout_ms: self.total_timeout_ms,
         }
+    }
+
+    /// Limits that would make the PEP refuse everything, or wait forever, are configuration errors.
+    fn check(&self) -> Result<(), String> {
+        // A worker hands over up to this much at once; a pool smaller than one chunk never grants it.
+        let chunk = crate::serve::MAX_CHUNK as u64;
+        for (key, value) in [
+            ("buffer_budget_bytes", self.buffer_budget_bytes),
+            ("session_buffer_bytes", self.session_buffer_bytes),
+            ("session_reserved_bytes", self.session_reserved_bytes),
+        ] {
+            if value < chunk {
+                return Err(format!(
+                    "pep.limits.{key} = {value} is below one chunk ({chunk} bytes)"
+                ));
+            }
+        }
+        for (key, value) in [
+            ("max_sessions", self.max_sessions),
+            ("max_sessions_per_listener", self.max_sessions_per_listener),
+            ("max_streams_total", self.max_streams_total),
+            ("max_concurrent_streams", self.max_concurrent_streams),
+        ] {
+            if value == 0 {
+                return Err(format!("pep.limits.{key} = 0 would refuse every guest"));
+            }
+        }
+        for (key, value) in [
+            ("handshake_timeout_ms", self.handshake_timeout_ms),
+            ("idle_timeout_ms", self.idle_timeout_ms),
+            (
+                "idle_connection_timeout_ms",
+                self.idle_connection_timeout_ms,
+            ),
+        ] {
+            if value == 0 {
+                return Err(format!("pep.limits.{key} = 0 would end everything at once"));
+            }
+        }
+        Ok(())
     }
 
     pub fn dns_timeout(&self) -> Duration {
@@ -152,6 +209,10 @@ pub struct AuditConfig {
     pub batch_ms: u64,
     pub batch_records: usize,
     pub rotate_bytes: u64,
+    /// Retention of rotated files (0 for no bound of that kind): the oldest go first, and each removal is
+    /// recorded in the chain (`audit_retention`).
+    pub keep_rotated_files: usize,
+    pub keep_rotated_bytes: u64,
     /// Host-only key for digests of redacted values: a path, "" for `<path>.key`, "none" for no digests.
     pub key_file: String,
     pub redact_headers: Vec<String>,
@@ -166,6 +227,8 @@ impl AuditConfig {
             batch_ms: self.batch_ms,
             batch_records: self.batch_records,
             rotate_bytes: self.rotate_bytes,
+            keep_rotated_files: self.keep_rotated_files,
+            keep_rotated_bytes: self.keep_rotated_bytes,
         }
     }
 
@@ -368,6 +431,7 @@ impl Config {
         if pep.listen.is_empty() {
             return Err(invalid("pep.listen names no listener".into()));
         }
+        pep.limits.check().map_err(invalid)?;
         // A path the file itself sets is relative to the file's folder; one it leaves to the default is
         // the default's (the compiled-in policy, the repository's `target/vm`).
         let set_here = |key: &str| base.is_some() && user_keys.contains(key);

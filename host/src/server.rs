@@ -43,16 +43,23 @@ impl Server {
         &self.pipeline
     }
 
-    /// Stops serving: in-flight streams get `session_reset`, connections close (waiting up to 5 s for
-    /// them), and the audit log is flushed.
+    /// Stops serving: each session gets GOAWAY, streams already open get `drain_timeout_ms` to finish
+    /// (the rest are cut with `session_reset`), every worker writes its outcome record, and the audit log is
+    /// flushed.
     pub async fn stop(&self) -> Result<(), String> {
         self.shutdown.cancel();
         self.tasks.close();
-        if tokio::time::timeout(Duration::from_secs(5), self.tasks.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!("connections still open after 5 s; stopping anyway");
+        let drain = Duration::from_millis(self.pipeline.config.pep.limits.drain_timeout_ms);
+        // The drain deadline, then a moment for the last frames and the workers' outcome records.
+        let limit = drain + Duration::from_secs(3);
+        let workers = &self.pipeline.admission.workers;
+        workers.close();
+        let everything = async {
+            self.tasks.wait().await;
+            workers.wait().await;
+        };
+        if tokio::time::timeout(limit, everything).await.is_err() {
+            tracing::warn!(?limit, "connections or streams still open; stopping anyway");
         }
         self.pipeline
             .record("pep_stop", serde_json::json!({"reason": "stop"}));

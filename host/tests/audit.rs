@@ -16,6 +16,8 @@ fn settings(dir: &Path, rotate_bytes: u64) -> AuditSettings {
         batch_ms: 1,
         batch_records: 64,
         rotate_bytes,
+        keep_rotated_files: 0,
+        keep_rotated_bytes: 0,
     }
 }
 

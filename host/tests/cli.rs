@@ -307,6 +307,8 @@ fn audit_verify_and_show() {
         batch_ms: 1,
         batch_records: 1,
         rotate_bytes: u64::MAX,
+        keep_rotated_files: 0,
+        keep_rotated_bytes: 0,
     })
     .expect("open");
     for i in 0..5 {

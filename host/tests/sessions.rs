@@ -258,53 +258,131 @@ async fn a_misbehaving_guest_cannot_exceed_the_stream_limit() {
     assert!(error.retryable);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn sigterm_resets_in_flight_streams_and_exits_cleanly() {
-    let upstream = Upstream::http("127.0.0.1").await;
-    let mut pep = TestPep::start(loopback_options(
-        &[("api.test", "127.0.0.1")],
-        &["api.test"],
-    ));
-    let mut guest = pep.guest().await;
-    let id = guest
-        .session()
-        .open(get(&format!(
-            "http://api.test:{}/forever?gap_ms=50",
-            upstream.port()
-        )))
-        .expect("open");
-    guest.session().send_end(id, vec![]).expect("end");
-    // Wait until the response is flowing.
+/// The outcome record of `stream_id`, waiting for it to be written.
+fn outcome_of(pep: &TestPep, stream_id: u32) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        if let Some(Event::Data { stream_id, data }) = guest.conn.next_event().await.expect("io") {
-            guest.session().release(stream_id, data.len());
-            break;
+        if let Some(record) = pep
+            .audit_records()
+            .into_iter()
+            .find(|r| r["kind"] == "outcome" && r["stream_id"] == stream_id)
+        {
+            return record;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no outcome for stream {stream_id}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// What the guest saw on each stream until the connection ended (bounded: a PEP that never answers fails
+/// the test instead of hanging it).
+#[derive(Default, Debug)]
+struct Seen {
+    bytes: std::collections::HashMap<u32, usize>,
+    ended: Vec<u32>,
+    failed: Vec<(u32, String)>,
+    goaway: bool,
+    closed: bool,
+}
+
+async fn watch_until_closed(guest: &mut Guest, limit: Duration) -> Seen {
+    let mut seen = Seen::default();
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let event = match tokio::time::timeout_at(deadline, guest.conn.next_event()).await {
+            Err(_) => return seen,
+            Ok(event) => event.expect("io"),
+        };
+        match event {
+            None => {
+                seen.closed = true;
+                return seen;
+            }
+            Some(Event::Data { stream_id, data }) => {
+                *seen.bytes.entry(stream_id).or_default() += data.len();
+                guest.session().release(stream_id, data.len());
+            }
+            Some(Event::End { stream_id, .. }) => seen.ended.push(stream_id),
+            Some(Event::StreamFailed {
+                stream_id, error, ..
+            }) => seen
+                .failed
+                .push((stream_id, error.code.as_str().to_string())),
+            Some(Event::GoAway(_)) => seen.goaway = true,
+            Some(_) => {}
         }
     }
-    let audit = pep.audit.clone();
+}
+
+/// Opens a paced stream that lasts forever and one that finishes in about 0.8 s, and waits until both
+/// have their HEAD.
+async fn open_forever_and_short(guest: &mut Guest, port: u16) -> (u32, u32) {
+    let forever = guest
+        .session()
+        .open(get(&format!("http://api.test:{port}/forever?gap_ms=50")))
+        .expect("open");
+    guest.session().send_end(forever, vec![]).expect("end");
+    let short = guest
+        .session()
+        .open(get(&format!("http://api.test:{port}/sse?n=8&gap_ms=100")))
+        .expect("open");
+    guest.session().send_end(short, vec![]).expect("end");
+    let mut heads = 0;
+    while heads < 2 {
+        match guest.conn.next_event().await.expect("io").expect("open") {
+            Event::Head { .. } => heads += 1,
+            Event::Data { stream_id, data } => guest.session().release(stream_id, data.len()),
+            other => panic!("{other:?}"),
+        }
+    }
+    (forever, short)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_drains_open_streams_then_cuts_the_rest_and_says_so() {
+    let upstream = Upstream::http("127.0.0.1").await;
+    let mut options = loopback_options(&[("api.test", "127.0.0.1")], &["api.test"]);
+    options.limits = vec![("drain_timeout_ms", 2000)];
+    let mut pep = TestPep::start(options);
+    let mut guest = pep.guest().await;
+    let (forever, short) = open_forever_and_short(&mut guest, upstream.port()).await;
+    let started = Instant::now();
     let status = pep.terminate();
     assert!(status.success(), "{status:?}");
-    let mut saw_reset = false;
-    let mut saw_goaway = false;
-    while let Some(event) = guest.conn.next_event().await.expect("io") {
-        match event {
-            Event::StreamFailed {
-                stream_id, error, ..
-            } if stream_id == id => {
-                assert_eq!(error.code.as_str(), "session_reset");
-                saw_reset = true;
-            }
-            Event::GoAway(_) => saw_goaway = true,
-            Event::Data { stream_id, data } => guest.session().release(stream_id, data.len()),
-            _ => {}
-        }
-    }
-    assert!(saw_reset && saw_goaway);
-    // The audit log was flushed with the decision for that stream.
-    let text = std::fs::read_to_string(&audit).unwrap_or_default();
-    assert!(text
-        .lines()
-        .any(|l| l.contains("\"decision\"") && l.contains("forever")));
+    // Exited after the drain deadline, not at once and not much later.
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(1900) && took < Duration::from_secs(8),
+        "exit after {took:?}"
+    );
+    let seen = watch_until_closed(&mut guest, Duration::from_secs(10)).await;
+    assert!(seen.goaway && seen.closed, "{seen:?}");
+    // The stream that could finish within the deadline finished, all of it.
+    assert_eq!(seen.ended, vec![short], "{seen:?}");
+    // The other was cut after the data it had, with session_reset.
+    assert_eq!(
+        seen.failed,
+        vec![(forever, "session_reset".to_string())],
+        "{seen:?}"
+    );
+    let short_outcome = outcome_of(&pep, short);
+    assert_eq!(short_outcome["status"], 200, "{short_outcome}");
+    assert!(short_outcome["error"].is_null(), "{short_outcome}");
+    let cut = outcome_of(&pep, forever);
+    assert_eq!(cut["error"], "shutdown", "{cut}");
+    assert_eq!(cut["status"], 200, "{cut}");
+    let delivered = cut["response_body"]["bytes_delivered"]
+        .as_u64()
+        .expect("bytes_delivered");
+    // At 1 KiB per 50 ms for about 2 s; what the guest read cannot exceed what was delivered.
+    assert!(delivered >= 10 * 1024, "{cut}");
+    assert!(
+        delivered as usize >= seen.bytes[&forever],
+        "{cut} vs {seen:?}"
+    );
     let deadline = Instant::now() + Duration::from_secs(5);
     while !upstream.aborted.load(std::sync::atomic::Ordering::SeqCst) {
         assert!(
@@ -313,6 +391,43 @@ async fn sigterm_resets_in_flight_streams_and_exits_cleanly() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_guest_goaway_drains_its_streams_then_the_connection_closes() {
+    let upstream = Upstream::http("127.0.0.1").await;
+    let mut options = loopback_options(&[("api.test", "127.0.0.1")], &["api.test"]);
+    options.limits = vec![("drain_timeout_ms", 2000)];
+    let pep = TestPep::start(options);
+    let mut guest = pep.guest().await;
+    let (forever, short) = open_forever_and_short(&mut guest, upstream.port()).await;
+    // The guest is leaving; last_stream_id = 0 (it serves no host-opened streams). Its own streams must
+    // still be answered: before, the host dropped them and the guest waited forever.
+    guest.session().go_away(
+        pexi_protocol::payload::ErrorCode::SessionReset,
+        "guest leaving",
+    );
+    let started = Instant::now();
+    let seen = watch_until_closed(&mut guest, Duration::from_secs(10)).await;
+    assert!(
+        seen.closed,
+        "the host never closed the connection: {seen:?}"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(1900), "{seen:?}");
+    assert_eq!(seen.ended, vec![short], "{seen:?}");
+    assert_eq!(
+        seen.failed,
+        vec![(forever, "session_reset".to_string())],
+        "{seen:?}"
+    );
+    assert_eq!(outcome_of(&pep, forever)["error"], "shutdown");
+    let records = pep.audit_records();
+    assert!(
+        records
+            .iter()
+            .any(|r| r["kind"] == "session" && r["event"] == "drained_after_guest_goaway"),
+        "{records:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -836,6 +836,65 @@ fn goaway_fails_unprocessed_streams_and_blocks_new_ones() {
 }
 
 #[test]
+fn a_guest_goaway_still_gets_its_open_streams_answered() {
+    let (mut guest, mut host) = established();
+    let a = guest.open(get("https://a.example/a")).expect("open");
+    settle(&mut guest, &mut host);
+    events(&mut host);
+    // The guest is leaving: it says so with last_stream_id 0 (it serves no host-opened streams).
+    guest.go_away(ErrorCode::SessionReset, "guest shutting down");
+    settle(&mut guest, &mut host);
+    let evs = events(&mut host);
+    assert!(failed_codes(&evs).is_empty(), "{evs:?}");
+    assert!(matches!(evs.last(), Some(Event::GoAway(g)) if g.last_stream_id == 0));
+    // The host still answers stream a, and the guest receives the answer.
+    host.send_head(a, &http_head(200)).expect("head");
+    host.send_data(a, Bytes::from_static(b"bye")).expect("data");
+    host.send_end(a, vec![]).expect("end");
+    settle(&mut guest, &mut host);
+    assert!(matches!(
+        events(&mut guest).as_slice(),
+        [Event::Head { .. }, Event::Data { .. }, Event::End { .. }]
+    ));
+    // An OPEN after its own GOAWAY breaks the rule and is refused.
+    let late = MethodCall::HttpRequest(HttpRequest::new("GET", "https://a.example/late"));
+    let frame = Frame::new(FrameType::Open, a + 2, late.encode());
+    host.receive(&frame.encode());
+    assert!(
+        matches!(events(&mut host).as_slice(), [Event::Rejected { stream_id, error }]
+            if *stream_id == a + 2 && error.code == ErrorCode::ProtocolError),
+    );
+}
+
+#[test]
+fn huge_announced_windows_are_used_only_up_to_the_documented_maxima() {
+    use pexi_protocol::payload::MAX_WINDOW;
+    use pexi_protocol::session::{MAX_USED_CONNECTION_WINDOW, MAX_USED_STREAM_WINDOW};
+    let mut guest_config = Config::new("g", "1");
+    guest_config.receive.initial_stream_window = MAX_WINDOW;
+    guest_config.receive.initial_connection_window = MAX_WINDOW;
+    let mut guest = Session::client(guest_config);
+    let mut host = server();
+    settle(&mut guest, &mut host);
+    events(&mut guest);
+    events(&mut host);
+    let ids = open_streams(&mut guest, &mut host, 8);
+    for &id in &ids {
+        host.send_head(id, &http_head(200)).expect("head");
+        assert_eq!(host.send_capacity(id), MAX_USED_STREAM_WINDOW as usize);
+    }
+    let mut sent = 0usize;
+    for &id in &ids {
+        let room = host.send_capacity(id);
+        host.send_data(id, Bytes::from(vec![0; room]))
+            .expect("data");
+        sent += room;
+    }
+    assert_eq!(sent, MAX_USED_CONNECTION_WINDOW as usize);
+    assert!(ids.iter().all(|&id| host.send_capacity(id) == 0));
+}
+
+#[test]
 fn a_hundred_interleaved_streams() {
     let limits = Limits {
         max_concurrent_streams: 100,

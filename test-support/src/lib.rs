@@ -214,6 +214,18 @@ impl Guest {
 
     /// Like [`Guest::connect`], announcing itself in HELLO with `name` and `version`.
     pub async fn connect_as(path: &Path, name: &str, version: &str) -> Guest {
+        match Guest::try_connect_with(path, SessionConfig::new(name, version)).await {
+            Ok(guest) => guest,
+            Err(other) => panic!("handshake: {other:?}"),
+        }
+    }
+
+    /// Connects with a session announcing `config` (windows, frame size); the handshake's first event when
+    /// it is not `Established` (a refusal).
+    pub async fn try_connect_with(
+        path: &Path,
+        config: SessionConfig,
+    ) -> Result<Guest, Option<Event>> {
         // The socket file appears at bind(), a moment before listen(): a connection in between is refused,
         // which a loaded machine makes likely. Retry that for a while; anything else fails at once.
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -229,10 +241,10 @@ impl Guest {
                 Err(err) => panic!("connect to pexi at {}: {err}", path.display()),
             }
         };
-        let mut conn = Connection::new(stream, Session::client(SessionConfig::new(name, version)));
+        let mut conn = Connection::new(stream, Session::client(config));
         match conn.next_event().await.expect("io") {
-            Some(Event::Established(_)) => Guest { conn },
-            other => panic!("handshake: {other:?}"),
+            Some(Event::Established(_)) => Ok(Guest { conn }),
+            other => Err(other),
         }
     }
 
@@ -331,6 +343,9 @@ pub struct Upstream {
     pub aborted: Arc<AtomicBool>,
     /// TCP connections accepted so far.
     pub connections: Arc<std::sync::atomic::AtomicUsize>,
+    /// Body bytes `/zeros` responses have handed to their connections so far (the client's read pace
+    /// bounds it: a client that stops reading stops it, past the socket buffers).
+    pub streamed: Arc<std::sync::atomic::AtomicU64>,
     /// A header every request must carry with exactly this value, else 401 (a mock API's key check).
     required: Arc<Mutex<Option<(String, String)>>>,
     task: tokio::task::JoinHandle<()>,
@@ -474,6 +489,7 @@ async fn handle(
     hits: Arc<Mutex<Vec<Hit>>>,
     aborted: Arc<AtomicBool>,
     required: Arc<Mutex<Option<(String, String)>>>,
+    streamed: Arc<std::sync::atomic::AtomicU64>,
 ) -> Result<Response<Body>, Infallible> {
     if req.uri().path() == "/ws-echo" && req.headers().contains_key(http::header::UPGRADE) {
         return Ok(echo_upgrade(req, hits));
@@ -569,6 +585,26 @@ async fn handle(
             ))
             .expect("response"),
         "/forever" => Response::new(paced(Bytes::from(vec![b'f'; 1024]), None, gap, aborted)),
+        // `n` zero bytes in 64 KiB chunks, each counted in `streamed` when hyper asks for it.
+        "/zeros" => {
+            let chunk = Bytes::from(vec![0u8; 64 * 1024]);
+            let stream = futures_util::stream::unfold(n, move |left| {
+                let chunk = chunk.slice(..left.min(chunk.len()));
+                let streamed = streamed.clone();
+                async move {
+                    if chunk.is_empty() {
+                        return None;
+                    }
+                    streamed.fetch_add(chunk.len() as u64, Ordering::SeqCst);
+                    let left = left - chunk.len();
+                    Some((Ok::<_, Infallible>(Frame::data(chunk)), left))
+                }
+            });
+            Response::builder()
+                .header("content-length", n)
+                .body(StreamBody::new(stream).boxed())
+                .expect("response")
+        }
         "/stall" => {
             tokio::time::sleep(Duration::from_secs(3600)).await;
             Response::new(full(""))
@@ -601,11 +637,13 @@ impl Upstream {
         let aborted = Arc::new(AtomicBool::new(false));
         let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let required = Arc::new(Mutex::new(None));
-        let (h, a, c, r) = (
+        let streamed = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (h, a, c, r, z) = (
             hits.clone(),
             aborted.clone(),
             connections.clone(),
             required.clone(),
+            streamed.clone(),
         );
         let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
         let task = tokio::spawn(async move {
@@ -614,10 +652,11 @@ impl Upstream {
                     return;
                 };
                 c.fetch_add(1, Ordering::SeqCst);
-                let (h, a, r, acceptor) = (h.clone(), a.clone(), r.clone(), acceptor.clone());
+                let (h, a, r, z, acceptor) =
+                    (h.clone(), a.clone(), r.clone(), z.clone(), acceptor.clone());
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req| {
-                        handle(req, h.clone(), a.clone(), r.clone())
+                        handle(req, h.clone(), a.clone(), r.clone(), z.clone())
                     });
                     let builder = hyper::server::conn::http1::Builder::new();
                     match acceptor {
@@ -644,6 +683,7 @@ impl Upstream {
             hits,
             aborted,
             connections,
+            streamed,
             required,
             task,
         }
@@ -736,6 +776,39 @@ pub fn in_isolated_netns(test_name: &str) -> bool {
     assert!(
         output.status.success() && stdout.contains("1 passed"),
         "{test_name} in a loopback-only network namespace: {}\n{stdout}\n{stderr}",
+        output.status
+    );
+    false
+}
+
+/// Like [`in_isolated_netns`], with a private mount namespace as well (`unshare -m -n`), so the test may
+/// mount a small tmpfs (a disk that fills) that nothing outside sees and that goes away with it.
+pub fn in_private_mounts(test_name: &str) -> bool {
+    const INSIDE: &str = "PEXI_TEST_PRIVATE_MOUNTS";
+    if std::env::var_os(INSIDE).is_some() {
+        return true;
+    }
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let output = std::process::Command::new("unshare")
+        .args([
+            "-m",
+            "--propagation",
+            "private",
+            "-n",
+            "sh",
+            "-c",
+            "ip link set lo up && exec \"$0\" \"$@\"",
+        ])
+        .arg(&exe)
+        .args([test_name, "--exact", "--nocapture", "--test-threads=1"])
+        .env(INSIDE, "1")
+        .output()
+        .expect("run unshare -m -n (util-linux; needs root)");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success() && stdout.contains("1 passed"),
+        "{test_name} in private mount and network namespaces: {}\n{stdout}\n{stderr}",
         output.status
     );
     false

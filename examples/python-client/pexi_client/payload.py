@@ -469,6 +469,8 @@ ERROR_CODES = (
     "cancelled",
     "resource_exhausted",
     "session_reset",
+    "guest_stalled",
+    "audit_unavailable",
     "internal",
 )
 

@@ -49,6 +49,9 @@ pub struct AuditSettings {
     pub batch_ms: u64,
     pub batch_records: usize,
     pub rotate_bytes: u64,
+    /// Rotated files kept: past either bound the oldest are removed, and the removal is itself a record.
+    pub keep_rotated_files: usize,
+    pub keep_rotated_bytes: u64,
 }
 
 /// Completes when the record is as durable as the setting promises, or the write failed.

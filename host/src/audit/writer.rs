@@ -25,13 +25,29 @@ pub(super) struct Writer {
     seq: u64,
     /// Digest of the last record written (or the genesis value before the first).
     prev: String,
-    /// Set after a failed write: nothing more is written, every ticket fails, effects are refused.
-    failed: Option<String>,
+    /// Set after a failed write or sync, with when: every waited-for record fails (effects are refused)
+    /// until a retry succeeds ([`Writer::recover`]).
+    failed: Option<(String, SystemTime)>,
+    /// The file's length after the last write that succeeded: a failed write may have left part of a line
+    /// behind, which recovery cuts off before the chain continues.
+    written_len: u64,
+    /// Records nobody waits for (outcomes, session events) that could not be written: kept, up to
+    /// [`BACKLOG`], and written first when the log resumes.
+    backlog: Vec<(String, Value)>,
+    /// Such records beyond the backlog: counted in the `audit_resumed` record.
+    lost: u64,
+    keep_rotated_files: usize,
+    keep_rotated_bytes: u64,
     /// Lines encoded but not yet written: a group goes to the file in one `write`.
     pending: Vec<u8>,
     /// Records written but not yet `fsync`ed because nobody waited for them (batch mode).
     unsynced: bool,
 }
+
+/// Records kept in memory while the log cannot be written (a full disk): about a few MiB at most.
+const BACKLOG: usize = 4096;
+/// While failed, how often the writer tries again by itself (also on every new record).
+const RETRY_FAILED: Duration = Duration::from_secs(1);
 
 /// Batch mode syncs records nobody waits for (resolve and outcome records) with the next group that has a
 /// waiter, or after this long without one.
@@ -171,6 +187,11 @@ impl Writer {
             seq,
             prev,
             failed: None,
+            written_len: size,
+            backlog: Vec::new(),
+            lost: 0,
+            keep_rotated_files: settings.keep_rotated_files,
+            keep_rotated_bytes: settings.keep_rotated_bytes,
             pending: Vec::new(),
             unsynced: false,
         };
@@ -179,6 +200,7 @@ impl Writer {
         writer.write(kind, Value::Object(start))?;
         writer.write_pending()?;
         writer.file.sync_all()?;
+        writer.written_len = writer.file.metadata()?.len();
         Ok(writer)
     }
 
@@ -206,9 +228,6 @@ impl Writer {
         self.prev = digest;
         self.seq += 1;
         self.size += (self.pending.len() - start) as u64;
-        if self.size >= self.rotate_bytes && kind != "rotate" {
-            self.rotate()?;
-        }
         Ok(())
     }
 
@@ -216,6 +235,9 @@ impl Writer {
     /// the next start moves aside (`torn_tail`).
     fn write_pending(&mut self) -> std::io::Result<()> {
         let written = self.file.write_all(&self.pending);
+        if written.is_ok() {
+            self.written_len += self.pending.len() as u64;
+        }
         self.pending.clear();
         written
     }
@@ -228,34 +250,174 @@ impl Writer {
         std::fs::rename(&self.path, &aside)?;
         self.file = open_append(&self.path)?;
         self.size = 0;
+        self.written_len = 0;
         let previous = aside.file_name().map(|n| n.to_string_lossy().into_owned());
         self.write("rotate", json!({"previous_file": previous}))?;
         self.write_pending()?;
-        self.file.sync_all()
+        self.file.sync_all()?;
+        self.apply_retention()
     }
 
-    /// Stops the log for good after a failed write or sync: every later ticket fails.
+    /// Removes the oldest rotated files past `keep_rotated_files` / `keep_rotated_bytes`, then records
+    /// which (file, size, first seq) in the chain, so the shortened log explains its own start.
+    fn apply_retention(&mut self) -> std::io::Result<()> {
+        if self.keep_rotated_files == 0 && self.keep_rotated_bytes == 0 {
+            return Ok(());
+        }
+        let rotated: Vec<(PathBuf, u64)> = log_files(&self.path)
+            .into_iter()
+            .filter(|p| *p != self.path)
+            .map(|p| {
+                let len = std::fs::metadata(&p).map_or(0, |m| m.len());
+                (p, len)
+            })
+            .collect();
+        let mut count = rotated.len();
+        let mut bytes: u64 = rotated.iter().map(|(_, len)| len).sum();
+        let mut removed = Vec::new();
+        for (file, len) in &rotated {
+            let over_count = self.keep_rotated_files > 0 && count > self.keep_rotated_files;
+            let over_bytes = self.keep_rotated_bytes > 0 && bytes > self.keep_rotated_bytes;
+            if !over_count && !over_bytes {
+                break;
+            }
+            let first_seq = first_seq(file);
+            match std::fs::remove_file(file) {
+                Ok(()) => {
+                    removed.push(json!({
+                        "file": file.file_name().map(|n| n.to_string_lossy().into_owned()),
+                        "bytes": len,
+                        "first_seq": first_seq,
+                    }));
+                    count -= 1;
+                    bytes -= len;
+                }
+                Err(err) => {
+                    tracing::warn!(file = %file.display(), %err, "could not remove an old audit file");
+                    break;
+                }
+            }
+        }
+        if removed.is_empty() {
+            return Ok(());
+        }
+        self.write(
+            "audit_retention",
+            json!({
+                "removed": removed,
+                "kept_files": count,
+                "kept_bytes": bytes,
+                "keep_rotated_files": self.keep_rotated_files,
+                "keep_rotated_bytes": self.keep_rotated_bytes,
+            }),
+        )?;
+        self.write_pending()?;
+        self.file.sync_data()
+    }
+
+    /// Marks the log failed after a write or sync error: waited-for records fail (their effects are
+    /// refused) until [`Writer::recover`] succeeds.
     fn fail(&mut self, what: &str, err: std::io::Error) -> String {
         let message = format!("audit {what} failed: {err}");
-        tracing::error!(%message, "the audit log stops; effects will be refused");
-        self.failed = Some(message.clone());
+        if self.failed.is_none() {
+            tracing::error!(%message, "the audit log cannot be written; refusing effects until it can");
+            self.failed = Some((message.clone(), SystemTime::now()));
+        }
         message
     }
 
-    /// Encodes a group's records and writes them with one `write`; the result applies to all of them.
-    fn write_group(&mut self, records: Vec<(String, Value)>) -> Result<(), String> {
-        if let Some(failed) = &self.failed {
-            return Err(failed.clone());
+    /// After a failure: cuts off whatever part of the failed write reached the file, writes the records
+    /// kept meanwhile and an `audit_resumed` record, and syncs. On success the log is usable again.
+    fn recover(&mut self) -> Result<(), String> {
+        let Some((error, since)) = self.failed.clone() else {
+            return Ok(());
+        };
+        let snapshot = (self.seq, self.prev.clone(), self.size, self.written_len);
+        let kept = self.backlog.len();
+        let backlog = std::mem::take(&mut self.backlog);
+        let attempt = (|| -> std::io::Result<()> {
+            self.file.set_len(self.written_len)?;
+            self.size = self.written_len;
+            for (kind, body) in &backlog {
+                self.write(kind, body.clone())?;
+            }
+            self.write(
+                "audit_resumed",
+                json!({
+                    "error": error,
+                    "since": humantime::format_rfc3339_millis(since).to_string(),
+                    "kept_records": kept,
+                    "lost_records": self.lost,
+                }),
+            )?;
+            self.write_pending()?;
+            self.file.sync_data()
+        })();
+        match attempt {
+            Ok(()) => {
+                tracing::info!(kept, lost = self.lost, "the audit log is writable again");
+                self.failed = None;
+                self.lost = 0;
+                self.unsynced = false;
+                Ok(())
+            }
+            Err(err) => {
+                // Back to the last record on disk, the backlog kept for the next try.
+                (self.seq, self.prev, self.size, self.written_len) = snapshot;
+                self.pending.clear();
+                self.backlog = backlog;
+                Err(format!("{error} (still failing: {err})"))
+            }
         }
+    }
+
+    /// Encodes a group's records and writes them with one `write`; the result applies to all of them.
+    /// Records nobody waits for survive a failure in the backlog.
+    fn write_group(&mut self, records: Vec<(String, Value, bool)>) -> Result<(), String> {
+        if let Err(err) = self.recover() {
+            self.keep(records);
+            return Err(err);
+        }
+        let snapshot = (self.seq, self.prev.clone(), self.size);
+        let unwaited: Vec<(String, Value)> = records
+            .iter()
+            .filter(|(_, _, waited)| !waited)
+            .map(|(kind, body, _)| (kind.clone(), body.clone()))
+            .collect();
         let written = records
             .into_iter()
-            .try_for_each(|(kind, body)| self.write(&kind, body))
+            .try_for_each(|(kind, body, _)| self.write(&kind, body))
             .and_then(|()| self.write_pending());
-        written.map_err(|err| self.fail("write", err))
+        match written {
+            Ok(()) if self.size >= self.rotate_bytes => {
+                self.rotate().map_err(|err| self.fail("rotation", err))
+            }
+            Ok(()) => Ok(()),
+            Err(err) => {
+                (self.seq, self.prev, self.size) = snapshot;
+                self.pending.clear();
+                let message = self.fail("write", err);
+                self.keep(unwaited.into_iter().map(|(k, b)| (k, b, false)).collect());
+                Err(message)
+            }
+        }
+    }
+
+    fn keep(&mut self, records: Vec<(String, Value, bool)>) {
+        for (kind, body, waited) in records {
+            if waited {
+                continue;
+            }
+            if self.backlog.len() < BACKLOG {
+                self.backlog.push((kind, body));
+            } else {
+                self.lost += 1;
+            }
+        }
     }
 
     fn sync(&mut self) -> Result<(), String> {
-        if let Some(failed) = &self.failed {
+        if let Some((failed, _)) = &self.failed {
             return Err(failed.clone());
         }
         self.unsynced = false;
@@ -264,7 +426,16 @@ impl Writer {
 
     pub(super) fn run(mut self, queue: mpsc::Receiver<Job>, batch: Option<(Duration, usize)>) {
         loop {
-            let first = if self.unsynced {
+            let first = if self.failed.is_some() {
+                match queue.recv_timeout(RETRY_FAILED) {
+                    Ok(job) => job,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        let _ = self.recover();
+                        continue;
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+            } else if self.unsynced {
                 match queue.recv_timeout(LAZY_SYNC) {
                     Ok(job) => job,
                     Err(mpsc::RecvTimeoutError::Timeout) => {
@@ -305,7 +476,7 @@ impl Writer {
             for job in jobs {
                 match job {
                     Job::Record { kind, body, done } => {
-                        records.push((kind, body));
+                        records.push((kind, body, !done.is_closed()));
                         tickets.push(done);
                     }
                     Job::Flush(done) => {
@@ -341,6 +512,17 @@ impl Writer {
                 let _ = done.send(result.clone());
             }
         }
+        let _ = self.recover();
         let _ = self.file.sync_all();
     }
+}
+
+/// The `seq` of a log file's first record, for the retention record.
+fn first_seq(path: &Path) -> Option<u64> {
+    use std::io::BufRead;
+    let mut line = String::new();
+    std::io::BufReader::new(File::open(path).ok()?)
+        .read_line(&mut line)
+        .ok()?;
+    serde_json::from_str::<Value>(&line).ok()?["seq"].as_u64()
 }

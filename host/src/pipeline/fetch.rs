@@ -181,12 +181,22 @@ struct BodyTap {
     /// SHA-256 of the bytes sent upstream: bodies are never logged, their digests are.
     hash: Mutex<sha2::Sha256>,
     too_large: AtomicBool,
-    /// A copy for 307/308, dropped once it passes [`REPLAY_LIMIT`].
-    replay: Mutex<Option<Vec<u8>>>,
+    /// A copy for 307/308, dropped once it passes [`REPLAY_LIMIT`] or the session's buffer budget has no
+    /// room for it (the redirect then fails; the upload never waits for memory for a copy).
+    replay: Mutex<Option<ReplayCopy>>,
     complete: AtomicBool,
     /// The upstream answered 101: from here the connection is bound by idle time and byte caps, not by
     /// the request's deadline.
     switched: AtomicBool,
+}
+
+/// The request body kept for a redirect's replay, and what it holds against the buffer budget.
+#[derive(Default)]
+struct ReplayCopy {
+    collected: Vec<u8>,
+    /// The copy as sent again (once frozen, further hops share it).
+    frozen: Option<Bytes>,
+    _charges: Vec<crate::serve::budget::Charge>,
 }
 
 impl Pipeline {
@@ -199,7 +209,10 @@ impl Pipeline {
             body,
             responder,
             cancel,
+            slot,
         } = request;
+        // The stream's place among all streams goes when this worker ends.
+        let _slot = slot;
         match call {
             MethodCall::PolicyCheck(params) => match self.policy_check(&caller, &params).await {
                 Ok(decision) => {
@@ -229,7 +242,7 @@ impl Pipeline {
                 );
                 let started = std::time::Instant::now();
                 let tap = Arc::new(BodyTap {
-                    replay: Mutex::new(Some(Vec::new())),
+                    replay: Mutex::new(Some(ReplayCopy::default())),
                     ..BodyTap::default()
                 });
                 // The latest hop's decision, so an outcome cut short by CANCEL or the deadline still names it.
@@ -283,9 +296,18 @@ impl Pipeline {
                             failure.decision_id =
                                 decided.lock().unwrap_or_else(|p| p.into_inner()).take();
                         }
+                        // What the guest got before the end: a stream cut by a shutdown or a reset
+                        // still says which status and how many bytes reached it.
+                        let progress = responder.progress();
+                        let error = match progress.ended_by() {
+                            Some(why) if failure.error.code == ErrorCode::Cancelled => why.as_str(),
+                            _ => failure.error.code.as_str(),
+                        };
                         let detail = json!({
-                            "error": failure.error.code.as_str(),
+                            "error": error,
                             "message": failure.error.message,
+                            "status": progress.status(),
+                            "response_body": {"bytes_delivered": progress.delivered()},
                             "request_body": request_body,
                             "duration_ms": duration_ms,
                         });
@@ -425,6 +447,7 @@ impl Pipeline {
                     tap.clone(),
                     body_limit,
                     prepared.content_length,
+                    responder.budget().clone(),
                 )));
             } else if let Some(bytes) = replay_body.take() {
                 builder = builder.body(bytes);
@@ -634,7 +657,7 @@ impl Pipeline {
                 responder
                     .data(Bytes::copy_from_slice(&buffer[..n]))
                     .await
-                    .map_err(|_| ErrorPayload::new(ErrorCode::Cancelled, "the stream is gone"))?;
+                    .map_err(|failed| failed.to_error())?;
             }
         };
         let watchdog = async {
@@ -808,11 +831,8 @@ impl Pipeline {
             };
             total += chunk.len() as u64;
             hash.update(&chunk);
-            if responder.data(chunk).await.is_err() {
-                return Err(ErrorPayload::new(
-                    ErrorCode::Cancelled,
-                    "the stream is gone",
-                ));
+            if let Err(failed) = responder.data(chunk).await {
+                return Err(failed.to_error());
             }
             if over {
                 return Err(ErrorPayload::new(
@@ -864,9 +884,11 @@ fn body_stream(
     tap: Arc<BodyTap>,
     limit: u64,
     expected: Option<u64>,
+    budget: crate::serve::budget::SessionBudget,
 ) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
     futures_util::stream::unfold(Some(body), move |body| {
         let tap = tap.clone();
+        let budget = budget.clone();
         async move {
             let mut body = body?;
             match body.next().await {
@@ -886,11 +908,15 @@ fn body_stream(
                         &chunk,
                     );
                     let mut replay = tap.replay.lock().unwrap_or_else(|p| p.into_inner());
-                    let keep = replay
+                    let room = replay
                         .as_ref()
-                        .is_some_and(|copy| copy.len() + chunk.len() <= REPLAY_LIMIT);
-                    match (keep, replay.as_mut()) {
-                        (true, Some(copy)) => copy.extend_from_slice(&chunk),
+                        .filter(|copy| copy.collected.len() + chunk.len() <= REPLAY_LIMIT)
+                        .and_then(|_| budget.try_acquire(chunk.len()));
+                    match (room, replay.as_mut()) {
+                        (Some(charge), Some(copy)) => {
+                            copy.collected.extend_from_slice(&chunk);
+                            copy._charges.push(charge);
+                        }
                         _ => *replay = None,
                     }
                     drop(replay);
@@ -905,12 +931,15 @@ fn body_stream(
 }
 
 fn replayable(tap: &BodyTap) -> Result<Bytes, ErrorPayload> {
-    let replay = tap.replay.lock().unwrap_or_else(|p| p.into_inner());
-    match (tap.complete.load(Ordering::Relaxed), replay.as_ref()) {
-        (true, Some(copy)) => Ok(Bytes::from(copy.clone())),
+    let mut replay = tap.replay.lock().unwrap_or_else(|p| p.into_inner());
+    match (tap.complete.load(Ordering::Relaxed), replay.as_mut()) {
+        (true, Some(copy)) => Ok(copy
+            .frozen
+            .get_or_insert_with(|| Bytes::from(std::mem::take(&mut copy.collected)))
+            .clone()),
         _ => Err(ErrorPayload::new(
             ErrorCode::RedirectNotAllowed,
-            format!("a 307/308 redirect needs the request body again, and only bodies up to {REPLAY_LIMIT} bytes that were fully sent are kept"),
+            format!("a 307/308 redirect needs the request body again, and only bodies up to {REPLAY_LIMIT} bytes that were fully sent (and fit the session's buffer budget) are kept"),
         )),
     }
 }

@@ -63,6 +63,8 @@ pub struct Pipeline {
     secrets: crate::secrets::Secrets,
     decision_prefix: String,
     decisions: AtomicU64,
+    /// Sessions, streams and buffered bytes: what all guests together may hold.
+    pub admission: crate::serve::admission::Admission,
 }
 
 /// The settings that differ between the config in service and a fresh read of its file, outside
@@ -140,7 +142,9 @@ impl Pipeline {
             std::process::id(),
         );
         let secrets = config.secrets.clone();
+        let admission = crate::serve::admission::Admission::new(&config.pep.limits);
         let pipeline = Pipeline {
+            admission,
             secrets,
             config,
             policy,
@@ -328,7 +332,12 @@ impl Pipeline {
             .await
             .map_err(|err| {
                 tracing::error!(%err, "audit log write failed; refusing to act on the decision");
-                ErrorPayload::new(ErrorCode::Internal, "the audit log cannot be written")
+                ErrorPayload::new(
+                    ErrorCode::AuditUnavailable,
+                    "the PEP cannot write its audit log, so it acts on no decision until it can; it \
+                     retries by itself",
+                )
+                .retryable(true)
             })?;
         Ok(Logged {
             decision_id,

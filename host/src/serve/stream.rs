@@ -1,17 +1,21 @@
 //! What a request worker holds: the call, its request body as it arrives, a responder, and a cancellation
 //! token that fires when the guest cancels, the session resets, or the PEP shuts down.
 
+use std::sync::atomic::{AtomicU16, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
-use pexi_protocol::payload::{ErrorPayload, MethodCall, ResponseHead};
-use tokio::sync::{mpsc, Semaphore};
+use pexi_protocol::payload::{ErrorCode, ErrorPayload, MethodCall, ResponseHead};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+use super::budget::{Charge, SessionBudget};
 use crate::pipeline::Caller;
 
-/// Response bytes a worker may have handed over but the guest's flow-control credit not yet let through.
-/// Beyond this the worker waits, so a slow guest reader stalls only its own upstream.
+/// Response bytes a worker may have handed over and the transport not yet taken (waiting for the guest's
+/// flow-control credit, or for the guest to read its socket). Beyond this the worker waits, so a slow guest
+/// reader stalls only its own upstream.
 pub const STREAM_BUFFER: usize = 256 * 1024;
 /// Largest piece a worker hands over at once.
 pub const MAX_CHUNK: usize = 64 * 1024;
@@ -20,7 +24,8 @@ pub const MAX_CHUNK: usize = 64 * 1024;
 #[derive(Debug)]
 pub(super) enum Command {
     Head(u32, ResponseHead),
-    Data(u32, Bytes),
+    /// The bytes and what they hold against the budget until the transport has taken them.
+    Data(u32, Bytes, Charge),
     End(u32),
     Error(u32, ErrorPayload),
     /// The worker consumed this many request body bytes: credit may flow back to the guest.
@@ -33,6 +38,70 @@ pub struct StreamRequest {
     pub body: RequestBody,
     pub responder: Responder,
     pub cancel: CancellationToken,
+    /// This stream's place among all streams of the PEP (`max_streams_total`); held while the worker runs.
+    pub slot: OwnedSemaphorePermit,
+}
+
+/// Why a stream's worker was cancelled, for its outcome record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum EndedBy {
+    /// The guest sent CANCEL or ERROR.
+    Guest = 1,
+    /// The session was reset or the connection ended.
+    SessionReset = 2,
+    /// The PEP's drain deadline passed during shutdown or after the guest's GOAWAY.
+    Shutdown = 3,
+}
+
+impl EndedBy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndedBy::Guest => "cancelled",
+            EndedBy::SessionReset => "session_reset",
+            EndedBy::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// What the guest has received on a stream so far, kept by the connection for the worker's outcome record.
+#[derive(Debug, Default)]
+pub struct Progress {
+    status: AtomicU16,
+    delivered: AtomicU64,
+    ended_by: AtomicU8,
+}
+
+impl Progress {
+    /// The HTTP status of the HEAD sent, if one was.
+    pub fn status(&self) -> Option<u16> {
+        Some(self.status.load(Ordering::Relaxed)).filter(|s| *s != 0)
+    }
+
+    /// Response bytes the transport has taken (written to the guest's socket or port).
+    pub fn delivered(&self) -> u64 {
+        self.delivered.load(Ordering::Relaxed)
+    }
+
+    pub fn ended_by(&self) -> Option<EndedBy> {
+        match self.ended_by.load(Ordering::Relaxed) {
+            1 => Some(EndedBy::Guest),
+            2 => Some(EndedBy::SessionReset),
+            3 => Some(EndedBy::Shutdown),
+            _ => None,
+        }
+    }
+
+    pub(super) fn set_ended_by(&self, why: EndedBy) {
+        // The first reason wins: a shutdown that cuts a stream is not overwritten by the reset that follows.
+        let _ = self
+            .ended_by
+            .compare_exchange(0, why as u8, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    pub(super) fn add_delivered(&self, n: usize) {
+        self.delivered.fetch_add(n as u64, Ordering::Relaxed);
+    }
 }
 
 /// The request body, chunk by chunk as the guest sends it. `None` once the guest sent END.
@@ -69,15 +138,41 @@ impl Drop for RequestBody {
     }
 }
 
-/// The stream is gone (cancelled, reset, or the session ended): stop producing.
+/// Why response bytes could not be handed over.
 #[derive(Debug, thiserror::Error)]
-#[error("the stream is gone")]
-pub struct Gone;
+pub enum SendFailed {
+    /// The stream is gone (cancelled, reset, or the session ended): stop producing.
+    #[error("the stream is gone")]
+    Gone,
+    /// Nothing could be handed over for this long: the guest granted no credit and read nothing.
+    #[error("the guest took no response data for {0:?}")]
+    Stalled(Duration),
+}
+
+impl SendFailed {
+    /// The stream's error for the guest and the outcome record.
+    pub fn to_error(&self) -> ErrorPayload {
+        match self {
+            SendFailed::Gone => ErrorPayload::new(ErrorCode::Cancelled, "the stream is gone"),
+            SendFailed::Stalled(idle) => ErrorPayload::new(
+                ErrorCode::GuestStalled,
+                format!(
+                    "the guest took no response data for {idle:?} (no flow-control credit, or its transport \
+                     not read); the upstream was released"
+                ),
+            ),
+        }
+    }
+}
 
 pub struct Responder {
     pub(super) stream_id: u32,
     pub(super) commands: mpsc::UnboundedSender<Command>,
     pub(super) buffer: Arc<Semaphore>,
+    pub(super) budget: SessionBudget,
+    /// How long handing over one chunk may wait before the stream counts as stalled (`idle_timeout_ms`).
+    pub(super) stall: Duration,
+    pub(super) progress: Arc<Progress>,
     /// The largest frame payload the guest accepts: a HEAD is one frame and cannot be split.
     pub(super) max_head: usize,
 }
@@ -98,6 +193,15 @@ impl Responder {
         self.stream_id
     }
 
+    pub fn progress(&self) -> &Arc<Progress> {
+        &self.progress
+    }
+
+    /// The session's share of the host's buffer budget, for other bytes kept on the guest's behalf.
+    pub fn budget(&self) -> &SessionBudget {
+        &self.budget
+    }
+
     /// Queues the HEAD, or says why it cannot go: a HEAD larger than the guest's frames would be dropped
     /// by the session and leave the guest waiting, so the caller must end the stream with an error.
     pub fn head(&self, head: ResponseHead) -> Result<(), HeadRefused> {
@@ -108,26 +212,38 @@ impl Responder {
                 max: self.max_head,
             });
         }
+        if let ResponseHead::Http(http) = &head {
+            self.progress.status.store(http.status, Ordering::Relaxed);
+        }
         self.commands
             .send(Command::Head(self.stream_id, head))
             .map_err(|_| HeadRefused::Gone)
     }
 
-    /// Hands response bytes to the driver, waiting while the stream's buffer is full.
-    pub async fn data(&self, mut data: Bytes) -> Result<(), Gone> {
+    /// Hands response bytes to the driver, waiting while the stream's buffer or the session's share of the
+    /// budget is full; the charge comes back once the transport has taken the bytes. A wait longer than
+    /// the idle timeout ends the stream: a guest that grants no credit must not hold an upstream forever.
+    pub async fn data(&self, mut data: Bytes) -> Result<(), SendFailed> {
         while !data.is_empty() {
             let chunk = data.split_to(data.len().min(MAX_CHUNK));
-            // Fits in u32: MAX_CHUNK does.
-            let permit = self
-                .buffer
-                .acquire_many(chunk.len() as u32)
+            let n = chunk.len();
+            let charge = async {
+                // Fits in u32: MAX_CHUNK does.
+                let stream = self
+                    .buffer
+                    .clone()
+                    .acquire_many_owned(n as u32)
+                    .await
+                    .map_err(|_| SendFailed::Gone)?;
+                let charge = self.budget.acquire(n).await.map_err(|_| SendFailed::Gone)?;
+                Ok::<_, SendFailed>(charge.with_stream(stream))
+            };
+            let charge = tokio::time::timeout(self.stall, charge)
                 .await
-                .map_err(|_| Gone)?;
-            // The driver returns the permits when the bytes go out under the guest's credit.
-            permit.forget();
+                .map_err(|_| SendFailed::Stalled(self.stall))??;
             self.commands
-                .send(Command::Data(self.stream_id, chunk))
-                .map_err(|_| Gone)?;
+                .send(Command::Data(self.stream_id, chunk, charge))
+                .map_err(|_| SendFailed::Gone)?;
         }
         Ok(())
     }

@@ -18,7 +18,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Listen;
 use crate::pipeline::Pipeline;
-use crate::serve::serve_connection;
+use crate::serve::admission::ListenerSlots;
+use crate::serve::{serve_connection, Admitted};
 
 /// Starts serving `listen`; connections are tracked in `tasks` so shutdown can wait for them.
 pub async fn start(
@@ -27,6 +28,8 @@ pub async fn start(
     shutdown: CancellationToken,
     tasks: &TaskTracker,
 ) -> std::io::Result<()> {
+    // Each listener holds at most max_sessions_per_listener sessions, all of them max_sessions.
+    let slots = pipeline.admission.listener();
     match listen {
         Listen::Unix(path) => {
             let listener = bind_unix(path)?;
@@ -37,17 +40,24 @@ pub async fn start(
                 pipeline,
                 shutdown,
                 tasks.clone(),
+                slots,
             ));
         }
         Listen::Connect(path) => {
             tracing::info!(listen = %listen, "connecting");
-            tasks.spawn(connect_loop(path.clone(), pipeline, shutdown));
+            tasks.spawn(connect_loop(path.clone(), pipeline, shutdown, slots));
         }
         Listen::Vsock(port) => {
             let addr = tokio_vsock::VsockAddr::new(tokio_vsock::VMADDR_CID_ANY, *port);
             let listener = tokio_vsock::VsockListener::bind(addr)?;
             tracing::info!(listen = %listen, "listening");
-            tasks.spawn(accept_vsock(listener, pipeline, shutdown, tasks.clone()));
+            tasks.spawn(accept_vsock(
+                listener,
+                pipeline,
+                shutdown,
+                tasks.clone(),
+                slots,
+            ));
         }
     }
     Ok(())
@@ -80,6 +90,7 @@ async fn accept_unix(
     pipeline: Arc<Pipeline>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
+    slots: ListenerSlots,
 ) {
     let mut serial = 0u64;
     loop {
@@ -89,7 +100,8 @@ async fn accept_unix(
                 Ok((stream, _)) => {
                     serial += 1;
                     let peer = format!("unix:{}#{serial}", path.display());
-                    tasks.spawn(serve_connection(stream, pipeline.clone(), shutdown.clone(), peer));
+                    let admitted = admit(&pipeline, &slots);
+                    tasks.spawn(serve_connection(stream, pipeline.clone(), shutdown.clone(), peer, admitted));
                 }
                 Err(err) => {
                     tracing::warn!(%err, "accept failed");
@@ -105,6 +117,7 @@ async fn connect_loop(
     path: std::path::PathBuf,
     pipeline: Arc<Pipeline>,
     shutdown: CancellationToken,
+    slots: ListenerSlots,
 ) {
     let mut backoff = Duration::from_millis(100);
     let mut serial = 0u64;
@@ -119,7 +132,17 @@ async fn connect_loop(
                 serial += 1;
                 let peer = format!("connect:{}#{serial}", path.display());
                 tracing::info!(%peer, "connected");
-                serve_connection(stream, pipeline.clone(), shutdown.clone(), peer).await;
+                let admitted = admit(&pipeline, &slots);
+                let refused = matches!(admitted, Admitted::No(_));
+                serve_connection(stream, pipeline.clone(), shutdown.clone(), peer, admitted).await;
+                if refused {
+                    // The VM is still there and will HELLO again: try again once sessions may have ended.
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
             }
             Err(err) => {
                 tracing::debug!(path = %path.display(), %err, "connect failed; retrying");
@@ -138,6 +161,7 @@ async fn accept_vsock(
     pipeline: Arc<Pipeline>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
+    slots: ListenerSlots,
 ) {
     loop {
         tokio::select! {
@@ -145,7 +169,8 @@ async fn accept_vsock(
             accepted = listener.accept() => match accepted {
                 Ok((stream, addr)) => {
                     let peer = format!("vsock:cid{}:{}", addr.cid(), addr.port());
-                    tasks.spawn(serve_connection(stream, pipeline.clone(), shutdown.clone(), peer));
+                    let admitted = admit(&pipeline, &slots);
+                    tasks.spawn(serve_connection(stream, pipeline.clone(), shutdown.clone(), peer, admitted));
                 }
                 Err(err) => {
                     tracing::warn!(%err, "vsock accept failed");
@@ -153,5 +178,12 @@ async fn accept_vsock(
                 }
             },
         }
+    }
+}
+
+fn admit(pipeline: &Pipeline, slots: &ListenerSlots) -> Admitted {
+    match pipeline.admission.admit(slots) {
+        Ok(slot) => Admitted::Yes(slot),
+        Err(refusal) => Admitted::No(refusal),
     }
 }

@@ -62,10 +62,17 @@ error_codes! {
     UpstreamTls = "upstream_tls",
     UpstreamTimeout = "upstream_timeout",
     Cancelled = "cancelled",
-    /// A per-session limit (concurrent streams, memory) was reached.
+    /// A limit on what one guest or all guests may hold was reached (concurrent streams per session or in
+    /// total, sessions per transport or in total); `details.limit` names it.
     ResourceExhausted = "resource_exhausted",
     /// The session lost sync or was re-established; the stream's outcome is unknown.
     SessionReset = "session_reset",
+    /// The guest took no response data (granted no credit, read nothing) for the host's idle timeout; the
+    /// host ended the stream and released its upstream.
+    GuestStalled = "guest_stalled",
+    /// The audit log cannot be written (a full disk, an I/O error): nothing is decided until it can. The
+    /// host keeps trying and resumes by itself.
+    AuditUnavailable = "audit_unavailable",
     Internal = "internal",
 }
 

@@ -7,6 +7,13 @@
 
 use crate::payload::MAX_WINDOW;
 
+/// The most stream credit a side uses at once, whatever the peer announces or grants: DATA in flight to a
+/// peer sits in buffers somewhere (a virtio-serial ring, the guest's socket), and a peer announcing 2^31-1
+/// must not make this side push gigabytes at it. The peer's own accounting is kept exact.
+pub const MAX_USED_STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+/// The same for the session: the most DATA in flight across all streams.
+pub const MAX_USED_CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+
 /// Why the peer's flow-control behaviour is unacceptable.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum FlowError {
@@ -16,35 +23,49 @@ pub enum FlowError {
     Overflow,
 }
 
-/// Credit this side has for sending.
+/// Credit this side has for sending: the peer's exact figure (so an overflowing grant is still caught)
+/// and the part of it this side uses, at most `cap` (credit above the cap is ignored, not banked).
+///
+/// Because a receiver re-grants only what it consumed, usable credit plus bytes in flight stays equal to
+/// `min(announced, cap)`; a receiver that waits for half of its *announced* window before it re-grants
+/// would stall once `cap` bytes are in flight, so receivers re-grant at half of `min(window, cap)`
+/// ([`RecvWindow`] does).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SendWindow {
-    available: u32,
+    announced: u32,
+    usable: u32,
+    cap: u32,
 }
 
 impl SendWindow {
-    pub fn new(initial: u32) -> Self {
-        SendWindow { available: initial }
+    pub fn new(initial: u32, cap: u32) -> Self {
+        SendWindow {
+            announced: initial,
+            usable: initial.min(cap),
+            cap,
+        }
     }
 
     pub fn available(&self) -> u32 {
-        self.available
+        self.usable
     }
 
     /// # Panics
     /// If more is consumed than available: callers check [`Self::available`] first, so this is a bug.
     pub fn consume(&mut self, n: u32) {
-        self.available = self
-            .available
+        self.usable = self
+            .usable
             .checked_sub(n)
             .expect("sent more DATA than the send window allows");
+        self.announced -= n;
     }
 
     /// Adds credit from a WINDOW_UPDATE, or gives back credit for queued data that will never be sent.
     pub fn grant(&mut self, n: u32) -> Result<(), FlowError> {
-        match self.available.checked_add(n) {
+        match self.announced.checked_add(n) {
             Some(sum) if sum <= MAX_WINDOW => {
-                self.available = sum;
+                self.announced = sum;
+                self.usable = self.usable.saturating_add(n).min(self.cap).min(sum);
                 Ok(())
             }
             _ => Err(FlowError::Overflow),
@@ -97,12 +118,14 @@ impl RecvWindow {
 
     /// The application consumed `n` bytes (clamped to what it holds). Returns the increment to announce in
     /// a WINDOW_UPDATE once at least half the initial window is waiting, so that updates are batched but the
-    /// peer can never stall on a window the application has already freed.
+    /// peer can never stall on a window the application has already freed. "Initial" is capped at
+    /// [`MAX_USED_STREAM_WINDOW`]: a peer never has more than that in flight (see [`SendWindow`]).
     pub fn release(&mut self, n: u32) -> Option<u32> {
         let n = n.min(self.held);
         self.held -= n;
         self.pending += n;
-        if self.pending > 0 && self.pending >= self.initial.div_ceil(2) {
+        let threshold = self.initial.min(MAX_USED_STREAM_WINDOW).div_ceil(2);
+        if self.pending > 0 && self.pending >= threshold {
             let increment = std::mem::take(&mut self.pending);
             self.available += increment;
             Some(increment)
@@ -163,9 +186,34 @@ mod tests {
 
     #[test]
     fn send_window_overflow_is_an_error() {
-        let mut w = SendWindow::new(MAX_WINDOW - 1);
+        let mut w = SendWindow::new(MAX_WINDOW - 1, MAX_WINDOW);
         assert_eq!(w.grant(1), Ok(()));
         assert_eq!(w.grant(1), Err(FlowError::Overflow));
         assert_eq!(w.available(), MAX_WINDOW);
+    }
+
+    #[test]
+    fn a_huge_window_is_used_only_up_to_the_cap_and_overflow_is_still_caught() {
+        let mut w = SendWindow::new(MAX_WINDOW, MAX_USED_STREAM_WINDOW);
+        assert_eq!(w.available(), MAX_USED_STREAM_WINDOW);
+        w.consume(MAX_USED_STREAM_WINDOW);
+        assert_eq!(w.available(), 0);
+        // Credit above the cap is not banked: a grant of a gigabyte refills only to the cap.
+        w.grant(MAX_USED_STREAM_WINDOW).unwrap();
+        assert_eq!(w.available(), MAX_USED_STREAM_WINDOW);
+        assert_eq!(w.grant(1), Err(FlowError::Overflow));
+        // Below the cap nothing changes.
+        let mut small = SendWindow::new(100, MAX_USED_STREAM_WINDOW);
+        small.consume(60);
+        small.grant(30).unwrap();
+        assert_eq!(small.available(), 70);
+    }
+
+    #[test]
+    fn a_huge_receive_window_is_regranted_at_half_the_cap() {
+        let mut w = RecvWindow::new(MAX_WINDOW);
+        w.receive(MAX_USED_STREAM_WINDOW).unwrap();
+        assert_eq!(w.release(MAX_USED_STREAM_WINDOW / 2 - 1), None);
+        assert_eq!(w.release(1), Some(MAX_USED_STREAM_WINDOW / 2));
     }
 }

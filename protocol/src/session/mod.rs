@@ -25,7 +25,9 @@ use std::collections::{BTreeMap, VecDeque};
 
 use bytes::Bytes;
 
-pub use flow::{FlowError, RecvWindow, SendWindow};
+pub use flow::{
+    FlowError, RecvWindow, SendWindow, MAX_USED_CONNECTION_WINDOW, MAX_USED_STREAM_WINDOW,
+};
 
 use crate::frame::{Frame, FrameDecoder, FrameType, DEFAULT_MAX_PAYLOAD, SESSION_STREAM};
 use crate::payload::{
@@ -255,6 +257,8 @@ pub struct Session {
     peer_goaway: Option<u32>,
     /// Client: the nonce of its HELLO, which the answer must echo.
     hello_nonce: u64,
+    /// Server: every HELLO is answered with this error (a host at its session limit).
+    refusal: Option<ErrorPayload>,
 }
 
 impl Session {
@@ -286,7 +290,7 @@ impl Session {
         Session {
             role,
             decoder: FrameDecoder::new(config.receive.max_frame),
-            conn_send: SendWindow::new(0),
+            conn_send: SendWindow::new(0, MAX_USED_CONNECTION_WINDOW),
             conn_recv: RecvWindow::new(config.receive.initial_connection_window),
             rng: config.seed,
             config,
@@ -301,7 +305,15 @@ impl Session {
             local_goaway: None,
             peer_goaway: None,
             hello_nonce: 0,
+            refusal: None,
         }
+    }
+
+    /// Server: answers every well-formed HELLO with `error` (carrying that HELLO's nonce, so the guest
+    /// reads it as the answer to its HELLO) instead of starting a session: what a host at a limit says.
+    /// Each refusal is reported as [`Event::Rejected`] on stream 0.
+    pub fn refuse_sessions(&mut self, error: ErrorPayload) {
+        self.refusal = Some(error);
     }
 
     pub fn role(&self) -> Role {
@@ -508,9 +520,15 @@ impl Session {
         Ok(())
     }
 
-    /// Announces that this side accepts no new streams; streams already open may finish.
+    /// Announces that this side accepts (host) or opens (guest) no new streams; streams already open
+    /// finish. `last_stream_id` names the peer-opened streams this side will still serve: on the host the
+    /// highest the guest opened, on the guest 0 (hosts open no streams in v1), so a guest's GOAWAY never
+    /// cancels its own requests.
     pub fn go_away(&mut self, code: ErrorCode, message: impl Into<String>) {
-        let last_stream_id = self.highest_stream;
+        let last_stream_id = match self.role {
+            Role::Server => self.highest_stream,
+            Role::Client => 0,
+        };
         self.local_goaway = Some(last_stream_id);
         let goaway = GoAway {
             code,
@@ -699,7 +717,10 @@ impl Session {
     }
 
     fn reset_connection_windows(&mut self) {
-        self.conn_send = SendWindow::new(self.peer_receive().initial_connection_window);
+        self.conn_send = SendWindow::new(
+            self.peer_receive().initial_connection_window,
+            MAX_USED_CONNECTION_WINDOW,
+        );
         self.conn_recv = RecvWindow::new(self.config.receive.initial_connection_window);
     }
 

@@ -194,6 +194,10 @@ impl Session {
                 ..ErrorDetails::default()
             })
         };
+        if let Some(mut error) = self.refusal.clone() {
+            error.details.hello_nonce = Some(hello.nonce);
+            return self.tell_peer(SESSION_STREAM, error);
+        }
         if let Err(reason) = check_receive_params(&hello.receive) {
             let error = refuse(ErrorCode::ProtocolError, format!("HELLO: {reason}"));
             return self.tell_peer(SESSION_STREAM, error);
@@ -311,6 +315,13 @@ impl Session {
             );
         }
         self.highest_stream = id;
+        if self.peer_goaway.is_some() {
+            return self.reject_stream(
+                id,
+                ErrorCode::ProtocolError,
+                "the guest sent GOAWAY and may open no more streams",
+            );
+        }
         if self.local_goaway.is_some() {
             let error = ErrorPayload::new(ErrorCode::SessionReset, "the host is going away")
                 .retryable(true);
@@ -471,11 +482,16 @@ impl Session {
             return self.end_session(Event::GoAway(goaway));
         }
         self.peer_goaway = Some(goaway.last_stream_id);
-        let unprocessed: Vec<u32> = self
-            .streams
-            .range(goaway.last_stream_id.saturating_add(1)..)
-            .map(|(id, _)| *id)
-            .collect();
+        // last_stream_id bounds the streams *this* side opened: the guest's on a host's GOAWAY. A guest's
+        // GOAWAY names host-opened streams (none in v1); the streams it opened itself still get answers.
+        let unprocessed: Vec<u32> = match self.role {
+            Role::Client => self
+                .streams
+                .range(goaway.last_stream_id.saturating_add(1)..)
+                .map(|(id, _)| *id)
+                .collect(),
+            Role::Server => Vec::new(),
+        };
         for id in unprocessed {
             self.remove_stream(id, Unsent::Drop);
             self.events.push_back(Event::StreamFailed {

@@ -21,7 +21,7 @@ impl Stream {
     pub fn new(call: MethodCall, send_window: u32, recv_window: u32) -> Self {
         Stream {
             call,
-            send: SendWindow::new(send_window),
+            send: SendWindow::new(send_window, super::MAX_USED_STREAM_WINDOW),
             recv: RecvWindow::new(recv_window),
             local_ended: false,
             remote_ended: false,
