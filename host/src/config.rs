@@ -104,8 +104,10 @@ pub struct LimitsConfig {
     /// answered with `resource_exhausted`.
     pub max_sessions: u32,
     pub max_sessions_per_listener: u32,
-    /// Streams served at once across all sessions (each session is also held to max_concurrent_streams).
+    /// Streams served at once across all sessions (each session is also held to max_concurrent_streams),
+    /// beyond the `session_reserved_streams` each session has to itself.
     pub max_streams_total: u32,
+    pub session_reserved_streams: u32,
     /// Bytes buffered on guests' behalf (response data not yet taken by the transport, replay copies):
     /// the shared host pool, one session's most, and one session's own reserve (outside the pool).
     pub buffer_budget_bytes: u64,

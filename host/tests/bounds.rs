@@ -201,12 +201,12 @@ async fn sessions_over_the_cap_are_refused_with_the_limit_and_admitted_again_lat
 async fn streams_are_capped_across_sessions() {
     let upstream = Upstream::http("127.0.0.1").await;
     let mut options = api_options();
-    options.limits = vec![("max_streams_total", 3)];
+    options.limits = vec![("max_streams_total", 2), ("session_reserved_streams", 1)];
     let pep = TestPep::start(options);
     let mut a = pep.guest().await;
     let mut b = pep.guest().await;
     let forever = format!("http://api.test:{}/forever?gap_ms=200", upstream.port());
-    for which in [0, 0, 1] {
+    for which in [0, 0, 1, 1] {
         let guest = if which == 0 { &mut a } else { &mut b };
         let id = guest.session().open(get(&forever)).expect("open");
         guest.session().send_end(id, vec![]).expect("end");
@@ -218,12 +218,22 @@ async fn streams_are_capped_across_sessions() {
             }
         }
     }
-    // The fourth, on a session that has only one open, is over the PEP-wide cap.
-    let reply = b.call(get(&forever), b"").await;
+    // a holds its own place and one shared place, b its own and the other shared one: the fourth is over
+    // the PEP-wide cap...
+    let reply = a.call(get(&forever), b"").await;
     let error = reply.error.expect("refused");
     assert_eq!(error.code, ErrorCode::ResourceExhausted, "{error:?}");
     assert!(error.retryable);
-    assert_eq!(error.details.limit, Some(3));
+    assert_eq!(error.details.limit, Some(2));
+    // ...while a session that holds no shared place still has its own.
+    let mut c = pep.guest().await;
+    let reply = c
+        .call(
+            get(&format!("http://api.test:{}/hello", upstream.port())),
+            b"",
+        )
+        .await;
+    assert_eq!(reply.status(), 200);
 }
 
 #[tokio::test(flavor = "multi_thread")]

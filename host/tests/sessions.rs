@@ -580,3 +580,24 @@ async fn a_connection_without_a_timely_hello_is_closed() {
         .await;
     assert!(reply.head.is_some(), "{:?}", reply.error);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_guest_goaway_right_after_its_open_gets_the_answer_then_the_connection_closes() {
+    let upstream = Upstream::http("127.0.0.1").await;
+    let pep = TestPep::start(loopback_options(
+        &[("api.test", "127.0.0.1")],
+        &["api.test"],
+    ));
+    let mut guest = pep.guest().await;
+    let id = guest
+        .session()
+        .open(get(&format!("http://api.test:{}/hello", upstream.port())))
+        .expect("open");
+    guest.session().send_end(id, vec![]).expect("end");
+    guest
+        .session()
+        .go_away(pexi_protocol::payload::ErrorCode::SessionReset, "leaving");
+    let seen = watch_until_closed(&mut guest, Duration::from_secs(5)).await;
+    assert_eq!(seen.ended, vec![id], "{seen:?}");
+    assert!(seen.closed, "{seen:?}");
+}

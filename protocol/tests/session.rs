@@ -856,13 +856,32 @@ fn a_guest_goaway_still_gets_its_open_streams_answered() {
         events(&mut guest).as_slice(),
         [Event::Head { .. }, Event::Data { .. }, Event::End { .. }]
     ));
-    // An OPEN after its own GOAWAY breaks the rule and is refused.
+    // The guest itself opens nothing more...
+    assert_eq!(
+        guest.open(get("https://a.example/b")),
+        Err(SessionError::GoingAway)
+    );
+    let b = a + 2;
+    // ...and an OPEN sent anyway breaks the rule and is refused.
     let late = MethodCall::HttpRequest(HttpRequest::new("GET", "https://a.example/late"));
-    let frame = Frame::new(FrameType::Open, a + 2, late.encode());
+    let frame = Frame::new(FrameType::Open, b + 2, late.encode());
     host.receive(&frame.encode());
     assert!(
         matches!(events(&mut host).as_slice(), [Event::Rejected { stream_id, error }]
-            if *stream_id == a + 2 && error.code == ErrorCode::ProtocolError),
+            if *stream_id == b + 2 && error.code == ErrorCode::ProtocolError),
+    );
+}
+
+#[test]
+fn a_guest_goaway_does_not_overtake_the_opens_queued_before_it() {
+    let (mut guest, mut host) = established();
+    let a = guest.open(get("https://a.example/a")).expect("open");
+    guest.go_away(ErrorCode::SessionReset, "leaving");
+    settle(&mut guest, &mut host);
+    let evs = events(&mut host);
+    assert!(
+        matches!(evs.as_slice(), [Event::Opened { stream_id, .. }, Event::GoAway(_)] if *stream_id == a),
+        "{evs:?}"
     );
 }
 

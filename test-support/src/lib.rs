@@ -241,10 +241,20 @@ impl Guest {
                 Err(err) => panic!("connect to pexi at {}: {err}", path.display()),
             }
         };
+        Guest::handshake(stream, config).await
+    }
+
+    /// HELLO on a connected stream; the handshake's first event when it is not `Established` (a refusal,
+    /// or `None` when the host closed the connection).
+    pub async fn handshake(
+        stream: UnixStream,
+        config: SessionConfig,
+    ) -> Result<Guest, Option<Event>> {
         let mut conn = Connection::new(stream, Session::client(config));
-        match conn.next_event().await.expect("io") {
-            Some(Event::Established(_)) => Ok(Guest { conn }),
-            other => Err(other),
+        match conn.next_event().await {
+            Ok(Some(Event::Established(_))) => Ok(Guest { conn }),
+            Ok(other) => Err(other),
+            Err(_) => Err(None),
         }
     }
 

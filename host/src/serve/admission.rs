@@ -22,6 +22,7 @@ pub struct Admission {
     per_listener: u32,
     streams: Arc<Semaphore>,
     max_streams: u32,
+    reserved_streams: u32,
     refusals: Arc<Semaphore>,
     /// Every stream's worker, so a shutdown can wait for their outcome records.
     pub workers: TaskTracker,
@@ -61,6 +62,7 @@ impl Admission {
             per_listener: limits.max_sessions_per_listener,
             streams: Arc::new(Semaphore::new(limits.max_streams_total as usize)),
             max_streams: limits.max_streams_total,
+            reserved_streams: limits.session_reserved_streams,
             refusals: Arc::new(Semaphore::new(REFUSALS_IN_FLIGHT)),
             workers: TaskTracker::new(),
         }
@@ -104,12 +106,24 @@ impl Admission {
         })
     }
 
-    /// A place for one more stream among all sessions' streams.
-    pub fn stream_slot(&self) -> Result<OwnedSemaphorePermit, ErrorPayload> {
+    /// A session's own stream places, used before the shared ones: guests that hold every shared place
+    /// cannot stop another session's requests.
+    pub fn session_streams(&self) -> Arc<Semaphore> {
+        Arc::new(Semaphore::new(self.reserved_streams as usize))
+    }
+
+    /// A place for one more stream: from the session's reserve, else among all sessions' streams.
+    pub fn stream_slot(
+        &self,
+        reserve: &Arc<Semaphore>,
+    ) -> Result<OwnedSemaphorePermit, ErrorPayload> {
+        if let Ok(mine) = reserve.clone().try_acquire_owned() {
+            return Ok(mine);
+        }
         self.streams.clone().try_acquire_owned().map_err(|_| {
             exhausted(
                 format!(
-                    "the PEP serves at most {} streams at once across all sessions",
+                    "the PEP serves at most {} streams at once across all sessions (beyond each session's own)",
                     self.max_streams
                 ),
                 self.max_streams,

@@ -101,6 +101,7 @@ async fn serve_session<T>(
     let mut write_task = tokio::spawn(write_loop(writer, out_rx));
     let (commands_tx, commands_rx) = mpsc::unbounded_channel();
     let budget = pipeline.admission.budget.session();
+    let own_streams = pipeline.admission.session_streams();
     let mut driver = Driver {
         session,
         pipeline,
@@ -109,6 +110,7 @@ async fn serve_session<T>(
         in_flight: None,
         commands_tx,
         budget,
+        own_streams,
         peer,
         refusing: slot.is_none(),
         refusal_sent: false,
@@ -193,6 +195,8 @@ struct Driver {
     in_flight: Option<(u32, Charge, Arc<Progress>)>,
     commands_tx: mpsc::UnboundedSender<Command>,
     budget: SessionBudget,
+    /// This session's reserved stream places (`session_reserved_streams`).
+    own_streams: Arc<Semaphore>,
     peer: String,
     /// Over a limit: the guest's HELLO is answered with a refusal and the connection then closes.
     refusing: bool,
@@ -455,7 +459,7 @@ impl Driver {
         let Some(info) = self.session.info() else {
             return;
         };
-        let slot = match self.pipeline.admission.stream_slot() {
+        let slot = match self.pipeline.admission.stream_slot(&self.own_streams) {
             Ok(slot) => slot,
             Err(error) => {
                 tracing::warn!(peer = %self.peer, stream_id, message = %error.message, "stream refused");

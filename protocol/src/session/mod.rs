@@ -365,7 +365,7 @@ impl Session {
     pub fn open(&mut self, call: MethodCall) -> Result<u32, SessionError> {
         self.require_role(Role::Client)?;
         self.require_established()?;
-        if self.peer_goaway.is_some() {
+        if self.peer_goaway.is_some() || self.local_goaway.is_some() {
             return Err(SessionError::GoingAway);
         }
         let max_streams = self.limits.max_concurrent_streams;
@@ -535,7 +535,16 @@ impl Session {
             message: message.into(),
             last_stream_id,
         };
-        self.push_control(FrameType::GoAway, SESSION_STREAM, cbor::encode(&goaway));
+        match self.role {
+            Role::Server => {
+                self.push_control(FrameType::GoAway, SESSION_STREAM, cbor::encode(&goaway))
+            }
+            // Behind the OPENs already queued: a guest's GOAWAY that overtook them would make the host
+            // refuse streams the guest opened before it said it was leaving.
+            Role::Client => {
+                self.push_ordered(FrameType::GoAway, SESSION_STREAM, cbor::encode(&goaway))
+            }
+        }
     }
 
     /// Starts a resynchronisation (§8 of the spec): in-flight streams fail with `session_reset`, a SYNC
