@@ -413,3 +413,45 @@ fn a_full_disk_refuses_with_audit_unavailable_and_the_pep_resumes_by_itself() {
         let _ = std::process::Command::new("umount").arg(&*disk).status();
     });
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_body_that_stops_coming_ends_after_the_idle_timeout() {
+    let upstream = Upstream::http("127.0.0.1").await;
+    let mut options = api_options();
+    options.limits = vec![("idle_timeout_ms", 800), ("total_timeout_ms", 600_000)];
+    let pep = TestPep::start(options);
+    let mut guest = pep.guest().await;
+    let mut request = HttpRequest::new("POST", format!("http://api.test:{}/echo", upstream.port()));
+    request.headers = vec![pexi_protocol::payload::HeaderField::new(
+        "content-length",
+        "100000",
+    )];
+    let id = guest
+        .session()
+        .open(MethodCall::HttpRequest(request))
+        .expect("open");
+    guest
+        .session()
+        .send_data(
+            id,
+            bytes::Bytes::from_static(b"the first bytes, then nothing"),
+        )
+        .expect("data");
+    let started = Instant::now();
+    let error = loop {
+        let event = tokio::time::timeout(Duration::from_secs(15), guest.conn.next_event())
+            .await
+            .expect("a stalled upload held its upstream past the idle timeout")
+            .expect("io")
+            .expect("open");
+        match event {
+            Event::StreamFailed { error, .. } => break error,
+            Event::Head { .. } => panic!("answered before the body arrived"),
+            _ => {}
+        }
+    };
+    // The HTTP client's read timeout (idle_timeout_ms) covers the send: the upstream waits for a body
+    // that does not come, and the stream ends with upstream_timeout instead of lasting total_timeout_ms.
+    assert_eq!(error.code, ErrorCode::UpstreamTimeout, "{error:?}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
