@@ -63,6 +63,9 @@ fn bump(counter: &AtomicU64) {
 struct Args {
     seconds: u64,
     baseline_seconds: u64,
+    /// Hostile VMs, each with its own transport and the full attack mix (the well-behaved guest's
+    /// session is opened first, so it keeps its place among `max_sessions`).
+    hostile: usize,
     pexi: PathBuf,
 }
 
@@ -70,6 +73,7 @@ fn args() -> Result<Args, String> {
     let mut args = Args {
         seconds: 60,
         baseline_seconds: 10,
+        hostile: 1,
         pexi: PathBuf::from("target/release/pexi"),
     };
     let mut it = std::env::args().skip(1);
@@ -84,9 +88,15 @@ fn args() -> Result<Args, String> {
                     .parse()
                     .map_err(|e| format!("--baseline-seconds: {e}"))?
             }
+            "--hostile" => {
+                args.hostile = value()?.parse().map_err(|e| format!("--hostile: {e}"))?
+            }
             "--pexi" => args.pexi = PathBuf::from(value()?),
             other => return Err(format!("unknown argument {other}")),
         }
+    }
+    if !(1..=8).contains(&args.hostile) {
+        return Err("--hostile must be 1..=8".into());
     }
     if args.seconds == 0 || args.seconds > 3600 {
         return Err("--seconds must be 1..=3600".into());
@@ -340,17 +350,20 @@ async fn goaway_loop(socket: PathBuf, url: String, stats: Arc<Stats>) {
     }
 }
 
-fn start_pep(pexi: &Path, dir: &Path, attack: &Path, good: &Path) -> std::process::Child {
+fn start_pep(pexi: &Path, dir: &Path, attack: &[PathBuf], good: &Path) -> std::process::Child {
     let audit = dir.join("audit.jsonl");
     let options = loopback_options(&[("api.test", "127.0.0.1")], &["api.test"]);
-    let mut doc = test_config(dir, attack, &audit, &options);
+    let mut doc = test_config(dir, good, &audit, &options);
     let pep = doc["pep"].as_table_mut().expect("[pep]");
     pep.insert(
         "listen".into(),
-        toml::Value::Array(vec![
-            format!("unix:{}", attack.display()).into(),
-            format!("unix:{}", good.display()).into(),
-        ]),
+        toml::Value::Array(
+            attack
+                .iter()
+                .chain(std::iter::once(&good.to_path_buf()))
+                .map(|path| format!("unix:{}", path.display()).into())
+                .collect(),
+        ),
     );
     copy_policies(dir);
     let config = dir.join("config.toml");
@@ -373,7 +386,7 @@ fn main() -> ExitCode {
     let args = match args() {
         Ok(args) => args,
         Err(err) => {
-            eprintln!("pexi-soak: {err}\nusage: pexi-soak [--seconds N] [--baseline-seconds N] [--pexi PATH]");
+            eprintln!("pexi-soak: {err}\nusage: pexi-soak [--seconds N] [--baseline-seconds N] [--hostile VMS] [--pexi PATH]");
             return ExitCode::from(2);
         }
     };
@@ -395,12 +408,14 @@ fn main() -> ExitCode {
 
 async fn run(args: Args, port: u16) -> ExitCode {
     let dir = temp_dir("soak");
-    let attack = dir.join("attack.sock");
+    let sockets: Vec<PathBuf> = (0..args.hostile)
+        .map(|i| dir.join(format!("attack-{i}.sock")))
+        .collect();
     let good = dir.join("good.sock");
-    let mut pep = start_pep(&args.pexi, &dir, &attack, &good);
+    let mut pep = start_pep(&args.pexi, &dir, &sockets, &good);
     let pid = pep.id();
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !(attack.exists() && good.exists()) {
+    while !(sockets.iter().all(|s| s.exists()) && good.exists()) {
         if Instant::now() > deadline {
             eprintln!(
                 "pexi serve did not start; see {}",
@@ -435,20 +450,23 @@ async fn run(args: Args, port: u16) -> ExitCode {
 
     let stats = Arc::new(Stats::default());
     let mut attackers = tokio::task::JoinSet::new();
-    // Stopped before SIGTERM: its SDK-style loop treats the PEP's GOAWAY as a bug, which it is not.
-    let audit_task = tokio::spawn(audit_volume(attack.clone(), stats.clone()));
-    attackers.spawn(goaway_loop(attack.clone(), short.clone(), stats.clone()));
-    for _ in 0..STARVERS {
-        attackers.spawn(starver(attack.clone(), download.clone(), stats.clone()));
-    }
-    for _ in 0..HOARDERS {
-        attackers.spawn(hoarder(attack.clone(), download.clone(), stats.clone()));
-    }
-    for _ in 0..SLOW_HELLOS {
-        attackers.spawn(slow_hello(attack.clone(), stats.clone()));
-    }
-    for _ in 0..IDLERS {
-        attackers.spawn(idler(attack.clone(), stats.clone()));
+    // Stopped before SIGTERM: their SDK-style loops treat the PEP's GOAWAY as a bug, which it is not.
+    let mut audit_tasks = Vec::new();
+    for attack in &sockets {
+        audit_tasks.push(tokio::spawn(audit_volume(attack.clone(), stats.clone())));
+        attackers.spawn(goaway_loop(attack.clone(), short.clone(), stats.clone()));
+        for _ in 0..STARVERS {
+            attackers.spawn(starver(attack.clone(), download.clone(), stats.clone()));
+        }
+        for _ in 0..HOARDERS {
+            attackers.spawn(hoarder(attack.clone(), download.clone(), stats.clone()));
+        }
+        for _ in 0..SLOW_HELLOS {
+            attackers.spawn(slow_hello(attack.clone(), stats.clone()));
+        }
+        for _ in 0..IDLERS {
+            attackers.spawn(idler(attack.clone(), stats.clone()));
+        }
     }
     let peak = Arc::new(AtomicU64::new(0));
     let peak_fds = Arc::new(AtomicU64::new(0));
@@ -475,7 +493,9 @@ async fn run(args: Args, port: u16) -> ExitCode {
     let attack_wall = attack_started.elapsed().as_secs_f64();
     let audit_after = audit_bytes(&dir);
     sampler.abort();
-    audit_task.abort();
+    for task in &audit_tasks {
+        task.abort();
+    }
     drop(guest);
     // SIGTERM with the attackers still connected: the drain deadline bounds the exit.
     let stop = Instant::now();
@@ -502,9 +522,10 @@ async fn run(args: Args, port: u16) -> ExitCode {
     let s = &stats;
     let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
     println!(
-        "attackers on one transport: {HOARDERS} hoarders (128 × 10 MB each, windows 2^31-1, never read), \
+        "{} hostile VM(s), each on its own transport: {HOARDERS} hoarders (128 × 10 MB each, windows 2^31-1, never read), \
          {STARVERS} credit starvers (32 × 10 MB, never grant), {SLOW_HELLOS} slow HELLOs (1 byte/s), \
-         {IDLERS} idle connections, 1 denied check with 60 KB of headers back to back, 1 GOAWAY loop"
+         {IDLERS} idle connections, 1 denied check with 60 KB of headers back to back, 1 GOAWAY loop",
+        args.hostile
     );
     println!(
         "  sessions admitted {}; HELLOs refused with resource_exhausted {}, connections closed unanswered {}; \
