@@ -24,8 +24,35 @@ pub struct Admission {
     max_streams: u32,
     reserved_streams: u32,
     refusals: Arc<Semaphore>,
+    /// Connections closed unanswered (over a limit with every refusal slot busy), for a throttled log.
+    pub closed_at_once: Throttled,
     /// Every stream's worker, so a shutdown can wait for their outcome records.
     pub workers: TaskTracker,
+}
+
+/// Counts an event that may come thousands of times a second (connections closed over a limit) and says
+/// when to log it: the first time, then at most every [`Self::EVERY`], with how many happened since.
+#[derive(Default)]
+pub struct Throttled {
+    count: std::sync::atomic::AtomicU64,
+    last: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+impl Throttled {
+    const EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+    /// Counts one; returns the count to report (and starts a new count) when a report is due.
+    pub fn hit(&self) -> Option<u64> {
+        use std::sync::atomic::Ordering;
+        self.count.fetch_add(1, Ordering::Relaxed);
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        if last.is_some_and(|at| now.duration_since(at) < Self::EVERY) {
+            return None;
+        }
+        *last = Some(now);
+        Some(self.count.swap(0, Ordering::Relaxed))
+    }
 }
 
 /// A connection's place: held for as long as it is served.
@@ -64,6 +91,7 @@ impl Admission {
             max_streams: limits.max_streams_total,
             reserved_streams: limits.session_reserved_streams,
             refusals: Arc::new(Semaphore::new(REFUSALS_IN_FLIGHT)),
+            closed_at_once: Throttled::default(),
             workers: TaskTracker::new(),
         }
     }

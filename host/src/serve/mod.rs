@@ -64,7 +64,10 @@ pub async fn serve_connection<T>(
     let slot = match admitted {
         Admitted::Yes(slot) => Some(slot),
         Admitted::No(Refusal { slot: None, error }) => {
-            tracing::warn!(%peer, message = %error.message, "connection closed at once: over a limit, and too many refusals in flight");
+            // A flood of these must not become a flood of log lines.
+            if let Some(closed) = pipeline.admission.closed_at_once.hit() {
+                tracing::warn!(%peer, closed, message = %error.message, "connections closed at once: over a limit, and too many refusals in flight");
+            }
             return;
         }
         Admitted::No(Refusal {
