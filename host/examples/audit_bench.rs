@@ -30,6 +30,7 @@ fn run(durability: Durability, writers: usize, per_thread: usize) -> f64 {
             rotate_bytes: 64 * 1024 * 1024,
             keep_rotated_files: 0,
             keep_rotated_bytes: 0,
+            sealing: None,
         })
         .expect("open"),
     );

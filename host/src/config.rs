@@ -215,6 +215,15 @@ pub struct AuditConfig {
     /// recorded in the chain (`audit_retention`).
     pub keep_rotated_files: usize,
     pub keep_rotated_bytes: u64,
+    /// The host-only folder of the signing key (and the public key beside it) and of the redaction key;
+    /// "" for `keys/` beside the log (not matched by the log's `<path>*` glob).
+    pub keys_dir: String,
+    /// Sign every record and write signed checkpoints (docs/audit.md).
+    pub sign: bool,
+    /// The checkpoint file; "" for `checkpoints/<name>.checkpoints` beside the log.
+    pub checkpoint_path: String,
+    pub checkpoint_ms: u64,
+    pub checkpoint_records: u64,
     /// Host-only key for digests of redacted values: a path, "" for `<path>.key`, "none" for no digests.
     pub key_file: String,
     pub redact_headers: Vec<String>,
@@ -231,20 +240,54 @@ impl AuditConfig {
             rotate_bytes: self.rotate_bytes,
             keep_rotated_files: self.keep_rotated_files,
             keep_rotated_bytes: self.keep_rotated_bytes,
+            sealing: None,
         }
     }
 
-    /// Where the redaction key lives, if digests are kept.
+    /// The settings with the signing key loaded (or created) when `sign` is on.
+    pub fn settings_with_keys(&self) -> std::io::Result<crate::audit::AuditSettings> {
+        let mut settings = self.settings();
+        if self.sign {
+            let sealer = crate::audit::seal::Sealer::load_or_create(&self.keys_dir())?;
+            settings.sealing = Some(crate::audit::Sealing {
+                sealer: std::sync::Arc::new(sealer),
+                checkpoint_path: self.checkpoint_path(),
+                checkpoint_every: Duration::from_millis(self.checkpoint_ms),
+                checkpoint_records: self.checkpoint_records.max(1),
+            });
+        }
+        Ok(settings)
+    }
+
+    pub fn keys_dir(&self) -> PathBuf {
+        match self.keys_dir.as_str() {
+            "" => crate::audit::seal::default_keys_dir(&self.path),
+            dir => PathBuf::from(dir),
+        }
+    }
+
+    pub fn checkpoint_path(&self) -> PathBuf {
+        match self.checkpoint_path.as_str() {
+            "" => crate::audit::seal::default_checkpoint_path(&self.path),
+            path => PathBuf::from(path),
+        }
+    }
+
+    /// Where the redaction key lives, if digests are kept: in the keys folder by default. A key left at
+    /// the old place (`<path>.key`, which the log's glob matched) is moved there on first use.
     pub fn key_path(&self) -> Option<PathBuf> {
         match self.key_file.as_str() {
             "none" => None,
-            "" => {
-                let mut name = self.path.as_os_str().to_owned();
-                name.push(".key");
-                Some(PathBuf::from(name))
-            }
+            "" => Some(self.keys_dir().join("audit-redaction.key")),
             path => Some(PathBuf::from(path)),
         }
+    }
+
+    /// `<path>.key`: where the redaction key was kept before it moved to the keys folder.
+    pub fn legacy_key_path(&self) -> PathBuf {
+        let mut name = self.path.as_os_str().to_owned();
+        name.push(".key");
+        PathBuf::from(name)
     }
 }
 

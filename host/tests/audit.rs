@@ -18,6 +18,7 @@ fn settings(dir: &Path, rotate_bytes: u64) -> AuditSettings {
         rotate_bytes,
         keep_rotated_files: 0,
         keep_rotated_bytes: 0,
+        sealing: None,
     }
 }
 

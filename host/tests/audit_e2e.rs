@@ -129,12 +129,23 @@ async fn no_secret_value_reaches_the_audit_log() {
         assert!(!text.contains(secret), "{secret} is in the audit log");
     }
     assert!(text.contains("\"kind\":\"decision\""));
-    // The redaction key and the log are the host's alone.
-    let key = pep.dir.join("audit.jsonl.key");
+    // The keys and the log are the host's alone, and the keys are not where the log's glob reaches.
+    let keys = pep.dir.join("keys");
     assert_eq!(
-        std::fs::metadata(&key).expect("key").permissions().mode() & 0o777,
-        0o600
+        std::fs::metadata(&keys).expect("keys").permissions().mode() & 0o777,
+        0o700
     );
+    for key in ["audit-redaction.key", "audit-signing.pk8"] {
+        assert_eq!(
+            std::fs::metadata(keys.join(key))
+                .expect("key")
+                .permissions()
+                .mode()
+                & 0o777,
+            0o600
+        );
+    }
+    assert!(files.iter().all(|f| !f.to_string_lossy().ends_with(".key")));
     assert_eq!(
         std::fs::metadata(&pep.audit)
             .expect("log")

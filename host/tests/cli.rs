@@ -309,6 +309,7 @@ fn audit_verify_and_show() {
         rotate_bytes: u64::MAX,
         keep_rotated_files: 0,
         keep_rotated_bytes: 0,
+        sealing: None,
     })
     .expect("open");
     for i in 0..5 {

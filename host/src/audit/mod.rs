@@ -12,6 +12,7 @@
 //! degree `durability` promises) before anything it allows happens.
 
 pub mod redact;
+pub mod seal;
 pub mod verify;
 mod writer;
 
@@ -52,6 +53,20 @@ pub struct AuditSettings {
     /// Rotated files kept: past either bound the oldest are removed, and the removal is itself a record.
     pub keep_rotated_files: usize,
     pub keep_rotated_bytes: u64,
+    /// Signatures on every record and signed checkpoints (see [`seal`]); `None` writes an unsigned log.
+    pub sealing: Option<Sealing>,
+}
+
+/// How the log is signed.
+#[derive(Clone, Debug)]
+pub struct Sealing {
+    pub sealer: std::sync::Arc<seal::Sealer>,
+    /// The checkpoint file, kept apart from the log.
+    pub checkpoint_path: PathBuf,
+    /// A checkpoint is written this long after the first record it does not cover yet...
+    pub checkpoint_every: Duration,
+    /// ...or once this many records are not covered, whichever comes first.
+    pub checkpoint_records: u64,
 }
 
 /// Completes when the record is as durable as the setting promises, or the write failed.

@@ -10,7 +10,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::{json, Map, Value};
 
-use super::{line_digest, log_files, rotated_path, AuditSettings, Durability, Job, FORMAT_VERSION};
+use super::{
+    line_digest, log_files, rotated_path, AuditSettings, Durability, Job, Sealing, FORMAT_VERSION,
+};
 
 /// Keys the writer sets; a record body cannot override them.
 const RESERVED: &[&str] = &["v", "seq", "ts", "kind", "prev"];
@@ -38,6 +40,9 @@ pub(super) struct Writer {
     lost: u64,
     keep_rotated_files: usize,
     keep_rotated_bytes: u64,
+    sealing: Option<Checkpoints>,
+    /// The log's files with the `seq` of their first record, oldest first (the active file last).
+    files: Vec<(String, u64)>,
     /// Lines encoded but not yet written: a group goes to the file in one `write`.
     pending: Vec<u8>,
     /// Records written but not yet `fsync`ed because nobody waited for them (batch mode).
@@ -52,6 +57,61 @@ const RETRY_FAILED: Duration = Duration::from_secs(1);
 /// Batch mode syncs records nobody waits for (resolve and outcome records) with the next group that has a
 /// waiter, or after this long without one.
 const LAZY_SYNC: Duration = Duration::from_millis(100);
+
+/// The signing side of the writer: the key, and the checkpoint file with where it stands.
+struct Checkpoints {
+    settings: Sealing,
+    file: File,
+    /// Digest of the last checkpoint line ("none" before the first).
+    prev: String,
+    /// Records written since the last checkpoint, and when the first of them was.
+    uncovered: u64,
+    since: Option<Instant>,
+}
+
+impl Checkpoints {
+    fn open(settings: &Sealing) -> std::io::Result<Checkpoints> {
+        let path = &settings.checkpoint_path;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+            std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+        }
+        let prev = match read_tail(path) {
+            Ok(tail) => tail
+                .last_line
+                .map_or_else(|| "none".to_string(), |line| line_digest(&line)),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => "none".to_string(),
+            Err(err) => return Err(err),
+        };
+        Ok(Checkpoints {
+            settings: settings.clone(),
+            file: open_append(path)?,
+            prev,
+            uncovered: 0,
+            since: None,
+        })
+    }
+
+    fn due(&self) -> Option<Instant> {
+        self.since.map(|at| at + self.settings.checkpoint_every)
+    }
+}
+
+/// The `seq` of a log file's first record.
+fn first_seq_of(path: &Path) -> Option<u64> {
+    use std::io::BufRead;
+    let mut line = String::new();
+    std::io::BufReader::new(File::open(path).ok()?)
+        .read_line(&mut line)
+        .ok()?;
+    serde_json::from_str::<Value>(&line).ok()?["seq"].as_u64()
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
 
 /// The end of an existing log file.
 struct Tail {
@@ -178,6 +238,19 @@ impl Writer {
         };
         let file = open_append(&path)?;
         let size = file.metadata()?.len();
+        let files = log_files(&path)
+            .iter()
+            .filter(|p| **p != path)
+            .filter_map(|p| Some((file_name(p), first_seq_of(p)?)))
+            .chain(std::iter::once((
+                file_name(&path),
+                first_seq_of(&path).unwrap_or(seq),
+            )))
+            .collect();
+        let sealing = match &settings.sealing {
+            Some(sealing) => Some(Checkpoints::open(sealing)?),
+            None => None,
+        };
         let mut writer = Writer {
             path,
             file,
@@ -192,6 +265,8 @@ impl Writer {
             lost: 0,
             keep_rotated_files: settings.keep_rotated_files,
             keep_rotated_bytes: settings.keep_rotated_bytes,
+            sealing,
+            files,
             pending: Vec::new(),
             unsynced: false,
         };
@@ -201,6 +276,7 @@ impl Writer {
         writer.write_pending()?;
         writer.file.sync_all()?;
         writer.written_len = writer.file.metadata()?.len();
+        writer.checkpoint("start")?;
         Ok(writer)
     }
 
@@ -223,6 +299,13 @@ impl Writer {
         }
         let start = self.pending.len();
         serde_json::to_writer(&mut self.pending, &Value::Object(record))?;
+        if let Some(checkpoints) = &mut self.sealing {
+            let mut line = self.pending.split_off(start);
+            checkpoints.settings.sealer.seal(&mut line);
+            self.pending.extend_from_slice(&line);
+            checkpoints.uncovered += 1;
+            checkpoints.since.get_or_insert_with(Instant::now);
+        }
         let digest = line_digest(&self.pending[start..]);
         self.pending.push(b'\n');
         self.prev = digest;
@@ -251,11 +334,62 @@ impl Writer {
         self.file = open_append(&self.path)?;
         self.size = 0;
         self.written_len = 0;
+        if let Some(active) = self.files.last_mut() {
+            active.0 = file_name(&aside);
+        }
+        self.files.push((file_name(&self.path), self.seq));
         let previous = aside.file_name().map(|n| n.to_string_lossy().into_owned());
         self.write("rotate", json!({"previous_file": previous}))?;
         self.write_pending()?;
         self.file.sync_all()?;
-        self.apply_retention()
+        self.apply_retention()?;
+        self.checkpoint("rotate")
+    }
+
+    /// Writes a signed checkpoint of the log as it stands (all of it written and synced) and syncs it.
+    fn checkpoint(&mut self, reason: &str) -> std::io::Result<()> {
+        let Some(checkpoints) = &mut self.sealing else {
+            return Ok(());
+        };
+        let files: Vec<Value> = self
+            .files
+            .iter()
+            .map(|(name, first)| json!({"name": name, "first_seq": first}))
+            .collect();
+        let body = json!({
+            "v": FORMAT_VERSION,
+            "log": file_name(&self.path),
+            "reason": reason,
+            "first_seq": self.files.first().map(|(_, first)| *first),
+            "last_seq": self.seq.checked_sub(1),
+            "head": self.prev,
+            "files": files,
+            "ts": humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            "prev": checkpoints.prev,
+        });
+        let mut line = serde_json::to_vec(&body)?;
+        checkpoints.settings.sealer.seal(&mut line);
+        checkpoints.prev = line_digest(&line);
+        line.push(b'\n');
+        checkpoints.file.write_all(&line)?;
+        checkpoints.file.sync_data()?;
+        checkpoints.uncovered = 0;
+        checkpoints.since = None;
+        Ok(())
+    }
+
+    /// A checkpoint when one is due (time or count), after the records it covers are durable.
+    fn checkpoint_if_due(&mut self) {
+        let due = self.sealing.as_ref().is_some_and(|c| {
+            c.uncovered >= c.settings.checkpoint_records
+                || c.due().is_some_and(|at| Instant::now() >= at)
+        });
+        if due && self.failed.is_none() {
+            let synced = self.file.sync_data();
+            if let Err(err) = synced.and_then(|()| self.checkpoint("interval")) {
+                self.fail("checkpoint", err);
+            }
+        }
     }
 
     /// Removes the oldest rotated files past `keep_rotated_files` / `keep_rotated_bytes`, then records
@@ -284,6 +418,8 @@ impl Writer {
             let first_seq = first_seq(file);
             match std::fs::remove_file(file) {
                 Ok(()) => {
+                    let gone = file_name(file);
+                    self.files.retain(|(name, _)| *name != gone);
                     removed.push(json!({
                         "file": file.file_name().map(|n| n.to_string_lossy().into_owned()),
                         "bytes": len,
@@ -435,11 +571,14 @@ impl Writer {
                     }
                     Err(mpsc::RecvTimeoutError::Disconnected) => break,
                 }
-            } else if self.unsynced {
-                match queue.recv_timeout(LAZY_SYNC) {
+            } else if let Some(wake) = self.next_wake() {
+                match queue.recv_timeout(wake.saturating_duration_since(Instant::now())) {
                     Ok(job) => job,
                     Err(mpsc::RecvTimeoutError::Timeout) => {
-                        let _ = self.sync();
+                        if self.unsynced {
+                            let _ = self.sync();
+                        }
+                        self.checkpoint_if_due();
                         continue;
                     }
                     Err(mpsc::RecvTimeoutError::Disconnected) => break,
@@ -511,9 +650,25 @@ impl Writer {
             for done in tickets {
                 let _ = done.send(result.clone());
             }
+            self.checkpoint_if_due();
         }
         let _ = self.recover();
         let _ = self.file.sync_all();
+        if self.failed.is_none() {
+            if let Err(err) = self.checkpoint("stop") {
+                tracing::error!(%err, "the closing audit checkpoint could not be written");
+            }
+        }
+    }
+
+    /// When the writer must wake up without a new record: a lazy sync, or a checkpoint falling due.
+    fn next_wake(&self) -> Option<Instant> {
+        let sync = self.unsynced.then(|| Instant::now() + LAZY_SYNC);
+        let checkpoint = self.sealing.as_ref().and_then(Checkpoints::due);
+        match (sync, checkpoint) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 }
 

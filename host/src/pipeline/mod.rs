@@ -125,11 +125,24 @@ impl Pipeline {
         };
         let key = match config.pep.audit.key_path() {
             Some(path) => {
+                let legacy = config.pep.audit.legacy_key_path();
+                if config.pep.audit.key_file.is_empty() && !path.exists() && legacy.exists() {
+                    // The old place was matched by the log's glob: copying the log copied the key.
+                    crate::audit::seal::prepare_keys_dir(&config.pep.audit.keys_dir())
+                        .map_err(audit_error)?;
+                    std::fs::rename(&legacy, &path).map_err(audit_error)?;
+                    tracing::info!(from = %legacy.display(), to = %path.display(), "moved the audit redaction key");
+                }
+                if config.pep.audit.key_file.is_empty() {
+                    crate::audit::seal::prepare_keys_dir(&config.pep.audit.keys_dir())
+                        .map_err(audit_error)?;
+                }
                 Some(crate::audit::redact::load_or_create_key(&path).map_err(audit_error)?)
             }
             None => None,
         };
-        let audit = AuditLog::open(&config.pep.audit.settings()).map_err(audit_error)?;
+        let settings = config.pep.audit.settings_with_keys().map_err(audit_error)?;
+        let audit = AuditLog::open(&settings).map_err(audit_error)?;
         let redactor = Redactor::new(
             &config.pep.audit.redact_headers,
             &config.pep.audit.redact_query_params,
