@@ -221,6 +221,14 @@ enum AuditCommand {
     Verify {
         #[arg(required = true)]
         files: Vec<PathBuf>,
+        /// The PEP's public key (`audit-signing.pub`): every record's signature is checked. Default:
+        /// `keys/audit-signing.pub` beside the files, when it is there.
+        #[arg(long)]
+        public_key: Option<PathBuf>,
+        /// The checkpoint file: the log must still hold what the latest checkpoint covered. Default:
+        /// `checkpoints/<name>.checkpoints` beside the files, when it is there.
+        #[arg(long)]
+        checkpoints: Option<PathBuf>,
     },
     /// Print records of FILEs (oldest first) as indented JSON, filtered.
     Show {
@@ -298,8 +306,13 @@ pub fn main() -> ExitCode {
             command: PolicyCommand::Eval { config, input },
         } => policy_eval(config, &input),
         Command::Audit {
-            command: AuditCommand::Verify { files },
-        } => audit_verify(&files),
+            command:
+                AuditCommand::Verify {
+                    files,
+                    public_key,
+                    checkpoints,
+                },
+        } => audit_verify(&files, public_key, checkpoints),
         Command::Audit {
             command:
                 AuditCommand::Show {
@@ -358,14 +371,88 @@ fn paths(config: Option<PathBuf>, which: Option<String>) -> ExitCode {
     }
 }
 
-fn audit_verify(files: &[PathBuf]) -> ExitCode {
-    match crate::audit::verify::verify(files) {
+/// The log's active path for a set of its files: a rotated name `<path>.NNNNNN` without its suffix.
+fn active_log_path(files: &[PathBuf]) -> Option<PathBuf> {
+    let file = files.last()?;
+    let name = file.file_name()?.to_string_lossy().into_owned();
+    let active = match name.rsplit_once('.') {
+        Some((stem, n)) if n.len() == 6 && n.bytes().all(|b| b.is_ascii_digit()) => stem.to_string(),
+        _ => name,
+    };
+    Some(file.with_file_name(active))
+}
+
+fn audit_verify(
+    files: &[PathBuf],
+    public_key: Option<PathBuf>,
+    checkpoints: Option<PathBuf>,
+) -> ExitCode {
+    use crate::audit::seal;
+    let active = active_log_path(files);
+    let public_key = public_key.or_else(|| {
+        active
+            .as_deref()
+            .map(|a| seal::default_keys_dir(a).join(seal::PUBLIC_KEY_FILE))
+            .filter(|p| p.exists())
+    });
+    let checkpoints = checkpoints.or_else(|| {
+        active
+            .as_deref()
+            .map(seal::default_checkpoint_path)
+            .filter(|p| p.exists())
+    });
+    let key = match public_key.as_deref().map(seal::read_public_key).transpose() {
+        Ok(key) => key,
+        Err(err) => {
+            eprintln!("pexi: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    let options = crate::audit::verify::Options {
+        public_key: key,
+        checkpoints: checkpoints.clone(),
+    };
+    match crate::audit::verify::verify_with(files, &options) {
         Ok(report) => {
             println!(
                 "ok: {} records in {} file(s) form one chain",
                 report.records,
                 report.files.len()
             );
+            match &public_key {
+                Some(path) => println!(
+                    "signatures: {} records signed by the key in {}{}",
+                    report.signed,
+                    path.display(),
+                    if report.unsigned_prefix > 0 {
+                        format!(
+                            "; the first {} were written before signing was on",
+                            report.unsigned_prefix
+                        )
+                    } else {
+                        String::new()
+                    }
+                ),
+                None => println!(
+                    "note: no public key (--public-key): signatures not checked, so a rewritten and \
+                     re-chained log would pass"
+                ),
+            }
+            match (&report.checkpoints, &checkpoints) {
+                (Some(c), Some(path)) => println!(
+                    "checkpoints: {} in {}, the latest of {} covering up to seq {}; {} record(s) after it \
+                     (removing those from the end could not be detected)",
+                    c.count,
+                    path.display(),
+                    c.last_ts,
+                    c.last_seq.map_or("-".to_string(), |s| s.to_string()),
+                    c.uncovered
+                ),
+                _ => println!(
+                    "note: no checkpoints (--checkpoints): records or files removed from the end cannot be \
+                     detected"
+                ),
+            }
             if report.starts_mid_chain {
                 println!(
                     "note: the chain starts before the first file given (earlier files missing)"
@@ -384,7 +471,7 @@ fn audit_verify(files: &[PathBuf]) -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        Err(broken) if broken.line == 0 => {
+        Err(broken) if broken.is_read_error() => {
             eprintln!("pexi: {broken}");
             ExitCode::from(2)
         }

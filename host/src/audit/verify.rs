@@ -1,21 +1,27 @@
-//! `pexi audit verify`: checks that a set of audit files is one unbroken chain.
+//! `pexi audit verify`: checks that a set of audit files is one unbroken, signed chain.
 //!
 //! Files are put in order by the `seq` of their first record, then every line is checked: it is a JSON
-//! object of format version 1; its `seq` is one more than the previous record's; its `prev` is the SHA-256
-//! of the previous line. The first problem is reported with its file and line. A line cut short by a crash
-//! is accepted only where a crash explains it: as the very last line, or at the end of a file whose
+//! object of format version 1; with a public key, its signature holds (so an edited, inserted, renumbered or
+//! re-chained record is named as itself); its `seq` is one more than the previous record's; its `prev` is the
+//! SHA-256 of the previous line. The first problem is reported with its file and line. A line cut short by a
+//! crash is accepted only where a crash explains it: as the very last line, or at the end of a file whose
 //! successor's first record names it (`torn_tail`), which is what the PEP writes when it restarts after one.
 //!
-//! What a chain cannot show by itself: records removed from the very end. `verify` prints the head digest so
-//! it can be recorded elsewhere and compared later.
+//! With the checkpoint file, the log must also still hold everything the latest checkpoint covered: every
+//! file it names, the record at its `last_seq` with its `head` digest, and nothing missing before its
+//! `first_seq`. What remains undetectable is what was written after the latest checkpoint (the report says
+//! how many records that is), or the log and the checkpoint file cut back together to an earlier checkpoint
+//! — unless the checkpoints were kept somewhere else.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
+use super::seal::{self, Unsealed};
 use super::{line_digest, FORMAT_VERSION};
 
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Default, PartialEq, Eq)]
 pub struct Report {
     pub records: u64,
     pub files: Vec<PathBuf>,
@@ -25,14 +31,49 @@ pub struct Report {
     pub torn_end: Option<(PathBuf, usize)>,
     /// The chain began before the first file given (earlier files were not supplied).
     pub starts_mid_chain: bool,
+    /// Records whose signature was checked (0 without a public key).
+    pub signed: u64,
+    /// Records before the first signed one, written before signing was on.
+    pub unsigned_prefix: u64,
+    /// What the checkpoints showed, when a checkpoint file was given.
+    pub checkpoints: Option<CheckpointReport>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct CheckpointReport {
+    pub count: usize,
+    /// The latest checkpoint's last seq and time.
+    pub last_seq: Option<u64>,
+    pub last_ts: String,
+    /// Records after the latest checkpoint: a removal of these from the end could not be detected.
+    pub uncovered: u64,
+}
+
+/// What `verify` checks against, beyond the files themselves.
+#[derive(Debug, Default)]
+pub struct Options {
+    /// The PEP's Ed25519 public key (32 bytes): every record's signature is checked.
+    pub public_key: Option<Vec<u8>>,
+    /// The checkpoint file (its lines are checked with the public key, which it requires).
+    pub checkpoints: Option<PathBuf>,
 }
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{}:{line}: {problem}", file.display())]
 pub struct Broken {
     pub file: PathBuf,
+    /// The line at fault; 0 for a whole file (missing, unreadable).
     pub line: usize,
     pub problem: String,
+}
+
+const CANNOT_READ: &str = "cannot read";
+
+impl Broken {
+    /// The files could not be read at all: an error of the command, not a finding about the log.
+    pub fn is_read_error(&self) -> bool {
+        self.problem.starts_with(CANNOT_READ)
+    }
 }
 
 struct Line<'a> {
@@ -43,13 +84,18 @@ struct Line<'a> {
     unterminated: bool,
 }
 
+/// The chain alone (no signatures, no checkpoints).
 pub fn verify(paths: &[PathBuf]) -> Result<Report, Broken> {
+    verify_with(paths, &Options::default())
+}
+
+pub fn verify_with(paths: &[PathBuf], options: &Options) -> Result<Report, Broken> {
     let mut files: Vec<(u64, PathBuf, Vec<u8>)> = Vec::new();
     for path in paths {
         let bytes = std::fs::read(path).map_err(|err| Broken {
             file: path.clone(),
             line: 0,
-            problem: format!("cannot read: {err}"),
+            problem: format!("{CANNOT_READ}: {err}"),
         })?;
         let first_seq = bytes
             .split(|b| *b == b'\n')
@@ -81,12 +127,12 @@ pub fn verify(paths: &[PathBuf]) -> Result<Report, Broken> {
     }
 
     let mut report = Report {
-        records: 0,
         files: files.iter().map(|(_, p, _)| p.clone()).collect(),
-        head: None,
-        torn_end: None,
-        starts_mid_chain: false,
+        ..Report::default()
     };
+    // seq -> (file, line number, digest), for the checkpoints.
+    let mut by_seq: HashMap<u64, (&Path, usize, String)> = HashMap::new();
+    let mut signing_seen = false;
     // Every seq present, so a gap can be told apart from records that were moved.
     let present: std::collections::HashSet<u64> = lines
         .iter()
@@ -127,6 +173,30 @@ pub fn verify(paths: &[PathBuf]) -> Result<Report, Broken> {
                     line: torn_line,
                     problem: "an incomplete record in the middle of the chain".into(),
                 });
+            }
+        }
+        if let Some(key) = &options.public_key {
+            // Before anything else about the record: a record that was edited, inserted, renumbered or
+            // re-chained is this line, whatever the chain says about its neighbours.
+            match seal::check(line.bytes, key) {
+                Ok(()) => {
+                    signing_seen = true;
+                    report.signed += 1;
+                }
+                Err(Unsealed::Missing) if !signing_seen => report.unsigned_prefix += 1,
+                Err(Unsealed::Missing) => {
+                    return Err(broken(
+                        "no signature in a signed log: inserted, or edited and its signature removed"
+                            .into(),
+                    ))
+                }
+                Err(Unsealed::Invalid) => {
+                    return Err(broken(
+                        "the signature does not match: this record was edited, inserted, renumbered or \
+                         re-chained"
+                            .into(),
+                    ))
+                }
             }
         }
         if record["v"].as_u64() != Some(FORMAT_VERSION) {
@@ -179,6 +249,7 @@ pub fn verify(paths: &[PathBuf]) -> Result<Report, Broken> {
         }
         report.records += 1;
         report.head = Some(line_digest(line.bytes));
+        by_seq.insert(seq, (line.file, line.number, line_digest(line.bytes)));
         previous = Some((line, seq));
     }
     if let Some((file, line)) = torn {
@@ -188,5 +259,159 @@ pub fn verify(paths: &[PathBuf]) -> Result<Report, Broken> {
             problem: "an incomplete record in the middle of the chain".into(),
         });
     }
+    if options.public_key.is_some() && report.unsigned_prefix > 0 && !signing_seen {
+        return Err(Broken {
+            file: report.files.last().cloned().unwrap_or_default(),
+            line: 0,
+            problem: "no record is signed, but a public key was given: signatures were stripped, or the \
+                      log was written without signing"
+                .into(),
+        });
+    }
+    if let Some(path) = &options.checkpoints {
+        let key = options.public_key.as_deref().ok_or_else(|| Broken {
+            file: path.clone(),
+            line: 0,
+            problem: "checkpoints need the public key to be checked".into(),
+        })?;
+        let last = lines
+            .iter()
+            .rev()
+            .find(|l| !l.unterminated)
+            .map(|l| (l.file.to_path_buf(), l.number));
+        report.checkpoints = Some(check_checkpoints(path, key, &report, &by_seq, last)?);
+    }
     Ok(report)
+}
+
+/// Checks the checkpoint file's own signatures and chain, then that the log still holds what the latest
+/// checkpoint covered.
+fn check_checkpoints(
+    path: &Path,
+    key: &[u8],
+    report: &Report,
+    by_seq: &HashMap<u64, (&Path, usize, String)>,
+    last_line: Option<(PathBuf, usize)>,
+) -> Result<CheckpointReport, Broken> {
+    let text = std::fs::read(path).map_err(|err| Broken {
+        file: path.to_path_buf(),
+        line: 0,
+        problem: format!("{CANNOT_READ}: {err}"),
+    })?;
+    let mut prev = "none".to_string();
+    let mut latest: Option<Value> = None;
+    let mut count = 0;
+    for (index, line) in text.split(|b| *b == b'\n').enumerate() {
+        if line.is_empty() {
+            continue;
+        }
+        let broken = |problem: &str| Broken {
+            file: path.to_path_buf(),
+            line: index + 1,
+            problem: problem.to_string(),
+        };
+        seal::check(line, key).map_err(|_| broken("the checkpoint's signature does not match"))?;
+        let checkpoint: Value =
+            serde_json::from_slice(line).map_err(|_| broken("not a checkpoint"))?;
+        if checkpoint["prev"].as_str() != Some(prev.as_str()) {
+            return Err(broken(
+                "the checkpoint does not follow the one before it (checkpoints removed or reordered)",
+            ));
+        }
+        prev = line_digest(line);
+        count += 1;
+        // Every checkpoint's head still in the log must match it.
+        if let (Some(seq), Some(head)) = (checkpoint["last_seq"].as_u64(), checkpoint["head"].as_str()) {
+            if let Some((file, number, digest)) = by_seq.get(&seq) {
+                if digest != head {
+                    return Err(Broken {
+                        file: file.to_path_buf(),
+                        line: *number,
+                        problem: format!(
+                            "differs from the record the checkpoint of {} signed (checkpoints line {})",
+                            checkpoint["ts"].as_str().unwrap_or("?"),
+                            index + 1
+                        ),
+                    });
+                }
+            }
+        }
+        latest = Some(checkpoint);
+    }
+    let Some(latest) = latest else {
+        return Ok(CheckpointReport {
+            count: 0,
+            last_seq: None,
+            last_ts: String::new(),
+            uncovered: report.records,
+        });
+    };
+    let ts = latest["ts"].as_str().unwrap_or("?").to_string();
+    let given: Vec<String> = report
+        .files
+        .iter()
+        .filter_map(|f| f.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .collect();
+    let dir = report
+        .files
+        .last()
+        .and_then(|f| f.parent())
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    // Every file the latest checkpoint names must be there.
+    for file in latest["files"].as_array().into_iter().flatten() {
+        let name = file["name"].as_str().unwrap_or("");
+        if !given.iter().any(|g| g == name) {
+            return Err(Broken {
+                file: dir.join(name),
+                line: 0,
+                problem: format!(
+                    "missing: the checkpoint of {ts} names this file (records from seq {}); it was deleted, \
+                     or not given",
+                    file["first_seq"]
+                ),
+            });
+        }
+    }
+    let last_seq = latest["last_seq"].as_u64();
+    if let Some(last_seq) = last_seq {
+        if !by_seq.contains_key(&last_seq) {
+            let (file, line) = last_line.unwrap_or_default();
+            let have = by_seq.keys().max().copied();
+            return Err(Broken {
+                file,
+                line: line + 1,
+                problem: format!(
+                    "records are missing from the end: the log stops at seq {}, the checkpoint of {ts} \
+                     covered up to seq {last_seq}",
+                    have.map_or("-".to_string(), |h| h.to_string())
+                ),
+            });
+        }
+    }
+    if let Some(first) = latest["first_seq"].as_u64() {
+        if let Some(present) = by_seq.keys().min() {
+            if *present > first {
+                return Err(Broken {
+                    file: report.files.first().cloned().unwrap_or_default(),
+                    line: 1,
+                    problem: format!(
+                        "records seq {first}..{} are missing from the start: the checkpoint of {ts} still \
+                         had them",
+                        present - 1
+                    ),
+                });
+            }
+        }
+    }
+    let uncovered = match (last_seq, by_seq.keys().max()) {
+        (Some(covered), Some(max)) => max.saturating_sub(covered),
+        _ => report.records,
+    };
+    Ok(CheckpointReport {
+        count,
+        last_seq,
+        last_ts: ts,
+        uncovered,
+    })
 }
