@@ -31,6 +31,7 @@ fn run(durability: Durability, writers: usize, per_thread: usize) -> f64 {
             keep_rotated_files: 0,
             keep_rotated_bytes: 0,
             sealing: None,
+            force: false,
         })
         .expect("open"),
     );

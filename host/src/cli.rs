@@ -27,6 +27,10 @@ enum Command {
         /// Listen here instead of the configured listeners (repeatable): unix:PATH, connect:PATH, vsock:PORT.
         #[arg(long = "listen")]
         listen: Vec<Listen>,
+        /// When the audit log does not verify (an edited or truncated file), move it and its checkpoints
+        /// aside into broken-<time>/ and start a new chain that names them, instead of refusing to start.
+        #[arg(long)]
+        force: bool,
     },
     /// Decide a request with the configured policy, as pep.policy.check does: no DNS, no network.
     /// Exit status 0 on allow, 1 on deny, 2 on error.
@@ -290,7 +294,11 @@ pub fn main() -> ExitCode {
         )
         .init();
     match cli.command {
-        Command::Serve { config, listen } => serve(config, listen),
+        Command::Serve {
+            config,
+            listen,
+            force,
+        } => serve(config, listen, force),
         Command::Vm { command } => vm(command),
         Command::Check {
             config,
@@ -376,7 +384,9 @@ fn active_log_path(files: &[PathBuf]) -> Option<PathBuf> {
     let file = files.last()?;
     let name = file.file_name()?.to_string_lossy().into_owned();
     let active = match name.rsplit_once('.') {
-        Some((stem, n)) if n.len() == 6 && n.bytes().all(|b| b.is_ascii_digit()) => stem.to_string(),
+        Some((stem, n)) if n.len() == 6 && n.bytes().all(|b| b.is_ascii_digit()) => {
+            stem.to_string()
+        }
         _ => name,
     };
     Some(file.with_file_name(active))
@@ -705,7 +715,7 @@ fn check(config: Option<PathBuf>, audit: bool, method: String, url: String) -> E
     }
 }
 
-fn serve(config: Option<PathBuf>, listen: Vec<Listen>) -> ExitCode {
+fn serve(config: Option<PathBuf>, listen: Vec<Listen>, force: bool) -> ExitCode {
     let mut config = match Config::load(config.as_deref()) {
         Ok(config) => config,
         Err(err) => {
@@ -713,6 +723,7 @@ fn serve(config: Option<PathBuf>, listen: Vec<Listen>) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    config.pep.audit.force = force;
     if !listen.is_empty() {
         config.pep.listen = listen;
     }

@@ -224,6 +224,9 @@ pub struct AuditConfig {
     pub checkpoint_path: String,
     pub checkpoint_ms: u64,
     pub checkpoint_records: u64,
+    /// `pexi serve --force`: a log that does not verify is moved aside instead of refusing to start.
+    #[serde(skip)]
+    pub force: bool,
     /// Host-only key for digests of redacted values: a path, "" for `<path>.key`, "none" for no digests.
     pub key_file: String,
     pub redact_headers: Vec<String>,
@@ -241,6 +244,7 @@ impl AuditConfig {
             keep_rotated_files: self.keep_rotated_files,
             keep_rotated_bytes: self.keep_rotated_bytes,
             sealing: None,
+            force: self.force,
         }
     }
 

@@ -19,6 +19,7 @@ fn settings(dir: &Path, rotate_bytes: u64) -> AuditSettings {
         keep_rotated_files: 0,
         keep_rotated_bytes: 0,
         sealing: None,
+        force: false,
     }
 }
 

@@ -16,11 +16,10 @@ use serde_json::json;
 
 const RECORDS: usize = 300;
 
-/// Writes the log under `dir`: `audit.jsonl` and its rotated files, `keys/`, `checkpoints/`.
-fn write_log(dir: &Path) {
+fn settings(dir: &Path) -> AuditSettings {
     let path = dir.join("audit.jsonl");
     let sealer = Sealer::load_or_create(&dir.join("keys")).expect("key");
-    let log = AuditLog::open(&AuditSettings {
+    AuditSettings {
         path: path.clone(),
         durability: Durability::None,
         batch_ms: 0,
@@ -34,8 +33,13 @@ fn write_log(dir: &Path) {
             checkpoint_every: Duration::from_millis(5),
             checkpoint_records: 50,
         }),
-    })
-    .expect("open");
+        force: false,
+    }
+}
+
+/// Writes the log under `dir`: `audit.jsonl` and its rotated files, `keys/`, `checkpoints/`.
+fn write_log(dir: &Path) {
+    let log = AuditLog::open(&settings(dir)).expect("open");
     for i in 0..RECORDS {
         log.record(
             "decision",
@@ -165,7 +169,10 @@ fn an_untouched_log_verifies_with_its_signatures_and_checkpoints() {
     let dir = support::temp_dir("tamper-none");
     write_log(&dir);
     let files = glob(&dir);
-    assert!(files.len() >= 3, "the log should span several files: {files:?}");
+    assert!(
+        files.len() >= 3,
+        "the log should span several files: {files:?}"
+    );
     assert!(
         files.iter().all(|f| !f.to_string_lossy().contains("key")),
         "the glob matches a key: {files:?}"
@@ -205,8 +212,8 @@ fn every_tamper_is_named_at_its_line() {
         let mut all = lines(dir);
         let i = all.len() - 1;
         let seq = field_u64(&all[i].1, "seq");
-        all[i].1 = set_field(&all[i].1, "seq", &seq.to_string())
-            .replace("\"kind\":\"", "\"kind\":\"x");
+        all[i].1 =
+            set_field(&all[i].1, "seq", &seq.to_string()).replace("\"kind\":\"", "\"kind\":\"x");
         write_lines(dir, &all);
         position(&all, i)
     });
@@ -268,4 +275,76 @@ fn every_tamper_is_named_at_its_line() {
         std::fs::remove_file(&oldest).expect("rm");
         format!("{}:0:", oldest.display())
     });
+}
+
+#[test]
+fn the_pep_refuses_to_append_to_a_log_that_does_not_verify_and_force_moves_it_aside() {
+    for (name, tamper) in [
+        (
+            "edited",
+            Box::new(|dir: &Path| {
+                let mut all = lines(dir);
+                let i = all.len() - 5;
+                all[i].1 = all[i].1.replace("\"allow\":false", "\"allow\":true");
+                rechain(&mut all, i + 1);
+                write_lines(dir, &all);
+            }) as Box<dyn Fn(&Path)>,
+        ),
+        (
+            "truncated",
+            Box::new(|dir: &Path| {
+                let mut all = lines(dir);
+                all.truncate(all.len() - 3);
+                write_lines(dir, &all);
+            }),
+        ),
+    ] {
+        let dir = support::temp_dir(&format!("refuse-{name}"));
+        write_log(&dir);
+        tamper(&dir);
+        let err = AuditLog::open(&settings(&dir)).err().expect("refused");
+        let message = err.to_string();
+        assert!(
+            message.contains("does not append to a log that does not verify")
+                && message.contains("BROKEN"),
+            "{name}: {message}"
+        );
+        // --force: the broken log and its checkpoints go aside, a new chain names them.
+        let mut forced = settings(&dir);
+        forced.force = true;
+        let log = AuditLog::open(&forced).expect("forced open");
+        log.record("decision", json!({"decision_id": "after"}))
+            .wait()
+            .expect("written");
+        log.close();
+        let aside: Vec<PathBuf> = std::fs::read_dir(&*dir)
+            .expect("dir")
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("broken-"))
+            })
+            .collect();
+        assert_eq!(aside.len(), 1, "{name}: {aside:?}");
+        assert!(aside[0].join("audit.jsonl").exists());
+        assert!(aside[0].join("audit.jsonl.checkpoints").exists());
+        let first: serde_json::Value = serde_json::from_str(
+            std::fs::read_to_string(dir.join("audit.jsonl"))
+                .expect("new log")
+                .lines()
+                .next()
+                .expect("a record"),
+        )
+        .expect("json");
+        assert_eq!(first["kind"], "chain_start", "{name}: {first}");
+        assert!(
+            first["previous_log"]["problem"]
+                .as_str()
+                .is_some_and(|p| p.contains("BROKEN")),
+            "{name}: {first}"
+        );
+        let (status, output) = verify(&glob(&dir));
+        assert_eq!(status, 0, "{name}: the new log verifies: {output}");
+    }
 }

@@ -310,6 +310,7 @@ fn audit_verify_and_show() {
         keep_rotated_files: 0,
         keep_rotated_bytes: 0,
         sealing: None,
+        force: false,
     })
     .expect("open");
     for i in 0..5 {

@@ -55,6 +55,9 @@ pub struct AuditSettings {
     pub keep_rotated_bytes: u64,
     /// Signatures on every record and signed checkpoints (see [`seal`]); `None` writes an unsigned log.
     pub sealing: Option<Sealing>,
+    /// A log that does not verify is moved aside (with its checkpoints) and a new chain started, instead
+    /// of refusing to start (`pexi serve --force`).
+    pub force: bool,
 }
 
 /// How the log is signed.

@@ -263,9 +263,10 @@ pub fn verify_with(paths: &[PathBuf], options: &Options) -> Result<Report, Broke
         return Err(Broken {
             file: report.files.last().cloned().unwrap_or_default(),
             line: 0,
-            problem: "no record is signed, but a public key was given: signatures were stripped, or the \
+            problem:
+                "no record is signed, but a public key was given: signatures were stripped, or the \
                       log was written without signing"
-                .into(),
+                    .into(),
         });
     }
     if let Some(path) = &options.checkpoints {
@@ -321,7 +322,9 @@ fn check_checkpoints(
         prev = line_digest(line);
         count += 1;
         // Every checkpoint's head still in the log must match it.
-        if let (Some(seq), Some(head)) = (checkpoint["last_seq"].as_u64(), checkpoint["head"].as_str()) {
+        if let (Some(seq), Some(head)) =
+            (checkpoint["last_seq"].as_u64(), checkpoint["head"].as_str())
+        {
             if let Some((file, number, digest)) = by_seq.get(&seq) {
                 if digest != head {
                     return Err(Broken {

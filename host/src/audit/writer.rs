@@ -97,6 +97,88 @@ impl Checkpoints {
     }
 }
 
+/// Before appending to `file` (the newest of the log): its records verify (chain and signatures), and it
+/// still holds what the latest checkpoint covered, when that was in this file.
+fn check_before_appending(file: &Path, sealing: &Sealing) -> Result<(), String> {
+    use super::verify::{verify_with, Options};
+    let public_key = hex::decode(sealing.sealer.public_hex()).map_err(|err| err.to_string())?;
+    let options = Options {
+        public_key: Some(public_key.clone()),
+        checkpoints: None,
+    };
+    let report = match verify_with(&[file.to_path_buf()], &options) {
+        Ok(report) => report,
+        // A log written before signing was on: nothing to check the signatures of yet.
+        Err(broken) if broken.problem.starts_with("no record is signed") => return Ok(()),
+        Err(broken) => return Err(format!("BROKEN {broken}")),
+    };
+    let Ok(tail) = read_tail(&sealing.checkpoint_path) else {
+        return Ok(());
+    };
+    let Some(line) = tail.last_line else {
+        return Ok(());
+    };
+    super::seal::check(&line, &public_key).map_err(|_| {
+        format!(
+            "{}: the last checkpoint's signature does not match",
+            sealing.checkpoint_path.display()
+        )
+    })?;
+    let checkpoint: Value = serde_json::from_slice(&line).map_err(|err| err.to_string())?;
+    let (Some(last_seq), Some(head)) =
+        (checkpoint["last_seq"].as_u64(), checkpoint["head"].as_str())
+    else {
+        return Ok(());
+    };
+    let first = first_seq_of(file).unwrap_or(0);
+    if last_seq < first {
+        return Ok(());
+    }
+    let text = std::fs::read(file).map_err(|err| err.to_string())?;
+    let found = text
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .find(|l| {
+            serde_json::from_slice::<Value>(l)
+                .ok()
+                .and_then(|r| r["seq"].as_u64())
+                == Some(last_seq)
+        });
+    match found {
+        Some(l) if line_digest(l) == head => Ok(()),
+        Some(_) => Err(format!(
+            "BROKEN {}: the record at seq {last_seq} differs from the one the last checkpoint signed",
+            file.display()
+        )),
+        None => Err(format!(
+            "BROKEN {}: records are missing from the end (the last checkpoint covered up to seq {last_seq}, \
+             {} record(s) remain)",
+            file.display(),
+            report.records
+        )),
+    }
+}
+
+/// Moves every file of the log at `path`, and its checkpoint file, into `broken-<time>/` beside it.
+fn move_aside(path: &Path, checkpoints: &Path) -> std::io::Result<PathBuf> {
+    let stamp = humantime::format_rfc3339_seconds(SystemTime::now())
+        .to_string()
+        .replace(':', "");
+    let dir = path
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join(format!("broken-{stamp}"));
+    std::fs::create_dir_all(&dir)?;
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+    for file in log_files(path) {
+        std::fs::rename(&file, dir.join(file_name(&file)))?;
+    }
+    if checkpoints.exists() {
+        std::fs::rename(checkpoints, dir.join(file_name(checkpoints)))?;
+    }
+    Ok(dir)
+}
+
 /// The `seq` of a log file's first record.
 fn first_seq_of(path: &Path) -> Option<u64> {
     use std::io::BufRead;
@@ -185,11 +267,29 @@ impl Writer {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
         }
-        let newest = log_files(&path)
+        let mut newest = log_files(&path)
             .into_iter()
             .rev()
             .find(|p| std::fs::metadata(p).is_ok_and(|m| m.len() > 0));
         let mut start = Map::new();
+        if let (Some(file), Some(sealing)) = (&newest, &settings.sealing) {
+            if let Err(problem) = check_before_appending(file, sealing) {
+                if !settings.force {
+                    return Err(std::io::Error::other(format!(
+                        "{problem}: the PEP does not append to a log that does not verify. Inspect it with \
+                         `pexi audit verify`; `pexi serve --force` moves the log and its checkpoints aside \
+                         and starts a new chain that names them"
+                    )));
+                }
+                let moved_to = move_aside(&path, &sealing.checkpoint_path)?;
+                tracing::warn!(%problem, moved_to = %moved_to.display(), "the audit log did not verify; moved aside (--force)");
+                start.insert(
+                    "previous_log".into(),
+                    json!({"moved_to": moved_to.display().to_string(), "problem": problem}),
+                );
+                newest = None;
+            }
+        }
         let (seq, prev, kind) = match newest {
             None => {
                 let genesis = format!("genesis:{}", random_hex());
