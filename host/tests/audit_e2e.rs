@@ -261,3 +261,47 @@ async fn sigkill_under_load_leaves_a_verifiable_log_with_every_allowed_decision(
         report.torn_end
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_request_has_exactly_one_outcome_record() {
+    let pep = TestPep::start(loopback_options(&[], &["api.test"]));
+    let mut guest = pep.guest().await;
+    let http = guest
+        .call(
+            MethodCall::HttpRequest(HttpRequest::new("GET", "ftp://api.test/")),
+            b"",
+        )
+        .await;
+    assert_eq!(http.error_code(), "invalid_request");
+    let check = guest
+        .call(
+            MethodCall::PolicyCheck(HttpRequest::new("GET", "ftp://api.test/")),
+            b"",
+        )
+        .await;
+    assert_eq!(check.error_code(), "invalid_request");
+    // Both streams' outcomes are written after their answers; wait for the second.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !pep
+        .audit_records()
+        .iter()
+        .any(|r| r["kind"] == "outcome" && r["stream_id"] == 3)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no outcome for stream 3"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A moment more, so that a second record for either stream would have been written too.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let outcomes: Vec<serde_json::Value> = pep
+        .audit_records()
+        .into_iter()
+        .filter(|r| r["kind"] == "outcome")
+        .collect();
+    for stream in [1, 3] {
+        let count = outcomes.iter().filter(|r| r["stream_id"] == stream).count();
+        assert_eq!(count, 1, "stream {stream}: {outcomes:?}");
+    }
+}

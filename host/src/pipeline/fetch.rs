@@ -223,7 +223,19 @@ impl Pipeline {
                         responder.end();
                     }
                 }
-                Err(error) => responder.error(error),
+                Err(error) => {
+                    // A refusal before any decision (a malformed request, a secret it may not name) is
+                    // the stream's outcome; a decision was logged already and needs none.
+                    if error.details.decision_id.is_none() {
+                        self.log_outcome(
+                            &caller,
+                            "pep.policy.check",
+                            None,
+                            json!({"error": error.code.as_str(), "message": error.message}),
+                        );
+                    }
+                    responder.error(error)
+                }
             },
             MethodCall::NetConnect(params) => {
                 self.serve_tunnel(caller, params, body, responder, cancel)

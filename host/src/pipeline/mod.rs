@@ -263,32 +263,21 @@ impl Pipeline {
         })
     }
 
-    /// Step 1–2, with a refusal logged as an outcome.
+    /// Steps 1–2. A refusal is returned, not logged: the stream's worker writes the one outcome record
+    /// of the stream, whatever ended it.
     pub fn prepare(
         &self,
-        caller: &Caller,
-        method: &str,
+        _caller: &Caller,
+        _method: &str,
         request: &HttpRequest,
     ) -> Result<Prepared, ErrorPayload> {
-        let refuse = |error: ErrorPayload| {
-            self.log_outcome(
-                caller,
-                method,
-                None,
-                json!({"error": error.code.as_str(), "message": error.message}),
-            );
-            error
-        };
         let mut prepared = prepare(request).map_err(|err: InvalidRequest| {
-            refuse(ErrorPayload::new(
-                ErrorCode::InvalidRequest,
-                err.to_string(),
-            ))
+            ErrorPayload::new(ErrorCode::InvalidRequest, err.to_string())
         })?;
         prepared.secrets = self
             .secrets
             .requested(&prepared.headers, &prepared.target.url)
-            .map_err(|refusal| refuse(ErrorPayload::new(ErrorCode::SecretNotAllowed, refusal.0)))?;
+            .map_err(|refusal| ErrorPayload::new(ErrorCode::SecretNotAllowed, refusal.0))?;
         Ok(prepared)
     }
 
