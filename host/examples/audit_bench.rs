@@ -12,15 +12,23 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use pexi_host::audit::{AuditLog, AuditSettings, Durability};
+use pexi_host::audit::seal::Sealer;
+use pexi_host::audit::{AuditLog, AuditSettings, Durability, Sealing};
 use serde_json::json;
 
-fn run(durability: Durability, writers: usize, per_thread: usize) -> f64 {
+/// `signed`: every record signed and checkpoints written, as the PEP does by default.
+fn run(durability: Durability, writers: usize, per_thread: usize, signed: bool) -> f64 {
     let dir = std::env::temp_dir().join(format!(
-        "pexi-audit-bench-{}-{durability:?}-{writers}",
+        "pexi-audit-bench-{}-{durability:?}-{writers}-{signed}",
         std::process::id()
     ));
     let _ = std::fs::remove_dir_all(&dir);
+    let sealing = signed.then(|| Sealing {
+        sealer: Arc::new(Sealer::load_or_create(&dir.join("keys")).expect("key")),
+        checkpoint_path: dir.join("checkpoints/audit.jsonl.checkpoints"),
+        checkpoint_every: std::time::Duration::from_secs(1),
+        checkpoint_records: 10_000,
+    });
     let log = Arc::new(
         AuditLog::open(&AuditSettings {
             path: dir.join("audit.jsonl"),
@@ -30,7 +38,7 @@ fn run(durability: Durability, writers: usize, per_thread: usize) -> f64 {
             rotate_bytes: 64 * 1024 * 1024,
             keep_rotated_files: 0,
             keep_rotated_bytes: 0,
-            sealing: None,
+            sealing,
             force: false,
         })
         .expect("open"),
@@ -69,7 +77,7 @@ fn run(durability: Durability, writers: usize, per_thread: usize) -> f64 {
 }
 
 fn main() {
-    println!("audit records/s, writers each waiting for durability, one run");
+    println!("audit records/s, writers each waiting for durability, one run (unsigned | signed)");
     let mut rates = Vec::new();
     for (durability, writers, per_thread) in [
         (Durability::None, 4, 20_000),
@@ -77,18 +85,22 @@ fn main() {
         (Durability::Batch, 64, 500),
         (Durability::Always, 4, 500),
     ] {
-        let rate = run(durability, writers, per_thread);
+        // Alternating, so a noisy neighbour hits both alike.
+        let rate = run(durability, writers, per_thread, false);
+        let signed = run(durability, writers, per_thread, true);
         rates.push(rate);
         println!(
-            "{:>8} {:>3} writers {:>10.0} records/s  ({} records)",
+            "{:>8} {:>3} writers {:>10.0} records/s | signed {:>10.0} records/s ({:.2}x)  ({} records)",
             format!("{durability:?}").to_lowercase(),
             writers,
             rate,
+            signed,
+            signed / rate,
             writers * per_thread
         );
     }
     println!(
-        "ratios: none/batch(4) {:.1}x, batch(4)/always(4) {:.1}x, batch(64)/batch(4) {:.1}x",
+        "ratios (unsigned): none/batch(4) {:.1}x, batch(4)/always(4) {:.1}x, batch(64)/batch(4) {:.1}x",
         rates[0] / rates[1],
         rates[1] / rates[3],
         rates[2] / rates[1]
