@@ -61,8 +61,9 @@ impl Server {
         if tokio::time::timeout(limit, everything).await.is_err() {
             tracing::warn!(?limit, "connections or streams still open; stopping anyway");
         }
-        self.pipeline
-            .record("pep_stop", serde_json::json!({"reason": "stop"}));
+        self.pipeline.record(&crate::audit::records::PepStop {
+            reason: "stop".into(),
+        });
         let pipeline = self.pipeline.clone();
         tokio::task::spawn_blocking(move || pipeline.audit().flush())
             .await

@@ -11,6 +11,7 @@
 //! Callers get a [`Ticket`] per record; a decision's effect waits on it, so a decision is on disk (to the
 //! degree `durability` promises) before anything it allows happens.
 
+pub mod records;
 pub mod redact;
 pub mod seal;
 pub mod verify;

@@ -10,6 +10,11 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::{json, Map, Value};
 
+use super::records::{
+    AuditRecord, AuditResumed, AuditRetention, ChainStart, PepStart, PreviousLog, RemovedFile,
+    Rotate, TornTail,
+};
+
 use super::{
     line_digest, log_files, rotated_path, AuditSettings, Durability, Job, Sealing, FORMAT_VERSION,
 };
@@ -179,6 +184,12 @@ fn move_aside(path: &Path, checkpoints: &Path) -> std::io::Result<PathBuf> {
     Ok(dir)
 }
 
+/// A record body as the writer takes it.
+fn to_body<R: AuditRecord>(record: &R) -> Value {
+    serde_json::to_value(record)
+        .unwrap_or_else(|err| json!({"serialisation_error": err.to_string()}))
+}
+
 /// The `seq` of a log file's first record.
 fn first_seq_of(path: &Path) -> Option<u64> {
     use std::io::BufRead;
@@ -271,7 +282,8 @@ impl Writer {
             .into_iter()
             .rev()
             .find(|p| std::fs::metadata(p).is_ok_and(|m| m.len() > 0));
-        let mut start = Map::new();
+        let mut torn_tail: Option<TornTail> = None;
+        let mut previous_log: Option<PreviousLog> = None;
         if let (Some(file), Some(sealing)) = (&newest, &settings.sealing) {
             if let Err(problem) = check_before_appending(file, sealing) {
                 if !settings.force {
@@ -283,18 +295,17 @@ impl Writer {
                 }
                 let moved_to = move_aside(&path, &sealing.checkpoint_path)?;
                 tracing::warn!(%problem, moved_to = %moved_to.display(), "the audit log did not verify; moved aside (--force)");
-                start.insert(
-                    "previous_log".into(),
-                    json!({"moved_to": moved_to.display().to_string(), "problem": problem}),
-                );
+                previous_log = Some(PreviousLog {
+                    moved_to: moved_to.display().to_string(),
+                    problem,
+                });
                 newest = None;
             }
         }
         let (seq, prev, kind) = match newest {
             None => {
                 let genesis = format!("genesis:{}", random_hex());
-                start.insert("genesis".into(), json!(genesis));
-                (0, genesis, "chain_start")
+                (0, genesis, ChainStart::KIND)
             }
             Some(file) => {
                 let tail = read_tail(&file)?;
@@ -307,10 +318,11 @@ impl Writer {
                     } else {
                         file.clone()
                     };
-                    start.insert(
-                        "torn_tail".into(),
-                        json!({"file": aside.file_name().map(|n| n.to_string_lossy().into_owned()), "line": line, "bytes": bytes}),
-                    );
+                    torn_tail = Some(TornTail {
+                        file: aside.file_name().map(|n| n.to_string_lossy().into_owned()),
+                        line,
+                        bytes,
+                    });
                 }
                 match tail.last_line {
                     Some(line) => {
@@ -326,12 +338,11 @@ impl Writer {
                                 file.display()
                             ))
                         })?;
-                        (seq + 1, line_digest(&line), "pep_start")
+                        (seq + 1, line_digest(&line), PepStart::KIND)
                     }
                     None => {
                         let genesis = format!("genesis:{}", random_hex());
-                        start.insert("genesis".into(), json!(genesis));
-                        (0, genesis, "chain_start")
+                        (0, genesis, ChainStart::KIND)
                     }
                 }
             }
@@ -370,9 +381,23 @@ impl Writer {
             pending: Vec::new(),
             unsynced: false,
         };
-        start.insert("pid".into(), json!(std::process::id()));
-        start.insert("version".into(), json!(env!("CARGO_PKG_VERSION")));
-        writer.write(kind, Value::Object(start))?;
+        let (pid, version) = (std::process::id(), env!("CARGO_PKG_VERSION").to_string());
+        let first = if kind == ChainStart::KIND {
+            to_body(&ChainStart {
+                genesis: writer.prev.clone(),
+                pid,
+                version,
+                torn_tail,
+                previous_log,
+            })
+        } else {
+            to_body(&PepStart {
+                pid,
+                version,
+                torn_tail,
+            })
+        };
+        writer.write(kind, first)?;
         writer.write_pending()?;
         writer.file.sync_all()?;
         writer.written_len = writer.file.metadata()?.len();
@@ -439,7 +464,12 @@ impl Writer {
         }
         self.files.push((file_name(&self.path), self.seq));
         let previous = aside.file_name().map(|n| n.to_string_lossy().into_owned());
-        self.write("rotate", json!({"previous_file": previous}))?;
+        self.write(
+            Rotate::KIND,
+            to_body(&Rotate {
+                previous_file: previous,
+            }),
+        )?;
         self.write_pending()?;
         self.file.sync_all()?;
         self.apply_retention()?;
@@ -515,16 +545,16 @@ impl Writer {
             if !over_count && !over_bytes {
                 break;
             }
-            let first_seq = first_seq(file);
+            let first_seq = first_seq_of(file);
             match std::fs::remove_file(file) {
                 Ok(()) => {
                     let gone = file_name(file);
                     self.files.retain(|(name, _)| *name != gone);
-                    removed.push(json!({
-                        "file": file.file_name().map(|n| n.to_string_lossy().into_owned()),
-                        "bytes": len,
-                        "first_seq": first_seq,
-                    }));
+                    removed.push(RemovedFile {
+                        file: file.file_name().map(|n| n.to_string_lossy().into_owned()),
+                        bytes: *len,
+                        first_seq,
+                    });
                     count -= 1;
                     bytes -= len;
                 }
@@ -538,13 +568,13 @@ impl Writer {
             return Ok(());
         }
         self.write(
-            "audit_retention",
-            json!({
-                "removed": removed,
-                "kept_files": count,
-                "kept_bytes": bytes,
-                "keep_rotated_files": self.keep_rotated_files,
-                "keep_rotated_bytes": self.keep_rotated_bytes,
+            AuditRetention::KIND,
+            to_body(&AuditRetention {
+                removed,
+                kept_files: count,
+                kept_bytes: bytes,
+                keep_rotated_files: self.keep_rotated_files,
+                keep_rotated_bytes: self.keep_rotated_bytes,
             }),
         )?;
         self.write_pending()?;
@@ -578,12 +608,12 @@ impl Writer {
                 self.write(kind, body.clone())?;
             }
             self.write(
-                "audit_resumed",
-                json!({
-                    "error": error,
-                    "since": humantime::format_rfc3339_millis(since).to_string(),
-                    "kept_records": kept,
-                    "lost_records": self.lost,
+                AuditResumed::KIND,
+                to_body(&AuditResumed {
+                    error: error.clone(),
+                    since: humantime::format_rfc3339_millis(since).to_string(),
+                    kept_records: kept,
+                    lost_records: self.lost,
                 }),
             )?;
             self.write_pending()?;
@@ -770,14 +800,4 @@ impl Writer {
             (a, b) => a.or(b),
         }
     }
-}
-
-/// The `seq` of a log file's first record, for the retention record.
-fn first_seq(path: &Path) -> Option<u64> {
-    use std::io::BufRead;
-    let mut line = String::new();
-    std::io::BufReader::new(File::open(path).ok()?)
-        .read_line(&mut line)
-        .ok()?;
-    serde_json::from_str::<Value>(&line).ok()?["seq"].as_u64()
 }

@@ -2,6 +2,7 @@
 //! exactly those, send, and treat every redirect as a new hop that goes through the whole pipeline again.
 //! Also where the worker for each stream starts ([`Pipeline::serve_stream`]).
 
+use crate::audit::records::{BodyDigest, Outcome, RefusedAddress, Resolve};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -231,7 +232,11 @@ impl Pipeline {
                             &caller,
                             "pep.policy.check",
                             None,
-                            json!({"error": error.code.as_str(), "message": error.message}),
+                            Outcome {
+                                error: Some(error.code.as_str().to_string()),
+                                message: Some(error.message.clone()),
+                                ..Outcome::default()
+                            },
                         );
                     }
                     responder.error(error)
@@ -280,27 +285,33 @@ impl Pipeline {
                         ErrorPayload::new(ErrorCode::UpstreamTimeout, format!("request took longer than {total:?}")).retryable(true),
                     )),
                 };
-                let request_body = json!({
-                    "bytes": tap.sent.load(Ordering::Relaxed),
-                    "sha256": hex::encode(sha2::Digest::finalize(
-                        tap.hash.lock().unwrap_or_else(|p| p.into_inner()).clone()
-                    )),
-                });
+                let request_body = BodyDigest {
+                    bytes: Some(tap.sent.load(Ordering::Relaxed)),
+                    sha256: Some(hex::encode(sha2::Digest::finalize(
+                        tap.hash.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+                    ))),
+                    bytes_delivered: None,
+                };
                 let duration_ms = started.elapsed().as_millis() as u64;
                 match result {
                     Ok(done) => {
-                        let detail = json!({
-                            "status": done.status,
-                            "final_url": done.final_url,
-                            "redirects": done.redirects,
-                            "request_body": request_body,
-                            "response_body": {"bytes": done.response_bytes, "sha256": done.response_sha256},
-                            "secrets_injected": done.secrets_injected,
-                            "secrets_withheld": done.secrets_withheld,
-                            "upgrade": done.upgrade,
-                            "duration_ms": duration_ms,
-                        });
-                        self.log_outcome(&caller, METHOD, Some(&done.decision_id), detail);
+                        let outcome = Outcome {
+                            status: Some(done.status),
+                            final_url: Some(done.final_url),
+                            redirects: Some(done.redirects),
+                            request_body: Some(request_body),
+                            response_body: Some(BodyDigest {
+                                bytes: Some(done.response_bytes),
+                                sha256: Some(done.response_sha256),
+                                bytes_delivered: None,
+                            }),
+                            secrets_injected: Some(done.secrets_injected),
+                            secrets_withheld: Some(done.secrets_withheld),
+                            upgrade: done.upgrade,
+                            duration_ms: Some(duration_ms),
+                            ..Outcome::default()
+                        };
+                        self.log_outcome(&caller, METHOD, Some(&done.decision_id), outcome);
                         responder.end();
                     }
                     Err(mut failure) => {
@@ -315,15 +326,19 @@ impl Pipeline {
                             Some(why) if failure.error.code == ErrorCode::Cancelled => why.as_str(),
                             _ => failure.error.code.as_str(),
                         };
-                        let detail = json!({
-                            "error": error,
-                            "message": failure.error.message,
-                            "status": progress.status(),
-                            "response_body": {"bytes_delivered": progress.delivered()},
-                            "request_body": request_body,
-                            "duration_ms": duration_ms,
-                        });
-                        self.log_outcome(&caller, METHOD, failure.decision_id.as_deref(), detail);
+                        let outcome = Outcome {
+                            error: Some(error.to_string()),
+                            message: Some(failure.error.message.clone()),
+                            status: progress.status(),
+                            response_body: Some(BodyDigest {
+                                bytes_delivered: Some(progress.delivered()),
+                                ..BodyDigest::default()
+                            }),
+                            request_body: Some(request_body),
+                            duration_ms: Some(duration_ms),
+                            ..Outcome::default()
+                        };
+                        self.log_outcome(&caller, METHOD, failure.decision_id.as_deref(), outcome);
                         responder.error(failure.error);
                     }
                 }
@@ -715,10 +730,14 @@ impl Pipeline {
         let (source, addrs) = match resolved {
             Ok(found) => found,
             Err(error) => {
-                self.record(
-                    "resolve",
-                    json!({"decision_id": decision_id, "host": target.host.to_string(), "error": error.message}),
-                );
+                self.record(&Resolve {
+                    decision_id: decision_id.to_string(),
+                    host: target.host.to_string(),
+                    source: None,
+                    allowed: None,
+                    refused: None,
+                    error: Some(error.message.clone()),
+                });
                 return Err(error);
             }
         };
@@ -730,16 +749,22 @@ impl Pipeline {
                 Err(class) => refused.push((ip, class.0)),
             }
         }
-        self.record(
-            "resolve",
-            json!({
-                "decision_id": decision_id,
-                "host": target.host.to_string(),
-                "source": source.as_str(),
-                "allowed": allowed.iter().map(ToString::to_string).collect::<Vec<_>>(),
-                "refused": refused.iter().map(|(ip, class)| json!({"address": ip.to_string(), "class": class})).collect::<Vec<_>>(),
-            }),
-        );
+        self.record(&Resolve {
+            decision_id: decision_id.to_string(),
+            host: target.host.to_string(),
+            source: Some(source.as_str().to_string()),
+            allowed: Some(allowed.iter().map(ToString::to_string).collect()),
+            refused: Some(
+                refused
+                    .iter()
+                    .map(|(ip, class)| RefusedAddress {
+                        address: ip.to_string(),
+                        class: class.to_string(),
+                    })
+                    .collect(),
+            ),
+            error: None,
+        });
         if allowed.is_empty() {
             let reasons = refused
                 .iter()

@@ -24,6 +24,7 @@ use pexi_protocol::payload::{
 };
 use serde_json::{json, Value};
 
+use crate::audit::records::{self, AuditRecord};
 use crate::audit::{AuditLog, Redaction, Redactor};
 use crate::config::Config;
 use crate::policy::{Bundle, Decision, PolicyEngine, PolicyError, PolicyStore};
@@ -168,10 +169,14 @@ impl Pipeline {
             decision_prefix: format!("{:08x}", seed as u32),
             decisions: AtomicU64::new(0),
         };
-        pipeline.record(
-            "policy",
-            json!({"event": "load", "revision": pipeline.policy_revision(), "source": pipeline.config.policy_root.to_string()}),
-        );
+        pipeline.record(&records::Policy {
+            event: records::PolicyEvent::Load,
+            revision: Some(pipeline.policy_revision()),
+            source: Some(pipeline.config.policy_root.to_string()),
+            new_revision: None,
+            previous_revision: None,
+            error: None,
+        });
         Ok(pipeline)
     }
 
@@ -216,10 +221,14 @@ impl Pipeline {
         let engine = match loaded {
             Ok(engine) => engine,
             Err(error) => {
-                self.record(
-                    "policy",
-                    json!({"event": "reload_rejected", "error": error}),
-                );
+                self.record(&records::Policy {
+                    event: records::PolicyEvent::ReloadRejected,
+                    revision: None,
+                    source: None,
+                    new_revision: None,
+                    previous_revision: None,
+                    error: Some(error.clone()),
+                });
                 return Err(error);
             }
         };
@@ -228,22 +237,35 @@ impl Pipeline {
         }
         let revision = engine.revision().to_string();
         let previous = self.policy.replace(engine);
-        self.record(
-            "policy",
-            json!({"event": "reload", "new_revision": revision, "previous_revision": previous}),
-        );
+        self.record(&records::Policy {
+            event: records::PolicyEvent::Reload,
+            revision: None,
+            source: None,
+            new_revision: Some(revision.clone()),
+            previous_revision: Some(previous),
+            error: None,
+        });
         Ok(Some(revision))
     }
 
     /// Queues an audit record stamped with the revision of the policy in service. Not waited for: only
     /// decisions hold up their effect.
-    pub fn record(&self, kind: &str, mut record: Value) {
-        if let Some(object) = record.as_object_mut() {
+    pub fn record<R: AuditRecord>(&self, record: &R) {
+        drop(self.audit.record(R::KIND, self.record_body(record)));
+    }
+
+    /// A record's body with the policy revision in service.
+    fn record_body<R: AuditRecord>(&self, record: &R) -> Value {
+        let mut body = serde_json::to_value(record).unwrap_or_else(|err| {
+            // Only a bug in a record type gets here; the record still says what kind it was.
+            json!({"serialisation_error": err.to_string()})
+        });
+        if let Some(object) = body.as_object_mut() {
             object
                 .entry("policy_revision")
                 .or_insert_with(|| json!(self.policy.current().revision()));
         }
-        drop(self.audit.record(kind, record));
+        body
     }
 
     /// `pep.policy.check`: steps 1–3, no DNS, no network.
@@ -308,28 +330,30 @@ impl Pipeline {
             .iter()
             .filter_map(|r| r.digest.as_ref().map(|d| (r.path.clone(), json!(d))))
             .collect();
-        let record = json!({
-            "decision_id": decision_id,
-            "session_id": format!("{:016x}", caller.session_id),
-            "stream_id": caller.stream_id,
-            "method": method,
-            "guest": input["session"]["guest"],
-            "request": input["request"],
-            "hop": hop,
-            "previous_url": input["previous_url"],
-            "decision": {
-                "allow": decision.allow,
-                "reasons": decision.reasons,
-                "secrets": decision.secrets,
-                "policy_revision": policy.revision(),
-                "query": policy.query(),
+        let record = records::Decision {
+            decision_id: decision_id.clone(),
+            session_id: format!("{:016x}", caller.session_id),
+            stream_id: caller.stream_id,
+            method: method.to_string(),
+            guest: input["session"]["guest"].clone(),
+            request: input["request"].clone(),
+            hop,
+            previous_url: input["previous_url"].clone(),
+            decision: records::DecisionBody {
+                allow: decision.allow,
+                reasons: decision.reasons.clone(),
+                secrets: json!(decision.secrets),
+                policy_revision: policy.revision().to_string(),
+                query: policy.query().to_string(),
             },
-            "redacted": redactions.iter().map(|r| r.path.clone()).collect::<Vec<_>>(),
-            "redacted_digests": digests,
-            "policy_revision": policy.revision(),
-        });
+            redacted: redactions.iter().map(|r| r.path.clone()).collect(),
+            redacted_digests: digests,
+        };
+        let mut body = self.record_body(&record);
+        // The revision this decision was made under, not whatever is in service by now.
+        body["policy_revision"] = json!(policy.revision());
         self.audit
-            .record("decision", record)
+            .record(records::Decision::KIND, body)
             .done()
             .await
             .map_err(|err| {
@@ -364,23 +388,15 @@ impl Pipeline {
         caller: &Caller,
         method: &str,
         decision_id: Option<&str>,
-        mut detail: Value,
+        mut outcome: records::Outcome,
     ) {
-        if let Some(object) = detail.as_object_mut() {
-            // Error text may quote a URL (the request's, a redirect's Location) with a token in it.
-            if let Some(Value::String(message)) = object.get("message") {
-                let redacted = self.redactor.text(message);
-                object.insert("message".into(), json!(redacted));
-            }
-            object.insert("decision_id".into(), json!(decision_id));
-            object.insert(
-                "session_id".into(),
-                json!(format!("{:016x}", caller.session_id)),
-            );
-            object.insert("stream_id".into(), json!(caller.stream_id));
-            object.insert("method".into(), json!(method));
-        }
-        self.record("outcome", detail);
+        // Error text may quote a URL (the request's, a redirect's Location) with a token in it.
+        outcome.message = outcome.message.map(|m| self.redactor.text(&m));
+        outcome.decision_id = decision_id.map(str::to_string);
+        outcome.session_id = format!("{:016x}", caller.session_id);
+        outcome.stream_id = caller.stream_id;
+        outcome.method = method.to_string();
+        self.record(&outcome);
     }
 
     /// The policy's input document, and what was redacted from it.

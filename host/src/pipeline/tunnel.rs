@@ -4,12 +4,12 @@
 //! guard, a connection to exactly a checked address; then bytes both ways, counted, never inspected, no
 //! credential injected. Bounded like upgraded connections: idle timeout and `max_upgraded_bytes`.
 
+use crate::audit::records::{Outcome, TunnelBytes};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use pexi_protocol::payload::{ErrorCode, ErrorPayload, NetConnect, NetConnectHead, ResponseHead};
-use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use super::request::Prepared;
@@ -44,7 +44,15 @@ impl Pipeline {
                     &caller,
                     METHOD,
                     decision_id.as_deref(),
-                    json!({"tunnel": {"address": address, "bytes_to_upstream": to_upstream, "bytes_to_guest": to_guest}, "duration_ms": duration_ms}),
+                    Outcome {
+                        tunnel: Some(TunnelBytes {
+                            address: address.to_string(),
+                            bytes_to_upstream: to_upstream,
+                            bytes_to_guest: to_guest,
+                        }),
+                        duration_ms: Some(duration_ms),
+                        ..Outcome::default()
+                    },
                 );
                 responder.end();
             }
@@ -53,7 +61,12 @@ impl Pipeline {
                     &caller,
                     METHOD,
                     decision_id.as_deref(),
-                    json!({"error": error.code.as_str(), "message": error.message, "duration_ms": duration_ms}),
+                    Outcome {
+                        error: Some(error.code.as_str().to_string()),
+                        message: Some(error.message.clone()),
+                        duration_ms: Some(duration_ms),
+                        ..Outcome::default()
+                    },
                 );
                 responder.error(error);
             }

@@ -31,6 +31,7 @@ pub use stream::{
     STREAM_BUFFER,
 };
 
+use crate::audit::records::{self, SessionEvent};
 use crate::pipeline::{Caller, Pipeline};
 
 /// How long an unanswered SYNC waits before a fresh one.
@@ -75,10 +76,12 @@ pub async fn serve_connection<T>(
             error,
         }) => {
             tracing::warn!(%peer, message = %error.message, "refusing the session");
-            pipeline.record(
-                "session",
-                serde_json::json!({"event": "refused", "peer": peer, "code": error.code.as_str(), "message": error.message, "limit": error.details.limit}),
-            );
+            pipeline.record(&records::Session {
+                code: Some(error.code.as_str().to_string()),
+                message: Some(error.message.clone()),
+                limit: error.details.limit,
+                ..records::Session::new(SessionEvent::Refused, &peer)
+            });
             session.refuse_sessions(error);
             // `_refusing` is held until this connection has been answered.
             return serve_session(io, pipeline, shutdown, peer, session, None).await;
@@ -248,10 +251,7 @@ impl Driver {
                 biased;
                 () = &mut handshake_deadline, if self.session.info().is_none() => {
                     tracing::info!(peer = %self.peer, ?handshake_limit, "no HELLO in time; closing the connection");
-                    self.pipeline.record(
-                        "session",
-                        serde_json::json!({"event": "handshake_timeout", "peer": self.peer, "limit_ms": handshake_limit.as_millis() as u64}),
-                    );
+                    self.record_session_event(SessionEvent::HandshakeTimeout, Some(handshake_limit));
                     break;
                 }
                 () = tokio::time::sleep_until(hard_stop.unwrap_or_else(far)), if hard_stop.is_some() => break,
@@ -261,7 +261,7 @@ impl Driver {
                 }
                 () = tokio::time::sleep_until(idle_at), if drain.is_none() => {
                     tracing::info!(peer = %self.peer, ?idle_limit, "session idle; closing the connection");
-                    self.record_session_event("idle_timeout", Some(idle_limit));
+                    self.record_session_event(SessionEvent::IdleTimeout, Some(idle_limit));
                     break;
                 }
                 _ = shutdown.cancelled(), if !matches!(drain, Some((Drain::Shutdown, _))) => {
@@ -321,32 +321,27 @@ impl Driver {
         if let Some((why, _)) = drain {
             self.record_session_event(
                 match why {
-                    Drain::Shutdown => "drained_for_shutdown",
-                    Drain::GuestGoAway => "drained_after_guest_goaway",
+                    Drain::Shutdown => SessionEvent::DrainedForShutdown,
+                    Drain::GuestGoAway => SessionEvent::DrainedAfterGuestGoaway,
                 },
                 None,
             );
         }
         self.fail_all(EndedBy::SessionReset, "the connection ended");
         if !self.refusing {
-            self.record_session_event("close", None);
+            self.record_session_event(SessionEvent::Close, None);
         }
     }
 
-    fn record_session_event(&self, event: &str, limit: Option<Duration>) {
-        let session_id = self
-            .session
-            .info()
-            .map(|i| format!("{:016x}", i.session_id));
-        self.pipeline.record(
-            "session",
-            serde_json::json!({
-                "event": event,
-                "session_id": session_id,
-                "peer": self.peer,
-                "limit_ms": limit.map(|l| l.as_millis() as u64),
-            }),
-        );
+    fn record_session_event(&self, event: SessionEvent, limit: Option<Duration>) {
+        self.pipeline.record(&records::Session {
+            session_id: self
+                .session
+                .info()
+                .map(|i| format!("{:016x}", i.session_id)),
+            limit_ms: limit.map(|l| l.as_millis() as u64),
+            ..records::Session::new(event, &self.peer)
+        });
     }
 
     /// The drain deadline passed: each stream still open gets ERROR `session_reset` after what it was
@@ -382,16 +377,15 @@ impl Driver {
                         guest_version = ?info.peer.version,
                         "session established"
                     );
-                    self.pipeline.record(
-                        "session",
-                        serde_json::json!({
-                            "event": "open",
-                            "session_id": format!("{:016x}", info.session_id),
-                            "peer": self.peer,
-                            "guest": {"name": info.peer.name, "version": info.peer.version},
-                            "protocol_version": info.version,
+                    self.pipeline.record(&records::Session {
+                        session_id: Some(format!("{:016x}", info.session_id)),
+                        guest: Some(records::Guest {
+                            name: info.peer.name.clone(),
+                            version: info.peer.version.clone(),
                         }),
-                    );
+                        protocol_version: Some(info.version),
+                        ..records::Session::new(SessionEvent::Open, &self.peer)
+                    });
                 }
                 Event::Opened { stream_id, call } => self.open(stream_id, call),
                 Event::Data { stream_id, data } => {
