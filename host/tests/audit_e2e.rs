@@ -318,3 +318,32 @@ async fn a_refused_request_has_exactly_one_outcome_record() {
         assert_eq!(count, 1, "stream {stream}: {outcomes:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_redaction_key_at_its_old_place_is_moved_out_of_the_logs_glob() {
+    let key = [7u8; 32];
+    let pep = TestPep::start_with(loopback_options(&[], &["api.test"]), |doc| {
+        // The old place, `<path>.key`, beside the log: what `audit.jsonl*` matched.
+        let path = doc["pep"]["audit"]["path"]
+            .as_str()
+            .expect("audit path")
+            .to_string();
+        std::fs::write(format!("{path}.key"), key).expect("legacy key");
+    });
+    let legacy = pep.dir.join("audit.jsonl.key");
+    let moved = pep.dir.join("keys/audit-redaction.key");
+    assert!(!legacy.exists(), "the key is still beside the log");
+    assert_eq!(std::fs::read(&moved).expect("moved key"), key);
+    assert_eq!(
+        std::fs::metadata(&moved).expect("key").permissions().mode() & 0o777,
+        0o600
+    );
+    assert_eq!(
+        std::fs::metadata(pep.dir.join("keys"))
+            .expect("keys")
+            .permissions()
+            .mode()
+            & 0o777,
+        0o700
+    );
+}

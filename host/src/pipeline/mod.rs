@@ -132,6 +132,11 @@ impl Pipeline {
                     crate::audit::seal::prepare_keys_dir(&config.pep.audit.keys_dir())
                         .map_err(audit_error)?;
                     std::fs::rename(&legacy, &path).map_err(audit_error)?;
+                    std::fs::set_permissions(
+                        &path,
+                        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+                    )
+                    .map_err(audit_error)?;
                     tracing::info!(from = %legacy.display(), to = %path.display(), "moved the audit redaction key");
                 }
                 if config.pep.audit.key_file.is_empty() {
