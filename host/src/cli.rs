@@ -51,7 +51,7 @@ enum Command {
     Paths {
         #[arg(long)]
         config: Option<PathBuf>,
-        /// One of socket, audit, state_dir, runtime_dir; all of them when left out.
+        /// One of socket, audit, checkpoints, public_key, state_dir, runtime_dir; all of them when left out.
         which: Option<String>,
     },
     /// Work with policy bundles.
@@ -352,6 +352,22 @@ fn paths(config: Option<PathBuf>, which: Option<String>) -> ExitCode {
     let all = [
         ("socket", socket),
         ("audit", Some(config.pep.audit.path.display().to_string())),
+        (
+            "checkpoints",
+            Some(config.pep.audit.checkpoint_path().display().to_string()),
+        ),
+        (
+            "public_key",
+            Some(
+                config
+                    .pep
+                    .audit
+                    .keys_dir()
+                    .join(crate::audit::seal::PUBLIC_KEY_FILE)
+                    .display()
+                    .to_string(),
+            ),
+        ),
         ("state_dir", shown(dirs.as_ref().map(|d| &d.state))),
         ("runtime_dir", shown(dirs.as_ref().map(|d| &d.runtime))),
     ];
@@ -372,7 +388,9 @@ fn paths(config: Option<PathBuf>, which: Option<String>) -> ExitCode {
                 ExitCode::from(1)
             }
             None => {
-                eprintln!("pexi: {which:?} is not one of socket, audit, state_dir, runtime_dir");
+                eprintln!(
+                    "pexi: {which:?} is not one of socket, audit, checkpoints, public_key, state_dir, runtime_dir"
+                );
                 ExitCode::from(2)
             }
         },

@@ -90,6 +90,16 @@ pub fn verify(paths: &[PathBuf]) -> Result<Report, Broken> {
 }
 
 pub fn verify_with(paths: &[PathBuf], options: &Options) -> Result<Report, Broken> {
+    // The checkpoints are read before the log: a running PEP writes a checkpoint only after the records
+    // it covers, so every checkpoint read here covers records the log read below already holds.
+    let checkpoint_text = match &options.checkpoints {
+        Some(path) => Some(std::fs::read(path).map_err(|err| Broken {
+            file: path.clone(),
+            line: 0,
+            problem: format!("{CANNOT_READ}: {err}"),
+        })?),
+        None => None,
+    };
     let mut files: Vec<(u64, PathBuf, Vec<u8>)> = Vec::new();
     for path in paths {
         let bytes = std::fs::read(path).map_err(|err| Broken {
@@ -280,7 +290,8 @@ pub fn verify_with(paths: &[PathBuf], options: &Options) -> Result<Report, Broke
             .rev()
             .find(|l| !l.unterminated)
             .map(|l| (l.file.to_path_buf(), l.number));
-        report.checkpoints = Some(check_checkpoints(path, key, &report, &by_seq, last)?);
+        let text = checkpoint_text.unwrap_or_default();
+        report.checkpoints = Some(check_checkpoints(path, &text, key, &report, &by_seq, last)?);
     }
     Ok(report)
 }
@@ -289,20 +300,22 @@ pub fn verify_with(paths: &[PathBuf], options: &Options) -> Result<Report, Broke
 /// checkpoint covered.
 fn check_checkpoints(
     path: &Path,
+    text: &[u8],
     key: &[u8],
     report: &Report,
     by_seq: &HashMap<u64, (&Path, usize, String)>,
     last_line: Option<(PathBuf, usize)>,
 ) -> Result<CheckpointReport, Broken> {
-    let text = std::fs::read(path).map_err(|err| Broken {
-        file: path.to_path_buf(),
-        line: 0,
-        problem: format!("{CANNOT_READ}: {err}"),
-    })?;
     let mut prev = "none".to_string();
     let mut latest: Option<Value> = None;
     let mut count = 0;
-    for (index, line) in text.split(|b| *b == b'\n').enumerate() {
+    // A last line without its newline is being written right now (or was cut by a crash): not yet a
+    // checkpoint.
+    let complete = match text.iter().rposition(|b| *b == b'\n') {
+        Some(end) => &text[..end],
+        None => &[][..],
+    };
+    for (index, line) in complete.split(|b| *b == b'\n').enumerate() {
         if line.is_empty() {
             continue;
         }
