@@ -381,6 +381,8 @@ fn logs_written_to_a_pipe_or_file_are_plain_text() {
     while !socket.exists() && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
+    // The socket exists from bind(); the "listening" line follows it: give a loaded machine a moment.
+    std::thread::sleep(std::time::Duration::from_millis(500));
     // Only our own child, by PID.
     let _ = child.kill();
     let output = child.wait_with_output().expect("wait");

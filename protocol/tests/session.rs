@@ -492,6 +492,31 @@ fn data_beyond_credit_fails_the_stream_or_the_session() {
 }
 
 #[test]
+fn a_malformed_session_window_update_ends_the_session_a_stream_one_only_the_stream() {
+    for payload in [vec![0, 0, 0, 0], vec![0, 0, 1]] {
+        let (mut guest, mut host) = established();
+        let a = guest.open(get("https://a.example/a")).expect("open");
+        settle(&mut guest, &mut host);
+        events(&mut host);
+        // On a stream: that stream fails, the session carries on.
+        host.receive(&Frame::new(FrameType::WindowUpdate, a, payload.clone()).encode());
+        assert_eq!(
+            failed_codes(&events(&mut host)),
+            vec![(a, ErrorCode::ProtocolError, Origin::Local)]
+        );
+        assert!(host.is_established());
+        // On stream 0 (zero increment, wrong length): GOAWAY protocol_error, as for an overflow (§6).
+        host.receive(&Frame::new(FrameType::WindowUpdate, 0, payload).encode());
+        let sent = drain_frames(&mut host);
+        assert!(
+            sent.iter().any(|f| f.frame_type == FrameType::GoAway),
+            "{sent:?}"
+        );
+        assert!(!host.is_established());
+    }
+}
+
+#[test]
 fn discarded_data_still_returns_session_credit() {
     let mut host_config = Config::new("h", "1");
     host_config.receive.initial_stream_window = 8_000;

@@ -367,7 +367,7 @@ fn render(vectors: &[Vector]) -> String {
         })
         .collect();
     let doc = json!({
-        "format": "pexi protocol golden vectors; see docs/protocol.md §Vectors",
+        "format": "pexi protocol golden vectors; see docs/protocol.md §11. The keys of each payload object are sorted; encode in the key order the spec gives for the type (the wire bytes are payload_hex)",
         "frame_format_version": 1,
         "protocol_version": 1,
         "decoder_max_payload": DEFAULT_MAX_PAYLOAD,

@@ -453,7 +453,11 @@ impl Session {
     fn handle_window_update(&mut self, id: u32, payload: &[u8]) {
         let increment = match decode_window_update(payload) {
             Ok(increment) => increment,
-            Err(err) if id == SESSION_STREAM => return self.reject_session(err.to_string()),
+            // Session credit the peer meant to grant is unknown now: both sides' accounting is off, as
+            // for an overflow (§6).
+            Err(err) if id == SESSION_STREAM => {
+                return self.fatal(format!("session WINDOW_UPDATE: {err}"))
+            }
             Err(err) => return self.reject_stream(id, ErrorCode::ProtocolError, err.to_string()),
         };
         if id == SESSION_STREAM {
