@@ -14,10 +14,13 @@ pub struct Implementation {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct ReceiveParams {
     /// Largest frame payload this side accepts, in bytes (4 KiB ..= 16 MiB).
+    #[schemars(range(min = 4096, max = 16_777_216))]
     pub max_frame: u32,
     /// DATA bytes the peer may send on a new stream before a WINDOW_UPDATE (1 ..= 2^31-1).
+    #[schemars(range(min = 1, max = 2_147_483_647))]
     pub initial_stream_window: u32,
     /// DATA bytes the peer may send across all streams before a WINDOW_UPDATE on stream 0 (1 ..= 2^31-1).
+    #[schemars(range(min = 1, max = 2_147_483_647))]
     pub initial_connection_window: u32,
 }
 
@@ -31,7 +34,8 @@ pub struct Hello {
     /// for the answer.
     pub nonce: u64,
     pub implementation: Implementation,
-    /// Optional capabilities; unknown names are ignored. Version 1 defines none.
+    /// Capabilities; unknown names are ignored. Version 1 defines none. Always sent (empty); a receiver
+    /// treats a missing one as empty.
     #[serde(default)]
     pub features: Vec<String>,
     /// What this side accepts from the peer.
@@ -50,7 +54,8 @@ pub struct Limits {
     /// Redirect hops followed in `follow` mode (`too_many_redirects` beyond).
     pub max_redirects: u32,
     pub connect_timeout_ms: u64,
-    /// Longest silence on an upstream response before `upstream_timeout`.
+    /// Longest a stream may go without a byte either way (an upstream that sends nothing: `upstream_timeout`;
+    /// a guest that takes nothing: `guest_stalled`).
     pub idle_timeout_ms: u64,
     /// Upper bound for a whole request, whatever the guest's own `timeout_ms` says.
     pub total_timeout_ms: u64,
@@ -67,6 +72,7 @@ pub struct HelloAck {
     /// Assigned by the host; names this session in audit records.
     pub session_id: u64,
     pub implementation: Implementation,
+    /// As in HELLO: always sent (empty in version 1).
     #[serde(default)]
     pub features: Vec<String>,
     /// What this side accepts from the peer.

@@ -170,6 +170,7 @@ impl MethodCall {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct HttpResponseHead {
     pub status: u16,
+    /// Always sent (possibly empty); a receiver treats a missing one as empty.
     #[serde(default)]
     pub headers: Vec<HeaderField>,
     /// The URL of the response after any redirects followed.
@@ -183,6 +184,7 @@ pub struct HttpResponseHead {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct PolicyDecision {
     pub allow: bool,
+    /// Always sent (possibly empty).
     #[serde(default)]
     pub reasons: Vec<String>,
     pub decision_id: String,
