@@ -31,18 +31,9 @@ fn api_options() -> support::PepOptions {
 
 /// The first session-level record with `event`, waiting for it.
 fn session_record(pep: &TestPep, event: &str) -> serde_json::Value {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(record) = pep
-            .audit_records()
-            .into_iter()
-            .find(|r| r["kind"] == "session" && r["event"] == event)
-        {
-            return record;
-        }
-        assert!(Instant::now() < deadline, "no session {event} record");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    pep.wait_record(&format!("session {event}"), |r| {
+        r["kind"] == "session" && r["event"] == event
+    })
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -260,21 +260,9 @@ async fn a_misbehaving_guest_cannot_exceed_the_stream_limit() {
 
 /// The outcome record of `stream_id`, waiting for it to be written.
 fn outcome_of(pep: &TestPep, stream_id: u32) -> serde_json::Value {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(record) = pep
-            .audit_records()
-            .into_iter()
-            .find(|r| r["kind"] == "outcome" && r["stream_id"] == stream_id)
-        {
-            return record;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no outcome for stream {stream_id}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    pep.wait_record(&format!("outcome for stream {stream_id}"), |r| {
+        r["kind"] == "outcome" && r["stream_id"] == stream_id
+    })
 }
 
 /// What the guest saw on each stream until the connection ended (bounded: a PEP that never answers fails

@@ -769,56 +769,45 @@ impl TestCa {
 /// its guest all live in there. Returns true in that inner run (go on with the test) and false in the outer
 /// one, after the inner run passed; panics with the inner run's output when it did not. Needs root.
 pub fn in_isolated_netns(test_name: &str) -> bool {
-    const INSIDE: &str = "PEXI_TEST_ISOLATED_NETNS";
-    if std::env::var_os(INSIDE).is_some() {
-        return true;
-    }
-    let exe = std::env::current_exe().expect("the test binary's path");
-    let output = std::process::Command::new("unshare")
-        .args(["-n", "sh", "-c", "ip link set lo up && exec \"$0\" \"$@\""])
-        .arg(&exe)
-        .args([test_name, "--exact", "--nocapture", "--test-threads=1"])
-        .env(INSIDE, "1")
-        .output()
-        .expect("run unshare -n (util-linux; needs root)");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success() && stdout.contains("1 passed"),
-        "{test_name} in a loopback-only network namespace: {}\n{stdout}\n{stderr}",
-        output.status
-    );
-    false
+    rerun_inside(
+        test_name,
+        &["-n"],
+        "PEXI_TEST_ISOLATED_NETNS",
+        "a loopback-only network namespace",
+    )
 }
 
 /// Like [`in_isolated_netns`], with a private mount namespace as well (`unshare -m -n`), so the test may
 /// mount a small tmpfs (a disk that fills) that nothing outside sees and that goes away with it.
 pub fn in_private_mounts(test_name: &str) -> bool {
-    const INSIDE: &str = "PEXI_TEST_PRIVATE_MOUNTS";
-    if std::env::var_os(INSIDE).is_some() {
+    rerun_inside(
+        test_name,
+        &["-m", "--propagation", "private", "-n"],
+        "PEXI_TEST_PRIVATE_MOUNTS",
+        "private mount and network namespaces",
+    )
+}
+
+/// Runs the calling test again, alone, under `unshare` with `namespaces` and loopback up; `inside` marks
+/// the inner run. True in the inner run, false in the outer one after the inner run passed.
+fn rerun_inside(test_name: &str, namespaces: &[&str], inside: &str, what: &str) -> bool {
+    if std::env::var_os(inside).is_some() {
         return true;
     }
     let exe = std::env::current_exe().expect("the test binary's path");
     let output = std::process::Command::new("unshare")
-        .args([
-            "-m",
-            "--propagation",
-            "private",
-            "-n",
-            "sh",
-            "-c",
-            "ip link set lo up && exec \"$0\" \"$@\"",
-        ])
+        .args(namespaces)
+        .args(["sh", "-c", "ip link set lo up && exec \"$0\" \"$@\""])
         .arg(&exe)
         .args([test_name, "--exact", "--nocapture", "--test-threads=1"])
-        .env(INSIDE, "1")
+        .env(inside, "1")
         .output()
-        .expect("run unshare -m -n (util-linux; needs root)");
+        .expect("run unshare (util-linux; needs root)");
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         output.status.success() && stdout.contains("1 passed"),
-        "{test_name} in private mount and network namespaces: {}\n{stdout}\n{stderr}",
+        "{test_name} in {what}: {}\n{stdout}\n{stderr}",
         output.status
     );
     false

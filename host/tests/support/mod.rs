@@ -115,6 +115,19 @@ impl TestPep {
         }
     }
 
+    /// The first record matching `wanted`, waiting up to 10 s for it (records nobody waits for are written
+    /// after the guest hears back).
+    pub fn wait_record(&self, what: &str, wanted: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(record) = self.audit_records().into_iter().find(|r| wanted(r)) {
+                return record;
+            }
+            assert!(Instant::now() < deadline, "no {what} record");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn records_for(&self, decision_id: &str) -> Vec<Value> {
         self.audit_records()
             .into_iter()
