@@ -216,24 +216,39 @@ async fn good_guest(guest: &mut Guest, url: &str, until: Instant) -> (Vec<f64>, 
     (latencies, failures)
 }
 
+/// A session announcing `config` that opens `n` downloads of `url` and sends their END; `None` when it was
+/// refused (counted, and a second's pause before the caller tries again).
+async fn downloads(
+    socket: &Path,
+    config: SessionConfig,
+    n: usize,
+    url: &str,
+    stats: &Stats,
+) -> Option<Guest> {
+    let Some(mut guest) = connect(socket, config).await else {
+        bump(&stats.sessions_refused);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        return None;
+    };
+    bump(&stats.sessions_admitted);
+    for _ in 0..n {
+        let Ok(id) = guest.session().open(get(url)) else {
+            break;
+        };
+        let _ = guest.session().send_end(id, vec![]);
+        bump(&stats.streams_opened);
+    }
+    Some(guest)
+}
+
 async fn hoarder(socket: PathBuf, url: String, stats: Arc<Stats>) {
     loop {
         let mut config = SessionConfig::new("soak-hoarder", "1");
         config.receive.initial_stream_window = MAX_WINDOW;
         config.receive.initial_connection_window = MAX_WINDOW;
-        let Some(mut guest) = connect(&socket, config).await else {
-            bump(&stats.sessions_refused);
-            tokio::time::sleep(Duration::from_secs(1)).await;
+        let Some(mut guest) = downloads(&socket, config, 128, &url, &stats).await else {
             continue;
         };
-        bump(&stats.sessions_admitted);
-        for _ in 0..128 {
-            let Ok(id) = guest.session().open(get(&url)) else {
-                break;
-            };
-            let _ = guest.session().send_end(id, vec![]);
-            bump(&stats.streams_opened);
-        }
         if guest.conn.flush().await.is_err() {
             continue;
         }
@@ -246,19 +261,9 @@ async fn starver(socket: PathBuf, url: String, stats: Arc<Stats>) {
     loop {
         let mut config = SessionConfig::new("soak-starver", "1");
         config.receive.initial_stream_window = 64 * 1024;
-        let Some(mut guest) = connect(&socket, config).await else {
-            bump(&stats.sessions_refused);
-            tokio::time::sleep(Duration::from_secs(1)).await;
+        let Some(mut guest) = downloads(&socket, config, 32, &url, &stats).await else {
             continue;
         };
-        bump(&stats.sessions_admitted);
-        for _ in 0..32 {
-            let Ok(id) = guest.session().open(get(&url)) else {
-                break;
-            };
-            let _ = guest.session().send_end(id, vec![]);
-            bump(&stats.streams_opened);
-        }
         // Reads, never releases: no WINDOW_UPDATE ever goes back.
         while let Ok(Some(_)) = guest.conn.next_event().await {}
     }

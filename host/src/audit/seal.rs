@@ -86,7 +86,13 @@ impl Sealer {
 
     /// Turns `line` (one JSON object, no newline) into its signed form: `,"sig":"…"}` replaces the final `}`.
     pub fn seal(&self, line: &mut Vec<u8>) {
-        let signature = self.key.sign(line);
+        self.seal_from(line, 0);
+    }
+
+    /// [`Sealer::seal`] for the line that starts at `start` and runs to the end of `buffer` (the writer's
+    /// pending group), in place.
+    pub fn seal_from(&self, line: &mut Vec<u8>, start: usize) {
+        let signature = self.key.sign(&line[start..]);
         line.pop();
         line.extend_from_slice(b",\"sig\":\"");
         line.extend_from_slice(hex::encode(signature.as_ref()).as_bytes());

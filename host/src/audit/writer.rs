@@ -425,9 +425,10 @@ impl Writer {
         let start = self.pending.len();
         serde_json::to_writer(&mut self.pending, &Value::Object(record))?;
         if let Some(checkpoints) = &mut self.sealing {
-            let mut line = self.pending.split_off(start);
-            checkpoints.settings.sealer.seal(&mut line);
-            self.pending.extend_from_slice(&line);
+            checkpoints
+                .settings
+                .sealer
+                .seal_from(&mut self.pending, start);
             checkpoints.uncovered += 1;
             checkpoints.since.get_or_insert_with(Instant::now);
         }
