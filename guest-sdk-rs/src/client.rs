@@ -618,6 +618,16 @@ struct Connection {
     waiting: Vec<Waiting>,
 }
 
+/// What becomes of a session after its events.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Next {
+    Go,
+    /// Over: start a new one on the same transport.
+    NewSession,
+    /// Refused: end the connection; the next request makes a new one.
+    Reconnect,
+}
+
 /// Why a connection ended.
 enum Ended {
     /// Every `Client` handle is gone.
@@ -742,10 +752,27 @@ impl Connection {
                     keepalive_at = tokio::time::Instant::now() + keepalive;
                 }
             }
-            if self.route_events(&mut session) {
-                // The host lost this session (it restarted): start a new one on the same transport.
+            let next = self.route_events(&mut session);
+            if next != Next::Go {
+                // The session is over (the host lost it, or it ended over a protocol error): what it still
+                // has to say (a GOAWAY) goes out first, then a new session starts on the same transport.
+                while let Some(frame) = session.poll_transmit() {
+                    if out_tx.send(frame.encode()).await.is_err() {
+                        break;
+                    }
+                }
+                if next == Next::Reconnect {
+                    break Ended::Lost;
+                }
                 session =
                     Session::client(SessionConfig::new("pexi-guest", env!("CARGO_PKG_VERSION")));
+            } else if session.peer_going_away()
+                && session.active_streams() == 0
+                && !session.has_pending_transmit()
+            {
+                // The host's GOAWAY has been honoured: every stream it promised has finished. Requests
+                // that came meanwhile wait for a new connection (a restarted host, or another one).
+                break Ended::Lost;
             }
         };
         read_task.abort();
@@ -868,9 +895,10 @@ impl Connection {
         }
     }
 
-    /// Hands session events to their requests. Returns true when the host no longer knows this session.
-    fn route_events(&mut self, session: &mut Session) -> bool {
+    /// Hands session events to their requests, and says what becomes of the session.
+    fn route_events(&mut self, session: &mut Session) -> Next {
         let mut restart = false;
+        let mut refused = false;
         while let Some(event) = session.poll_event() {
             match event {
                 Event::Established(info) => {
@@ -932,11 +960,16 @@ impl Connection {
                 }
                 Event::PeerError(error) if error.code == ErrorCode::SessionReset => restart = true,
                 Event::Refused(error) => {
+                    refused = true;
                     for (_, reply, _) in std::mem::take(&mut self.waiting) {
                         let _ = reply.send(Err(Error::Pep(error.clone())));
                     }
                 }
-                Event::GoAway(_) | Event::Closed => restart = true,
+                // A graceful GOAWAY: the streams it names run on, nothing new opens (open_waiting) and the
+                // connection ends once they are done (serve). One over a protocol error is followed by
+                // Closed.
+                Event::GoAway(_) => {}
+                Event::Closed => restart = true,
                 Event::PeerError(_)
                 | Event::Rejected { .. }
                 | Event::Pong(_)
@@ -944,18 +977,23 @@ impl Connection {
                 | Event::Opened { .. } => {}
             }
         }
-        if restart {
+        if refused {
+            // The requests that waited have their answer; a new HELLO now would only be refused again, so
+            // the next request connects afresh.
+            Next::Reconnect
+        } else if restart {
             self.fail_all("the PEP lost the session");
+            Next::NewSession
         } else {
             self.open_waiting(session);
+            Next::Go
         }
-        restart
     }
 
     /// Opens waiting requests while the session has room under the PEP's stream limit; the rest wait for
     /// a stream to finish.
     fn open_waiting(&mut self, session: &mut Session) {
-        if !session.is_established() {
+        if !session.is_established() || session.peer_going_away() {
             return;
         }
         let limit = session

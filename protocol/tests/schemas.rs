@@ -117,3 +117,98 @@ fn schemas_are_valid_json_schema_and_describe_byte_strings() {
         "header values must be marked as CBOR byte strings"
     );
 }
+
+/// The schema a conformance scenario's `send` payload must match, by frame type (a HEAD by its keys).
+fn scenario_schema(frame: &serde_json::Value) -> Option<&'static str> {
+    let payload = frame.get("payload")?;
+    Some(match frame["type"].as_str()? {
+        "HELLO" => "hello.schema.json",
+        "HELLO_ACK" => "hello-ack.schema.json",
+        "GOAWAY" => "goaway.schema.json",
+        "OPEN" => "open.schema.json",
+        "END" => "end.schema.json",
+        "ERROR" => "error.schema.json",
+        "HEAD" if payload.get("status").is_some() => "head.pep.http.request.schema.json",
+        "HEAD" if payload.get("allow").is_some() => "head.pep.policy.check.schema.json",
+        "HEAD" => "head.pep.net.connect.schema.json",
+        _ => return None,
+    })
+}
+
+/// A scenario's whole-string `"$name"` placeholders stand for captured stream ids and nonces (unsigned
+/// integers); `${name}` inside a string for text (the upstream's `http://host:port`).
+fn with_placeholders_filled(value: &serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match value {
+        Value::String(s) if s.starts_with('$') && !s.starts_with("${") => Value::from(1),
+        Value::String(s) if s.contains("${") => {
+            let mut out = String::new();
+            let mut rest = s.as_str();
+            while let (Some(start), Some(end)) = (rest.find("${"), rest.find('}')) {
+                out.push_str(&rest[..start]);
+                out.push_str("http://upstream.example:8080");
+                rest = &rest[end + 1..];
+            }
+            out.push_str(rest);
+            Value::from(out)
+        }
+        Value::Array(items) => Value::Array(items.iter().map(with_placeholders_filled).collect()),
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .map(|(k, v)| (k.clone(), with_placeholders_filled(v)))
+                .collect(),
+        ),
+        other => other.clone(),
+    }
+}
+
+#[test]
+fn every_conformance_scenario_payload_matches_its_schema() {
+    let mut checked = 0;
+    let mut failures = Vec::new();
+    for side in ["host", "guest"] {
+        let dir = repo_root().join("protocol/conformance").join(side);
+        let mut files: Vec<_> = std::fs::read_dir(&dir)
+            .expect("scenario directory")
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "json"))
+            .collect();
+        files.sort();
+        assert!(!files.is_empty(), "no scenarios in {}", dir.display());
+        for file in files {
+            let scenario: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(&file).expect("read"))
+                    .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+            for step in scenario["steps"].as_array().expect("steps") {
+                let Some(frame) = step.get("send") else {
+                    continue;
+                };
+                let Some(schema_file) = scenario_schema(frame) else {
+                    continue;
+                };
+                let schema: serde_json::Value = serde_json::from_str(
+                    &std::fs::read_to_string(repo_root().join("schemas").join(schema_file))
+                        .expect("schema"),
+                )
+                .expect("schema json");
+                let payload = with_placeholders_filled(&frame["payload"]);
+                // A payload sent to test a refusal says why it is invalid; the schema must reject it too.
+                match (
+                    jsonschema::validate(&schema, &payload),
+                    frame.get("invalid"),
+                ) {
+                    (Err(err), None) => failures.push(format!("{} {frame}: {err}", file.display())),
+                    (Ok(()), Some(why)) => failures.push(format!(
+                        "{} {frame}: {schema_file} accepts it, but it is invalid ({why})",
+                        file.display()
+                    )),
+                    _ => {}
+                }
+                checked += 1;
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert!(checked >= 40, "only {checked} scenario payloads checked");
+}

@@ -20,6 +20,8 @@ use pexi_protocol::payload::{ErrorPayload, HttpRequest, MethodCall, ResponseHead
 use pexi_protocol::session::{Config as SessionConfig, Event, Session};
 use tokio::net::UnixStream;
 
+pub mod conformance;
+
 // ---------------------------------------------------------------------------------------------------------
 // The PEP process
 

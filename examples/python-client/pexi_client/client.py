@@ -388,6 +388,10 @@ class _Io:
             self._update_room()
             if self.out and self.fd is not None:
                 self._write()
+            if self.session.going_away() and self.session.active_streams() == 0 and not self.out:
+                # The host's GOAWAY is honoured (every stream it promised finished): requests that came
+                # meanwhile wait for a new connection.
+                self._close_transport()
 
     def _connect_if_needed(self, now: float) -> None:
         if self.fd is not None or not self.waiting:
@@ -464,6 +468,10 @@ class _Io:
                 self.waiting.clear()
             elif isinstance(event, Closed):
                 self._fail_everything(PexiError("session_reset", event.reason, retryable=True), keep_waiting=True)
+                # What the session still has to say (a GOAWAY protocol_error) goes out before the close.
+                self.out += self.session.data_to_send()
+                if self.out and self.fd is not None:
+                    self._write()
                 self._close_transport()
                 return
             elif isinstance(event, (Head, Data, StreamEnd, StreamFailed)):

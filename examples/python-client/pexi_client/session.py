@@ -218,6 +218,13 @@ class Session:
 
     # -- application commands -------------------------------------------------------------------------------
 
+    def going_away(self) -> bool:
+        """The host sent a graceful GOAWAY: nothing opens on this session; its open streams run on."""
+        return self._goaway is not None
+
+    def active_streams(self) -> int:
+        return len(self._streams)
+
     def can_open(self) -> bool:
         return (
             self.state == "established"
@@ -399,9 +406,12 @@ class Session:
         if ack.nonce != self._hello_nonce:
             return  # stale: an answer to an earlier HELLO
         if ack.version not in self.config.versions or not ack.receive.in_range():
+            # Unusable: the requests waiting for this session fail (a new HELLO would get the same answer).
+            reason = f"HELLO_ACK with version {ack.version} or receive values out of range"
             self.state = "closed"
             self._timer = None
-            self._events.append(Closed(f"the host answered with version {ack.version} or bad receive values"))
+            self._events.append(Refused(ErrorPayload("protocol_error", reason)))
+            self._events.append(Closed(reason))
             return
         self.ack = ack
         self._peer = ack.receive

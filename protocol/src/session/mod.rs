@@ -336,6 +336,12 @@ impl Session {
         self.state == State::Closed
     }
 
+    /// Whether the peer sent a graceful GOAWAY: no stream may be opened on this session any more; the open
+    /// ones still run to completion.
+    pub fn peer_going_away(&self) -> bool {
+        self.peer_goaway.is_some()
+    }
+
     /// Streams not yet finished (including finished ones whose data the application still holds).
     pub fn active_streams(&self) -> usize {
         self.streams.len()
