@@ -36,16 +36,33 @@ async fn the_host_passes_every_conformance_scenario() {
     }
     let dir = support::repo_root().join("protocol/conformance/host");
     let files = conformance::scenario_files(&dir).expect("scenarios");
-    assert!(files.len() >= 30, "{} scenarios", files.len());
+    assert!(files.len() >= 41, "{} scenarios", files.len());
     let upstream = Upstream::http("127.0.0.1").await;
     // `allowed.example` resolves to loopback: requests to it are allowed; on port 80 nothing listens.
-    let mut options = loopback_options(&[("allowed.example", "127.0.0.1")], &["allowed.example"]);
-    // A small stream limit, so that a scenario reaches it with a few OPENs.
-    options.limits = vec![("max_concurrent_streams", 4)];
+    // `blocked.example` is allowed by name and resolves only to a link-local address, which the address
+    // guard refuses. `unresolvable.example` is allowed and resolves nowhere: the namespace has no DNS server.
+    let mut options = loopback_options(
+        &[
+            ("allowed.example", "127.0.0.1"),
+            ("blocked.example", "169.254.169.254"),
+        ],
+        &["allowed.example", "blocked.example", "unresolvable.example"],
+    );
+    // Small limits, so that scenarios reach them with a few frames.
+    options.limits = vec![
+        ("max_concurrent_streams", 4),
+        ("max_request_bytes", 1 << 20),
+        ("max_response_bytes", 1 << 20),
+    ];
     let mut vars = Vars::new();
     vars.insert(
         "upstream".into(),
         Value::from(format!("http://allowed.example:{}", upstream.port())),
+    );
+    // The same plain-HTTP server addressed with https: its answer to a ClientHello is no TLS.
+    vars.insert(
+        "upstream_tls".into(),
+        Value::from(format!("https://allowed.example:{}", upstream.port())),
     );
     let shared = TestPep::start(options.clone());
     let mut failures = Vec::new();

@@ -995,6 +995,32 @@ fn response_headers(headers: &http::HeaderMap) -> Vec<HeaderField> {
         .collect()
 }
 
+/// Whether rustls failed somewhere in the chain (a bad certificate, or a peer that does not speak TLS:
+/// "received corrupt message" names neither), directly or inside I/O errors (hyper wraps its connector's
+/// io::Error in another).
+fn is_tls_failure(err: &reqwest::Error) -> bool {
+    use tokio_rustls::rustls;
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(err);
+    while let Some(cause) = source {
+        let mut layer = cause;
+        loop {
+            if layer.is::<rustls::Error>() {
+                return true;
+            }
+            // io::Error::source skips the error it wraps; look inside it instead.
+            match layer
+                .downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+            {
+                Some(inner) => layer = inner,
+                None => break,
+            }
+        }
+        source = cause.source();
+    }
+    false
+}
+
 fn upstream_error(err: &reqwest::Error) -> ErrorPayload {
     let mut chain = err.to_string();
     let mut source = std::error::Error::source(err);
@@ -1006,7 +1032,10 @@ fn upstream_error(err: &reqwest::Error) -> ErrorPayload {
     let lower = chain.to_ascii_lowercase();
     if err.is_timeout() {
         ErrorPayload::new(ErrorCode::UpstreamTimeout, chain).retryable(true)
-    } else if lower.contains("certificate") || lower.contains("tls") || lower.contains("handshake")
+    } else if is_tls_failure(err)
+        || lower.contains("certificate")
+        || lower.contains("tls")
+        || lower.contains("handshake")
     {
         ErrorPayload::new(ErrorCode::UpstreamTls, chain)
     } else {
