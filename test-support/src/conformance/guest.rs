@@ -81,21 +81,22 @@ struct Run<'a> {
     outcome: Option<Value>,
 }
 
+/// The guest's next connection.
+async fn accept(listener: &UnixListener) -> Result<Conn, String> {
+    let (stream, _) = tokio::time::timeout(DRIVER_WITHIN, listener.accept())
+        .await
+        .map_err(|_| "the guest did not connect".to_string())?
+        .map_err(|e| format!("accept: {e}"))?;
+    Ok(Conn::new(stream, "guest"))
+}
+
 impl Run<'_> {
+    /// The current connection; the guest's first one is accepted when a step first needs it.
     async fn conn(&mut self) -> Result<&mut Conn, String> {
         if self.conn.is_none() {
-            self.accept().await?;
+            self.conn = Some(accept(self.listener).await?);
         }
         self.conn.as_mut().ok_or_else(|| "no connection".into())
-    }
-
-    async fn accept(&mut self) -> Result<(), String> {
-        let (stream, _) = tokio::time::timeout(DRIVER_WITHIN, self.listener.accept())
-            .await
-            .map_err(|_| "the guest did not connect".to_string())?
-            .map_err(|e| format!("accept: {e}"))?;
-        self.conn = Some(Conn::new(stream, "guest"));
-        Ok(())
     }
 
     /// A new session's HELLO, on the current connection or on a new one (a guest may start its next session
@@ -106,7 +107,7 @@ impl Run<'_> {
             tokio::select! {
                 frame = conn.next(EXPECT_WITHIN, |_| false) => match frame? {
                     Some(frame) => return Ok(frame),
-                    None => self.accept().await?,
+                    None => self.conn = Some(accept(listener).await?),
                 },
                 accepted = listener.accept() => {
                     let (stream, _) = accepted.map_err(|e| format!("accept: {e}"))?;
@@ -114,7 +115,7 @@ impl Run<'_> {
                 }
             }
         } else {
-            self.accept().await?;
+            self.conn = Some(accept(listener).await?);
         }
         let conn = self.conn.as_mut().ok_or("no connection")?;
         conn.next(EXPECT_WITHIN, |_| false)
@@ -183,23 +184,16 @@ impl Run<'_> {
         } else if step.get("close").is_some() {
             self.conn = None;
         } else if step.get("accept").is_some() {
-            self.accept().await?;
+            self.conn = Some(accept(self.listener).await?);
         } else if let Some(expected) = step.get("expect_outcome") {
             let outcome = self.outcome().await?;
             if !contains(&outcome, expected) {
                 return Err(format!("expected the outcome {expected}, got {outcome}"));
             }
         } else {
-            let vars = &mut self.vars;
-            let conn = match self.conn.as_mut() {
-                Some(conn) => conn,
-                None => {
-                    let (stream, _) = tokio::time::timeout(DRIVER_WITHIN, self.listener.accept())
-                        .await
-                        .map_err(|_| "the guest did not connect".to_string())?
-                        .map_err(|e| format!("accept: {e}"))?;
-                    self.conn.insert(Conn::new(stream, "guest"))
-                }
+            self.conn().await?;
+            let (Some(conn), vars) = (self.conn.as_mut(), &mut self.vars) else {
+                return Err("no connection".into());
             };
             if !conn.step(step, vars).await? {
                 return Err(format!("unknown step {step}"));
@@ -236,6 +230,14 @@ pub async fn run(driver: &Driver, scenario: &Value, workdir: &Path) -> Result<()
             .map_err(|e| format!("driver stdin: {e}"))?;
     }
     let stdout = child.stdout.take().map(BufReader::new);
+    // Read all along, so a chatty driver never blocks on a full pipe; shown when the scenario fails.
+    let stderr = child.stderr.take().map(|mut err| {
+        tokio::spawn(async move {
+            let mut text = String::new();
+            let _ = err.read_to_string(&mut text).await;
+            text
+        })
+    });
     let mut run = Run {
         listener: &listener,
         conn: None,
@@ -265,20 +267,19 @@ pub async fn run(driver: &Driver, scenario: &Value, workdir: &Path) -> Result<()
     {
         let _ = run.child.start_kill();
     }
-    if result.is_err() {
-        let mut stderr = String::new();
-        if let Some(mut err) = run.child.stderr.take() {
-            let _ =
-                tokio::time::timeout(Duration::from_secs(2), err.read_to_string(&mut stderr)).await;
-        }
-        let stderr = stderr.trim();
-        if !stderr.is_empty() {
-            let tail: Vec<_> = stderr.lines().rev().take(8).collect();
-            let tail: Vec<_> = tail.into_iter().rev().collect();
-            result = result.map_err(|e| format!("{e}\n    driver stderr: {}", tail.join("\n    ")));
+    let _ = run.child.wait().await;
+    if let (Err(why), Some(task)) = (&result, stderr) {
+        let text = tokio::time::timeout(Duration::from_secs(2), task)
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default();
+        let lines: Vec<_> = text.trim().lines().collect();
+        if !lines.is_empty() {
+            let tail = &lines[lines.len().saturating_sub(8)..];
+            result = Err(format!("{why}\n    driver stderr: {}", tail.join("\n    ")));
         }
     }
-    let _ = run.child.wait().await;
     let _ = std::fs::remove_file(&socket);
     result
 }
