@@ -26,3 +26,18 @@ build_node_addon() {
         npm run --silent build
     )
 }
+
+# A virtualenv under target/ with zig from PyPI (`ziglang`, pinned), the C compiler scripts/check-macos
+# uses for Apple targets; prints its python.
+ZIGLANG_VERSION=0.17.0
+zig_python() {
+    local venv="$target/zig-venv"
+    if [ ! -x "$venv/bin/python" ]; then
+        python3 -m venv "$venv" >&2
+    fi
+    if [ "$(cat "$venv/ziglang-version" 2>/dev/null)" != "$ZIGLANG_VERSION" ]; then
+        "$venv/bin/pip" install --quiet --disable-pip-version-check "ziglang==$ZIGLANG_VERSION" >&2
+        echo "$ZIGLANG_VERSION" >"$venv/ziglang-version"
+    fi
+    echo "$venv/bin/python"
+}
