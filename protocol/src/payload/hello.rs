@@ -3,6 +3,9 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use super::MAX_WINDOW;
+use crate::frame::{HARD_MAX_PAYLOAD, MIN_MAX_PAYLOAD};
+
 /// Who is speaking: shown in logs and audit records, never used for decisions.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Implementation {
@@ -22,6 +25,28 @@ pub struct ReceiveParams {
     /// DATA bytes the peer may send across all streams before a WINDOW_UPDATE on stream 0 (1 ..= 2^31-1).
     #[schemars(range(min = 1, max = 2_147_483_647))]
     pub initial_connection_window: u32,
+}
+
+impl ReceiveParams {
+    /// The spec's ranges (§4.1): `max_frame` 4096 ..= 16 MiB, each window 1 ..= 2³¹−1. A HELLO or HELLO_ACK
+    /// with values outside them is refused.
+    pub fn check(&self) -> Result<(), String> {
+        if !(MIN_MAX_PAYLOAD..=HARD_MAX_PAYLOAD).contains(&self.max_frame) {
+            return Err(format!(
+                "max_frame {} outside {MIN_MAX_PAYLOAD}..={HARD_MAX_PAYLOAD}",
+                self.max_frame
+            ));
+        }
+        for (name, value) in [
+            ("initial_stream_window", self.initial_stream_window),
+            ("initial_connection_window", self.initial_connection_window),
+        ] {
+            if !(1..=MAX_WINDOW).contains(&value) {
+                return Err(format!("{name} {value} outside 1..=2^31-1"));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Guest → host, first frame of a session (type 0x01, stream 0).

@@ -8,13 +8,10 @@
 use bytes::Bytes;
 
 use super::{Event, Origin, Session, SessionInfo, State, Stream, Unsent};
-use crate::frame::{
-    DecodeError, Flags, Frame, FrameType, HARD_MAX_PAYLOAD, MIN_MAX_PAYLOAD, SESSION_STREAM,
-};
+use crate::frame::{DecodeError, Flags, Frame, FrameType, SESSION_STREAM};
 use crate::payload::{
     cbor, decode_nonce, decode_ping, decode_window_update, End, ErrorCode, ErrorDetails,
-    ErrorPayload, GoAway, Hello, HelloAck, MethodCall, OpenError, ReceiveParams, ResponseHead,
-    MAX_WINDOW,
+    ErrorPayload, GoAway, Hello, HelloAck, MethodCall, OpenError, ResponseHead,
 };
 
 use super::Role;
@@ -198,7 +195,7 @@ impl Session {
             error.details.hello_nonce = Some(hello.nonce);
             return self.tell_peer(SESSION_STREAM, error);
         }
-        if let Err(reason) = check_receive_params(&hello.receive) {
+        if let Err(reason) = hello.receive.check() {
             let error = refuse(ErrorCode::ProtocolError, format!("HELLO: {reason}"));
             return self.tell_peer(SESSION_STREAM, error);
         }
@@ -257,7 +254,7 @@ impl Session {
                 ack.version
             ));
         }
-        if let Err(reason) = check_receive_params(&ack.receive) {
+        if let Err(reason) = ack.receive.check() {
             return self.refuse_locally(format!("HELLO_ACK: {reason}"));
         }
         self.limits = ack.limits;
@@ -626,25 +623,4 @@ fn decode_error_payload(payload: &[u8]) -> ErrorPayload {
             format!("undecodable ERROR: {err}"),
         )
     })
-}
-
-fn check_receive_params(params: &ReceiveParams) -> Result<(), String> {
-    if !(MIN_MAX_PAYLOAD..=HARD_MAX_PAYLOAD).contains(&params.max_frame) {
-        return Err(format!(
-            "max_frame {} outside {MIN_MAX_PAYLOAD}..={HARD_MAX_PAYLOAD}",
-            params.max_frame
-        ));
-    }
-    for (name, value) in [
-        ("initial_stream_window", params.initial_stream_window),
-        (
-            "initial_connection_window",
-            params.initial_connection_window,
-        ),
-    ] {
-        if !(1..=MAX_WINDOW).contains(&value) {
-            return Err(format!("{name} {value} outside 1..=2^31-1"));
-        }
-    }
-    Ok(())
 }

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use pexi_protocol::frame::{Frame, FrameType};
+use pexi_protocol::frame::{Frame, FrameType, DEFAULT_MAX_PAYLOAD};
 use pexi_protocol::payload::{
     cbor, decode_window_update, encode_window_update, Hello, HelloAck, ReceiveParams,
 };
@@ -21,8 +21,6 @@ use super::{
 
 /// The largest DATA frame the runner sends.
 const RUNNER_CHUNK: u64 = 16 * 1024;
-/// What both sides accept before a handshake (spec §2.1).
-const PRE_HANDSHAKE_MAX_FRAME: u32 = 65536;
 
 /// The byte at `offset` of every body the scenarios move with `send_data` (and a driver's `body_bytes`):
 /// `a` to `z`, repeating.
@@ -67,16 +65,11 @@ pub struct Conn {
     peer: &'static str,
 }
 
-fn in_range(receive: &ReceiveParams) -> bool {
-    (4096..=16 << 20).contains(&receive.max_frame)
-        && receive.initial_stream_window >= 1
-        && receive.initial_connection_window >= 1
-}
-
 impl Conn {
     pub fn new(stream: UnixStream, peer: &'static str) -> Conn {
         let before = ReceiveParams {
-            max_frame: PRE_HANDSHAKE_MAX_FRAME,
+            // What both sides accept before a handshake (spec §2.1).
+            max_frame: DEFAULT_MAX_PAYLOAD,
             initial_stream_window: 0,
             initial_connection_window: 0,
         };
@@ -211,7 +204,7 @@ impl Conn {
         match frame.frame_type {
             FrameType::Hello => {
                 if let Ok(hello) = cbor::decode::<Hello>("HELLO", &frame.payload) {
-                    if in_range(&hello.receive) {
+                    if hello.receive.check().is_ok() {
                         self.announced = hello.receive;
                     }
                 }
@@ -219,7 +212,7 @@ impl Conn {
             }
             // A HELLO_ACK a guest must refuse (another version, values out of range) changes nothing.
             FrameType::HelloAck => match cbor::decode::<HelloAck>("HELLO_ACK", &frame.payload) {
-                Ok(ack) if ack.version == 1 && in_range(&ack.receive) => {
+                Ok(ack) if ack.version == 1 && ack.receive.check().is_ok() => {
                     self.announced = ack.receive;
                     self.max_concurrent = ack.limits.max_concurrent_streams;
                     self.reset_session();

@@ -11,13 +11,15 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use pexi_protocol::frame::{Frame, FrameType};
-use pexi_protocol::payload::{cbor, HelloAck, Implementation, Limits, ReceiveParams};
+use pexi_protocol::payload::{cbor, HelloAck, Implementation, Limits};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixListener;
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
-use super::{as_json, contains, describe, substitute, Conn, Vars, EXPECT_WITHIN};
+use super::{
+    as_json, contains, describe, reference_receive, substitute, Conn, Vars, EXPECT_WITHIN,
+};
 
 /// How long the runner waits for the driver to connect, and to finish its action.
 const DRIVER_WITHIN: Duration = Duration::from_secs(15);
@@ -40,20 +42,9 @@ fn hello_ack(nonce: u64) -> HelloAck {
             version: "1".into(),
         },
         features: Vec::new(),
-        receive: ReceiveParams {
-            max_frame: 65536,
-            initial_stream_window: 262_144,
-            initial_connection_window: 1_048_576,
-        },
-        limits: Limits {
-            max_concurrent_streams: 100,
-            max_request_bytes: 64 * 1024 * 1024,
-            max_response_bytes: 64 * 1024 * 1024,
-            max_redirects: 10,
-            connect_timeout_ms: 10_000,
-            idle_timeout_ms: 60_000,
-            total_timeout_ms: 300_000,
-        },
+        receive: reference_receive(),
+        // The reference host's limits; scenarios lower those they test.
+        limits: Limits::default(),
         policy_revision: None,
     }
 }

@@ -9,7 +9,7 @@ use pexi_protocol::payload::{cbor, Hello, Implementation, ReceiveParams};
 use serde_json::Value;
 use tokio::net::UnixStream;
 
-use super::{as_json, describe, substitute, Conn, Vars, EXPECT_WITHIN};
+use super::{as_json, describe, reference_receive, substitute, Conn, Vars, EXPECT_WITHIN};
 
 /// The nonce of the runner's HELLO in a `handshake` step.
 pub const HANDSHAKE_NONCE: u64 = 0x5eed;
@@ -50,11 +50,7 @@ pub async fn run(
 /// HELLO (version 1, nonce 0x5eed, the reference defaults for `receive` unless `spec.receive` overrides
 /// them), then a HELLO_ACK echoing the nonce; its `limits` are captured as `$max_concurrent_streams`.
 async fn handshake(conn: &mut Conn, spec: &Value, vars: &mut Vars) -> Result<(), String> {
-    let mut receive = serde_json::json!({
-        "max_frame": 65536,
-        "initial_stream_window": 262_144,
-        "initial_connection_window": 1_048_576,
-    });
+    let mut receive = serde_json::to_value(reference_receive()).map_err(|e| e.to_string())?;
     if let Some(overrides) = spec["receive"].as_object() {
         for (k, v) in overrides {
             receive[k] = v.clone();

@@ -13,17 +13,28 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use base64::Engine;
-use pexi_protocol::frame::{Flags, Frame, FrameDecoder, FrameType, Header};
+use pexi_protocol::frame::{Flags, Frame, FrameDecoder, FrameType, Header, DEFAULT_MAX_PAYLOAD};
 use pexi_protocol::payload::{
     cbor, End, ErrorPayload, GoAway, Hello, HelloAck, HttpResponseHead, MethodCall, NetConnectHead,
-    PolicyDecision,
+    PolicyDecision, ReceiveParams,
 };
+use pexi_protocol::session::{DEFAULT_CONNECTION_WINDOW, DEFAULT_STREAM_WINDOW};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
 /// How long an `expect` waits for its frame.
 pub const EXPECT_WITHIN: Duration = Duration::from_secs(5);
+
+/// The receive parameters a runner announces unless a scenario overrides them: the reference
+/// implementation's defaults (max frame 65 536, windows 262 144 / 1 048 576).
+pub fn reference_receive() -> ReceiveParams {
+    ReceiveParams {
+        max_frame: DEFAULT_MAX_PAYLOAD,
+        initial_stream_window: DEFAULT_STREAM_WINDOW,
+        initial_connection_window: DEFAULT_CONNECTION_WINDOW,
+    }
+}
 
 /// Values a scenario captured from frames (`"capture"`), substituted where a later step says `"$name"`.
 pub type Vars = HashMap<String, Value>;
