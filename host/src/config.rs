@@ -357,7 +357,21 @@ pub struct VmConfig {
     pub share_writable: bool,
     pub accel: Accel,
     pub kvm_probe_seconds: u64,
+    /// QEMU's system emulator; by default `qemu-system-x86_64` or, for an aarch64 guest,
+    /// `qemu-system-aarch64`.
     pub qemu: String,
+    /// The guest's architecture: `auto` in the file is this machine's. An aarch64 guest's defaults for
+    /// `kernel`, `initrd`, `share` and `qemu` are `scripts/vm-image --arch arm64`'s outputs
+    /// (`target/vm-arm64/`) and `qemu-system-aarch64`.
+    #[serde(default)]
+    pub arch: GuestArch,
+    /// What boots the VM: `auto` in the file is vfkit (Apple's Virtualization.framework) on macOS and
+    /// QEMU elsewhere.
+    #[serde(default)]
+    pub runner: Runner,
+    /// The vfkit program (`brew install vfkit`).
+    #[serde(default = "default_vfkit")]
+    pub vfkit: String,
     /// The vhost-user vsock backend; empty runs the guest without vsock.
     pub vhost_device_vsock: String,
     pub guest_cid: u32,
@@ -377,6 +391,110 @@ pub struct VmConfig {
     /// The per-user folders `run_dir` lies in (see [`Config::private_dirs`]); `pexi vm run` makes them.
     #[serde(skip)]
     pub private_dirs: Vec<PathBuf>,
+}
+
+fn default_vfkit() -> String {
+    "vfkit".into()
+}
+
+/// A guest architecture pexi builds images for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GuestArch {
+    X86_64,
+    Aarch64,
+}
+
+impl GuestArch {
+    /// This machine's architecture (the default: a guest that runs without emulation).
+    pub fn host() -> GuestArch {
+        if cfg!(target_arch = "aarch64") {
+            GuestArch::Aarch64
+        } else {
+            GuestArch::X86_64
+        }
+    }
+
+    /// Where `scripts/vm-image` puts this architecture's image, and its kernel's file name.
+    pub fn image_defaults(self) -> (&'static str, &'static str) {
+        match self {
+            GuestArch::X86_64 => ("target/vm", "vmlinux"),
+            GuestArch::Aarch64 => ("target/vm-arm64", "Image"),
+        }
+    }
+
+    pub fn qemu(self) -> &'static str {
+        match self {
+            GuestArch::X86_64 => "qemu-system-x86_64",
+            GuestArch::Aarch64 => "qemu-system-aarch64",
+        }
+    }
+}
+
+impl Default for GuestArch {
+    fn default() -> Self {
+        GuestArch::host()
+    }
+}
+
+impl FromStr for GuestArch {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "auto" => Ok(GuestArch::host()),
+            "x86_64" | "amd64" => Ok(GuestArch::X86_64),
+            "aarch64" | "arm64" => Ok(GuestArch::Aarch64),
+            other => Err(format!("{other:?} is not auto, x86_64 or aarch64")),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for GuestArch {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        String::deserialize(deserializer)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// What boots the guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Runner {
+    /// QEMU, with vhost-device-vsock for vsock (Linux).
+    Qemu,
+    /// vfkit, Virtualization.framework's command-line runner (macOS): vsock to a Unix socket, virtio-fs.
+    Vfkit,
+}
+
+impl Default for Runner {
+    fn default() -> Self {
+        if cfg!(target_os = "macos") {
+            Runner::Vfkit
+        } else {
+            Runner::Qemu
+        }
+    }
+}
+
+impl FromStr for Runner {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "auto" => Ok(Runner::default()),
+            "qemu" => Ok(Runner::Qemu),
+            "vfkit" => Ok(Runner::Vfkit),
+            other => Err(format!("{other:?} is not auto, qemu or vfkit")),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Runner {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        String::deserialize(deserializer)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
 }
 
 fn default_openclaw_dir() -> PathBuf {
@@ -526,6 +644,23 @@ impl Config {
             }
         };
         let mut vm = vm.map(|mut vm| {
+            // An aarch64 guest's image and emulator, where the file leaves them to the default.
+            if vm.arch != GuestArch::X86_64 {
+                let (image, kernel) = vm.arch.image_defaults();
+                let image = Path::new(image);
+                for (key, path, default) in [
+                    ("vm.kernel", &mut vm.kernel, image.join(kernel)),
+                    ("vm.initrd", &mut vm.initrd, image.join("initramfs.cpio.gz")),
+                    ("vm.share", &mut vm.share, image.join("share")),
+                ] {
+                    if !set_here(key) {
+                        *path = default;
+                    }
+                }
+                if !set_here("vm.qemu") {
+                    vm.qemu = vm.arch.qemu().into();
+                }
+            }
             for (key, path) in [
                 ("vm.kernel", &mut vm.kernel),
                 ("vm.initrd", &mut vm.initrd),
@@ -933,7 +1068,8 @@ mod tests {
         assert_eq!(config.policy_root, PolicyRoot::Embedded);
         assert_eq!(config.pep.policy.allow.len(), 1);
         let vm = config.vm.expect("[vm] from the default");
-        assert_eq!(vm.kernel, PathBuf::from("target/vm/vmlinux"));
+        let (image, kernel) = GuestArch::host().image_defaults();
+        assert_eq!(vm.kernel, Path::new(image).join(kernel));
     }
 
     #[test]
@@ -964,7 +1100,55 @@ mod tests {
         assert_eq!(vm.kernel, dir.join("k/vmlinux"));
         assert_eq!(vm.run_dir, PathBuf::from("/abs/run"));
         // Left to the default: the default's meaning, not the file's folder.
-        assert_eq!(vm.initrd, PathBuf::from("target/vm/initramfs.cpio.gz"));
+        let (image, _) = GuestArch::host().image_defaults();
+        assert_eq!(vm.initrd, Path::new(image).join("initramfs.cpio.gz"));
+    }
+
+    #[test]
+    fn an_aarch64_guest_defaults_to_the_arm64_image_and_emulator() {
+        let (config, dir) = load_text("[vm]\narch = \"aarch64\"\nkernel = \"k/Image\"\n");
+        let vm = config.expect("loads").vm.expect("vm");
+        assert_eq!(vm.arch, GuestArch::Aarch64);
+        // What the file sets stays; what it leaves is scripts/vm-image --arch arm64's and QEMU's for arm64.
+        assert_eq!(vm.kernel, dir.join("k/Image"));
+        assert_eq!(
+            vm.initrd,
+            PathBuf::from("target/vm-arm64/initramfs.cpio.gz")
+        );
+        assert_eq!(vm.share, PathBuf::from("target/vm-arm64/share"));
+        assert_eq!(vm.qemu, "qemu-system-aarch64");
+        let (config, _) =
+            load_text("[vm]\narch = \"arm64\"\nqemu = \"/opt/qemu\"\nrunner = \"vfkit\"\n");
+        let vm = config.expect("loads").vm.expect("vm");
+        assert_eq!(vm.qemu, "/opt/qemu");
+        assert_eq!(vm.kernel, PathBuf::from("target/vm-arm64/Image"));
+        assert_eq!(vm.runner, Runner::Vfkit);
+        // "auto" is this machine's; x86_64 keeps the x86_64 image.
+        let (config, _) = load_text("[vm]\narch = \"x86_64\"\n");
+        let vm = config.expect("loads").vm.expect("vm");
+        assert_eq!(vm.kernel, PathBuf::from("target/vm/vmlinux"));
+        assert_eq!(vm.qemu, "qemu-system-x86_64");
+        let embedded = Config::embedded().expect("embedded").vm.expect("vm");
+        assert_eq!(embedded.arch, GuestArch::host());
+        assert_eq!(
+            embedded.runner,
+            if cfg!(target_os = "macos") {
+                Runner::Vfkit
+            } else {
+                Runner::Qemu
+            }
+        );
+        for (text, message) in [
+            ("[vm]\narch = \"riscv64\"\n", "not auto, x86_64 or aarch64"),
+            (
+                "[vm]\nrunner = \"firecracker\"\n",
+                "not auto, qemu or vfkit",
+            ),
+        ] {
+            let (config, _) = load_text(text);
+            let err = config.expect_err(text).to_string();
+            assert!(err.contains(message), "{err}");
+        }
     }
 
     #[test]

@@ -252,15 +252,13 @@ fn read_private_file(path: &Path) -> Result<String, String> {
             meta.mode() & 0o777
         ));
     }
-    // /proc/self belongs to the process's effective user.
-    if let Ok(me) = std::fs::metadata("/proc/self") {
-        if meta.uid() != me.uid() {
-            return Err(format!(
-                "{shown} belongs to uid {}, not to the PEP's user {}",
-                meta.uid(),
-                me.uid()
-            ));
-        }
+    // From the kernel, not /proc (which macOS does not have: a check through it would silently pass).
+    let me = nix::unistd::geteuid().as_raw();
+    if meta.uid() != me {
+        return Err(format!(
+            "{shown} belongs to uid {}, not to the PEP's user {me}",
+            meta.uid()
+        ));
     }
     std::fs::read_to_string(path).map_err(|err| format!("{shown}: {err}"))
 }
@@ -819,6 +817,12 @@ mod tests {
         let loaded = Secret::load(&from_file, &[], Path::new(".")).expect("mode 600");
         assert_eq!(loaded.value.0, "s3cr3t-from-file");
         assert!(!format!("{loaded:?}").contains("s3cr3t"));
+        // A file of another user is refused (checked only where the test may give a file away: as root).
+        if nix::unistd::geteuid().is_root() {
+            std::os::unix::fs::chown(&path, Some(65534), None).expect("chown");
+            let err = Secret::load(&from_file, &[], Path::new(".")).expect_err("other owner");
+            assert!(err.to_string().contains("belongs to uid 65534"), "{err}");
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

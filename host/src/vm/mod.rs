@@ -1,12 +1,18 @@
-//! `pexi vm run`: boots a guest with no NIC whose only ways out are a virtio-serial port and vsock, both
+//! `pexi vm run`: boots a guest with no NIC whose only ways out are a virtio-serial port and/or vsock,
 //! served by a PEP running in this process, and returns the guest command's exit status.
 //!
-//! The pieces, started in this order and stopped in reverse: the PEP (listening on `<run>/virtio.sock` for
-//! QEMU's chardev and on `<run>/vsock.sock_4041`, the hybrid-vsock convention), `vhost-device-vsock` (the
-//! vhost-user vsock backend that turns a guest connection to CID 2 port 4041 into a connection to that
-//! Unix socket), and QEMU. The guest's init (from `scripts/vm-image`) takes its command from the kernel
-//! command line, runs it, prints `pexi-exit: N` on the console and powers off; the console goes to a log
-//! file, which this module follows to show the command's output and read its status.
+//! Two runners boot it. With QEMU ([`qemu`], Linux) the pieces, started in this order and stopped in
+//! reverse, are: the PEP (listening on `<run>/virtio.sock` for QEMU's chardev and on
+//! `<run>/vsock.sock_4041`, the hybrid-vsock convention), `vhost-device-vsock` (the vhost-user vsock backend
+//! that turns a guest connection to CID 2 port 4041 into a connection to that Unix socket), and QEMU. With
+//! vfkit ([`vfkit`], macOS: Apple's Virtualization.framework) vfkit itself forwards the guest's vsock port
+//! 4041 to `<run>/vsock.sock_4041`, and there is no virtio-serial port. The guest's init (from
+//! `scripts/vm-image`) takes its command from the kernel command line, runs it, prints `pexi-exit: N` on
+//! the console and powers off; the console goes to a log file, which this module follows to show the
+//! command's output and read its status.
+
+pub mod qemu;
+pub mod vfkit;
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -15,14 +21,16 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 
-use crate::config::{Accel, Config, Listen, VmConfig};
+use crate::config::{Accel, Config, GuestArch, Listen, Runner, VmConfig};
 
 /// The console line the guest's init prints before running the command.
 const STARTED: &str = "pexi-init: started";
 /// The console line that carries the command's exit status.
 const EXIT: &str = "pexi-exit: ";
-/// x86's kernel command line limit (COMMAND_LINE_SIZE).
+/// The kernel command line limit (COMMAND_LINE_SIZE, 2048 on x86 and arm64).
 const CMDLINE_MAX: usize = 2048;
+/// The guest's path to the PEP when its only channel is vsock: the host (CID 2), port 4041.
+const VSOCK_ENDPOINT: &str = "vsock:2:4041";
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -177,6 +185,20 @@ impl Plan {
         if let Some(cpus) = options.cpus {
             vm.cpus = cpus;
         }
+        if vm.runner == Runner::Qemu && !cfg!(target_os = "linux") {
+            // vhost-device-vsock and QEMU's memfd memory backend are Linux's.
+            return Err(VmError::Setup(
+                "the QEMU runner needs Linux (vhost-user vsock, a memfd memory backend); on macOS set \
+                 [vm] runner = \"vfkit\" (the default there; brew install vfkit)"
+                    .into(),
+            ));
+        }
+        if vm.runner == Runner::Vfkit && options.no_vsock {
+            return Err(VmError::Setup(
+                "--no-vsock: under vfkit (Virtualization.framework) vsock is the guest's only channel to the PEP"
+                    .into(),
+            ));
+        }
         if let Some(output) = &options.output {
             std::fs::create_dir_all(output).map_err(io(format!("{}", output.display())))?;
             mounts.push(Mount {
@@ -190,7 +212,8 @@ impl Plan {
             env,
             mounts,
             guestd: openclaw,
-            vsock: !options.no_vsock && !vm.vhost_device_vsock.is_empty(),
+            vsock: vm.runner == Runner::Vfkit
+                || (!options.no_vsock && !vm.vhost_device_vsock.is_empty()),
             virtio_socket: run.join("virtio.sock"),
             vsock_uds: run.join("vsock.sock"),
             vhost_socket: run.join("vhost-vsock.sock"),
@@ -202,9 +225,13 @@ impl Plan {
         })
     }
 
-    /// The PEP's listeners for this VM.
+    /// The PEP's listeners for this VM: the virtio-serial port's socket (QEMU only: Virtualization.framework
+    /// has no named virtio-serial ports) and vsock's.
     pub fn listeners(&self) -> Vec<Listen> {
-        let mut listen = vec![Listen::Unix(self.virtio_socket.clone())];
+        let mut listen = Vec::new();
+        if self.vm.runner == Runner::Qemu {
+            listen.push(Listen::Unix(self.virtio_socket.clone()));
+        }
         if self.vsock {
             listen.push(Listen::Unix(hybrid_port(&self.vsock_uds)));
         }
@@ -214,10 +241,21 @@ impl Plan {
     /// The kernel command line: the guest's init reads its command, environment and share mode from it.
     pub fn cmdline(&self) -> Result<String, VmError> {
         let b64 = |text: &str| base64::engine::general_purpose::STANDARD.encode(text);
+        // The console each machine has: x86's first UART, the arm64 virt machine's PL011, and under
+        // Virtualization.framework the virtio console vfkit's `virtio-serial` device gives.
+        let console = match (self.vm.runner, self.vm.arch) {
+            (Runner::Vfkit, _) => "hvc0",
+            (Runner::Qemu, GuestArch::Aarch64) => "ttyAMA0",
+            (Runner::Qemu, GuestArch::X86_64) => "ttyS0",
+        };
         let mut line = format!(
-            "console=ttyS0 quiet panic=-1 pexi.cmd={}",
+            "console={console} quiet panic=-1 pexi.cmd={}",
             b64(&self.command)
         );
+        if self.vm.runner == Runner::Vfkit {
+            // Folders over virtio-fs (no 9p), the PEP over vsock (no virtio-serial port).
+            line.push_str(&format!(" pexi.fs=virtiofs pexi.endpoint={VSOCK_ENDPOINT}"));
+        }
         if !self.env.is_empty() {
             let env: Vec<String> = self.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
             line.push_str(&format!(" pexi.env={}", b64(&env.join("\n"))));
@@ -252,103 +290,6 @@ impl Plan {
             )));
         }
         Ok(line)
-    }
-
-    /// QEMU's arguments for `accel` (kvm or tcg).
-    pub fn qemu_args(&self, accel: &str) -> Result<Vec<String>, VmError> {
-        let vm = &self.vm;
-        let cpus = vm.cpus.max(1);
-        // Several vCPUs under TCG are only parallel with one host thread each (MTTCG).
-        let accel_arg = if accel == "tcg" && cpus > 1 {
-            "tcg,thread=multi".to_string()
-        } else {
-            accel.to_string()
-        };
-        let mut args: Vec<String> =
-            vec!["-accel".into(), accel_arg, "-smp".into(), cpus.to_string()];
-        if self.vsock {
-            // vhost-user needs guest memory the backend process can map.
-            args.extend([
-                "-machine".into(),
-                "pc,memory-backend=mem".into(),
-                "-object".into(),
-                format!(
-                    "memory-backend-memfd,id=mem,size={}M,share=on",
-                    vm.memory_mb
-                ),
-            ]);
-        } else {
-            args.extend(["-machine".into(), "pc".into()]);
-        }
-        args.extend([
-            "-m".into(),
-            vm.memory_mb.to_string(),
-            // No network device at all: the guest has loopback and nothing else.
-            "-nic".into(),
-            "none".into(),
-            "-no-reboot".into(),
-            "-display".into(),
-            "none".into(),
-            "-monitor".into(),
-            "none".into(),
-            "-serial".into(),
-            format!("file:{}", self.console_log.display()),
-            "-kernel".into(),
-            vm.kernel.display().to_string(),
-            "-initrd".into(),
-            vm.initrd.display().to_string(),
-            "-append".into(),
-            self.cmdline()?,
-            "-device".into(),
-            "virtio-serial-pci".into(),
-            "-chardev".into(),
-            format!(
-                "socket,id=pep,path={},reconnect=1",
-                self.virtio_socket.display()
-            ),
-            "-device".into(),
-            format!(
-                "virtserialport,chardev=pep,name={}",
-                pexi_protocol::transport::VIRTIO_SERIAL_PORT_NAME
-            ),
-        ]);
-        if !vm.share.as_os_str().is_empty() {
-            args.extend([
-                "-fsdev".into(),
-                format!(
-                    "local,id=share,path={},security_model=none{}",
-                    vm.share.display(),
-                    if vm.share_writable {
-                        ""
-                    } else {
-                        ",readonly=on"
-                    }
-                ),
-                "-device".into(),
-                "virtio-9p-pci,fsdev=share,mount_tag=pexishare".into(),
-            ]);
-        }
-        for (i, mount) in self.mounts.iter().enumerate() {
-            args.extend([
-                "-fsdev".into(),
-                format!(
-                    "local,id=pexim{i},path={},security_model=none{}",
-                    mount.host.display(),
-                    if mount.writable { "" } else { ",readonly=on" }
-                ),
-                "-device".into(),
-                format!("virtio-9p-pci,fsdev=pexim{i},mount_tag=pexim{i}"),
-            ]);
-        }
-        if self.vsock {
-            args.extend([
-                "-chardev".into(),
-                format!("socket,id=vsock,path={}", self.vhost_socket.display()),
-                "-device".into(),
-                "vhost-user-vsock-pci,chardev=vsock".into(),
-            ]);
-        }
-        Ok(args)
     }
 }
 
@@ -412,6 +353,102 @@ pub async fn run(mut config: Config, options: RunOptions) -> Result<i32, VmError
 }
 
 async fn boot(plan: &Plan, options: &RunOptions, children: &mut Children) -> Result<i32, VmError> {
+    match plan.vm.runner {
+        Runner::Qemu => start_qemu_runner(plan, children).await?,
+        Runner::Vfkit => start_vfkit(plan, children)?,
+    }
+    let started = Instant::now();
+    let mut follow = Follow::default();
+    loop {
+        if options.echo {
+            follow.echo(&plan.console_log);
+        }
+        let exited = match children.vm.as_mut().map(Child::try_wait) {
+            Some(Ok(Some(status))) => Some(status),
+            Some(Err(err)) => return Err(io("wait for the VM")(err)),
+            _ => None,
+        };
+        if let Some(status) = exited {
+            if options.echo {
+                follow.echo(&plan.console_log);
+            }
+            let console = std::fs::read_to_string(&plan.console_log).unwrap_or_default();
+            return match exit_status(&console) {
+                Some(code) => Ok(code),
+                None => {
+                    let stderr = std::fs::read_to_string(stderr_file(plan)).unwrap_or_default();
+                    if !status.success() && !stderr.trim().is_empty() {
+                        Err(VmError::Setup(format!(
+                            "{} failed ({status}): {}",
+                            runner_name(plan),
+                            stderr.trim()
+                        )))
+                    } else {
+                        Err(VmError::NoStatus(plan.console_log.clone()))
+                    }
+                }
+            };
+        }
+        if options
+            .timeout
+            .is_some_and(|limit| started.elapsed() > limit)
+        {
+            return Err(VmError::Timeout(
+                options.timeout.unwrap_or_default(),
+                plan.console_log.clone(),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn runner_name(plan: &Plan) -> &str {
+    match plan.vm.runner {
+        Runner::Qemu => &plan.vm.qemu,
+        Runner::Vfkit => &plan.vm.vfkit,
+    }
+}
+
+/// Where the runner's own error output goes (read when it fails without a status from the guest).
+fn stderr_file(plan: &Plan) -> PathBuf {
+    plan.vm.run_dir.join(match plan.vm.runner {
+        Runner::Qemu => "qemu.stderr",
+        Runner::Vfkit => "vfkit.stderr",
+    })
+}
+
+/// A fresh console log per boot (the status is read from it) and the runner's stderr file.
+fn fresh_logs(plan: &Plan) -> Result<std::fs::File, VmError> {
+    std::fs::write(&plan.console_log, b"")
+        .map_err(io(format!("create {}", plan.console_log.display())))?;
+    let path = stderr_file(plan);
+    std::fs::File::create(&path).map_err(io(format!("create {}", path.display())))
+}
+
+/// vfkit boots the guest; it forwards vsock itself and exits when the guest powers off.
+fn start_vfkit(plan: &Plan, children: &mut Children) -> Result<(), VmError> {
+    let shares_dir = plan.vm.run_dir.join("shares");
+    children.shares = Some(shares_dir.clone());
+    let shares = vfkit::prepare_shares(plan, &shares_dir)?;
+    let args = plan.vfkit_args(&shares)?;
+    let stderr = fresh_logs(plan)?;
+    let child = Command::new(&plan.vm.vfkit)
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .map_err(|err| {
+            VmError::Setup(format!(
+                "cannot start {} ({err}); install it with `brew install vfkit` (docs/macos.md)",
+                plan.vm.vfkit
+            ))
+        })?;
+    children.vm = Some(child);
+    Ok(())
+}
+
+async fn start_qemu_runner(plan: &Plan, children: &mut Children) -> Result<(), VmError> {
     let vm = &plan.vm;
     if plan.vsock {
         let backend = Command::new(&vm.vhost_device_vsock)
@@ -447,6 +484,8 @@ async fn boot(plan: &Plan, options: &RunOptions, children: &mut Children) -> Res
     let accel = match vm.accel {
         Accel::Tcg => "tcg",
         Accel::Kvm => "kvm",
+        // KVM runs only a guest of this machine's own architecture.
+        Accel::Auto if vm.arch != GuestArch::host() => "tcg",
         Accel::Auto if kvm_usable() => "kvm",
         Accel::Auto => {
             eprintln!("pexi vm: no usable /dev/kvm; using software emulation (TCG)");
@@ -465,58 +504,16 @@ async fn boot(plan: &Plan, options: &RunOptions, children: &mut Children) -> Res
             qemu = start_qemu(plan, "tcg")?;
         }
     }
-    children.qemu = Some(qemu);
-    let started = Instant::now();
-    let mut follow = Follow::default();
-    loop {
-        if options.echo {
-            follow.echo(&plan.console_log);
-        }
-        let exited = match children.qemu.as_mut().map(Child::try_wait) {
-            Some(Ok(Some(status))) => Some(status),
-            Some(Err(err)) => return Err(io("wait for QEMU")(err)),
-            _ => None,
-        };
-        if let Some(status) = exited {
-            if options.echo {
-                follow.echo(&plan.console_log);
-            }
-            let console = std::fs::read_to_string(&plan.console_log).unwrap_or_default();
-            return match exit_status(&console) {
-                Some(code) => Ok(code),
-                None => {
-                    let stderr = std::fs::read_to_string(plan.vm.run_dir.join("qemu.stderr"))
-                        .unwrap_or_default();
-                    if !status.success() && !stderr.trim().is_empty() {
-                        Err(VmError::Setup(format!(
-                            "QEMU failed ({status}): {}",
-                            stderr.trim()
-                        )))
-                    } else {
-                        Err(VmError::NoStatus(plan.console_log.clone()))
-                    }
-                }
-            };
-        }
-        if options
-            .timeout
-            .is_some_and(|limit| started.elapsed() > limit)
-        {
-            return Err(VmError::Timeout(
-                options.timeout.unwrap_or_default(),
-                plan.console_log.clone(),
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    children.vm = Some(qemu);
+    Ok(())
 }
 
 fn start_qemu(plan: &Plan, accel: &str) -> Result<Child, VmError> {
-    // A fresh log per boot: the status is read from it.
-    std::fs::write(&plan.console_log, b"")
-        .map_err(io(format!("create {}", plan.console_log.display())))?;
-    let stderr = std::fs::File::create(plan.vm.run_dir.join("qemu.stderr"))
-        .map_err(io("create qemu.stderr"))?;
+    let stderr = fresh_logs(plan)?;
+    let package = match plan.vm.arch {
+        GuestArch::X86_64 => "qemu-system-x86",
+        GuestArch::Aarch64 => "qemu-system-arm",
+    };
     Command::new(&plan.vm.qemu)
         .args(plan.qemu_args(accel)?)
         .stdin(Stdio::null())
@@ -525,7 +522,7 @@ fn start_qemu(plan: &Plan, accel: &str) -> Result<Child, VmError> {
         .spawn()
         .map_err(|err| {
             VmError::Setup(format!(
-                "cannot start {} ({err}); install QEMU (apt-get install qemu-system-x86)",
+                "cannot start {} ({err}); install QEMU (apt-get install {package})",
                 plan.vm.qemu
             ))
         })
@@ -566,17 +563,22 @@ async fn wait_for(path: &Path, limit: Duration) -> Result<(), ()> {
     Ok(())
 }
 
-/// The processes of a run; stopped (and reaped) when the run ends, however it ends.
+/// The processes of a run (the VM runner, QEMU or vfkit, and vhost-device-vsock) and the per-run share
+/// copies; stopped (and reaped) and removed when the run ends, however it ends.
 #[derive(Default)]
 struct Children {
-    qemu: Option<Child>,
+    vm: Option<Child>,
     vhost: Option<Child>,
+    shares: Option<PathBuf>,
 }
 
 impl Children {
     fn stop(&mut self) {
-        for child in [self.qemu.take(), self.vhost.take()].into_iter().flatten() {
+        for child in [self.vm.take(), self.vhost.take()].into_iter().flatten() {
             stop_child(child);
+        }
+        if let Some(dir) = self.shares.take() {
+            let _ = std::fs::remove_dir_all(dir);
         }
     }
 }
@@ -587,12 +589,29 @@ impl Drop for Children {
     }
 }
 
+/// SIGTERM first, so that a runner that owns processes or a VM of its own (vfkit asks the guest to stop,
+/// then forces it) can end them; SIGKILL if it has not exited within `STOP_GRACE`.
 fn stop_child(mut child: Child) {
     if matches!(child.try_wait(), Ok(None)) {
-        let _ = child.kill();
+        if let Ok(pid) = i32::try_from(child.id()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        let deadline = Instant::now() + STOP_GRACE;
+        while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if matches!(child.try_wait(), Ok(None)) {
+            let _ = child.kill();
+        }
     }
     let _ = child.wait();
 }
+
+/// How long a runner has to stop after SIGTERM (vfkit waits up to 5 s for the guest, then forces it).
+const STOP_GRACE: Duration = Duration::from_secs(6);
 
 /// Copies what the guest command prints (the console after init's start line) to stdout.
 #[derive(Default)]
@@ -644,8 +663,18 @@ fn is_kernel_message(line: &str) -> bool {
 mod tests {
     use super::*;
 
-    fn plan(vsock: bool, share: &str) -> Plan {
+    /// The embedded config as on an x86_64 Linux machine, whatever machine runs the test.
+    fn linux_x86_64() -> Config {
         let mut config = Config::embedded().expect("embedded config");
+        if let Some(vm) = config.vm.as_mut() {
+            vm.arch = GuestArch::X86_64;
+            vm.runner = Runner::Qemu;
+        }
+        config
+    }
+
+    fn plan(vsock: bool, share: &str) -> Plan {
+        let mut config = linux_x86_64();
         if let Some(vm) = config.vm.as_mut() {
             vm.share = PathBuf::from(share);
         }
@@ -715,7 +744,7 @@ mod tests {
         std::fs::create_dir_all(dir.join("node_modules/openclaw")).expect("mkdir");
         let config_file = dir.join("openclaw.json");
         std::fs::write(&config_file, "{}").expect("config");
-        let mut config = Config::embedded().expect("embedded config");
+        let mut config = linux_x86_64();
         if let Some(vm) = config.vm.as_mut() {
             vm.openclaw_dir = dir.clone();
             vm.run_dir = dir.join("run");
