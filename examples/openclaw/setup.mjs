@@ -67,25 +67,48 @@ ${extra}`;
   return file;
 }
 
-/** A [vm] table for `pexi vm run --profile openclaw` on the image of scripts/vm-image (virtio-serial only). */
+/**
+ * The guest the VM tests boot: PEXI_VM_ARCH=arm64 for the arm64 image (`scripts/vm-image --arch arm64`,
+ * OpenClaw from `scripts/test-openclaw --arm64`) and PEXI_VM_RUNNER=vfkit for the macOS runner's command
+ * line booted by test-support/vfkit-shim; the x86_64 image under QEMU otherwise.
+ */
+export function vmGuest() {
+  const arm64 = process.env.PEXI_VM_ARCH === 'arm64';
+  const runner = process.env.PEXI_VM_RUNNER ?? 'qemu';
+  return {
+    arm64,
+    runner,
+    image: path.join(target, arm64 ? 'vm-arm64' : 'vm'),
+    kernel: arm64 ? 'Image' : 'vmlinux',
+    openclaw: path.join(target, arm64 ? 'openclaw-arm64' : 'openclaw'),
+  };
+}
+
+/** A [vm] table for `pexi vm run --profile openclaw` on the image of scripts/vm-image (virtio-serial only under QEMU). */
 export function vmTable(runDir) {
-  const image = path.join(target, 'vm');
+  const guest = vmGuest();
+  const runner =
+    guest.runner === 'vfkit'
+      ? `runner = "vfkit"\nvfkit = ${JSON.stringify(path.join(root, 'test-support', 'vfkit-shim'))}`
+      : 'runner = "qemu"';
   return `
 [vm]
-kernel = ${JSON.stringify(path.join(image, 'vmlinux'))}
-initrd = ${JSON.stringify(path.join(image, 'initramfs.cpio.gz'))}
+arch = ${JSON.stringify(guest.arm64 ? 'aarch64' : 'x86_64')}
+${runner}
+kernel = ${JSON.stringify(path.join(guest.image, guest.kernel))}
+initrd = ${JSON.stringify(path.join(guest.image, 'initramfs.cpio.gz'))}
 memory_mb = 768
 cpus = 1
-share = ${JSON.stringify(path.join(image, 'share'))}
+share = ${JSON.stringify(path.join(guest.image, 'share'))}
 share_writable = false
 accel = "auto"
 kvm_probe_seconds = 10
-qemu = "qemu-system-x86_64"
+qemu = ${JSON.stringify(guest.arm64 ? 'qemu-system-aarch64' : 'qemu-system-x86_64')}
 vhost_device_vsock = ""
 guest_cid = 3
 run_dir = ${JSON.stringify(runDir)}
 command = "sh"
-openclaw_dir = ${JSON.stringify(path.join(target, 'openclaw'))}
+openclaw_dir = ${JSON.stringify(guest.openclaw)}
 openclaw_memory_mb = 2048
 openclaw_cpus = 2
 openclaw_command = "true"

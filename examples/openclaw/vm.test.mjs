@@ -16,20 +16,24 @@ import path from 'node:path';
 import { after, before, test } from 'node:test';
 
 import { PAGE_TEXT, startMockLlm } from './mock-llm.mjs';
-import { auditRecords, certificates, lastJson, openclawConfig, pepConfig, pexi, target, vmTable, walk } from './setup.mjs';
+import { auditRecords, certificates, lastJson, openclawConfig, pepConfig, pexi, vmGuest, vmTable, walk } from './setup.mjs';
 
 const KEY = `sk-vm-openclaw-${crypto.randomBytes(16).toString('hex')}`;
-const image = path.join(target, 'vm');
+const guest = vmGuest();
+const image = guest.image;
 
 let dir;
 let llm;
 let run;
 
 before(async () => {
-  for (const file of ['vmlinux', 'initramfs.cpio.gz', 'share/bin/pexi-guestd', 'share/node/bin/node']) {
-    assert.ok(fs.existsSync(path.join(image, file)), `${file} missing in ${image}: run scripts/vm-image`);
+  for (const file of [guest.kernel, 'initramfs.cpio.gz', 'share/bin/pexi-guestd', 'share/node/bin/node']) {
+    assert.ok(fs.existsSync(path.join(image, file)), `${file} missing in ${image}: run scripts/vm-image${guest.arm64 ? ' --arch arm64' : ''}`);
   }
-  assert.ok(fs.existsSync(path.join(target, 'openclaw', 'node_modules', 'openclaw')), 'run scripts/test-openclaw first (installs openclaw)');
+  assert.ok(
+    fs.existsSync(path.join(guest.openclaw, 'node_modules', 'openclaw')),
+    `run scripts/test-openclaw ${guest.arm64 ? '--arm64' : '--install-only'} first (installs openclaw)`,
+  );
   dir = fs.mkdtempSync(path.join(os.tmpdir(), 'pexi-vm-openclaw-'));
   llm = await startMockLlm({ key: KEY, ...certificates(dir) });
   const config = pepConfig(dir, llm.port, vmTable(path.join(dir, 'run')));

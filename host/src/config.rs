@@ -362,7 +362,8 @@ pub struct VmConfig {
     pub qemu: String,
     /// The guest's architecture: `auto` in the file is this machine's. An aarch64 guest's defaults for
     /// `kernel`, `initrd`, `share` and `qemu` are `scripts/vm-image --arch arm64`'s outputs
-    /// (`target/vm-arm64/`) and `qemu-system-aarch64`.
+    /// (`target/vm-arm64/`) and `qemu-system-aarch64`, and `openclaw_dir`'s is `target/openclaw-arm64`
+    /// (`scripts/test-openclaw --arm64`).
     #[serde(default)]
     pub arch: GuestArch,
     /// What boots the VM: `auto` in the file is vfkit (Apple's Virtualization.framework) on macOS and
@@ -652,6 +653,11 @@ impl Config {
                     ("vm.kernel", &mut vm.kernel, image.join(kernel)),
                     ("vm.initrd", &mut vm.initrd, image.join("initramfs.cpio.gz")),
                     ("vm.share", &mut vm.share, image.join("share")),
+                    (
+                        "vm.openclaw_dir",
+                        &mut vm.openclaw_dir,
+                        PathBuf::from("target/openclaw-arm64"),
+                    ),
                 ] {
                     if !set_here(key) {
                         *path = default;
@@ -1116,6 +1122,7 @@ mod tests {
             PathBuf::from("target/vm-arm64/initramfs.cpio.gz")
         );
         assert_eq!(vm.share, PathBuf::from("target/vm-arm64/share"));
+        assert_eq!(vm.openclaw_dir, PathBuf::from("target/openclaw-arm64"));
         assert_eq!(vm.qemu, "qemu-system-aarch64");
         let (config, _) =
             load_text("[vm]\narch = \"arm64\"\nqemu = \"/opt/qemu\"\nrunner = \"vfkit\"\n");

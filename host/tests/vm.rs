@@ -347,8 +347,9 @@ fn the_guest_reaches_the_world_only_through_the_pep() {
     });
 }
 
-/// The arm64 guest's proof: the static Rust client over each channel the runner gives, the share's file
-/// system, and an unmodified Node HTTPS client through pexi-guestd (the addon is not built for arm64).
+/// The arm64 guest's proof: the static Rust client and an unmodified Node script under the @pexi/guest
+/// preload over each channel the runner gives, the share's file system, then pexi-guestd's socket and an
+/// unmodified Node HTTPS client through its proxy.
 const ARM64_SCRIPT: &str = r#"#!/bin/sh
 failed=0
 check() {
@@ -375,10 +376,16 @@ for endpoint in $(echo "$ENDPOINTS" | tr "," " "); do
     err=$(PEXI_ENDPOINT=$endpoint pexi-fetch "$URL_DENIED" 2>&1 >/dev/null); rc=$?
     [ "$rc" = 1 ] && echo "$err" | grep -q "host denied.pexi.test is not in the allowlist"
     check $? "pexi-fetch-denied-$endpoint" "rc=$rc err=$err"
+    out=$(cd /share/app && PEXI_ENDPOINT=$endpoint node --import @pexi/guest/register /share/e2e/fetch.mjs "$URL_OK" "$URL_DENIED" 2>&1); rc=$?
+    [ "$rc" = 0 ] && [ "$out" = "allowed 200 hello | denied policy_denied host denied.pexi.test is not in the allowlist" ]
+    check $? "node-register-$endpoint" "rc=$rc out=$out"
 done
 mkdir -p /run/pexi
 pexi-guestd --endpoint vsock:2:4041 --listen 127.0.0.1:3128 --ca-cert /run/pexi/ca.pem --socket /run/pexi/pep.sock --deny-connect tunnel > /tmp/guestd.out 2> /tmp/guestd.err &
 for i in $(seq 150); do [ -s /tmp/guestd.out ] && break; sleep 0.2; done
+out=$(cd /share/app && env -u PEXI_ENDPOINT node --import @pexi/guest/register /share/e2e/fetch.mjs "$URL_OK" "$URL_DENIED" 2>&1); rc=$?
+[ "$rc" = 0 ] && [ "$out" = "allowed 200 hello | denied policy_denied host denied.pexi.test is not in the allowlist" ]
+check $? node-register-guestd-socket "rc=$rc out=$out $(cat /tmp/guestd.err)"
 out=$(cd /tmp && env -u PEXI_ENDPOINT HTTPS_PROXY=http://127.0.0.1:3128 NODE_EXTRA_CA_CERTS=/run/pexi/ca.pem node /share/e2e/proxy.mjs "$URL_OK" "$URL_DENIED" 2>&1); rc=$?
 [ "$rc" = 0 ] && [ "$out" = "allowed 200 hello | denied 403 policy_denied" ]
 check $? node-https-via-guest-proxy "rc=$rc out=$out $(cat /tmp/guestd.err)"
@@ -394,10 +401,11 @@ fn arm64_variant(vm: Vec<(&'static str, String)>, endpoints: &[&str], fs: &str) 
         "no-tcp-to-10.0.2.2".to_string(),
         "arch-aarch64".to_string(),
         format!("share-{fs}"),
+        "node-register-guestd-socket".to_string(),
         "node-https-via-guest-proxy".to_string(),
     ];
     for endpoint in endpoints {
-        for check in ["pexi-fetch-allowed", "pexi-fetch-denied"] {
+        for check in ["pexi-fetch-allowed", "pexi-fetch-denied", "node-register"] {
             checks.push(format!("{check}-{endpoint}"));
         }
     }
@@ -411,7 +419,8 @@ fn arm64_variant(vm: Vec<(&'static str, String)>, endpoints: &[&str], fs: &str) 
         script: ARM64_SCRIPT,
         env: vec![("ENDPOINTS", endpoints.join(",")), ("SHARE_FS", fs.into())],
         checks,
-        decisions: endpoints.len() + 1,
+        // pexi-fetch and Node per channel, Node through pexi-guestd's socket and its proxy.
+        decisions: 2 * endpoints.len() + 2,
     }
 }
 

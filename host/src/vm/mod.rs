@@ -153,10 +153,19 @@ impl Plan {
             vm.cpus = vm.cpus.max(vm.openclaw_cpus);
             let modules = vm.openclaw_dir.join("node_modules");
             if !modules.join("openclaw").is_dir() {
+                let install = match vm.arch {
+                    GuestArch::X86_64 => format!(
+                        "npm install --prefix {} openclaw, with Node 24 first on PATH",
+                        vm.openclaw_dir.display()
+                    ),
+                    // Its native packages must be the guest's: scripts/test-openclaw --arm64 picks them.
+                    GuestArch::Aarch64 => {
+                        "scripts/test-openclaw --arm64 installs it for an arm64 guest".into()
+                    }
+                };
                 return Err(VmError::Setup(format!(
-                    "no OpenClaw under {} (npm install --prefix {} openclaw, with Node 24 first on PATH)",
-                    modules.display(),
-                    vm.openclaw_dir.display()
+                    "no OpenClaw under {} ({install})",
+                    modules.display()
                 )));
             }
             mounts.push(Mount {
