@@ -66,7 +66,8 @@ const elsewhere = new OpenAI({ apiKey: 'pexi:secret:openai', baseURL: process.ar
 try {
   await elsewhere.chat.completions.create({ model: 'gpt-test', messages: [{ role: 'user', content: 'hi' }] });
 } catch (error) {
-  out.refused = { name: error.constructor.name, code: error.cause?.cause?.code, message: error.cause?.cause?.message };
+  const pexi = error.cause?.cause;
+  out.refused = { name: error.constructor.name, code: pexi?.code, message: pexi?.message, decisionId: pexi?.decisionId };
 }
 out.env = Object.values(process.env).join('\\n');
 console.log(JSON.stringify(out));
@@ -103,6 +104,8 @@ test('the SDKs stream with the brokered keys; the key is never in the guest, its
     decisions.map((r) => r.request.secrets),
     [['openai'], ['anthropic'], ['openai']],
   );
+  // The refusal names the decision it followed, so the agent can find it in the audit log.
+  assert.equal(out.refused.decisionId, decisions[2].decision_id, JSON.stringify(out.refused));
   const injected = records.filter((r) => r.kind === 'outcome' && r.secrets_injected?.length);
   assert.equal(injected.length, 2);
 

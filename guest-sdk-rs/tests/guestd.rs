@@ -22,14 +22,18 @@ struct Guestd {
 
 impl Guestd {
     fn start(socket: &Path, dir: &Path) -> Guestd {
+        Guestd::start_with(socket, dir, &dir.join("guestd.sock")).0
+    }
+
+    /// With `local` as its `--socket` ("" for none); also returns its ready line.
+    fn start_with(socket: &Path, dir: &Path, local: &Path) -> (Guestd, String) {
         let ca = dir.join("guest-ca.pem");
-        let local = dir.join("guestd.sock");
         let mut child = Command::new(env!("CARGO_BIN_EXE_pexi-guestd"))
             .args(["--endpoint", &format!("unix:{}", socket.display())])
             .args(["--listen", "127.0.0.1:0", "--ca-cert"])
             .arg(&ca)
             .arg("--socket")
-            .arg(&local)
+            .arg(local)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -45,12 +49,13 @@ impl Guestd {
             .unwrap_or_else(|| panic!("no proxy address in {line:?}"))
             .to_string();
         assert!(ca.exists(), "the CA certificate was written");
-        Guestd {
+        let guestd = Guestd {
             child,
             proxy,
             ca,
-            socket: local,
-        }
+            socket: local.to_path_buf(),
+        };
+        (guestd, line)
     }
 
     /// Peak resident memory of the daemon, in KiB.
@@ -618,4 +623,23 @@ async fn processes_share_the_pep_through_the_local_socket() {
         .collect();
     assert_eq!(sessions.len(), 1, "{sessions:?}");
     let _ = std::fs::remove_dir_all(&s.dir);
+}
+
+/// `--socket ""` means no local socket (docs/guest.md): the daemon starts, says so, and its proxy works.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_empty_socket_means_none() {
+    let plain = Upstream::http("127.0.0.1").await;
+    let dir = temp_dir("guestd-nosocket");
+    let socket = dir.join("pep.sock");
+    let options = loopback_options(&[("api.test", "127.0.0.1")], &["api.test"]);
+    let config = Config::load(Some(&write_config(&dir, &socket, &options))).expect("config");
+    let _server = Server::start(config).await.expect("PEP");
+    let (guestd, line) = Guestd::start_with(&socket, &dir, Path::new(""));
+    assert!(line.trim_end().ends_with("socket none"), "{line:?}");
+    let url = format!("http://api.test:{}/hello", plain.port());
+    let answer = blocking(move || curl(&guestd, &[&url], None))
+        .await
+        .expect("curl");
+    assert_eq!(answer.status, 200, "{}", answer.stderr);
+    assert_eq!(answer.body, b"hello");
 }

@@ -339,6 +339,11 @@ impl Pipeline {
                             ..Outcome::default()
                         };
                         self.log_outcome(&caller, METHOD, failure.decision_id.as_deref(), outcome);
+                        // Whatever ended a request after its decision (a secret it may not use there, an
+                        // upstream failure), the guest gets the decision's id to find its audit record.
+                        if failure.error.details.decision_id.is_none() {
+                            failure.error.details.decision_id = failure.decision_id;
+                        }
                         responder.error(failure.error);
                     }
                 }

@@ -44,8 +44,9 @@ struct Args {
     deny_connect: String,
     /// The local pexi socket: other processes (the SDKs, by default) reach the PEP through it, sharing
     /// this daemon's one connection. "" for none.
-    #[arg(long, default_value = pexi_guest::endpoint::GUESTD_SOCKET)]
-    socket: PathBuf,
+    // An OsString, not a PathBuf: clap's path parser refuses the empty value that means "none".
+    #[arg(long, default_value = pexi_guest::endpoint::GUESTD_SOCKET, value_parser = clap::value_parser!(std::ffi::OsString))]
+    socket: std::ffi::OsString,
 }
 
 #[tokio::main]
@@ -74,6 +75,7 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run(args: Args) -> Result<(), String> {
+    let socket = PathBuf::from(&args.socket);
     if !args.listen.ip().is_loopback() {
         return Err(format!(
             "--listen {}: the proxy listens on loopback only",
@@ -85,20 +87,17 @@ async fn run(args: Args) -> Result<(), String> {
         Some(text) => Client::new(text.parse::<Endpoint>().map_err(|err| err.to_string())?),
         None => Client::new(Endpoint::from_env_direct().map_err(|err| err.to_string())?),
     };
-    if !args.socket.as_os_str().is_empty() {
-        if let Some(dir) = args.socket.parent().filter(|d| !d.as_os_str().is_empty()) {
+    if !socket.as_os_str().is_empty() {
+        if let Some(dir) = socket.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|err| format!("{}: {err}", dir.display()))?;
         }
         // A socket file left by an earlier run would refuse the bind.
-        let _ = std::fs::remove_file(&args.socket);
-        let listener = tokio::net::UnixListener::bind(&args.socket)
-            .map_err(|err| format!("{}: {err}", args.socket.display()))?;
+        let _ = std::fs::remove_file(&socket);
+        let listener = tokio::net::UnixListener::bind(&socket)
+            .map_err(|err| format!("{}: {err}", socket.display()))?;
         // Any local user may use it: the proxy is open to them too, and the PEP decides everything.
-        std::fs::set_permissions(
-            &args.socket,
-            std::os::unix::fs::PermissionsExt::from_mode(0o666),
-        )
-        .map_err(|err| format!("{}: {err}", args.socket.display()))?;
+        std::fs::set_permissions(&socket, std::os::unix::fs::PermissionsExt::from_mode(0o666))
+            .map_err(|err| format!("{}: {err}", socket.display()))?;
         let mux_client = client.clone();
         tokio::spawn(async move {
             loop {
@@ -123,10 +122,14 @@ async fn run(args: Args) -> Result<(), String> {
     let local = listener
         .local_addr()
         .map_err(|err| format!("listen address: {err}"))?;
+    let shown = if socket.as_os_str().is_empty() {
+        "none".to_string()
+    } else {
+        socket.display().to_string()
+    };
     println!(
-        "pexi-guestd: proxy http://{local} ca {} socket {}",
-        args.ca_cert.display(),
-        args.socket.display()
+        "pexi-guestd: proxy http://{local} ca {} socket {shown}",
+        args.ca_cert.display()
     );
     let proxy = Arc::new(proxy::Proxy {
         client,
