@@ -59,6 +59,7 @@ cp -r /tmp/openclaw /out/files/state 2> /dev/null
 cp -r /tmp/work /out/files/work 2> /dev/null
 cp -r /run/openclaw /out/files/config 2> /dev/null
 cp /run/pexi/ca.pem /out/files/ 2> /dev/null
+cp /etc/ssl/certs/ca-certificates.crt /out/files/system-bundle.pem 2> /dev/null
 exit 0
 `,
   );
@@ -117,6 +118,27 @@ test('the guest has no network device and OpenClaw completes a streamed turn wit
   assert.ok(result.final.includes(PAGE_TEXT), 'the allowed page text');
   assert.match(result.final, /policy_denied/);
   assert.match(result.final, /host denied\.test is not in the allowlist/);
+});
+
+test("the guest trusts pexi-guestd's CA system-wide and every program gets the proxy from its environment", () => {
+  const env = Object.fromEntries(
+    out('env.txt')
+      .split('\n')
+      .filter((line) => line.includes('='))
+      .map((line) => [line.slice(0, line.indexOf('=')), line.slice(line.indexOf('=') + 1)]),
+  );
+  const bundle = '/etc/ssl/certs/ca-certificates.crt';
+  for (const name of ['SSL_CERT_FILE', 'CURL_CA_BUNDLE', 'REQUESTS_CA_BUNDLE', 'GIT_SSL_CAINFO']) {
+    assert.equal(env[name], bundle, name);
+  }
+  assert.equal(env.NODE_EXTRA_CA_CERTS, '/run/pexi/ca.pem');
+  assert.equal(env.NODE_USE_ENV_PROXY, '1');
+  for (const name of ['HTTP_PROXY', 'HTTPS_PROXY', 'http_proxy', 'https_proxy']) {
+    assert.equal(env[name], 'http://127.0.0.1:3128', name);
+  }
+  // The system bundle is exactly the per-boot CA: nothing else is trusted in the guest.
+  assert.equal(out('files/system-bundle.pem'), out('files/ca.pem'));
+  assert.match(out('files/ca.pem'), /^-----BEGIN CERTIFICATE-----/);
 });
 
 test('the key is nowhere in the guest nor in the audit log, which has every request and verifies', () => {

@@ -22,11 +22,11 @@ struct Guestd {
 
 impl Guestd {
     fn start(socket: &Path, dir: &Path) -> Guestd {
-        Guestd::start_with(socket, dir, &dir.join("guestd.sock")).0
+        Guestd::start_with(socket, dir, &dir.join("guestd.sock"), &[]).0
     }
 
-    /// With `local` as its `--socket` ("" for none); also returns its ready line.
-    fn start_with(socket: &Path, dir: &Path, local: &Path) -> (Guestd, String) {
+    /// With `local` as its `--socket` ("" for none) and `extra` arguments; also returns its ready line.
+    fn start_with(socket: &Path, dir: &Path, local: &Path, extra: &[&str]) -> (Guestd, String) {
         let ca = dir.join("guest-ca.pem");
         let mut child = Command::new(env!("CARGO_BIN_EXE_pexi-guestd"))
             .args(["--endpoint", &format!("unix:{}", socket.display())])
@@ -34,6 +34,7 @@ impl Guestd {
             .arg(&ca)
             .arg("--socket")
             .arg(local)
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -229,20 +230,35 @@ async fn curl_through_the_proxy() {
         "{}",
         results[2].headers
     );
-    let body: serde_json::Value = serde_json::from_slice(&results[2].body).expect("JSON refusal");
-    assert_eq!(body["code"], "policy_denied");
-    assert_eq!(
-        body["reasons"][0],
-        "host denied.test is not in the allowlist"
-    );
-    // A CONNECT to a host the policy can never allow is refused before any TLS.
-    assert_ne!(results[3].exit, 0);
-    assert!(results[3].headers.contains("403"), "{}", results[3].headers);
-    assert!(
-        results[3].headers.contains("x-pexi-error: policy_denied"),
-        "{}",
-        results[3].headers
-    );
+    // By default a CONNECT to a host the policy refuses is let in and answered inside (TLS terminated
+    // with the guest CA), so https clients read the refusal as plain http ones do.
+    for denied in &results[2..4] {
+        assert_eq!(denied.status, 403, "{}", denied.stderr);
+        assert!(
+            denied.headers.contains("x-pexi-error: policy_denied"),
+            "{}",
+            denied.headers
+        );
+        let body: serde_json::Value = serde_json::from_slice(&denied.body).expect("JSON refusal");
+        assert_eq!(body["code"], "policy_denied");
+        assert_eq!(
+            body["reasons"][0],
+            "host denied.test is not in the allowlist"
+        );
+        // The decision is named, in the body and a header, and is the audit log's.
+        let id = body["decision_id"].as_str().expect("decision_id");
+        assert!(
+            denied.headers.contains(&format!("x-pexi-decision: {id}")),
+            "{}",
+            denied.headers
+        );
+        let audit = std::fs::read_to_string(s.dir.join("audit.jsonl")).expect("audit");
+        assert!(
+            audit.lines().any(|l| l.contains("\"kind\":\"decision\"")
+                && l.contains(&format!("\"decision_id\":\"{id}\""))),
+            "decision {id} in the audit log"
+        );
+    }
     // Redirects are the client's to follow (each hop through the proxy and the PEP again).
     assert_eq!(
         (results[4].status, results[4].body.as_slice()),
@@ -634,7 +650,7 @@ async fn an_empty_socket_means_none() {
     let options = loopback_options(&[("api.test", "127.0.0.1")], &["api.test"]);
     let config = Config::load(Some(&write_config(&dir, &socket, &options))).expect("config");
     let _server = Server::start(config).await.expect("PEP");
-    let (guestd, line) = Guestd::start_with(&socket, &dir, Path::new(""));
+    let (guestd, line) = Guestd::start_with(&socket, &dir, Path::new(""), &[]);
     assert!(line.trim_end().ends_with("socket none"), "{line:?}");
     let url = format!("http://api.test:{}/hello", plain.port());
     let answer = blocking(move || curl(&guestd, &[&url], None))
@@ -642,4 +658,36 @@ async fn an_empty_socket_means_none() {
         .expect("curl");
     assert_eq!(answer.status, 200, "{}", answer.stderr);
     assert_eq!(answer.body, b"hello");
+}
+
+/// `--deny-connect early`: a CONNECT to a host the policy can never allow is refused before any TLS,
+/// with the code and decision in the CONNECT's own 403.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_early_connect_refusal_answers_before_any_tls() {
+    let dir = temp_dir("guestd-early");
+    let socket = dir.join("pep.sock");
+    let options = loopback_options(&[("api.test", "127.0.0.1")], &["api.test"]);
+    let config = Config::load(Some(&write_config(&dir, &socket, &options))).expect("config");
+    let _server = Server::start(config).await.expect("PEP");
+    let (guestd, _) = Guestd::start_with(
+        &socket,
+        &dir,
+        &dir.join("guestd.sock"),
+        &["--deny-connect", "early"],
+    );
+    let answer = blocking(move || curl(&guestd, &["https://denied.test/x"], None))
+        .await
+        .expect("curl");
+    assert_ne!(answer.exit, 0);
+    assert!(answer.headers.contains("403"), "{}", answer.headers);
+    assert!(
+        answer.headers.contains("x-pexi-error: policy_denied"),
+        "{}",
+        answer.headers
+    );
+    assert!(
+        answer.headers.contains("x-pexi-decision: "),
+        "{}",
+        answer.headers
+    );
 }

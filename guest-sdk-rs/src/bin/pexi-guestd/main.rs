@@ -37,10 +37,11 @@ struct Args {
     /// Where the per-boot CA certificate (PEM) is written for programs to trust.
     #[arg(long, default_value = "/run/pexi/ca.pem")]
     ca_cert: PathBuf,
-    /// How a CONNECT to a host no allowlist entry names is refused: `early` answers 403 before any TLS;
-    /// `tunnel` opens the tunnel and answers each request inside with pexi's 403 and reasons, for clients
-    /// (undici, hence OpenClaw) that do not show a refused CONNECT's body. Nothing reaches the host either way.
-    #[arg(long, value_parser = ["early", "tunnel"], default_value = "early")]
+    /// How a CONNECT to a host no allowlist entry names is refused: `tunnel` (the default) opens the
+    /// tunnel and answers each request inside with pexi's 403, reasons and decision id, since most clients
+    /// (undici, hence OpenClaw; curl) do not show a refused CONNECT's body; `early` answers 403 before any
+    /// TLS. Nothing reaches the host either way.
+    #[arg(long, value_parser = ["early", "tunnel"], default_value = "tunnel")]
     deny_connect: String,
     /// The local pexi socket: other processes (the SDKs, by default) reach the PEP through it, sharing
     /// this daemon's one connection. "" for none.

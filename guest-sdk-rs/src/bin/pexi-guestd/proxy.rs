@@ -10,7 +10,8 @@
 //!   way with `http://` URLs.
 //! - Redirects are returned to the client (`redirect: manual`), which follows them through the proxy again.
 //! - Refusals answer like proxies do: 403 for policy refusals, 502 for upstream failures, 504 for timeouts,
-//!   with `x-pexi-error: <code>` and a JSON body `{code, message, reasons}`.
+//!   with `x-pexi-error: <code>` and a JSON body `{code, message, reasons}`; one that followed a decision
+//!   also names it (`decision_id`, `x-pexi-decision`).
 //! - An `Upgrade: websocket` request becomes an upgraded `pep.http.request`: after the PEP's 101 the
 //!   client's connection and the PEP stream carry the WebSocket's bytes both ways.
 //! - Bodies stream both ways under the PEP's flow control; a client that goes away drops its request, which
@@ -435,8 +436,23 @@ fn empty() -> Body {
 
 /// An answer the proxy makes itself: status, `x-pexi-error`, and `{code, message, reasons}`.
 fn refusal(status: StatusCode, code: &str, message: &str, reasons: &[String]) -> Response<Body> {
-    let body =
-        serde_json::json!({"code": code, "message": message, "reasons": reasons}).to_string();
+    refusal_with_decision(status, code, message, reasons, None)
+}
+
+/// A refusal that followed a logged decision also names it (`decision_id` in the body,
+/// `x-pexi-decision`), so that whoever reads the 403 can find its audit record.
+fn refusal_with_decision(
+    status: StatusCode,
+    code: &str,
+    message: &str,
+    reasons: &[String],
+    decision_id: Option<&str>,
+) -> Response<Body> {
+    let mut body = serde_json::json!({"code": code, "message": message, "reasons": reasons});
+    if let Some(id) = decision_id {
+        body["decision_id"] = serde_json::Value::from(id);
+    }
+    let body = body.to_string();
     let mut response = Response::new(BodyExt::boxed(
         Full::new(Bytes::from(body)).map_err(|never| match never {}),
     ));
@@ -448,6 +464,9 @@ fn refusal(status: StatusCode, code: &str, message: &str, reasons: &[String]) ->
     );
     if let Ok(value) = HeaderValue::from_str(code) {
         headers.insert("x-pexi-error", value);
+    }
+    if let Some(value) = decision_id.and_then(|id| HeaderValue::from_str(id).ok()) {
+        headers.insert("x-pexi-decision", value);
     }
     response
 }
@@ -472,7 +491,7 @@ fn error_response(error: &Error) -> Response<Body> {
         Error::Pep(payload) => payload.message.clone(),
         other => other.to_string(),
     };
-    refusal(status, code, &message, &reasons)
+    refusal_with_decision(status, code, &message, &reasons, error.decision_id())
 }
 
 /// A stream with one byte put back in front (the byte read to tell TLS from plain HTTP).
