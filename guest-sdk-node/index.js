@@ -79,6 +79,47 @@ function fetchFailed(info) {
   return new TypeError('fetch failed', { cause: info instanceof PexiError ? info : new PexiError(info) });
 }
 
+// What pexi refused, as opposed to what failed: the request was never sent because the policy (or a
+// secret's binding, or the address guard) said no. By default fetch answers these as an HTTP 403 that
+// carries pexi's code, reasons and decision, where every HTTP client and LLM SDK shows a response (an SDK
+// raises its permission error with the body and does not retry); PEXI_FETCH_REFUSALS=throw keeps the
+// TypeError with a PexiError cause, as for every failure.
+const REFUSALS = new Set(['policy_denied', 'secret_not_allowed', 'blocked_address']);
+
+function refusalsThrow() {
+  return process.env.PEXI_FETCH_REFUSALS === 'throw';
+}
+
+/**
+ * The refusal's body, the same as pexi-guestd's proxy answers: `code`, `reasons`, `decision_id`, and a
+ * `message` that says it all (code, reasons, decision), also inside an `error` object in the shape LLM APIs
+ * use: SDKs print one or the other.
+ */
+function refusalBody(code, message, reasons, decisionId) {
+  // message: pexi's own text, used when there are no reasons.
+  const why = reasons.length > 0 ? reasons.join('; ') : message;
+  const summary = `pexi refused this request (${code}): ${why}${decisionId ? ` [decision ${decisionId}]` : ''}`;
+  return {
+    code,
+    message: summary,
+    reasons,
+    decision_id: decisionId,
+    error: { type: 'pexi_refusal', code, message: summary, reasons, decision_id: decisionId },
+  };
+}
+
+function refusalResponse(error, url) {
+  const decisionId = error.decisionId ?? null;
+  const body = refusalBody(error.code, error.message, error.reasons ?? [], decisionId);
+  const headers = { 'content-type': 'application/json', 'x-pexi-error': error.code };
+  if (decisionId) {
+    headers['x-pexi-decision'] = decisionId;
+  }
+  const response = new Response(JSON.stringify(body), { status: 403, statusText: 'Forbidden', headers });
+  Object.defineProperty(response, 'url', { value: url });
+  return response;
+}
+
 // Node's fetch adds these when the caller did not; servers see the same request either way. There is no
 // default `accept-encoding`: bytes cross the PEP as the server sent them, and an explicitly asked-for
 // encoding is decoded below as Node's fetch does.
@@ -176,6 +217,9 @@ async function fetch(input, init = undefined) {
     done();
     if (signal.aborted) {
       throw signal.reason;
+    }
+    if (REFUSALS.has(answer.error.code) && !refusalsThrow()) {
+      return refusalResponse(answer.error, request.url);
     }
     throw fetchFailed(answer.error);
   }

@@ -7,6 +7,10 @@ import { createHash } from 'node:crypto';
 import { createInterface } from 'node:readline';
 import pexi, { PexiError } from '../index.mjs';
 
+// The scenarios' outcomes name the ERROR the host sent (code, reasons): fetch's refusals as errors, not as
+// the 403 responses it gives programs by default (test/fetch.test.mjs covers those).
+process.env.PEXI_FETCH_REFUSALS = 'throw';
+
 /** The body the scenarios move: `a` to `z`, repeating. */
 function pattern(size) {
   const body = Buffer.alloc(size);

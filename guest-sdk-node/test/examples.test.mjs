@@ -36,5 +36,5 @@ test('examples/stream.mjs streams an allowed URL and reports a denied one', asyn
 
   const denied = await runNode([example, 'https://denied.example/'], { cwd: packageDir, env });
   assert.equal(denied.code, 1);
-  assert.equal(denied.stderr, 'fetch failed: policy_denied host denied.example is not in the allowlist\n');
+  assert.equal(denied.stderr, '403 refused by pexi: policy_denied host denied.example is not in the allowlist\n');
 });

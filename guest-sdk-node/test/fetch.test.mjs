@@ -167,10 +167,9 @@ describe('requests', () => {
         cancelled = true;
       },
     });
-    await assert.rejects(fetch('https://denied.example/upload', { method: 'POST', body: endless, duplex: 'half' }), (error) => {
-      assert.equal(error.cause.code, 'policy_denied');
-      return true;
-    });
+    const refused = await fetch('https://denied.example/upload', { method: 'POST', body: endless, duplex: 'half' });
+    assert.equal(refused.status, 403);
+    assert.equal(refused.headers.get('x-pexi-error'), 'policy_denied');
     await waitFor(() => cancelled, 'the body stream to be cancelled');
     const settled = pulls;
     await sleep(200);
@@ -393,19 +392,46 @@ describe('redirects', () => {
 
   test('a redirect to a denied host is refused at that hop', async () => {
     const to = `${upstream.base}/redirect?to=${encodeURIComponent('http://denied.example/')}`;
-    await assert.rejects(fetch(to), (error) => {
-      assert.equal(error.cause.code, 'policy_denied');
-      return true;
-    });
+    const refused = await fetch(to);
+    assert.equal(refused.status, 403);
+    const body = await refused.json();
+    assert.equal(body.code, 'policy_denied');
+    assert.deepEqual(body.reasons, ['host denied.example is not in the allowlist']);
   });
 });
 
 describe('policy', () => {
-  test('a denied request rejects with TypeError whose cause carries the code and reasons', async () => {
-    const error = await fetch('https://denied.example/secrets').then(
-      () => assert.fail('resolved'),
-      (e) => e,
+  test('a denied request is answered 403 with pexi\'s code, reasons and decision, as every HTTP client shows', async () => {
+    const response = await fetch('https://denied.example/secrets?token=1');
+    assert.equal(response.status, 403);
+    assert.equal(response.statusText, 'Forbidden');
+    assert.equal(response.ok, false);
+    assert.equal(response.url, 'https://denied.example/secrets?token=1');
+    assert.equal(response.headers.get('content-type'), 'application/json');
+    assert.equal(response.headers.get('x-pexi-error'), 'policy_denied');
+    const body = await response.json();
+    assert.equal(body.code, 'policy_denied');
+    assert.deepEqual(body.reasons, ['host denied.example is not in the allowlist']);
+    assert.match(body.decision_id, /^[0-9a-f]{8}-\d+$/);
+    assert.equal(response.headers.get('x-pexi-decision'), body.decision_id);
+    // In the shape LLM APIs answer with: what their SDKs print is pexi's reason.
+    assert.equal(body.error.type, 'pexi_refusal');
+    assert.equal(
+      body.error.message,
+      `pexi refused this request (policy_denied): host denied.example is not in the allowlist [decision ${body.decision_id}]`,
     );
+    const record = await pep.waitRecord((r) => r.kind === 'decision' && r.decision_id === body.decision_id);
+    assert.equal(record.decision.allow, false);
+  });
+
+  test('with PEXI_FETCH_REFUSALS=throw a denied request rejects with TypeError whose cause carries the code and reasons', async () => {
+    process.env.PEXI_FETCH_REFUSALS = 'throw';
+    const error = await fetch('https://denied.example/secrets')
+      .then(
+        () => assert.fail('resolved'),
+        (e) => e,
+      )
+      .finally(() => delete process.env.PEXI_FETCH_REFUSALS);
     assert.ok(error instanceof TypeError);
     assert.equal(error.message, 'fetch failed');
     assert.ok(error.cause instanceof PexiError);

@@ -93,16 +93,32 @@ describe('with the SDK fetch option', () => {
     await assertThroughPep('/v1/messages');
   });
 
-  test('an SDK sees a policy denial as a connection error carrying pexi\'s cause', async () => {
-    const client = new OpenAI({ apiKey: 'k', baseURL: 'https://api.denied.example/v1', maxRetries: 0, fetch });
-    await assert.rejects(client.models.list(), (error) => {
-      assert.equal(error.constructor.name, 'APIConnectionError');
-      assert.equal(error.cause.message, 'fetch failed');
-      assert.equal(error.cause.cause.code, 'policy_denied');
-      assert.deepEqual(error.cause.cause.reasons, ['host api.denied.example is not in the allowlist']);
-      return true;
+  // With their default retries: a 403 is not retried, so one refusal is one denied decision.
+  for (const [name, call] of [
+    ['openai', () => new OpenAI({ apiKey: 'k', baseURL: 'https://api.denied.example/v1', fetch }).models.list()],
+    [
+      '@anthropic-ai/sdk',
+      () =>
+        new Anthropic({ apiKey: 'k', baseURL: 'https://api.denied.example', fetch }).messages.create({
+          model: 'm',
+          max_tokens: 1,
+          messages: [{ role: 'user', content: 'hi' }],
+        }),
+    ],
+  ]) {
+    test(`${name} sees a policy denial as its permission error with pexi's reason, and does not retry`, async () => {
+      const before = pep.records().filter((r) => r.kind === 'decision' && r.request.host === 'api.denied.example').length;
+      await assert.rejects(call(), (error) => {
+        assert.equal(error.constructor.name, 'PermissionDeniedError');
+        assert.equal(error.status, 403);
+        assert.match(error.message, /pexi refused this request \(policy_denied\): host api\.denied\.example is not in the allowlist/);
+        assert.equal(error.headers.get?.('x-pexi-error') ?? error.headers['x-pexi-error'], 'policy_denied');
+        return true;
+      });
+      const after = pep.records().filter((r) => r.kind === 'decision' && r.request.host === 'api.denied.example').length;
+      assert.equal(after - before, 1, 'one request, not retried');
     });
-  });
+  }
 });
 
 describe('unmodified, under node --import @pexi/guest/register', () => {

@@ -66,8 +66,8 @@ const elsewhere = new OpenAI({ apiKey: 'pexi:secret:openai', baseURL: process.ar
 try {
   await elsewhere.chat.completions.create({ model: 'gpt-test', messages: [{ role: 'user', content: 'hi' }] });
 } catch (error) {
-  const pexi = error.cause?.cause;
-  out.refused = { name: error.constructor.name, code: pexi?.code, message: pexi?.message, decisionId: pexi?.decisionId };
+  // A 403 from pexi: the SDK's permission error, its body pexi's refusal.
+  out.refused = { name: error.constructor.name, status: error.status, ...error.error };
 }
 out.env = Object.values(process.env).join('\\n');
 console.log(JSON.stringify(out));
@@ -93,8 +93,9 @@ test('the SDKs stream with the brokered keys; the key is never in the guest, its
   assert.equal(seen[1].headers['x-api-key'], KEY);
 
   // Another allowlisted host: refused with pexi's code, and nothing reached it.
-  assert.equal(out.refused?.code, 'secret_not_allowed', JSON.stringify(out.refused));
-  assert.match(out.refused.message, /not for 127\.0\.0\.2/);
+  assert.equal(out.refused?.name, 'PermissionDeniedError', JSON.stringify(out.refused));
+  assert.equal(out.refused.code, 'secret_not_allowed', JSON.stringify(out.refused));
+  assert.match(out.refused.message, /pexi refused this request \(secret_not_allowed\): .*not for 127\.0\.0\.2/);
   assert.equal(other.requests.length, 0);
 
   // The audit log names the secrets, never their value.
@@ -105,7 +106,7 @@ test('the SDKs stream with the brokered keys; the key is never in the guest, its
     [['openai'], ['anthropic'], ['openai']],
   );
   // The refusal names the decision it followed, so the agent can find it in the audit log.
-  assert.equal(out.refused.decisionId, decisions[2].decision_id, JSON.stringify(out.refused));
+  assert.equal(out.refused.decision_id, decisions[2].decision_id, JSON.stringify(out.refused));
   const injected = records.filter((r) => r.kind === 'outcome' && r.secrets_injected?.length);
   assert.equal(injected.length, 2);
 

@@ -247,6 +247,14 @@ async fn curl_through_the_proxy() {
         );
         // The decision is named, in the body and a header, and is the audit log's.
         let id = body["decision_id"].as_str().expect("decision_id");
+        // What an SDK prints (`message`, at the top and in the `error` object LLM APIs answer with)
+        // says it all.
+        let summary = format!(
+            "pexi refused this request (policy_denied): host denied.test is not in the allowlist [decision {id}]"
+        );
+        assert_eq!(body["message"], summary.as_str());
+        assert_eq!(body["error"]["message"], summary.as_str());
+        assert_eq!(body["error"]["type"], "pexi_refusal");
         assert!(
             denied.headers.contains(&format!("x-pexi-decision: {id}")),
             "{}",

@@ -39,7 +39,7 @@ for endpoint in virtio:org.pexi.pep.0 vsock:2:4041; do
     [ "$rc" = 1 ] && echo "$err" | grep -q "host denied.pexi.test is not in the allowlist"
     check $? "pexi-fetch-denied-$endpoint" "rc=$rc err=$err"
     out=$(cd /share/app && PEXI_ENDPOINT=$endpoint node --import @pexi/guest/register /share/e2e/fetch.mjs "$URL_OK" "$URL_DENIED" 2>&1); rc=$?
-    [ "$rc" = 0 ] && [ "$out" = "allowed 200 hello | denied policy_denied host denied.pexi.test is not in the allowlist" ]
+    [ "$rc" = 0 ] && [ "$out" = "allowed 200 hello | denied 403 policy_denied host denied.pexi.test is not in the allowlist" ]
     check $? "node-register-$endpoint" "rc=$rc out=$out"
 done
 # pexi-guestd in the guest (over vsock): its local socket for the SDKs, its proxy for everything else.
@@ -47,7 +47,7 @@ mkdir -p /run/pexi
 pexi-guestd --endpoint vsock:2:4041 --listen 127.0.0.1:3128 --ca-cert /run/pexi/ca.pem --socket /run/pexi/pep.sock --deny-connect tunnel > /tmp/guestd.out 2> /tmp/guestd.err &
 for i in $(seq 150); do [ -s /tmp/guestd.out ] && break; sleep 0.2; done
 out=$(cd /share/app && env -u PEXI_ENDPOINT node --import @pexi/guest/register /share/e2e/fetch.mjs "$URL_OK" "$URL_DENIED" 2>&1); rc=$?
-[ "$rc" = 0 ] && [ "$out" = "allowed 200 hello | denied policy_denied host denied.pexi.test is not in the allowlist" ]
+[ "$rc" = 0 ] && [ "$out" = "allowed 200 hello | denied 403 policy_denied host denied.pexi.test is not in the allowlist" ]
 check $? node-register-guestd-socket "rc=$rc out=$out $(cat /tmp/guestd.err)"
 out=$(cd /share/app && env -u PEXI_ENDPOINT HTTPS_PROXY=http://127.0.0.1:3128 NODE_EXTRA_CA_CERTS=/run/pexi/ca.pem node /share/e2e/proxy.mjs "$URL_OK" "$URL_DENIED" 2>&1); rc=$?
 [ "$rc" = 0 ] && [ "$out" = "allowed 200 hello | denied 403 policy_denied" ]
@@ -82,15 +82,18 @@ console.log(`allowed ${ok.status} ${ok.body} | denied ${refused}`);
 agent.destroy();
 "#;
 
-/// An unmodified program: a plain global fetch, nothing of pexi in it.
+/// An unmodified program: a plain global fetch, nothing of pexi in it. Under the preload a refusal is a
+/// 403 whose JSON body carries pexi's code and reasons.
 const NODE_SCRIPT: &str = r#"const [allowed, denied] = process.argv.slice(2);
 const response = await fetch(allowed);
 const text = await response.text();
-let refusal = 'resolved';
+let refusal;
 try {
-  await fetch(denied);
+  const answer = await fetch(denied);
+  const body = await answer.json();
+  refusal = `${answer.status} ${body.code} ${(body.reasons ?? []).join('; ')}`;
 } catch (error) {
-  refusal = `${error.cause?.code} ${(error.cause?.reasons ?? []).join('; ')}`;
+  refusal = `error ${error.cause?.code ?? error.message}`;
 }
 console.log(`allowed ${response.status} ${text} | denied ${refusal}`);
 "#;
@@ -377,14 +380,14 @@ for endpoint in $(echo "$ENDPOINTS" | tr "," " "); do
     [ "$rc" = 1 ] && echo "$err" | grep -q "host denied.pexi.test is not in the allowlist"
     check $? "pexi-fetch-denied-$endpoint" "rc=$rc err=$err"
     out=$(cd /share/app && PEXI_ENDPOINT=$endpoint node --import @pexi/guest/register /share/e2e/fetch.mjs "$URL_OK" "$URL_DENIED" 2>&1); rc=$?
-    [ "$rc" = 0 ] && [ "$out" = "allowed 200 hello | denied policy_denied host denied.pexi.test is not in the allowlist" ]
+    [ "$rc" = 0 ] && [ "$out" = "allowed 200 hello | denied 403 policy_denied host denied.pexi.test is not in the allowlist" ]
     check $? "node-register-$endpoint" "rc=$rc out=$out"
 done
 mkdir -p /run/pexi
 pexi-guestd --endpoint vsock:2:4041 --listen 127.0.0.1:3128 --ca-cert /run/pexi/ca.pem --socket /run/pexi/pep.sock --deny-connect tunnel > /tmp/guestd.out 2> /tmp/guestd.err &
 for i in $(seq 150); do [ -s /tmp/guestd.out ] && break; sleep 0.2; done
 out=$(cd /share/app && env -u PEXI_ENDPOINT node --import @pexi/guest/register /share/e2e/fetch.mjs "$URL_OK" "$URL_DENIED" 2>&1); rc=$?
-[ "$rc" = 0 ] && [ "$out" = "allowed 200 hello | denied policy_denied host denied.pexi.test is not in the allowlist" ]
+[ "$rc" = 0 ] && [ "$out" = "allowed 200 hello | denied 403 policy_denied host denied.pexi.test is not in the allowlist" ]
 check $? node-register-guestd-socket "rc=$rc out=$out $(cat /tmp/guestd.err)"
 out=$(cd /tmp && env -u PEXI_ENDPOINT HTTPS_PROXY=http://127.0.0.1:3128 NODE_EXTRA_CA_CERTS=/run/pexi/ca.pem node /share/e2e/proxy.mjs "$URL_OK" "$URL_DENIED" 2>&1); rc=$?
 [ "$rc" = 0 ] && [ "$out" = "allowed 200 hello | denied 403 policy_denied" ]

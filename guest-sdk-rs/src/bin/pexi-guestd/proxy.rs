@@ -448,11 +448,31 @@ fn refusal_with_decision(
     reasons: &[String],
     decision_id: Option<&str>,
 ) -> Response<Body> {
-    let mut body = serde_json::json!({"code": code, "message": message, "reasons": reasons});
-    if let Some(id) = decision_id {
-        body["decision_id"] = serde_json::Value::from(id);
-    }
-    let body = body.to_string();
+    // `message` says it all (code, reasons, decision), at the top and inside `error`, the shape LLM APIs
+    // answer with: SDKs print one or the other.
+    let why = if reasons.is_empty() {
+        message.to_string()
+    } else {
+        reasons.join("; ")
+    };
+    let summary = match decision_id {
+        Some(id) => format!("pexi refused this request ({code}): {why} [decision {id}]"),
+        None => format!("pexi refused this request ({code}): {why}"),
+    };
+    let body = serde_json::json!({
+        "code": code,
+        "message": summary,
+        "reasons": reasons,
+        "decision_id": decision_id,
+        "error": {
+            "type": "pexi_refusal",
+            "code": code,
+            "message": summary,
+            "reasons": reasons,
+            "decision_id": decision_id,
+        },
+    })
+    .to_string();
     let mut response = Response::new(BodyExt::boxed(
         Full::new(Bytes::from(body)).map_err(|never| match never {}),
     ));
