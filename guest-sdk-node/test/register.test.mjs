@@ -2,10 +2,11 @@
 
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import { after, before, test } from 'node:test';
 
-import { appDir, runNode, startPep, startUpstream } from './support.mjs';
+import { appDir, packageDir, runNode, startPep, startUpstream } from './support.mjs';
 
 // The application never mentions pexi: it is the script a user already has.
 const SCRIPT = `
@@ -81,4 +82,30 @@ test('without the preload the same script bypasses pexi (the control)', async ()
   assert.equal(allowed.status, 200);
   assert.equal(denied.error, 'fetch failed', 'without pexi the name does not resolve');
   assert.equal(decisionsFor(url).length, 0);
+});
+
+test('NODE_OPTIONS with the absolute path of the preload works from any directory; the bare name does not', async () => {
+  // A folder with no node_modules, as a script an agent writes in /tmp would be.
+  const elsewhere = fs.mkdtempSync(path.join(os.tmpdir(), 'pexi-register-elsewhere-'));
+  try {
+    fs.writeFileSync(path.join(elsewhere, 'app.mjs'), SCRIPT);
+    const url = `${upstream.base}/hello?via=node-options`;
+    for (const preload of [`--import ${path.join(packageDir, 'register.mjs')}`, `--require ${path.join(packageDir, 'register.js')}`]) {
+      const { code, stdout, stderr } = await runNode(['app.mjs', url], {
+        cwd: elsewhere,
+        env: { PEXI_ENDPOINT: pep.endpoint, NODE_OPTIONS: preload },
+      });
+      assert.equal(code, 0, stderr);
+      assert.deepEqual(JSON.parse(stdout.trim()), { status: 200, text: 'hello from upstream\n' });
+    }
+    assert.equal(decisionsFor(url).length, 2, 'both went through the PEP');
+    const bare = await runNode(['app.mjs', url], {
+      cwd: elsewhere,
+      env: { PEXI_ENDPOINT: pep.endpoint, NODE_OPTIONS: '--import @pexi/guest/register' },
+    });
+    assert.notEqual(bare.code, 0);
+    assert.match(bare.stderr, /ERR_MODULE_NOT_FOUND/);
+  } finally {
+    fs.rmSync(elsewhere, { recursive: true, force: true });
+  }
 });
