@@ -68,6 +68,11 @@ export declare function useGuestProxy(options?: { proxyUrl?: string; caFile?: st
   proxy: string | null;
   /** Whether the CA was added to the default trusted CAs (false on Node without setDefaultCACertificates). */
   ca: boolean;
+  /**
+   * Whether Node's own clients (`http.get`, the global undici dispatcher) now use the proxy (Node with
+   * `http.setGlobalProxyFromEnv`, 24; false on Node 20).
+   */
+  clients?: boolean;
 };
 
 /** The `fetch` that was global when `@pexi/guest` loaded (Node's own, under the `register` preload). */

@@ -414,7 +414,9 @@ function uninstall() {
  * and git): `HTTP_PROXY`/`HTTPS_PROXY` (and lowercase), `OPENCLAW_PROXY_URL`, `NO_PROXY` for loopback,
  * and the proxy's per-boot CA added to the default trusted CAs (Node ≥ 22.19 and 24, which have
  * `tls.setDefaultCACertificates`; older Node: start with `NODE_EXTRA_CA_CERTS=<ca>`). Values already set
- * are kept. Does nothing when the CA file is absent (no proxy in this guest). Returns what it did.
+ * are kept; on Node with `http.setGlobalProxyFromEnv` (24) Node's own clients (`http.get`, the global
+ * undici dispatcher) use the proxy from then on. Does nothing when the CA file is absent (no proxy in this
+ * guest). Returns what it did: `{ proxy, ca, clients }`.
  */
 function useGuestProxy({
   proxyUrl = process.env.PEXI_PROXY_URL ?? 'http://127.0.0.1:3128',
@@ -450,7 +452,18 @@ function useGuestProxy({
     }
     ca = true;
   }
-  return { proxy: proxyUrl, ca };
+  // The variables above reach child processes, but Node reads them for its own clients only at start
+  // (NODE_USE_ENV_PROXY), before any preload runs. Node 24 can switch its built-in proxy support on now:
+  // `http.get`/`https.get` and the global undici dispatcher (which npm's undici shares) then go through
+  // the proxy. Node 20 has no such switch; there only fetch (pexi's) and clients that read the variables
+  // themselves (axios, child processes) do.
+  const http = require('node:http');
+  let clients = false;
+  if (typeof http.setGlobalProxyFromEnv === 'function') {
+    http.setGlobalProxyFromEnv(process.env);
+    clients = true;
+  }
+  return { proxy: proxyUrl, ca, clients };
 }
 
 fetch.originalFetch = originalFetch;

@@ -29,6 +29,17 @@ const out = {
 };
 // A child process that knows nothing of pexi: curl, with the environment it inherits.
 out.curl = execFileSync('curl', ['-sS', url], { encoding: 'utf8' });
+// Node's own http client, which ignores the proxy variables unless Node's proxy support is on.
+const http = await import('node:http');
+out.httpGet = await new Promise((resolve) => {
+  http
+    .get(url, (res) => {
+      let body = '';
+      res.on('data', (d) => (body += d));
+      res.on('end', () => resolve({ status: res.statusCode, body }));
+    })
+    .on('error', (error) => resolve({ error: error.code ?? error.message }));
+});
 console.log(JSON.stringify(out));
 `;
 
@@ -79,6 +90,16 @@ test('register points child processes and other clients at the guest proxy and t
     assert.notEqual(out.trusted, true);
   }
   assert.equal(out.curl, 'hello from upstream\n', 'curl reached app.test through the proxy and the PEP');
+  const http = await import('node:http');
+  if (typeof http.setGlobalProxyFromEnv === 'function') {
+    // Node 24: the preload switched Node's own proxy support on, so http.get goes through pexi-guestd.
+    assert.deepEqual(out.httpGet, { status: 200, body: 'hello from upstream\n' });
+    const decisions = pep.records().filter((r) => r.kind === 'decision' && r.request.host === 'app.test');
+    assert.equal(decisions.length, 2, 'curl and http.get each made a decision');
+  } else {
+    // Node 20 has no way to switch it on after start: http.get looks the name up itself and fails.
+    assert.ok(out.httpGet.error, JSON.stringify(out.httpGet));
+  }
   const decision = pep.records().find((r) => r.kind === 'decision' && r.request.host === 'app.test');
   assert.ok(decision, 'the PEP decided the child process request');
 });
