@@ -1,13 +1,17 @@
 //! The isolation proof, end to end: `pexi vm run` boots the no-NIC guest built by `scripts/vm-image`; inside,
-//! the guest shows it has no network, then over virtio-serial and over vsock the static `pexi-fetch` and an
+//! the guest shows it has no network and is the expected architecture, then over each channel its runner
+//! gives (virtio-serial and vsock under QEMU, vsock alone under vfkit) the static `pexi-fetch` and an
 //! unmodified Node script under `--import @pexi/guest/register` get an allowed URL from an HTTPS server on
 //! the host's loopback and are refused a denied one with the policy's reason; then pexi-guestd runs in the
 //! guest, and the same Node script through its local socket and an unmodified HTTPS client through its
-//! proxy (TLS terminated in the guest) do the same. The host's audit log must hold every decision and
-//! outcome and verify.
+//! proxy (TLS terminated in the guest) do the same; last, the guest tries to write through its read-only
+//! share. The host's audit log must hold every decision and outcome and verify, and the host's share must
+//! be unchanged.
 //!
-//! Ignored by `cargo test`: it needs QEMU, vhost-device-vsock and the guest image. `scripts/test-vm` (part
-//! of `scripts/test`) builds the image and runs it.
+//! Three ways: the x86_64 guest under QEMU (`scripts/test-vm`), the arm64 guest a Mac boots under
+//! `qemu-system-aarch64`, and the arm64 guest from the vfkit command line `pexi vm run` builds for macOS,
+//! booted by test-support/vfkit-shim (`scripts/test-vm-arm64`). Ignored by `cargo test`: they need QEMU,
+//! vhost-device-vsock (and virtiofsd) and the guest images, which those scripts build.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -16,7 +20,8 @@ use std::time::Instant;
 use pexi_test_support::{loopback_options, repo_root, temp_dir, write_config, TestCa, Upstream};
 
 const GUEST_SCRIPT: &str = r#"#!/bin/sh
-# Runs inside the guest. One "CHECK <name> ok" or "CHECK <name> FAIL <detail>" line per check.
+# Runs inside the guest. One "CHECK <name> ok" or "CHECK <name> FAIL <detail>" line per check. From the
+# test: ENDPOINTS (the channels to try), SHARE_FS (9p or virtiofs), ARCH (what uname -m must say).
 failed=0
 check() {
     if [ "$1" = 0 ]; then echo "CHECK $2 ok"; else echo "CHECK $2 FAIL $3"; failed=1; fi
@@ -31,7 +36,11 @@ for addr in $(echo "$HOST_ADDRS" | tr ',' ' '); do
         check 0 "no-tcp-to-$addr"
     fi
 done
-for endpoint in virtio:org.pexi.pep.0 vsock:2:4041; do
+[ "$(uname -m)" = "$ARCH" ]
+check $? "arch-$ARCH" "$(uname -m)"
+grep -q "^pexishare /share $SHARE_FS " /proc/mounts
+check $? "share-$SHARE_FS" "$(grep /share /proc/mounts)"
+for endpoint in $(echo "$ENDPOINTS" | tr "," " "); do
     out=$(PEXI_ENDPOINT=$endpoint pexi-fetch "$URL_OK" 2>&1); rc=$?
     [ "$rc" = 0 ] && [ "$out" = hello ]
     check $? "pexi-fetch-allowed-$endpoint" "rc=$rc out=$out"
@@ -42,16 +51,18 @@ for endpoint in virtio:org.pexi.pep.0 vsock:2:4041; do
     [ "$rc" = 0 ] && [ "$out" = "allowed 200 hello | denied 403 policy_denied host denied.pexi.test is not in the allowlist" ]
     check $? "node-register-$endpoint" "rc=$rc out=$out"
 done
-# pexi-guestd in the guest (over vsock): its local socket for the SDKs, its proxy for everything else.
 mkdir -p /run/pexi
 pexi-guestd --endpoint vsock:2:4041 --listen 127.0.0.1:3128 --ca-cert /run/pexi/ca.pem --socket /run/pexi/pep.sock --deny-connect tunnel > /tmp/guestd.out 2> /tmp/guestd.err &
 for i in $(seq 150); do [ -s /tmp/guestd.out ] && break; sleep 0.2; done
 out=$(cd /share/app && env -u PEXI_ENDPOINT node --import @pexi/guest/register /share/e2e/fetch.mjs "$URL_OK" "$URL_DENIED" 2>&1); rc=$?
 [ "$rc" = 0 ] && [ "$out" = "allowed 200 hello | denied 403 policy_denied host denied.pexi.test is not in the allowlist" ]
 check $? node-register-guestd-socket "rc=$rc out=$out $(cat /tmp/guestd.err)"
-out=$(cd /share/app && env -u PEXI_ENDPOINT HTTPS_PROXY=http://127.0.0.1:3128 NODE_EXTRA_CA_CERTS=/run/pexi/ca.pem node /share/e2e/proxy.mjs "$URL_OK" "$URL_DENIED" 2>&1); rc=$?
+out=$(cd /tmp && env -u PEXI_ENDPOINT HTTPS_PROXY=http://127.0.0.1:3128 NODE_EXTRA_CA_CERTS=/run/pexi/ca.pem node /share/e2e/proxy.mjs "$URL_OK" "$URL_DENIED" 2>&1); rc=$?
 [ "$rc" = 0 ] && [ "$out" = "allowed 200 hello | denied 403 policy_denied" ]
 check $? node-https-via-guest-proxy "rc=$rc out=$out $(cat /tmp/guestd.err)"
+# A hostile guest tries to change the host's files through its share; the host checks they did not.
+mount -o remount,rw /share 2>/dev/null && echo pwned > /share/guest-was-here 2>/dev/null
+echo "share write attempt: $?"
 exit $failed
 "#;
 
@@ -134,7 +145,6 @@ struct Variant {
     kernel: &'static str,
     /// `[vm]` keys beyond the image paths.
     vm: Vec<(&'static str, String)>,
-    script: &'static str,
     /// Environment for the guest script.
     env: Vec<(&'static str, String)>,
     /// The checks the guest script must report passing.
@@ -193,7 +203,7 @@ fn prove(variant: Variant) {
     set_vm_paths(&config, &run_dir, &variant);
     let scripts = image.join("share").join("e2e");
     std::fs::create_dir_all(&scripts).expect("mkdir");
-    std::fs::write(scripts.join("e2e.sh"), variant.script).expect("guest script");
+    std::fs::write(scripts.join("e2e.sh"), GUEST_SCRIPT).expect("guest script");
     std::fs::write(scripts.join("fetch.mjs"), NODE_SCRIPT).expect("node script");
     std::fs::write(scripts.join("proxy.mjs"), PROXY_SCRIPT).expect("proxy script");
     let planted = image.join("share").join("guest-was-here");
@@ -324,85 +334,20 @@ fn prove(variant: Variant) {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-#[test]
-#[ignore = "boots a VM: needs QEMU, vhost-device-vsock and the scripts/vm-image image; scripts/test-vm runs it"]
-fn the_guest_reaches_the_world_only_through_the_pep() {
+/// The proof for one guest: the static Rust client and an unmodified Node script under the @pexi/guest
+/// preload over each of `endpoints`, then pexi-guestd's socket and an unmodified Node HTTPS client
+/// through its proxy; the share must be mounted over `fs`.
+fn variant(
+    arm64: bool,
+    mut vm: Vec<(&'static str, String)>,
+    endpoints: &[&str],
+    fs: &str,
+) -> Variant {
+    let arch = if arm64 { "aarch64" } else { "x86_64" };
     let mut checks = vec![
         "only-loopback".to_string(),
         "no-tcp-to-10.0.2.2".to_string(),
-    ];
-    for endpoint in ["virtio:org.pexi.pep.0", "vsock:2:4041"] {
-        for check in ["pexi-fetch-allowed", "pexi-fetch-denied", "node-register"] {
-            checks.push(format!("{check}-{endpoint}"));
-        }
-    }
-    checks.push("node-register-guestd-socket".into());
-    checks.push("node-https-via-guest-proxy".into());
-    prove(Variant {
-        image: target_dir().join("vm"),
-        kernel: "vmlinux",
-        vm: vec![],
-        script: GUEST_SCRIPT,
-        env: vec![],
-        checks,
-        // pexi-fetch and Node over virtio-serial and vsock, Node through pexi-guestd's socket and proxy.
-        decisions: 6,
-    });
-}
-
-/// The arm64 guest's proof: the static Rust client and an unmodified Node script under the @pexi/guest
-/// preload over each channel the runner gives, the share's file system, then pexi-guestd's socket and an
-/// unmodified Node HTTPS client through its proxy.
-const ARM64_SCRIPT: &str = r#"#!/bin/sh
-failed=0
-check() {
-    if [ "$1" = 0 ]; then echo "CHECK $2 ok"; else echo "CHECK $2 FAIL $3"; failed=1; fi
-}
-others=$(ip -o link show | grep -vc ': lo:')
-[ "$others" = 0 ]
-check $? only-loopback "$(ip -o link show | tr '\n' ' ')"
-for addr in $(echo "$HOST_ADDRS" | tr ',' ' '); do
-    if nc -w 3 "$addr" "$UPSTREAM_PORT" </dev/null >/dev/null 2>&1; then
-        check 1 "no-tcp-to-$addr" "a TCP connection to $addr:$UPSTREAM_PORT succeeded"
-    else
-        check 0 "no-tcp-to-$addr"
-    fi
-done
-[ "$(uname -m)" = aarch64 ]
-check $? arch-aarch64 "$(uname -m)"
-grep -q "^pexishare /share $SHARE_FS " /proc/mounts
-check $? "share-$SHARE_FS" "$(grep /share /proc/mounts)"
-for endpoint in $(echo "$ENDPOINTS" | tr "," " "); do
-    out=$(PEXI_ENDPOINT=$endpoint pexi-fetch "$URL_OK" 2>&1); rc=$?
-    [ "$rc" = 0 ] && [ "$out" = hello ]
-    check $? "pexi-fetch-allowed-$endpoint" "rc=$rc out=$out"
-    err=$(PEXI_ENDPOINT=$endpoint pexi-fetch "$URL_DENIED" 2>&1 >/dev/null); rc=$?
-    [ "$rc" = 1 ] && echo "$err" | grep -q "host denied.pexi.test is not in the allowlist"
-    check $? "pexi-fetch-denied-$endpoint" "rc=$rc err=$err"
-    out=$(cd /share/app && PEXI_ENDPOINT=$endpoint node --import @pexi/guest/register /share/e2e/fetch.mjs "$URL_OK" "$URL_DENIED" 2>&1); rc=$?
-    [ "$rc" = 0 ] && [ "$out" = "allowed 200 hello | denied 403 policy_denied host denied.pexi.test is not in the allowlist" ]
-    check $? "node-register-$endpoint" "rc=$rc out=$out"
-done
-mkdir -p /run/pexi
-pexi-guestd --endpoint vsock:2:4041 --listen 127.0.0.1:3128 --ca-cert /run/pexi/ca.pem --socket /run/pexi/pep.sock --deny-connect tunnel > /tmp/guestd.out 2> /tmp/guestd.err &
-for i in $(seq 150); do [ -s /tmp/guestd.out ] && break; sleep 0.2; done
-out=$(cd /share/app && env -u PEXI_ENDPOINT node --import @pexi/guest/register /share/e2e/fetch.mjs "$URL_OK" "$URL_DENIED" 2>&1); rc=$?
-[ "$rc" = 0 ] && [ "$out" = "allowed 200 hello | denied 403 policy_denied host denied.pexi.test is not in the allowlist" ]
-check $? node-register-guestd-socket "rc=$rc out=$out $(cat /tmp/guestd.err)"
-out=$(cd /tmp && env -u PEXI_ENDPOINT HTTPS_PROXY=http://127.0.0.1:3128 NODE_EXTRA_CA_CERTS=/run/pexi/ca.pem node /share/e2e/proxy.mjs "$URL_OK" "$URL_DENIED" 2>&1); rc=$?
-[ "$rc" = 0 ] && [ "$out" = "allowed 200 hello | denied 403 policy_denied" ]
-check $? node-https-via-guest-proxy "rc=$rc out=$out $(cat /tmp/guestd.err)"
-# A hostile guest tries to change the host's files through its share; the host checks they did not.
-mount -o remount,rw /share 2>/dev/null && echo pwned > /share/guest-was-here 2>/dev/null
-echo "share write attempt: $?"
-exit $failed
-"#;
-
-fn arm64_variant(vm: Vec<(&'static str, String)>, endpoints: &[&str], fs: &str) -> Variant {
-    let mut checks = vec![
-        "only-loopback".to_string(),
-        "no-tcp-to-10.0.2.2".to_string(),
-        "arch-aarch64".to_string(),
+        format!("arch-{arch}"),
         format!("share-{fs}"),
         "node-register-guestd-socket".to_string(),
         "node-https-via-guest-proxy".to_string(),
@@ -412,15 +357,25 @@ fn arm64_variant(vm: Vec<(&'static str, String)>, endpoints: &[&str], fs: &str) 
             checks.push(format!("{check}-{endpoint}"));
         }
     }
-    let mut vm = vm;
-    vm.push(("arch", "aarch64".into()));
-    vm.push(("qemu", "qemu-system-aarch64".into()));
+    vm.push(("arch", arch.into()));
+    vm.push((
+        "qemu",
+        if arm64 {
+            "qemu-system-aarch64"
+        } else {
+            "qemu-system-x86_64"
+        }
+        .into(),
+    ));
     Variant {
-        image: target_dir().join("vm-arm64"),
-        kernel: "Image",
+        image: target_dir().join(if arm64 { "vm-arm64" } else { "vm" }),
+        kernel: if arm64 { "Image" } else { "vmlinux" },
         vm,
-        script: ARM64_SCRIPT,
-        env: vec![("ENDPOINTS", endpoints.join(",")), ("SHARE_FS", fs.into())],
+        env: vec![
+            ("ENDPOINTS", endpoints.join(",")),
+            ("SHARE_FS", fs.into()),
+            ("ARCH", arch.into()),
+        ],
         checks,
         // pexi-fetch and Node per channel, Node through pexi-guestd's socket and its proxy.
         decisions: 2 * endpoints.len() + 2,
@@ -428,9 +383,21 @@ fn arm64_variant(vm: Vec<(&'static str, String)>, endpoints: &[&str], fs: &str) 
 }
 
 #[test]
+#[ignore = "boots a VM: needs QEMU, vhost-device-vsock and the scripts/vm-image image; scripts/test-vm runs it"]
+fn the_guest_reaches_the_world_only_through_the_pep() {
+    prove(variant(
+        false,
+        vec![("runner", "qemu".into())],
+        &["virtio:org.pexi.pep.0", "vsock:2:4041"],
+        "9p",
+    ));
+}
+
+#[test]
 #[ignore = "boots an arm64 VM under emulation: needs qemu-system-aarch64 and scripts/vm-image --arch arm64; scripts/test-vm-arm64 runs it"]
 fn the_arm64_guest_reaches_the_world_only_through_the_pep() {
-    prove(arm64_variant(
+    prove(variant(
+        true,
         vec![("runner", "qemu".into())],
         &["virtio:org.pexi.pep.0", "vsock:2:4041"],
         "9p",
@@ -442,7 +409,8 @@ fn the_arm64_guest_reaches_the_world_only_through_the_pep() {
 #[test]
 #[ignore = "boots an arm64 VM through the vfkit shim: needs qemu-system-aarch64, virtiofsd and scripts/vm-image --arch arm64; scripts/test-vm-arm64 runs it"]
 fn the_arm64_guest_through_vfkit_reaches_the_world_only_through_the_pep() {
-    prove(arm64_variant(
+    prove(variant(
+        true,
         vec![
             ("runner", "vfkit".into()),
             (

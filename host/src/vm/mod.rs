@@ -440,21 +440,32 @@ fn start_vfkit(plan: &Plan, children: &mut Children) -> Result<(), VmError> {
     children.shares = Some(shares_dir.clone());
     let shares = vfkit::prepare_shares(plan, &shares_dir)?;
     let args = plan.vfkit_args(&shares)?;
+    let child = spawn_runner(
+        plan,
+        &plan.vm.vfkit,
+        &args,
+        "install it with `brew install vfkit` (docs/macos.md)",
+    )?;
+    children.vm = Some(child);
+    Ok(())
+}
+
+/// Starts the VM runner (QEMU or vfkit) with a fresh console log and its stderr to a file; `install`
+/// says how to get it when it cannot be started.
+fn spawn_runner(
+    plan: &Plan,
+    program: &str,
+    args: &[String],
+    install: &str,
+) -> Result<Child, VmError> {
     let stderr = fresh_logs(plan)?;
-    let child = Command::new(&plan.vm.vfkit)
-        .args(&args)
+    Command::new(program)
+        .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(stderr)
         .spawn()
-        .map_err(|err| {
-            VmError::Setup(format!(
-                "cannot start {} ({err}); install it with `brew install vfkit` (docs/macos.md)",
-                plan.vm.vfkit
-            ))
-        })?;
-    children.vm = Some(child);
-    Ok(())
+        .map_err(|err| VmError::Setup(format!("cannot start {program} ({err}); {install}")))
 }
 
 async fn start_qemu_runner(plan: &Plan, children: &mut Children) -> Result<(), VmError> {
@@ -518,23 +529,16 @@ async fn start_qemu_runner(plan: &Plan, children: &mut Children) -> Result<(), V
 }
 
 fn start_qemu(plan: &Plan, accel: &str) -> Result<Child, VmError> {
-    let stderr = fresh_logs(plan)?;
     let package = match plan.vm.arch {
         GuestArch::X86_64 => "qemu-system-x86",
         GuestArch::Aarch64 => "qemu-system-arm",
     };
-    Command::new(&plan.vm.qemu)
-        .args(plan.qemu_args(accel)?)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(stderr)
-        .spawn()
-        .map_err(|err| {
-            VmError::Setup(format!(
-                "cannot start {} ({err}); install QEMU (apt-get install {package})",
-                plan.vm.qemu
-            ))
-        })
+    spawn_runner(
+        plan,
+        &plan.vm.qemu,
+        &plan.qemu_args(accel)?,
+        &format!("install QEMU (apt-get install {package})"),
+    )
 }
 
 /// Whether the guest's init announced itself within `limit` (QEMU still running).
