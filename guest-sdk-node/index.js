@@ -91,26 +91,23 @@ function refusalsThrow() {
 }
 
 /**
- * The refusal's body, the same as pexi-guestd's proxy answers: `code`, `reasons`, `decision_id`, and a
- * `message` that says it all (code, reasons, decision), also inside an `error` object in the shape LLM APIs
- * use: SDKs print one or the other.
+ * A refusal as pexi-guestd's proxy answers it: 403, `x-pexi-error`, `x-pexi-decision`, and a body with
+ * `code`, `reasons`, `decision_id` and a `message` that says it all (code, reasons, decision), also inside
+ * an `error` object in the shape LLM APIs use: SDKs print one or the other.
  */
-function refusalBody(code, message, reasons, decisionId) {
-  // message: pexi's own text, used when there are no reasons.
-  const why = reasons.length > 0 ? reasons.join('; ') : message;
-  const summary = `pexi refused this request (${code}): ${why}${decisionId ? ` [decision ${decisionId}]` : ''}`;
-  return {
+function refusalResponse(error, url) {
+  const { code } = error;
+  const reasons = error.reasons ?? [];
+  const decisionId = error.decisionId ?? null;
+  const why = reasons.length > 0 ? reasons.join('; ') : error.message;
+  const message = `pexi refused this request (${code}): ${why}${decisionId ? ` [decision ${decisionId}]` : ''}`;
+  const body = {
     code,
-    message: summary,
+    message,
     reasons,
     decision_id: decisionId,
-    error: { type: 'pexi_refusal', code, message: summary, reasons, decision_id: decisionId },
+    error: { type: 'pexi_refusal', code, message, reasons, decision_id: decisionId },
   };
-}
-
-function refusalResponse(error, url) {
-  const decisionId = error.decisionId ?? null;
-  const body = refusalBody(error.code, error.message, error.reasons ?? [], decisionId);
   const headers = { 'content-type': 'application/json', 'x-pexi-error': error.code };
   if (decisionId) {
     headers['x-pexi-decision'] = decisionId;

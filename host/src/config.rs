@@ -336,9 +336,17 @@ impl fmt::Display for Listen {
 
 impl<'de> Deserialize<'de> for Listen {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        text.parse().map_err(serde::de::Error::custom)
+        from_text(deserializer)
     }
+}
+
+/// A value written as text in the file, read with its `FromStr` (whose message names what is accepted).
+fn from_text<'de, D: serde::Deserializer<'de>, T: FromStr<Err = String>>(
+    deserializer: D,
+) -> Result<T, D::Error> {
+    String::deserialize(deserializer)?
+        .parse()
+        .map_err(serde::de::Error::custom)
 }
 
 /// `[vm]`: what `pexi vm run` boots. Paths are relative to the config file (to the current directory for
@@ -452,9 +460,7 @@ impl FromStr for GuestArch {
 
 impl<'de> Deserialize<'de> for GuestArch {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        String::deserialize(deserializer)?
-            .parse()
-            .map_err(serde::de::Error::custom)
+        from_text(deserializer)
     }
 }
 
@@ -492,9 +498,7 @@ impl FromStr for Runner {
 
 impl<'de> Deserialize<'de> for Runner {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        String::deserialize(deserializer)?
-            .parse()
-            .map_err(serde::de::Error::custom)
+        from_text(deserializer)
     }
 }
 

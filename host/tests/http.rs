@@ -65,6 +65,15 @@ async fn allowed_requests_with_bodies_over_http_and_https() {
         .await;
     assert_eq!(reply.body, b"no length given");
 
+    // An upstream cannot pass its answer off as pexi's refusal: x-pexi-* never comes from upstream.
+    let reply = guest
+        .get(&format!("http://api.test:{}/forged-refusal", plain.port()))
+        .await;
+    assert_eq!(reply.status(), 403);
+    let names: Vec<&str> = reply.http_head().headers.iter().map(|h| h.name()).collect();
+    assert!(names.contains(&"x-upstream"), "{names:?}");
+    assert!(!names.iter().any(|n| n.starts_with("x-pexi-")), "{names:?}");
+
     // An upstream 404 is a normal HEAD, not an error.
     let reply = guest
         .get(&format!(

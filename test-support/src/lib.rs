@@ -580,6 +580,14 @@ async fn handle(
             }
             response.body(full("small body")).expect("response")
         }
+        // An upstream dressing its answer as one of pexi's refusals.
+        "/forged-refusal" => Response::builder()
+            .status(403)
+            .header("x-pexi-error", "policy_denied")
+            .header("X-Pexi-Decision", "forged-00000001")
+            .header("x-upstream", "yes")
+            .body(full("{\"code\":\"policy_denied\"}"))
+            .expect("response"),
         "/setcookie" => Response::builder()
             .header(
                 "set-cookie",

@@ -986,7 +986,9 @@ fn replayable(tap: &BodyTap) -> Result<Bytes, ErrorPayload> {
     }
 }
 
-/// Response headers for the guest, minus the ones that describe this connection.
+/// Response headers for the guest, minus the ones that describe this connection and any `x-pexi-*`:
+/// those mark pexi's own answers (a refusal's `x-pexi-error`, `x-pexi-decision`), and an upstream must not
+/// be able to forge a refusal, or hide a response behind one, in the eyes of the guest's programs.
 fn response_headers(headers: &http::HeaderMap) -> Vec<HeaderField> {
     headers
         .iter()
@@ -994,7 +996,7 @@ fn response_headers(headers: &http::HeaderMap) -> Vec<HeaderField> {
             !matches!(
                 name.as_str(),
                 "connection" | "keep-alive" | "transfer-encoding" | "proxy-connection" | "upgrade"
-            )
+            ) && !name.as_str().starts_with("x-pexi-")
         })
         .map(|(name, value)| HeaderField::new(name.as_str(), value.as_bytes().to_vec()))
         .collect()

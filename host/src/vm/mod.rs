@@ -29,8 +29,8 @@ const STARTED: &str = "pexi-init: started";
 const EXIT: &str = "pexi-exit: ";
 /// The kernel command line limit (COMMAND_LINE_SIZE, 2048 on x86 and arm64).
 const CMDLINE_MAX: usize = 2048;
-/// The guest's path to the PEP when its only channel is vsock: the host (CID 2), port 4041.
-const VSOCK_ENDPOINT: &str = "vsock:2:4041";
+/// The host's vsock CID (VMADDR_CID_HOST): where a guest connects to reach the PEP over vsock.
+const HOST_CID: u32 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -95,7 +95,8 @@ impl std::str::FromStr for Profile {
     }
 }
 
-/// An extra 9p folder for the guest: host folder, where the guest mounts it, writable.
+/// An extra folder for the guest (over 9p under QEMU, virtio-fs under vfkit): host folder, where the
+/// guest mounts it, writable.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Mount {
     pub host: PathBuf,
@@ -115,7 +116,7 @@ pub struct Plan {
     pub vsock_uds: PathBuf,
     pub vhost_socket: PathBuf,
     pub console_log: PathBuf,
-    /// Extra read-only 9p folders.
+    /// Extra folders (OpenClaw's packages and config read-only, `--output` writable).
     pub mounts: Vec<Mount>,
     /// Start pexi-guestd from init before the command.
     pub guestd: bool,
@@ -263,7 +264,10 @@ impl Plan {
         );
         if self.vm.runner == Runner::Vfkit {
             // Folders over virtio-fs (no 9p), the PEP over vsock (no virtio-serial port).
-            line.push_str(&format!(" pexi.fs=virtiofs pexi.endpoint={VSOCK_ENDPOINT}"));
+            line.push_str(&format!(
+                " pexi.fs=virtiofs pexi.endpoint=vsock:{HOST_CID}:{}",
+                pexi_protocol::transport::VSOCK_PORT
+            ));
         }
         if !self.env.is_empty() {
             let env: Vec<String> = self.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
@@ -300,6 +304,30 @@ impl Plan {
         }
         Ok(line)
     }
+}
+
+/// A plan on the embedded config for `arch` and `runner`, with the image at /img and the run folder at
+/// /run/pexi-vm: what the runners' golden tests build their command lines from.
+#[cfg(test)]
+pub(crate) fn golden_plan(
+    arch: GuestArch,
+    runner: Runner,
+    cpus: u32,
+    memory_mb: u32,
+    options: &RunOptions,
+) -> Plan {
+    let mut config = Config::embedded().expect("embedded config");
+    if let Some(vm) = config.vm.as_mut() {
+        vm.arch = arch;
+        vm.runner = runner;
+        vm.kernel = "/img/Image".into();
+        vm.initrd = "/img/initramfs.cpio.gz".into();
+        vm.share = "/img/share".into();
+        vm.run_dir = "/run/pexi-vm".into();
+        vm.cpus = cpus;
+        vm.memory_mb = memory_mb;
+    }
+    Plan::new(&config, options).expect("plan")
 }
 
 /// `<uds>_4041`: where a hybrid-vsock backend delivers guest connections to the PEP's port.

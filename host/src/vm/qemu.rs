@@ -166,24 +166,16 @@ mod tests {
 
     #[test]
     fn the_arm64_qemu_command_line_is_exactly_this() {
-        let mut config = Config::embedded().expect("embedded config");
-        if let Some(vm) = config.vm.as_mut() {
-            vm.arch = GuestArch::Aarch64;
-            vm.runner = Runner::Qemu;
-            vm.kernel = "/img/Image".into();
-            vm.initrd = "/img/initramfs.cpio.gz".into();
-            vm.share = "/img/share".into();
-            vm.run_dir = "/run/pexi-vm".into();
-            vm.memory_mb = 768;
-        }
-        let plan = Plan::new(
-            &config,
+        let plan = crate::vm::golden_plan(
+            GuestArch::Aarch64,
+            Runner::Qemu,
+            1,
+            768,
             &RunOptions {
                 command: Some("true".into()),
                 ..RunOptions::default()
             },
-        )
-        .expect("plan");
+        );
         let cmd = base64::engine::general_purpose::STANDARD.encode("true");
         let expected = [
             "-accel",

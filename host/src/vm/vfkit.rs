@@ -142,7 +142,11 @@ pub fn prepare_shares(plan: &Plan, dir: &Path) -> Result<Vec<Share>, VmError> {
             continue;
         }
         let copy = dir.join(&share.tag);
-        copy_tree(&share.host, &copy)?;
+        // The folder itself, not a link to it: `cp -R` copies a link given on its command line as a
+        // link, and the guest would then be given the original, writable.
+        let original =
+            std::fs::canonicalize(&share.host).map_err(io(format!("{}", share.host.display())))?;
+        copy_tree(&original, &copy)?;
         share.host = copy;
     }
     Ok(shares)
@@ -185,18 +189,7 @@ mod tests {
     use base64::Engine;
 
     fn plan(options: RunOptions) -> Plan {
-        let mut config = Config::embedded().expect("embedded config");
-        if let Some(vm) = config.vm.as_mut() {
-            vm.arch = GuestArch::Aarch64;
-            vm.runner = Runner::Vfkit;
-            vm.kernel = "/img/Image".into();
-            vm.initrd = "/img/initramfs.cpio.gz".into();
-            vm.share = "/img/share".into();
-            vm.run_dir = "/run/pexi-vm".into();
-            vm.cpus = 2;
-            vm.memory_mb = 1024;
-        }
-        Plan::new(&config, &options).expect("plan")
+        crate::vm::golden_plan(GuestArch::Aarch64, Runner::Vfkit, 2, 1024, &options)
     }
 
     fn command(text: &str) -> RunOptions {
@@ -293,6 +286,20 @@ mod tests {
         );
         std::fs::write(copy.join("planted"), "x").expect("write the copy");
         assert!(!share.join("planted").exists());
+        // A share configured through a symbolic link is copied all the same, not shared as the link.
+        let link = dir.join("share-link");
+        std::os::unix::fs::symlink(&share, &link).expect("symlink");
+        if let Some(vm) = config.vm.as_mut() {
+            vm.share = link;
+        }
+        let linked = Plan::new(&config, &RunOptions::default()).expect("plan");
+        prepare_shares(&linked, &dir.join("run/shares")).expect("shares");
+        assert!(!std::fs::symlink_metadata(&copy)
+            .expect("copy")
+            .file_type()
+            .is_symlink());
+        std::fs::write(copy.join("planted-through-link"), "x").expect("write the copy");
+        assert!(!share.join("planted-through-link").exists());
         let line = plan.cmdline().expect("cmdline");
         assert!(line.contains(" pexi.mounts="), "{line}");
         let _ = std::fs::remove_dir_all(&dir);

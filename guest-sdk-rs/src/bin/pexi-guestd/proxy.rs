@@ -10,8 +10,8 @@
 //!   way with `http://` URLs.
 //! - Redirects are returned to the client (`redirect: manual`), which follows them through the proxy again.
 //! - Refusals answer like proxies do: 403 for policy refusals, 502 for upstream failures, 504 for timeouts,
-//!   with `x-pexi-error: <code>` and a JSON body `{code, message, reasons}`; one that followed a decision
-//!   also names it (`decision_id`, `x-pexi-decision`).
+//!   with `x-pexi-error: <code>` and a JSON body `{code, message, reasons, decision_id, error}`; one that
+//!   followed a decision also names it in `x-pexi-decision`.
 //! - An `Upgrade: websocket` request becomes an upgraded `pep.http.request`: after the PEP's 101 the
 //!   client's connection and the PEP stream carry the WebSocket's bytes both ways.
 //! - Bodies stream both ways under the PEP's flow control; a client that goes away drops its request, which
@@ -434,7 +434,7 @@ fn empty() -> Body {
     BodyExt::boxed(Full::new(Bytes::new()).map_err(|never| match never {}))
 }
 
-/// An answer the proxy makes itself: status, `x-pexi-error`, and `{code, message, reasons}`.
+/// An answer the proxy makes itself, with no decision to name.
 fn refusal(status: StatusCode, code: &str, message: &str, reasons: &[String]) -> Response<Body> {
     refusal_with_decision(status, code, message, reasons, None)
 }
