@@ -14,7 +14,7 @@ import path from 'node:path';
 import { after, before, test } from 'node:test';
 
 import { GREETING, PAGE_TEXT, startMockLlm } from './mock-llm.mjs';
-import { auditRecords, certificates, lastJson, openclawConfig, pepConfig, pexi, target, walk } from './setup.mjs';
+import { auditRecords, certificates, lastJson, openclawConfig, pepConfig, pexi, startPep, target, walk } from './setup.mjs';
 
 const guestd = path.join(target, 'debug', 'pexi-guestd');
 const openclaw = process.env.PEXI_OPENCLAW ?? path.join(target, 'openclaw', 'node_modules', 'openclaw', 'openclaw.mjs');
@@ -25,21 +25,6 @@ let dir;
 let llm;
 let pep;
 let outputs;
-
-async function startPep() {
-  const child = spawn(pexi, ['serve', '--config', path.join(dir, 'config.toml')], {
-    // The key is in the PEP's environment and nowhere else.
-    env: { ...process.env, PEXI_TEST_LLM_KEY: KEY, RUST_LOG: 'info' },
-    stdio: ['ignore', 'ignore', fs.openSync(path.join(dir, 'pep.log'), 'w')],
-  });
-  const deadline = Date.now() + 20_000;
-  while (!fs.existsSync(path.join(dir, 'pep.sock'))) {
-    assert.ok(child.exitCode === null, 'pexi serve exited');
-    assert.ok(Date.now() < deadline, 'pexi serve did not start');
-    await new Promise((resolve) => setTimeout(resolve, 50));
-  }
-  return child;
-}
 
 /** The guest side: one shell in a fresh network namespace, guestd first, then the OpenClaw commands. */
 function guestScript(port) {
@@ -86,7 +71,8 @@ before(async () => {
   dir = fs.mkdtempSync(path.join(os.tmpdir(), 'pexi-openclaw-'));
   llm = await startMockLlm({ key: KEY, ...certificates(dir) });
   pepConfig(dir, llm.port);
-  pep = await startPep();
+  // The key is in the PEP's environment and nowhere else.
+  pep = await startPep(dir, { ...process.env, PEXI_TEST_LLM_KEY: KEY, RUST_LOG: 'info' });
   const guest = guestScript(llm.port);
   // The guest's environment: no key, nothing inherited but the basics.
   const env = {

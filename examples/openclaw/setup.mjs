@@ -3,7 +3,7 @@
 // reading the results.
 
 import assert from 'node:assert/strict';
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -16,21 +16,22 @@ function openssl(args) {
   execFileSync('openssl', args, { stdio: ['ignore', 'ignore', 'pipe'] });
 }
 
-/** A CA (the PEP trusts it) and a certificate for llm.test and page.test, in `dir`. */
-export function certificates(dir) {
+/** A CA (the PEP trusts it) and a certificate for `names` (llm.test and page.test), in `dir`. */
+export function certificates(dir, names = ['llm.test', 'page.test']) {
   const p = (name) => path.join(dir, name);
   openssl(['req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout', p('ca.key'), '-out', p('ca.pem'), '-days', '2', '-subj', '/CN=pexi openclaw test CA']);
-  openssl(['req', '-newkey', 'rsa:2048', '-nodes', '-keyout', p('llm.key'), '-out', p('llm.csr'), '-subj', '/CN=llm.test']);
-  fs.writeFileSync(p('san.cnf'), 'subjectAltName=DNS:llm.test,DNS:page.test,IP:127.0.0.1\n');
+  openssl(['req', '-newkey', 'rsa:2048', '-nodes', '-keyout', p('llm.key'), '-out', p('llm.csr'), '-subj', `/CN=${names[0]}`]);
+  fs.writeFileSync(p('san.cnf'), `subjectAltName=${names.map((n) => `DNS:${n}`).join(',')},IP:127.0.0.1\n`);
   openssl(['x509', '-req', '-in', p('llm.csr'), '-CA', p('ca.pem'), '-CAkey', p('ca.key'), '-CAcreateserial', '-out', p('llm.pem'), '-days', '2', '-extfile', p('san.cnf')]);
   return { cert: fs.readFileSync(p('llm.pem')), tlsKey: fs.readFileSync(p('llm.key')) };
 }
 
 /**
- * The PEP's config in `dir`: the repository's, listening on `dir/pep.sock`, the mock's names allowed, the
- * key brokered from `$PEXI_TEST_LLM_KEY`; `extra` is appended (a [vm] table, say).
+ * The repository's config.toml made a test's: listening on `dir/pep.sock`, auditing to `dir/audit.jsonl`,
+ * trusting `dir/ca.pem` beside the Mozilla roots, loopback allowed, each of `names` resolving to 127.0.0.1.
+ * The [vm] table is left out.
  */
-export function pepConfig(dir, port, extra = '') {
+export function pepBaseConfig(dir, names) {
   const replace = (text, from, to) => {
     assert.ok(text.includes(from), `config.toml no longer contains ${from}`);
     return text.replace(from, to);
@@ -38,12 +39,36 @@ export function pepConfig(dir, port, extra = '') {
   let config = fs.readFileSync(path.join(root, 'config.toml'), 'utf8');
   config = replace(config, 'listen = ["unix:{runtime_dir}/pep.sock"]', `listen = [${JSON.stringify(`unix:${dir}/pep.sock`)}]`);
   config = replace(config, 'dir = "policies"', `dir = ${JSON.stringify(path.join(root, 'policies'))}`);
-  // The mock lives on the host's loopback; production leaves this empty.
+  // The test's servers live on loopback; production leaves this empty.
   config = replace(config, 'allowed_cidrs = []', 'allowed_cidrs = ["127.0.0.0/8"]');
   config = replace(config, 'extra_ca_file = ""', `extra_ca_file = ${JSON.stringify(path.join(dir, 'ca.pem'))}`);
-  config = replace(config, '[pep.network.dns_overrides]\n', '[pep.network.dns_overrides]\n"llm.test" = ["127.0.0.1"]\n"page.test" = ["127.0.0.1"]\n');
+  const overrides = names.map((name) => `${JSON.stringify(name)} = ["127.0.0.1"]\n`).join('');
+  config = replace(config, '[pep.network.dns_overrides]\n', `[pep.network.dns_overrides]\n${overrides}`);
   config = replace(config, 'path = "{state_dir}/audit.jsonl"', `path = ${JSON.stringify(path.join(dir, 'audit.jsonl'))}`);
-  config = config.replace(/\n\[vm\][\s\S]*$/, '\n');
+  return config.replace(/\n\[vm\][\s\S]*$/, '\n');
+}
+
+/** `pexi serve` on `dir/config.toml` (its log in `dir/pep.log`), once its socket `dir/pep.sock` exists. */
+export async function startPep(dir, env = process.env) {
+  const child = spawn(pexi, ['serve', '--config', path.join(dir, 'config.toml')], {
+    env,
+    stdio: ['ignore', 'ignore', fs.openSync(path.join(dir, 'pep.log'), 'w')],
+  });
+  const deadline = Date.now() + 20_000;
+  while (!fs.existsSync(path.join(dir, 'pep.sock'))) {
+    assert.ok(child.exitCode === null, 'pexi serve exited');
+    assert.ok(Date.now() < deadline, 'pexi serve did not start');
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+  return child;
+}
+
+/**
+ * The PEP's config in `dir` for the mock LLM: its names allowed, the key brokered from
+ * `$PEXI_TEST_LLM_KEY`; `extra` is appended (a [vm] table, say).
+ */
+export function pepConfig(dir, port, extra = '') {
+  let config = pepBaseConfig(dir, ['llm.test', 'page.test']);
   config += `
 [[pep.policy.allow]]
 host = "llm.test"

@@ -36,8 +36,11 @@ await new Promise((resolve, reject) => {
 });
 await new Promise((resolve) => {
   const ws = new WebSocket(denied, { agent });
-  ws.on('unexpected-response', (req, res) => { out.denied = { status: res.statusCode, error: res.headers['x-pexi-error'] }; req.destroy(); resolve(); });
-  ws.on('error', (error) => { out.denied = out.denied ?? { message: error.message }; resolve(); });
+  // A refused handshake is told the WebSocket way: 101 with x-pexi-error, then close 1008 with the reason.
+  ws.on('upgrade', (res) => { out.deniedError = res.headers['x-pexi-error']; });
+  ws.on('unexpected-response', (req, res) => { out.denied = { status: res.statusCode }; req.destroy(); resolve(); });
+  ws.on('close', (code, reason) => { out.denied = { close: code, reason: reason.toString() }; resolve(); });
+  ws.on('error', (error) => { out.denied = out.denied ?? { message: error.message }; });
 });
 console.log(JSON.stringify(out));
 agent.destroy();
@@ -91,7 +94,7 @@ after(async () => {
   }
 });
 
-test('an npm ws client through the guest proxy: wss echoes both ways; a denied host is refused', { skip: !envProxy && 'https.Agent proxyEnv needs Node >= 24.5' }, async () => {
+test('an npm ws client through the guest proxy: wss echoes both ways; a denied host is closed with 1008 and pexi\'s reason', { skip: !envProxy && 'https.Agent proxyEnv needs Node >= 24.5' }, async () => {
   const url = `wss://ws.test:${server.address().port}/chat`;
   const { code, stdout, stderr } = await runNode(['client.mjs', url, 'wss://denied.test/chat'], {
     cwd: app,
@@ -106,8 +109,9 @@ test('an npm ws client through the guest proxy: wss echoes both ways; a denied h
   const out = JSON.parse(stdout.trim());
   assert.deepEqual(out.echoes, ['hello', [0, 1, 2, 255], 100000]);
   assert.equal(out.close, 1000);
-  assert.equal(out.denied?.status, 403, JSON.stringify(out.denied));
-  assert.equal(out.denied?.error, 'policy_denied');
+  assert.equal(out.denied?.close, 1008, JSON.stringify(out.denied));
+  assert.match(out.denied.reason, /^pexi refused this request \(policy_denied\): host denied\.test is not in the allowlist/);
+  assert.equal(out.deniedError, 'policy_denied');
   const records = pep.records();
   const decision = records.find((r) => r.kind === 'decision' && r.request.host === 'ws.test' && r.request.upgrade === 'websocket');
   assert.ok(decision?.decision.allow, 'the upgrade was decided');

@@ -699,3 +699,115 @@ async fn an_early_connect_refusal_answers_before_any_tls() {
         answer.headers
     );
 }
+
+/// Transparent mode, as a hostile guest would use it. pexi-guestd runs in a network namespace of its own
+/// (only loopback), so it can capture the upstream's port while the upstream and the PEP live in this
+/// test's namespace; clients run in its namespace (nsenter), resolve through its DNS stub, and connect to
+/// the synthetic addresses. The name an address stands for decides, whatever the client's TLS server name
+/// or `Host` say; a local address that is not synthetic is not carried.
+#[tokio::test(flavor = "multi_thread")]
+async fn transparent_mode_carries_names_and_cannot_be_pointed_elsewhere() {
+    if !pexi_test_support::in_isolated_netns(
+        "transparent_mode_carries_names_and_cannot_be_pointed_elsewhere",
+    ) {
+        return;
+    }
+    let s = setup().await;
+    let port = s.tls.port().to_string();
+    let dir = s.dir.join("transparent");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let ca = dir.join("ca.pem");
+    let mut guestd = Command::new("unshare")
+        .args(["-n", "sh", "-c", "ip link set lo up && exec \"$0\" \"$@\""])
+        .arg(env!("CARGO_BIN_EXE_pexi-guestd"))
+        .arg("--endpoint")
+        .arg(format!("unix:{}", s.dir.join("pep.sock").display()))
+        .args(["--listen", "127.0.0.1:3128", "--socket", "", "--ca-cert"])
+        .arg(&ca)
+        .args(["--transparent", "--capture-ports", &format!("443,{port}")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("unshare pexi-guestd");
+    let mut lines = BufReader::new(guestd.stdout.take().expect("stdout")).lines();
+    let ready: Vec<String> = (0..2).map_while(|_| lines.next()?.ok()).collect();
+    assert!(
+        ready.len() == 2 && ready[1].contains("transparent dns 127.0.0.53:53 range 127.77.0.0/16"),
+        "{ready:?}"
+    );
+    let guestd = Guestd {
+        child: guestd,
+        proxy: String::new(),
+        ca: ca.clone(),
+        socket: PathBuf::new(),
+    };
+    let net = format!("--net=/proc/{}/ns/net", guestd.child.id());
+    let inside = move |program: &str, args: &[&str]| {
+        let output = Command::new("nsenter")
+            .arg(&net)
+            .arg(program)
+            .args(args)
+            .env_remove("http_proxy")
+            .env_remove("https_proxy")
+            .env_remove("HTTPS_PROXY")
+            .env_remove("ALL_PROXY")
+            .output()
+            .expect("nsenter (util-linux)");
+        (
+            output.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&output.stdout).into_owned()
+                + &String::from_utf8_lossy(&output.stderr),
+        )
+    };
+    let lookup = |name: &str| -> String {
+        let (_, out) = inside("busybox", &["nslookup", "-type=a", name, "127.0.0.53"]);
+        out.lines()
+            .filter_map(|l| l.split_whitespace().last())
+            .find(|a| a.starts_with("127.77."))
+            .unwrap_or_else(|| panic!("no synthetic address for {name}: {out}"))
+            .to_string()
+    };
+    let secure = lookup("secure.test");
+    let denied = lookup("denied.test");
+    assert_ne!(secure, denied);
+    assert_eq!(lookup("SECURE.test."), secure, "one name, one address");
+    let ca_arg = ca.display().to_string();
+    let curl = |name: &str, address: &str, extra: &[&str]| {
+        let resolve = format!("{name}:{port}:{address}");
+        let url = format!("https://{name}:{port}/hello");
+        let mut args = vec!["-sS", "--cacert", &ca_arg, "--resolve", &resolve];
+        args.extend_from_slice(extra);
+        args.push(&url);
+        inside("curl", &args)
+    };
+
+    // Allowed: the name's address, TLS with the per-boot CA, the PEP's decision, the upstream's answer.
+    let (code, out) = curl("secure.test", &secure, &[]);
+    assert_eq!((code, out.as_str()), (0, "hello"));
+    // Denied: pexi's 403 inside the client's own TLS, with the reason.
+    let (code, out) = curl("denied.test", &denied, &[]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("host denied.test is not in the allowlist"),
+        "{out}"
+    );
+    // An allowed name's SNI (and Host) on a denied name's address: the certificate is for the address's
+    // name, so a verifying client refuses it; one that does not verify reaches only that name, refused.
+    let (code, out) = curl("secure.test", &denied, &[]);
+    assert_eq!(code, 60, "certificate verification must fail: {out}");
+    let (code, out) = curl("secure.test", &denied, &["--insecure"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("host denied.test is not in the allowlist"),
+        "{out}"
+    );
+    assert!(!out.contains("hello"), "{out}");
+    // An address in the range that was never handed out: named by the TLS server name.
+    let (code, out) = curl("secure.test", "127.77.200.200", &[]);
+    assert_eq!((code, out.as_str()), (0, "hello"));
+    // A local address that is not synthetic is not pexi's to carry: reset, nothing decided.
+    let (code, out) = curl("secure.test", "127.0.0.1", &[]);
+    assert!(code == 35 || code == 56 || code == 7, "exit {code}: {out}");
+    drop(guestd);
+    let _ = std::fs::remove_dir_all(&s.dir);
+}

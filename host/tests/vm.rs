@@ -52,8 +52,16 @@ for endpoint in $(echo "$ENDPOINTS" | tr "," " "); do
     check $? "node-register-$endpoint" "rc=$rc out=$out"
 done
 mkdir -p /run/pexi
-pexi-guestd --endpoint vsock:2:4041 --listen 127.0.0.1:3128 --ca-cert /run/pexi/ca.pem --socket /run/pexi/pep.sock --deny-connect tunnel > /tmp/guestd.out 2> /tmp/guestd.err &
-for i in $(seq 150); do [ -s /tmp/guestd.out ] && break; sleep 0.2; done
+# Transparent mode as the image's init sets it up, plus the upstream's port among the captured ones.
+printf 'nameserver 127.0.0.53\n' > /etc/resolv.conf
+RUST_LOG=pexi_guestd=debug pexi-guestd --endpoint vsock:2:4041 --listen 127.0.0.1:3128 --ca-cert /run/pexi/ca.pem --socket /run/pexi/pep.sock --deny-connect tunnel \
+    --transparent --capture-ports "80,443,$UPSTREAM_PORT" > /tmp/guestd.out 2> /tmp/guestd.err &
+for i in $(seq 150); do [ "$(wc -l < /tmp/guestd.out)" -ge 2 ] && break; sleep 0.2; done
+# Node's own fetch with no proxy variable and no preload: resolved by the DNS stub, carried in
+# transparent mode (pexi-guestd logs the captured connections), refused readably.
+out=$(cd /tmp && env -u PEXI_ENDPOINT -u HTTP_PROXY -u HTTPS_PROXY -u http_proxy -u https_proxy NODE_EXTRA_CA_CERTS=/run/pexi/ca.pem node /share/e2e/fetch.mjs "$URL_OK" "$URL_DENIED" 2>&1); rc=$?
+[ "$rc" = 0 ] && [ "$out" = "allowed 200 hello | denied 403 policy_denied host denied.pexi.test is not in the allowlist" ] && grep -q "captured connection" /tmp/guestd.err
+check $? node-fetch-transparent "rc=$rc out=$out $(cat /tmp/guestd.out /tmp/guestd.err)"
 out=$(cd /share/app && env -u PEXI_ENDPOINT node --import @pexi/guest/register /share/e2e/fetch.mjs "$URL_OK" "$URL_DENIED" 2>&1); rc=$?
 [ "$rc" = 0 ] && [ "$out" = "allowed 200 hello | denied 403 policy_denied host denied.pexi.test is not in the allowlist" ]
 check $? node-register-guestd-socket "rc=$rc out=$out $(cat /tmp/guestd.err)"
@@ -335,8 +343,9 @@ fn prove(variant: Variant) {
 }
 
 /// The proof for one guest: the static Rust client and an unmodified Node script under the @pexi/guest
-/// preload over each of `endpoints`, then pexi-guestd's socket and an unmodified Node HTTPS client
-/// through its proxy; the share must be mounted over `fs`.
+/// preload over each of `endpoints`, then pexi-guestd's socket, an unmodified Node HTTPS client through
+/// its proxy, and Node's own fetch with no proxy setting through its transparent mode; the share must be
+/// mounted over `fs`.
 fn variant(
     arm64: bool,
     mut vm: Vec<(&'static str, String)>,
@@ -351,6 +360,7 @@ fn variant(
         format!("share-{fs}"),
         "node-register-guestd-socket".to_string(),
         "node-https-via-guest-proxy".to_string(),
+        "node-fetch-transparent".to_string(),
     ];
     for endpoint in endpoints {
         for check in ["pexi-fetch-allowed", "pexi-fetch-denied", "node-register"] {
@@ -377,8 +387,9 @@ fn variant(
             ("ARCH", arch.into()),
         ],
         checks,
-        // pexi-fetch and Node per channel, Node through pexi-guestd's socket and its proxy.
-        decisions: 2 * endpoints.len() + 2,
+        // pexi-fetch and Node per channel, Node through pexi-guestd's socket, its proxy and its
+        // transparent mode.
+        decisions: 2 * endpoints.len() + 3,
     }
 }
 

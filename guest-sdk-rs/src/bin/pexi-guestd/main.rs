@@ -12,6 +12,7 @@
 mod ca;
 mod mux;
 mod proxy;
+mod transparent;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -48,6 +49,27 @@ struct Args {
     // An OsString, not a PathBuf: clap's path parser refuses the empty value that means "none".
     #[arg(long, default_value = pexi_guest::endpoint::GUESTD_SOCKET, value_parser = clap::value_parser!(std::ffi::OsString))]
     socket: std::ffi::OsString,
+    /// Transparent mode, for programs that ignore proxy settings: a DNS stub on --dns answers every name
+    /// with a synthetic address from --synthetic-range, and connections to those addresses on
+    /// --capture-ports are carried through the PEP like CONNECTs. Point the resolver (/etc/resolv.conf) at
+    /// the stub. Binding ports below 1024 needs root (or CAP_NET_BIND_SERVICE).
+    #[arg(long)]
+    transparent: bool,
+    /// Where the DNS stub listens (UDP, loopback).
+    #[arg(long, default_value = "127.0.0.53:53", requires = "transparent")]
+    dns: SocketAddr,
+    /// The reserved loopback range synthetic addresses come from.
+    #[arg(long, default_value = "127.77.0.0/16", requires = "transparent")]
+    synthetic_range: transparent::Range,
+    /// The ports captured on synthetic addresses (comma-separated). Connections to other ports of a
+    /// synthetic address are refused by the kernel: nothing listens there.
+    #[arg(
+        long,
+        default_value = "80,443",
+        value_delimiter = ',',
+        requires = "transparent"
+    )]
+    capture_ports: Vec<u16>,
 }
 
 #[tokio::main]
@@ -128,15 +150,24 @@ async fn run(args: Args) -> Result<(), String> {
     } else {
         socket.display().to_string()
     };
-    println!(
-        "pexi-guestd: proxy http://{local} ca {} socket {shown}",
-        args.ca_cert.display()
-    );
     let proxy = Arc::new(proxy::Proxy {
         client,
         ca,
         early_connect_refusal: args.deny_connect == "early",
     });
+    let transparent = if args.transparent {
+        Some(start_transparent(&args, proxy.clone()).await?)
+    } else {
+        None
+    };
+    // Ready: everything is bound. The proxy's line first (supervisors read it for the address).
+    println!(
+        "pexi-guestd: proxy http://{local} ca {} socket {shown}",
+        args.ca_cert.display()
+    );
+    if let Some(line) = transparent {
+        println!("{line}");
+    }
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -150,4 +181,72 @@ async fn run(args: Args) -> Result<(), String> {
         let _ = stream.set_nodelay(true);
         tokio::spawn(proxy.clone().serve_connection(stream, None));
     }
+}
+
+/// Binds the DNS stub and the capture ports and serves them in the background; returns the line that says
+/// so. Every bind happens before the ready line, so a supervisor that saw it knows resolution works.
+async fn start_transparent(args: &Args, proxy: Arc<proxy::Proxy>) -> Result<String, String> {
+    if !args.dns.ip().is_loopback() {
+        return Err(format!(
+            "--dns {}: the stub listens on loopback only",
+            args.dns
+        ));
+    }
+    if args.capture_ports.is_empty() || args.capture_ports.contains(&0) {
+        return Err("--capture-ports: one or more ports, none of them 0".into());
+    }
+    let names = Arc::new(transparent::Names::new(args.synthetic_range));
+    let dns = tokio::net::UdpSocket::bind(args.dns)
+        .await
+        .map_err(|err| format!("DNS stub on {}: {err}", args.dns))?;
+    tokio::spawn(transparent::serve_dns(dns, names.clone()));
+    for &port in &args.capture_ports {
+        // The wildcard address: a listener bound to one address would catch only that address, and the
+        // synthetic range is thousands. Connections to any other local address are reset at once.
+        let address = SocketAddr::from(([0, 0, 0, 0], port));
+        let listener = tokio::net::TcpListener::bind(address)
+            .await
+            .map_err(|err| format!("capture port {port}: {err}"))?;
+        let (names, proxy) = (names.clone(), proxy.clone());
+        tokio::spawn(async move {
+            loop {
+                let stream = match listener.accept().await {
+                    Ok((stream, _)) => stream,
+                    Err(err) => {
+                        tracing::warn!(%err, port, "accept on a capture port failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let destination = stream
+                    .local_addr()
+                    .ok()
+                    .and_then(|local| transparent::destination(&names, local));
+                let Some(host) = destination else {
+                    // Not a synthetic address (127.0.0.1:443, say): not ours to carry.
+                    let _ = stream.set_zero_linger();
+                    continue;
+                };
+                let _ = stream.set_nodelay(true);
+                tracing::debug!(
+                    name = host.as_deref().unwrap_or("-"),
+                    port,
+                    "captured connection"
+                );
+                let target = proxy::Target {
+                    host,
+                    port,
+                    connect_authority: None,
+                };
+                tokio::spawn(proxy.clone().intercept(stream, target));
+            }
+        });
+    }
+    let ports: Vec<String> = args.capture_ports.iter().map(u16::to_string).collect();
+    Ok(format!(
+        "pexi-guestd: transparent dns {} range {} ports {}",
+        args.dns,
+        args.synthetic_range,
+        ports.join(",")
+    ))
 }

@@ -44,11 +44,26 @@ pub struct Proxy {
     pub early_connect_refusal: bool,
 }
 
-/// Where requests on a connection go when they are in origin form: set inside a CONNECT tunnel.
+/// Where requests on a connection go when they are in origin form: set inside a CONNECT tunnel and on a
+/// transparently captured connection.
 #[derive(Clone, Debug)]
 pub struct Origin {
     scheme: &'static str,
-    authority: String,
+    /// `host:port`; `None` on a captured connection whose address stands for no name, where each request's
+    /// `Host` names the host (and the connection's port is the port).
+    authority: Option<String>,
+    port: u16,
+}
+
+/// Where an intercepted connection (a CONNECT tunnel or a transparently captured connection) leads.
+#[derive(Clone, Debug)]
+pub struct Target {
+    /// The name: a CONNECT's host, or the name a synthetic address stands for (`None` if it stands for
+    /// none: then the TLS server name or the `Host` header says).
+    pub host: Option<String>,
+    pub port: u16,
+    /// A CONNECT's `host:port` as the client wrote it; `None` for a captured connection.
+    pub connect_authority: Option<String>,
 }
 
 /// Request headers a proxy never forwards (RFC 9110 §7.6.1), plus `Host`, which the URL decides.
@@ -100,12 +115,27 @@ impl Proxy {
             request.uri().scheme_str(),
             request.uri().authority(),
         ) {
-            (Some(origin), None, None) => format!(
-                "{}://{}{}",
-                origin.scheme,
-                origin.authority,
-                request.uri().path_and_query().map_or("/", |p| p.as_str())
-            ),
+            (Some(origin), None, None) => {
+                let authority = match &origin.authority {
+                    Some(authority) => authority.clone(),
+                    None => match host_header(request.headers()) {
+                        Some(host) => format!("{host}:{}", origin.port),
+                        None => {
+                            return refusal(
+                                StatusCode::BAD_REQUEST,
+                                "invalid_request",
+                                "this connection's address stands for no name and the request has no Host",
+                                &[],
+                            )
+                        }
+                    },
+                };
+                format!(
+                    "{}://{authority}{}",
+                    origin.scheme,
+                    request.uri().path_and_query().map_or("/", |p| p.as_str())
+                )
+            }
             (None, Some("http" | "https"), Some(_)) => request.uri().to_string(),
             _ => {
                 return refusal(
@@ -116,10 +146,21 @@ impl Proxy {
                 )
             }
         };
-        if is_upgrade(request.headers()) {
-            return self.upgrade(request, &url).await;
+        // git shows a failed request's body to its user only when it is text/plain ("remote: ..."); every
+        // other client gets the JSON body.
+        let plain_refusal = request
+            .headers()
+            .get(http::header::USER_AGENT)
+            .is_some_and(|agent| agent.as_bytes().starts_with(b"git/"));
+        let response = if is_upgrade(request.headers()) {
+            self.upgrade(request, &url).await
+        } else {
+            self.forward(request, &url).await
+        };
+        if plain_refusal {
+            return as_plain_text(response);
         }
-        self.forward(request, &url).await
+        response
     }
 
     /// A WebSocket (or other) upgrade: the PEP performs the handshake upstream; after its 101 the client's
@@ -144,7 +185,15 @@ impl Proxy {
         }
         let (response, sender) = match builder.upgrade().await {
             Ok(answer) => answer,
-            Err(error) => return error_response(&error),
+            Err(error) => {
+                let refusal = error_response(&error);
+                return match websocket_accept(request.headers()) {
+                    Some(accept) if refusal.status() == StatusCode::FORBIDDEN => {
+                        websocket_refusal(on_client, accept, refusal)
+                    }
+                    _ => refusal,
+                };
+            }
         };
         let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS.as_u16();
         let mut out = Response::builder().status(response.status());
@@ -296,14 +345,44 @@ impl Proxy {
             // Not in the allowlist (refused before any TLS), or a tunnel destination that failed.
             Err(error) => return error_response(&error),
         }
-        let authority = authority.to_string();
+        let target = Target {
+            host: Some(host),
+            port,
+            connect_authority: Some(authority.to_string()),
+        };
         tokio::spawn(async move {
             match hyper::upgrade::on(request).await {
-                Ok(upgraded) => self.tunnel(TokioIo::new(upgraded), host, authority).await,
+                Ok(upgraded) => self.tunnel(TokioIo::new(upgraded), target).await,
                 Err(err) => tracing::debug!(%err, "CONNECT upgrade failed"),
             }
         });
         Response::new(empty())
+    }
+
+    /// A transparently captured connection (see [`crate::transparent`]): like a CONNECT with the refusal
+    /// inside, since the client is already connected and can only be answered in its own protocol. A name
+    /// the policy marks tunnel-only gets an opaque `pep.net.connect` tunnel; any other is inspected.
+    pub async fn intercept<IO>(self: Arc<Self>, io: IO, target: Target)
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        if let Some(host) = &target.host {
+            match self.client.tunnel(host, target.port).await {
+                Ok((tunnel, sender)) => {
+                    return relay(io, tunnel.into_stream().boxed(), sender).await;
+                }
+                // Not a tunnel destination (or not allowed at all): inspect, and let each request inside be
+                // decided and, if refused, answered with pexi's 403.
+                Err(Error::Pep(payload)) if payload.code.as_str() == "policy_denied" => {}
+                Err(error) => {
+                    // A tunnel destination the PEP could not reach, a PEP that is gone: the client cannot
+                    // be told in a protocol we do not know, so the connection ends.
+                    tracing::info!(%error, host, port = target.port, "captured connection not carried");
+                    return;
+                }
+            }
+        }
+        self.tunnel(io, target).await
     }
 
     /// Inside a tunnel: TLS terminated with a certificate for the host, or plain HTTP. Boxed as `Send`:
@@ -311,16 +390,15 @@ impl Proxy {
     fn tunnel<IO>(
         self: Arc<Self>,
         io: IO,
-        host: String,
-        authority: String,
+        target: Target,
     ) -> Pin<Box<dyn std::future::Future<Output = ()> + Send>>
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        Box::pin(self.tunnel_inner(io, host, authority))
+        Box::pin(self.tunnel_inner(io, target))
     }
 
-    async fn tunnel_inner<IO>(self: Arc<Self>, mut io: IO, host: String, authority: String)
+    async fn tunnel_inner<IO>(self: Arc<Self>, mut io: IO, target: Target)
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -333,10 +411,15 @@ impl Proxy {
             prefix: Some(first[0]),
             inner: io,
         };
+        let known = target
+            .connect_authority
+            .clone()
+            .or_else(|| target.host.as_ref().map(|h| format!("{h}:{}", target.port)));
         if first[0] != 0x16 {
             let origin = Origin {
                 scheme: "http",
-                authority,
+                authority: known,
+                port: target.port,
             };
             return self.serve_connection(io, Some(origin)).await;
         }
@@ -351,12 +434,23 @@ impl Proxy {
                 return;
             }
         };
-        // The name the client asked for, else the CONNECT host (IP destinations send no SNI).
-        let name = start
-            .client_hello()
-            .server_name()
-            .map(str::to_string)
-            .unwrap_or_else(|| host.clone());
+        // The certificate's name. Through CONNECT: the name the client asked for, else the CONNECT host
+        // (IP destinations send no SNI). On a captured connection whose address stands for a name: that
+        // name, whatever the client asked for (as a real server at that address would), so a client that
+        // sends another name fails verification rather than talk to one host believing it is another.
+        let sni = start.client_hello().server_name().map(str::to_string);
+        let name = match (&target.connect_authority, &target.host, sni) {
+            (None, Some(host), _) => host.clone(),
+            (_, _, Some(sni)) => sni,
+            (_, Some(host), None) => host.clone(),
+            (_, None, None) => {
+                tracing::debug!(
+                    "a captured TLS connection with no name: no SNI, no address mapping"
+                );
+                return;
+            }
+        };
+        let authority = known.unwrap_or_else(|| format!("{name}:{}", target.port));
         let config = match self.ca.server_config(&name) {
             Ok(config) => config,
             Err(err) => {
@@ -368,7 +462,8 @@ impl Proxy {
             Ok(tls) => {
                 let origin = Origin {
                     scheme: "https",
-                    authority,
+                    authority: Some(authority),
+                    port: target.port,
                 };
                 self.serve_connection(tls, Some(origin)).await;
             }
@@ -414,6 +509,81 @@ async fn relay<IO>(
         () = upward => {}
         () = downward => {}
     }
+}
+
+/// The host part of a request's `Host`, if it is a valid authority.
+fn host_header(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get(http::header::HOST)?.to_str().ok()?;
+    let authority: http::uri::Authority = value.parse().ok()?;
+    (!authority.host().is_empty()).then(|| authority.host().to_string())
+}
+
+/// `Sec-WebSocket-Accept` for a WebSocket handshake request (RFC 6455 §4.2.2), if it is one.
+fn websocket_accept(headers: &HeaderMap) -> Option<String> {
+    use base64::Engine as _;
+    use sha1::Digest as _;
+    let upgrade = headers.get(http::header::UPGRADE)?.to_str().ok()?;
+    if !upgrade.eq_ignore_ascii_case("websocket") {
+        return None;
+    }
+    let key = headers.get(http::header::SEC_WEBSOCKET_KEY)?.as_bytes();
+    let mut hash = sha1::Sha1::new();
+    hash.update(key);
+    hash.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
+    Some(base64::engine::general_purpose::STANDARD.encode(hash.finalize()))
+}
+
+/// A refused WebSocket handshake, told the WebSocket way: the WebSocket API (browsers, Node's global
+/// WebSocket) gives a program nothing of a refused handshake's status or body, only "close 1006", so the
+/// handshake completes here (never upstream: the PEP refused it) and the connection is closed at once with
+/// 1008 (policy violation) and pexi's summary as the close reason, the one text that API shows. The 101
+/// carries `x-pexi-error` and `x-pexi-decision` like any refusal.
+fn websocket_refusal(
+    on_client: hyper::upgrade::OnUpgrade,
+    accept: String,
+    refusal: Response<Body>,
+) -> Response<Body> {
+    let summary = refusal
+        .extensions()
+        .get::<Summary>()
+        .map(|s| s.0.clone())
+        .unwrap_or_default();
+    let mut out = Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(http::header::CONNECTION, "upgrade")
+        .header(http::header::UPGRADE, "websocket")
+        .header(http::header::SEC_WEBSOCKET_ACCEPT, accept);
+    for name in ["x-pexi-error", "x-pexi-decision"] {
+        if let Some(value) = refusal.headers().get(name) {
+            out = out.header(name, value);
+        }
+    }
+    tokio::spawn(async move {
+        let Ok(upgraded) = on_client.await else {
+            return;
+        };
+        let mut io = TokioIo::new(upgraded);
+        let _ = io.write_all(&close_frame(1008, &summary)).await;
+        // Wait (briefly) for the client's close frame or its end, then hang up.
+        let mut sink = [0u8; 256];
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), io.read(&mut sink)).await;
+        let _ = io.shutdown().await;
+    });
+    out.body(empty()).unwrap_or_else(|_| Response::new(empty()))
+}
+
+/// An unmasked close frame (server to client) with `code` and as much of `reason` as fits: a control
+/// frame's payload is at most 125 bytes, and the reason is cut at a character boundary.
+fn close_frame(code: u16, reason: &str) -> Vec<u8> {
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    let reason = &reason.as_bytes()[..end];
+    let mut frame = vec![0x88, (2 + reason.len()) as u8];
+    frame.extend_from_slice(&code.to_be_bytes());
+    frame.extend_from_slice(reason);
+    frame
 }
 
 fn is_upgrade(headers: &HeaderMap) -> bool {
@@ -477,6 +647,28 @@ fn refusal_with_decision(
         Full::new(Bytes::from(body)).map_err(|never| match never {}),
     ));
     *response.status_mut() = status;
+    // The status line's reason phrase carries the summary too: the one part of a refusal that curl -v,
+    // busybox wget, Python's urllib ("HTTP Error 403: ...") and got ("Response code 403 (...)") print
+    // without being asked.
+    let phrase = format!(
+        "{} - {summary}",
+        status.canonical_reason().unwrap_or("Refused")
+    );
+    let phrase: String = phrase
+        .chars()
+        .map(|c| {
+            if c == ' ' || c.is_ascii_graphic() {
+                c
+            } else {
+                '?'
+            }
+        })
+        .take(400)
+        .collect();
+    if let Ok(phrase) = hyper::ext::ReasonPhrase::try_from(phrase) {
+        response.extensions_mut().insert(phrase);
+    }
+    response.extensions_mut().insert(Summary(summary));
     let headers = response.headers_mut();
     headers.insert(
         http::header::CONTENT_TYPE,
@@ -489,6 +681,25 @@ fn refusal_with_decision(
         headers.insert("x-pexi-decision", value);
     }
     response
+}
+
+/// A refusal's one-line summary, kept on the response for clients that read text.
+#[derive(Clone)]
+struct Summary(String);
+
+/// A refusal of this proxy's own, with its body as one line of text instead of JSON; any other response
+/// as it is.
+fn as_plain_text(response: Response<Body>) -> Response<Body> {
+    let Some(Summary(summary)) = response.extensions().get::<Summary>().cloned() else {
+        return response;
+    };
+    let (mut parts, _) = response.into_parts();
+    parts.headers.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    let body = Full::new(Bytes::from(format!("{summary}\n"))).map_err(|never| match never {});
+    Response::from_parts(parts, BodyExt::boxed(body))
 }
 
 /// The answer for a request the PEP refused or could not complete.
@@ -552,5 +763,38 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Prefixed<IO> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_websocket_accept_is_rfc_6455s() {
+        let mut headers = HeaderMap::new();
+        headers.insert(http::header::UPGRADE, HeaderValue::from_static("websocket"));
+        headers.insert(
+            http::header::SEC_WEBSOCKET_KEY,
+            HeaderValue::from_static("dGhlIHNhbXBsZSBub25jZQ=="),
+        );
+        // RFC 6455 §1.3's example.
+        assert_eq!(
+            websocket_accept(&headers).as_deref(),
+            Some("s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
+        );
+        headers.insert(http::header::UPGRADE, HeaderValue::from_static("h2c"));
+        assert_eq!(websocket_accept(&headers), None);
+    }
+
+    #[test]
+    fn a_close_frame_fits_a_control_frame() {
+        let long = "é".repeat(200);
+        let frame = close_frame(1008, &long);
+        assert_eq!(frame[0], 0x88);
+        assert!(frame.len() <= 127, "{}", frame.len());
+        assert_eq!(usize::from(frame[1]), frame.len() - 2);
+        assert_eq!(&frame[2..4], &1008u16.to_be_bytes());
+        assert!(std::str::from_utf8(&frame[4..]).is_ok());
     }
 }
