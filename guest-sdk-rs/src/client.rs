@@ -24,9 +24,9 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use crate::endpoint::{BoxTransport, Connector, Endpoint};
 use crate::Error;
 
-/// Upload bytes handed to the connection task ahead of the PEP's credit, per request.
-const UPLOAD_BUFFER: usize = 256 * 1024;
-const CHUNK: usize = 64 * 1024;
+// Upload bytes handed to the connection task ahead of the PEP's credit, per request.
+use pexi_protocol::session::DATA_CHUNK as CHUNK;
+use pexi_protocol::session::STREAM_SEND_BUFFER as UPLOAD_BUFFER;
 
 /// Tuning for the connection task.
 #[derive(Clone, Debug)]

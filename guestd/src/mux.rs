@@ -19,8 +19,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, Semaphore};
 
-/// Bytes from the PEP that may wait in pexi-guestd for one local stream's credit.
-const STREAM_BUFFER: usize = 256 * 1024;
+// Bytes from the PEP that may wait in pexi-guestd for one local stream's credit.
+use pexi_protocol::session::STREAM_SEND_BUFFER as STREAM_BUFFER;
 
 /// Relay task → driver.
 enum Down {

@@ -13,12 +13,12 @@ use tokio_util::sync::CancellationToken;
 use super::budget::{Charge, SessionBudget};
 use crate::pipeline::Caller;
 
+/// Largest piece a worker hands over at once.
+pub use pexi_protocol::session::DATA_CHUNK as MAX_CHUNK;
 /// Response bytes a worker may have handed over and the transport not yet taken (waiting for the guest's
 /// flow-control credit, or for the guest to read its socket). Beyond this the worker waits, so a slow guest
 /// reader stalls only its own upstream.
-pub const STREAM_BUFFER: usize = 256 * 1024;
-/// Largest piece a worker hands over at once.
-pub const MAX_CHUNK: usize = 64 * 1024;
+pub use pexi_protocol::session::STREAM_SEND_BUFFER as STREAM_BUFFER;
 
 /// Worker → connection driver.
 #[derive(Debug)]

@@ -40,6 +40,15 @@ use stream::Stream;
 pub const PROTOCOL_VERSION: u16 = 1;
 /// Default per-stream receive window: 256 KiB.
 pub const DEFAULT_STREAM_WINDOW: u32 = 256 * 1024;
+
+/// Bytes a driver may hold for one stream that the session has not yet taken (waiting for the peer's
+/// credit, or for the reader on the other side): one default window, so a stream whose credit arrives has
+/// its next window ready, and a slow reader stalls only its own stream's source. The host's workers, the
+/// SDK's uploads and pexi-guestd's local relay all use this one bound.
+pub const STREAM_SEND_BUFFER: usize = DEFAULT_STREAM_WINDOW as usize;
+
+/// The largest piece of stream data a driver hands over at once: one default frame payload.
+pub const DATA_CHUNK: usize = crate::frame::DEFAULT_MAX_PAYLOAD as usize;
 /// Default session receive window: 1 MiB.
 pub const DEFAULT_CONNECTION_WINDOW: u32 = 1024 * 1024;
 
