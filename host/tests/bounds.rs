@@ -428,7 +428,6 @@ async fn a_request_body_that_stops_coming_ends_after_the_idle_timeout() {
             bytes::Bytes::from_static(b"the first bytes, then nothing"),
         )
         .expect("data");
-    let started = Instant::now();
     let error = loop {
         let event = tokio::time::timeout(Duration::from_secs(15), guest.conn.next_event())
             .await
@@ -444,5 +443,5 @@ async fn a_request_body_that_stops_coming_ends_after_the_idle_timeout() {
     // The HTTP client's read timeout (idle_timeout_ms) covers the send: the upstream waits for a body
     // that does not come, and the stream ends with upstream_timeout instead of lasting total_timeout_ms.
     assert_eq!(error.code, ErrorCode::UpstreamTimeout, "{error:?}");
-    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(!error.message.contains("took longer than"), "{error:?}");
 }

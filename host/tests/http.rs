@@ -510,12 +510,17 @@ async fn upstream_timeouts() {
     let pep = TestPep::start(options);
     let mut guest = pep.guest().await;
     // No response at all.
-    let started = Instant::now();
     let reply = guest
         .get(&format!("http://api.test:{}/stall", upstream.port()))
         .await;
     assert_eq!(reply.error_code(), "upstream_timeout", "{:?}", reply.error);
-    assert!(started.elapsed() < Duration::from_secs(5));
+    // The idle timeout ended it, not the whole request's deadline (which says "took longer than").
+    let message = reply
+        .error
+        .as_ref()
+        .map(|e| e.message.as_str())
+        .unwrap_or("");
+    assert!(!message.contains("took longer than"), "{message}");
     // A response that goes quiet mid-body.
     let reply = guest
         .get(&format!(
