@@ -11,7 +11,10 @@
 //! - Redirects are returned to the client (`redirect: manual`), which follows them through the proxy again.
 //! - Refusals answer like proxies do: 403 for policy refusals, 502 for upstream failures, 504 for timeouts,
 //!   with `x-pexi-error: <code>` and a JSON body `{code, message, reasons, decision_id, error}`; one that
-//!   followed a decision also names it in `x-pexi-decision`.
+//!   followed a decision also names it in `x-pexi-decision`. The reason phrase carries the summary too, git
+//!   gets it as `text/plain`, and a refused WebSocket handshake is closed with 1008 and the summary.
+//! - A connection captured in transparent mode ([`crate::transparent`]) takes the CONNECT path
+//!   ([`Proxy::intercept`]) for the name its address stands for.
 //! - An `Upgrade: websocket` request becomes an upgraded `pep.http.request`: after the PEP's 101 the
 //!   client's connection and the PEP stream carry the WebSocket's bytes both ways.
 //! - Bodies stream both ways under the PEP's flow control; a client that goes away drops its request, which
