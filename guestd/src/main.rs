@@ -6,8 +6,9 @@
 //! pexi-guestd --endpoint unix:/run/user/1000/pexi/pep.sock --listen 127.0.0.1:3128 --ca-cert /run/pexi/ca.pem
 //! ```
 //!
-//! When the proxy is listening it prints one line to stdout, `pexi-guestd: proxy http://ADDR ca PATH`, so a
-//! supervisor (or a test, with `--listen 127.0.0.1:0`) knows the address.
+//! When everything is bound it prints `pexi-guestd: proxy http://ADDR ca PATH socket PATH` to stdout, so a
+//! supervisor (or a test, with `--listen 127.0.0.1:0`) knows the address; with `--transparent` a second
+//! line follows, `pexi-guestd: transparent dns ADDR range CIDR ports LIST`.
 
 mod ca;
 mod mux;
@@ -124,14 +125,10 @@ async fn run(args: Args) -> Result<(), String> {
         let mux_client = client.clone();
         tokio::spawn(async move {
             loop {
-                match listener.accept().await {
-                    Ok((stream, _)) => {
-                        tokio::spawn(mux::serve(mux_client.clone(), stream));
-                    }
-                    Err(err) => {
-                        tracing::warn!(%err, "accept on the local socket failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    }
+                if let Some((stream, _)) =
+                    accepted(listener.accept().await, "the local socket").await
+                {
+                    tokio::spawn(mux::serve(mux_client.clone(), stream));
                 }
             }
         });
@@ -169,17 +166,24 @@ async fn run(args: Args) -> Result<(), String> {
         println!("{line}");
     }
     loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(err) => {
-                // Out of file descriptors and the like: wait a moment rather than spin.
-                tracing::warn!(%err, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
+        let Some((stream, _)) = accepted(listener.accept().await, "the proxy port").await else {
+            continue;
         };
         let _ = stream.set_nodelay(true);
         tokio::spawn(proxy.clone().serve_connection(stream, None));
+    }
+}
+
+/// An accepted connection, or `None` after a failed accept (out of file descriptors and the like), logged
+/// and followed by a short wait so that the accept loop does not spin.
+async fn accepted<T>(result: std::io::Result<T>, what: &str) -> Option<T> {
+    match result {
+        Ok(accepted) => Some(accepted),
+        Err(err) => {
+            tracing::warn!(%err, "accept on {what} failed");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            None
+        }
     }
 }
 
@@ -210,13 +214,9 @@ async fn start_transparent(args: &Args, proxy: Arc<proxy::Proxy>) -> Result<Stri
         let (names, proxy) = (names.clone(), proxy.clone());
         tokio::spawn(async move {
             loop {
-                let stream = match listener.accept().await {
-                    Ok((stream, _)) => stream,
-                    Err(err) => {
-                        tracing::warn!(%err, port, "accept on a capture port failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                        continue;
-                    }
+                let Some((stream, _)) = accepted(listener.accept().await, "a capture port").await
+                else {
+                    continue;
                 };
                 let destination = stream
                     .local_addr()
