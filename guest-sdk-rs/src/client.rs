@@ -6,27 +6,21 @@
 //! requests wait for the new session. Keepalive PINGs find a host that went quiet (a virtio-serial port
 //! gives no disconnect signal); the session resynchronises on its own after garbage on the stream.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
+use pexi_protocol::io::{self, Ended, Handler, Inbound, Link, StreamIn, StreamOut};
 use pexi_protocol::payload::{
     ErrorCode, HeaderField, HttpRequest, HttpResponseHead, MethodCall, NetConnect, NetConnectHead,
     PolicyDecision, RedirectMode, ResponseHead,
 };
 use pexi_protocol::session::{Config as SessionConfig, Event, Session};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot};
 
-use crate::endpoint::{BoxTransport, Connector, Endpoint};
+use crate::endpoint::{Connector, Endpoint};
 use crate::Error;
-
-// Upload bytes handed to the connection task ahead of the PEP's credit, per request.
-use pexi_protocol::session::DATA_CHUNK as CHUNK;
-use pexi_protocol::session::STREAM_SEND_BUFFER as UPLOAD_BUFFER;
 
 /// Tuning for the connection task.
 #[derive(Clone, Debug)]
@@ -49,32 +43,13 @@ impl Default for Options {
 /// A handle to the PEP. Clone it freely; all clones share one session.
 #[derive(Clone)]
 pub struct Client {
-    commands: mpsc::UnboundedSender<Command>,
+    commands: mpsc::UnboundedSender<Open>,
 }
 
-enum Command {
-    Open {
-        call: MethodCall,
-        reply: oneshot::Sender<Result<Opened, Error>>,
-    },
-    Data(u64, Bytes),
-    End(u64),
-    Cancel(u64),
-    Release(u64, usize),
-}
-
-struct Opened {
-    key: u64,
-    events: mpsc::UnboundedReceiver<StreamEvent>,
-    buffer: Arc<Semaphore>,
-    received: Arc<AtomicUsize>,
-}
-
-enum StreamEvent {
-    Head(ResponseHead),
-    Data(Bytes),
-    End,
-    Failed(Error),
+/// A request for a stream; the connection task answers once the session has room for it.
+struct Open {
+    call: MethodCall,
+    reply: oneshot::Sender<Result<(StreamIn, StreamOut), Error>>,
 }
 
 impl Client {
@@ -157,15 +132,12 @@ impl Client {
     async fn open(&self, call: MethodCall) -> Result<StreamHandle, Error> {
         let (reply, answer) = oneshot::channel();
         self.commands
-            .send(Command::Open { call, reply })
+            .send(Open { call, reply })
             .map_err(|_| Error::Closed)?;
-        let opened = answer.await.map_err(|_| Error::Closed)??;
+        let (input, output) = answer.await.map_err(|_| Error::Closed)??;
         Ok(StreamHandle {
-            key: opened.key,
-            events: opened.events,
-            buffer: opened.buffer,
-            received: opened.received,
-            commands: self.commands.clone(),
+            input,
+            output,
             finished: false,
         })
     }
@@ -173,12 +145,8 @@ impl Client {
 
 /// One open request on the client side; cancels the stream when dropped unfinished.
 struct StreamHandle {
-    key: u64,
-    events: mpsc::UnboundedReceiver<StreamEvent>,
-    buffer: Arc<Semaphore>,
-    /// Response bytes delivered to this handle and not yet read.
-    received: Arc<AtomicUsize>,
-    commands: mpsc::UnboundedSender<Command>,
+    input: StreamIn,
+    output: StreamOut,
     finished: bool,
 }
 
@@ -186,62 +154,56 @@ impl StreamHandle {
     /// Queues `data` for the PEP; `false` when the stream has already ended (the PEP answered or failed
     /// it), so an uploader stops producing a body nobody will read.
     async fn send(&mut self, data: Bytes) -> Result<bool, Error> {
-        send_data(self.key, &self.buffer, &self.commands, data).await
+        Ok(self.output.data(data).await.is_ok())
     }
 
     fn end(&mut self) -> Result<(), Error> {
-        self.commands
-            .send(Command::End(self.key))
-            .map_err(|_| Error::Closed)
+        // A stream that is gone already has its answer (or its failure) waiting for the reader.
+        let _ = self.output.end();
+        Ok(())
     }
 
-    async fn next_event(&mut self) -> Result<StreamEvent, Error> {
-        self.events.recv().await.ok_or(Error::Closed)
-    }
-
-    /// The next piece of the host's bytes, `None` at their end; the credit goes back as it is taken.
-    async fn read(&mut self) -> Result<Option<Bytes>, Error> {
+    /// The next thing the host sent; the credit of DATA goes back as it is taken.
+    async fn next(&mut self) -> Result<Option<Inbound>, Error> {
         if self.finished {
             return Ok(None);
         }
-        match self.next_event().await? {
-            StreamEvent::Data(data) => {
-                self.received.fetch_sub(data.len(), Ordering::Relaxed);
-                let _ = self.commands.send(Command::Release(self.key, data.len()));
-                Ok(Some(data))
-            }
-            StreamEvent::End => {
+        let inbound = self.input.next().await;
+        match &inbound {
+            Inbound::End(_) => self.finished = true,
+            Inbound::Failed { error, .. } => {
                 self.finished = true;
-                Ok(None)
+                return Err(Error::Pep(error.clone()));
             }
-            StreamEvent::Failed(error) => {
-                self.finished = true;
-                Err(error)
-            }
-            StreamEvent::Head(_) => Err(Error::Pep(pexi_protocol::payload::ErrorPayload::new(
+            Inbound::Head(_) | Inbound::Data(_) => {}
+        }
+        Ok(Some(inbound))
+    }
+
+    /// The next piece of the host's bytes, `None` at their end.
+    async fn read(&mut self) -> Result<Option<Bytes>, Error> {
+        match self.next().await? {
+            Some(Inbound::Data(data)) => Ok(Some(data)),
+            None | Some(Inbound::End(_)) => Ok(None),
+            Some(Inbound::Head(_)) => Err(Error::Pep(pexi_protocol::payload::ErrorPayload::new(
                 ErrorCode::ProtocolError,
                 "a second HEAD",
             ))),
+            Some(Inbound::Failed { error, .. }) => Err(Error::Pep(error)),
         }
     }
 
     /// Waits for the stream's HEAD; `what` names the call for the error when something else comes.
     async fn head(&mut self, what: &str) -> Result<ResponseHead, Error> {
-        match self.next_event().await? {
-            StreamEvent::Head(head) => Ok(head),
-            StreamEvent::Failed(error) => {
-                self.finished = true;
-                Err(error)
-            }
+        match self.next().await? {
+            Some(Inbound::Head(head)) => Ok(head),
             _ => Err(unexpected(what)),
         }
     }
 
     fn sender(&self) -> UpgradeSender {
         UpgradeSender {
-            key: self.key,
-            buffer: self.buffer.clone(),
-            commands: self.commands.clone(),
+            output: self.output.clone(),
             ended: false,
         }
     }
@@ -250,7 +212,7 @@ impl StreamHandle {
 impl Drop for StreamHandle {
     fn drop(&mut self) {
         if !self.finished {
-            let _ = self.commands.send(Command::Cancel(self.key));
+            self.output.cancel();
         }
     }
 }
@@ -358,9 +320,7 @@ impl RequestBuilder {
 /// The guest's direction of an upgraded connection (see [`RequestBuilder::upgrade`]). Dropping it ends
 /// that direction, as [`UpgradeSender::finish`] does.
 pub struct UpgradeSender {
-    key: u64,
-    buffer: Arc<Semaphore>,
-    commands: mpsc::UnboundedSender<Command>,
+    output: StreamOut,
     ended: bool,
 }
 
@@ -368,7 +328,7 @@ impl UpgradeSender {
     /// Sends bytes to the upstream, waiting for flow-control room; `false` when the connection has
     /// already ended (the upstream closed or the PEP failed it).
     pub async fn send(&mut self, data: Bytes) -> Result<bool, Error> {
-        send_data(self.key, &self.buffer, &self.commands, data).await
+        Ok(self.output.data(data).await.is_ok())
     }
 
     /// Ends the guest's direction (the upstream sees a half-close); the other keeps flowing.
@@ -377,9 +337,8 @@ impl UpgradeSender {
             return Ok(());
         }
         self.ended = true;
-        self.commands
-            .send(Command::End(self.key))
-            .map_err(|_| Error::Closed)
+        let _ = self.output.end();
+        Ok(())
     }
 }
 
@@ -387,28 +346,6 @@ impl Drop for UpgradeSender {
     fn drop(&mut self) {
         let _ = self.finish();
     }
-}
-
-/// Queues `data` for a stream in pieces, each waiting for room in the stream's upload buffer; `false` once
-/// the stream has ended (the PEP answered or failed it: the caller reads why).
-async fn send_data(
-    key: u64,
-    buffer: &Semaphore,
-    commands: &mpsc::UnboundedSender<Command>,
-    mut data: Bytes,
-) -> Result<bool, Error> {
-    while !data.is_empty() {
-        let chunk = data.split_to(data.len().min(CHUNK));
-        // Fits: CHUNK does.
-        match buffer.acquire_many(chunk.len() as u32).await {
-            Ok(permit) => permit.forget(),
-            Err(_) => return Ok(false),
-        }
-        commands
-            .send(Command::Data(key, chunk))
-            .map_err(|_| Error::Closed)?;
-    }
-    Ok(true)
 }
 
 /// The error for a HEAD of the wrong kind, or none where one was due.
@@ -437,29 +374,11 @@ impl RawCall {
     /// The next HEAD or DATA; `None` after the host's END. An ERROR from the host (or a session reset)
     /// is the `Err`, after everything sent before it.
     pub async fn next(&mut self) -> Result<Option<RawEvent>, Error> {
-        if self.stream.finished {
-            return Ok(None);
-        }
-        match self.stream.next_event().await? {
-            StreamEvent::Head(head) => Ok(Some(RawEvent::Head(head))),
-            StreamEvent::Data(data) => {
-                self.stream
-                    .received
-                    .fetch_sub(data.len(), Ordering::Relaxed);
-                let _ = self
-                    .stream
-                    .commands
-                    .send(Command::Release(self.stream.key, data.len()));
-                Ok(Some(RawEvent::Data(data)))
-            }
-            StreamEvent::End => {
-                self.stream.finished = true;
-                Ok(None)
-            }
-            StreamEvent::Failed(error) => {
-                self.stream.finished = true;
-                Err(error)
-            }
+        match self.stream.next().await? {
+            Some(Inbound::Head(head)) => Ok(Some(RawEvent::Head(head))),
+            Some(Inbound::Data(data)) => Ok(Some(RawEvent::Data(data))),
+            None | Some(Inbound::End(_)) => Ok(None),
+            Some(Inbound::Failed { error, .. }) => Err(Error::Pep(error)),
         }
     }
 }
@@ -545,7 +464,7 @@ impl Response {
     /// Body bytes received and not yet read. Flow control bounds it by the stream window (256 KiB): a
     /// reader that stops reading stops the PEP, and the PEP stops its upstream.
     pub fn buffered(&self) -> usize {
-        self.stream.received.load(Ordering::Relaxed)
+        self.stream.input.buffered()
     }
 
     /// The next piece of the body, `None` at its end. An error here (`response_too_large`,
@@ -582,74 +501,30 @@ impl Response {
 }
 
 // ------------------------------------------------------------------------------------------------------
-// The connection task.
+// The connection task: connects when a request needs it, and runs the protocol driver with [`Guest`] as
+// its handler until the connection is lost (then it connects again) or every `Client` is gone.
 
-enum Out {
-    Data(Bytes),
-    End,
-}
-
-struct StreamState {
-    /// The stream id in the current session.
-    id: u32,
-    events: mpsc::UnboundedSender<StreamEvent>,
-    pending: VecDeque<Out>,
-    buffer: Arc<Semaphore>,
-    received: Arc<AtomicUsize>,
-    /// The guest's END went into the session.
-    end_sent: bool,
-}
-
-/// An open waiting for a session: the call, where to answer, and since when.
-type Waiting = (
-    MethodCall,
-    oneshot::Sender<Result<Opened, Error>>,
-    tokio::time::Instant,
-);
+/// An open waiting for a session, and since when.
+type Waiting = (Open, tokio::time::Instant);
 
 struct Connection {
     connector: Arc<dyn Connector>,
     options: Options,
-    commands: mpsc::UnboundedReceiver<Command>,
-    next_key: u64,
-    streams: HashMap<u64, StreamState>,
-    by_id: HashMap<u32, u64>,
-    /// Opens that wait for a session.
-    waiting: Vec<Waiting>,
-}
-
-/// What becomes of a session after its events.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Next {
-    Go,
-    /// Over: start a new one on the same transport.
-    NewSession,
-    /// Refused: end the connection; the next request makes a new one.
-    Reconnect,
-}
-
-/// Why a connection ended.
-enum Ended {
-    /// Every `Client` handle is gone.
-    Dropped,
-    /// The transport failed or the host went away: connect again.
-    Lost,
+    commands: mpsc::UnboundedReceiver<Open>,
+    guest: Guest,
 }
 
 impl Connection {
     fn new(
         connector: Arc<dyn Connector>,
         options: Options,
-        commands: mpsc::UnboundedReceiver<Command>,
+        commands: mpsc::UnboundedReceiver<Open>,
     ) -> Connection {
         Connection {
             connector,
             options,
             commands,
-            next_key: 0,
-            streams: HashMap::new(),
-            by_id: HashMap::new(),
-            waiting: Vec::new(),
+            guest: Guest::default(),
         }
     }
 
@@ -657,9 +532,9 @@ impl Connection {
         let mut backoff = Duration::from_millis(50);
         loop {
             // Connect only when a request waits for it.
-            if self.waiting.is_empty() {
+            if self.guest.waiting.is_empty() {
                 match self.commands.recv().await {
-                    Some(command) => self.apply_idle(command),
+                    Some(open) => self.guest.waiting.push((open, tokio::time::Instant::now())),
                     None => return,
                 }
                 continue;
@@ -667,21 +542,34 @@ impl Connection {
             match self.connector.connect().await {
                 Ok(transport) => {
                     backoff = Duration::from_millis(50);
-                    match self.serve(transport).await {
-                        Ended::Dropped => return,
-                        Ended::Lost => continue,
+                    let options = io::Options {
+                        keepalive: Some(self.options.keepalive),
+                        zero_read_is_eof: self.connector.zero_read_is_eof(),
+                        ..io::Options::default()
+                    };
+                    let ended = io::drive(
+                        transport,
+                        new_session(),
+                        &mut self.guest,
+                        Some(&mut self.commands),
+                        &options,
+                    )
+                    .await;
+                    if ended == Ended::Dropped {
+                        return;
                     }
                 }
                 Err(err) => {
                     let now = tokio::time::Instant::now();
                     let timeout = self.options.connect_timeout;
                     let endpoint = self.connector.describe();
-                    let (expired, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiting)
-                        .into_iter()
-                        .partition(|(_, _, since)| now.duration_since(*since) >= timeout);
-                    self.waiting = waiting;
-                    for (_, reply, _) in expired {
-                        let _ = reply.send(Err(Error::Connect {
+                    let (expired, waiting): (Vec<_>, Vec<_>) =
+                        std::mem::take(&mut self.guest.waiting)
+                            .into_iter()
+                            .partition(|(_, since)| now.duration_since(*since) >= timeout);
+                    self.guest.waiting = waiting;
+                    for (open, _) in expired {
+                        let _ = open.reply.send(Err(Error::Connect {
                             endpoint: endpoint.clone(),
                             message: err.to_string(),
                         }));
@@ -692,377 +580,140 @@ impl Connection {
             }
         }
     }
+}
 
-    /// Commands while no session exists: opens wait, everything else concerns streams that are gone.
-    fn apply_idle(&mut self, command: Command) {
-        if let Command::Open { call, reply } = command {
-            self.waiting
-                .push((call, reply, tokio::time::Instant::now()));
+fn new_session() -> Session {
+    Session::client(SessionConfig::new("pexi-guest", env!("CARGO_PKG_VERSION")))
+}
+
+/// The guest's side of a connection: opens requests as the PEP's stream limit allows, and starts a new
+/// session when the PEP lost the old one.
+#[derive(Default)]
+struct Guest {
+    /// Opens that wait for a session, or for room under the PEP's stream limit.
+    waiting: Vec<Waiting>,
+    /// Set by this step's events, acted on after them.
+    restart: bool,
+    refused: bool,
+}
+
+impl Handler for Guest {
+    type Command = Open;
+
+    fn command(&mut self, link: &mut Link, open: Open) {
+        self.waiting.push((open, tokio::time::Instant::now()));
+        self.open_waiting(link);
+    }
+
+    fn event(&mut self, link: &mut Link, event: Event) {
+        match event {
+            Event::Established(info) => {
+                tracing::debug!(session = info.session_id, "session established");
+            }
+            Event::End { stream_id, .. } => {
+                let session = link.session_mut();
+                // A stream the guest still had open (an upgraded connection whose upstream closed first):
+                // the host reads nothing more, so end the guest's side too, or both sessions would keep a
+                // half-open stream (and its concurrency slot) forever.
+                if session.is_sending(stream_id) {
+                    session.discard_unsent(stream_id);
+                    let _ = session.write_end(stream_id, Vec::new());
+                }
+                // Nothing more arrives on this stream, so none of its bytes need credit any more: release
+                // everything the session holds for it (unread bytes, and read bytes whose release is still
+                // on its way), so the session finishes it now and the connection window gets all of it
+                // back.
+                session.release(stream_id, usize::MAX);
+                link.detach(stream_id);
+            }
+            Event::PeerError(error) if error.code == ErrorCode::SessionReset => self.restart = true,
+            Event::Refused(error) => {
+                self.refused = true;
+                for (open, _) in std::mem::take(&mut self.waiting) {
+                    let _ = open.reply.send(Err(Error::Pep(error.clone())));
+                }
+            }
+            Event::Closed => self.restart = true,
+            // A graceful GOAWAY: the streams it names run on, nothing new opens (open_waiting) and the
+            // connection ends once they are done (after). One over a protocol error is followed by Closed.
+            Event::GoAway(_)
+            | Event::PeerError(_)
+            | Event::Rejected { .. }
+            | Event::Pong(_)
+            | Event::Resynced
+            | Event::Opened { .. }
+            | Event::Head { .. }
+            | Event::Data { .. }
+            | Event::StreamFailed { .. }
+            | Event::SendCapacity { .. }
+            | Event::Writable { .. } => {}
         }
     }
 
-    async fn serve(&mut self, transport: BoxTransport) -> Ended {
-        let (reader, writer) = tokio::io::split(transport);
-        let (in_tx, mut input) = mpsc::channel::<Bytes>(8);
-        let (out_tx, out_rx) = mpsc::channel::<Vec<u8>>(16);
-        let zero_is_eof = self.connector.zero_read_is_eof();
-        let read_task = tokio::spawn(read_loop(reader, in_tx, zero_is_eof));
-        let write_task = tokio::spawn(write_loop(writer, out_rx));
-        let mut session =
-            Session::client(SessionConfig::new("pexi-guest", env!("CARGO_PKG_VERSION")));
-        // Any byte from the host proves it alive; a keepalive period of silence sends a PING, and a second
-        // one without a byte declares the host gone.
-        let keepalive = self.options.keepalive;
-        let mut pinged = false;
-        let mut keepalive_at = tokio::time::Instant::now() + keepalive;
-        let ended = loop {
-            tokio::select! {
-                biased;
-                permit = out_tx.reserve(), if session.has_pending_transmit() => {
-                    let Ok(permit) = permit else { break Ended::Lost };
-                    if let Some(frame) = session.poll_transmit() {
-                        permit.send(frame.encode());
-                    }
-                }
-                bytes = input.recv() => match bytes {
-                    Some(bytes) => {
-                        pinged = false;
-                        keepalive_at = tokio::time::Instant::now() + keepalive;
-                        session.receive(&bytes);
-                    }
-                    None => {
-                        session.transport_closed();
-                        self.route_events(&mut session);
-                        break Ended::Lost;
-                    }
-                },
-                command = self.commands.recv() => match command {
-                    Some(command) => self.apply(&mut session, command),
-                    None => break Ended::Dropped,
-                },
-                _ = tokio::time::sleep(Duration::from_secs(1)), if session.awaiting_answer() => session.retry(),
-                _ = tokio::time::sleep_until(keepalive_at) => {
-                    if pinged {
-                        tracing::warn!("the PEP stopped answering; starting a new session");
-                        session.transport_closed();
-                        self.route_events(&mut session);
-                        break Ended::Lost;
-                    }
-                    pinged = session.ping(*b"pexi-ka!").is_ok();
-                    keepalive_at = tokio::time::Instant::now() + keepalive;
-                }
-            }
-            let next = self.route_events(&mut session);
-            if next != Next::Go {
-                // The session is over (the host lost it, or it ended over a protocol error): what it still
-                // has to say (a GOAWAY) goes out first, then a new session starts on the same transport.
-                while let Some(frame) = session.poll_transmit() {
-                    if out_tx.send(frame.encode()).await.is_err() {
-                        break;
-                    }
-                }
-                if next == Next::Reconnect {
-                    break Ended::Lost;
-                }
-                session =
-                    Session::client(SessionConfig::new("pexi-guest", env!("CARGO_PKG_VERSION")));
-            } else if session.peer_going_away()
+    fn after(&mut self, link: &mut Link) {
+        if std::mem::take(&mut self.refused) {
+            // The requests that waited have their answer; a new HELLO now would only be refused again, so
+            // the next request connects afresh.
+            self.restart = false;
+            link.close();
+        } else if std::mem::take(&mut self.restart) {
+            link.restart(new_session(), "the PEP lost the session");
+        } else {
+            self.open_waiting(link);
+            let session = link.session();
+            if session.peer_going_away()
                 && session.active_streams() == 0
                 && !session.has_pending_transmit()
             {
                 // The host's GOAWAY has been honoured: every stream it promised has finished. Requests
                 // that came meanwhile wait for a new connection (a restarted host, or another one).
-                break Ended::Lost;
-            }
-        };
-        read_task.abort();
-        drop(out_tx);
-        let _ = write_task.await;
-        self.fail_all("the connection to the PEP was lost");
-        ended
-    }
-
-    fn apply(&mut self, session: &mut Session, command: Command) {
-        match command {
-            Command::Open { call, reply } => {
-                self.waiting
-                    .push((call, reply, tokio::time::Instant::now()));
-                self.open_waiting(session);
-            }
-            Command::Data(key, data) => self.queue(session, key, Out::Data(data)),
-            Command::End(key) => self.queue(session, key, Out::End),
-            Command::Release(key, n) => {
-                if let Some(state) = self.streams.get(&key) {
-                    session.release(state.id, n);
-                }
-            }
-            Command::Cancel(key) => {
-                if let Some(state) = self.streams.remove(&key) {
-                    self.by_id.remove(&state.id);
-                    state.buffer.close();
-                    let _ = session.cancel(state.id);
-                }
+                link.abort();
             }
         }
     }
 
-    fn open(
-        &mut self,
-        session: &mut Session,
-        call: MethodCall,
-        reply: oneshot::Sender<Result<Opened, Error>>,
-    ) {
-        match session.open(call) {
-            Ok(id) => {
-                let key = self.next_key;
-                self.next_key += 1;
-                let (events, receiver) = mpsc::unbounded_channel();
-                let buffer = Arc::new(Semaphore::new(UPLOAD_BUFFER));
-                let received = Arc::new(AtomicUsize::new(0));
-                self.streams.insert(
-                    key,
-                    StreamState {
-                        id,
-                        events,
-                        pending: VecDeque::new(),
-                        buffer: buffer.clone(),
-                        received: received.clone(),
-                        end_sent: false,
-                    },
-                );
-                self.by_id.insert(id, key);
-                let opened = Opened {
-                    key,
-                    events: receiver,
-                    buffer,
-                    received,
-                };
-                if let Err(Ok(opened)) = reply.send(Ok(opened)) {
-                    // The caller gave up before the stream opened.
-                    drop(opened);
-                    self.apply(session, Command::Cancel(key));
-                }
-            }
-            Err(err) => {
-                let _ = reply.send(Err(Error::Pep(
-                    pexi_protocol::payload::ErrorPayload::new(
-                        ErrorCode::ResourceExhausted,
-                        err.to_string(),
-                    )
-                    .retryable(true),
-                )));
-            }
+    fn ended(&mut self, link: &mut Link, why: Ended) {
+        // What this connection's events asked for dies with it; the next one starts clean.
+        self.restart = false;
+        self.refused = false;
+        if why == Ended::Lost {
+            tracing::warn!("the connection to the PEP was lost; the next request connects again");
         }
+        link.fail_all("the connection to the PEP was lost");
     }
+}
 
-    fn queue(&mut self, session: &mut Session, key: u64, out: Out) {
-        if let Some(state) = self.streams.get_mut(&key) {
-            state.pending.push_back(out);
-            self.flush(session, key);
-        }
-    }
-
-    /// Moves a stream's pending upload into the session as far as the PEP's credit allows.
-    fn flush(&mut self, session: &mut Session, key: u64) {
-        let Some(state) = self.streams.get_mut(&key) else {
-            return;
-        };
-        while let Some(out) = state.pending.pop_front() {
-            match out {
-                Out::Data(mut data) => {
-                    let room = session.send_capacity(state.id);
-                    if room == 0 {
-                        state.pending.push_front(Out::Data(data));
-                        return;
-                    }
-                    let piece = data.split_to(data.len().min(room));
-                    let len = piece.len();
-                    if session.send_data(state.id, piece).is_err() {
-                        state.pending.clear();
-                        return;
-                    }
-                    state.buffer.add_permits(len);
-                    if !data.is_empty() {
-                        state.pending.push_front(Out::Data(data));
-                        return;
-                    }
-                }
-                Out::End => {
-                    let _ = session.send_end(state.id, Vec::new());
-                    state.end_sent = true;
-                }
-            }
-        }
-    }
-
-    /// Hands session events to their requests, and says what becomes of the session.
-    fn route_events(&mut self, session: &mut Session) -> Next {
-        let mut restart = false;
-        let mut refused = false;
-        while let Some(event) = session.poll_event() {
-            match event {
-                Event::Established(info) => {
-                    tracing::debug!(session = info.session_id, "session established");
-                }
-                Event::Head { stream_id, head } => {
-                    self.deliver(stream_id, StreamEvent::Head(head));
-                }
-                Event::Data { stream_id, data } => {
-                    let len = data.len();
-                    if let Some(state) =
-                        self.by_id.get(&stream_id).and_then(|k| self.streams.get(k))
-                    {
-                        state.received.fetch_add(len, Ordering::Relaxed);
-                    }
-                    if !self.deliver(stream_id, StreamEvent::Data(data)) {
-                        session.release(stream_id, len);
-                    }
-                }
-                Event::End { stream_id, .. } => {
-                    self.deliver(stream_id, StreamEvent::End);
-                    // A stream the guest still had open (an upgraded connection whose upstream closed
-                    // first): the host reads nothing more, so end the guest's side too, or both sessions
-                    // would keep a half-open stream (and its concurrency slot) forever.
-                    if let Some(state) = self
-                        .by_id
-                        .get(&stream_id)
-                        .and_then(|k| self.streams.get_mut(k))
-                    {
-                        if !state.end_sent {
-                            state.pending.clear();
-                            state.end_sent = true;
-                            let _ = session.send_end(stream_id, Vec::new());
-                        }
-                    }
-                    // Nothing more arrives on this stream, so none of its bytes need credit any more:
-                    // release everything the session holds for it (unread bytes, and read bytes whose
-                    // Release command is still queued and will find the stream forgotten), so the
-                    // session finishes it now and the connection window gets all of it back.
-                    session.release(stream_id, usize::MAX);
-                    self.forget(stream_id);
-                }
-                Event::StreamFailed {
-                    stream_id, error, ..
-                } => {
-                    self.deliver(stream_id, StreamEvent::Failed(Error::Pep(error)));
-                    self.forget(stream_id);
-                }
-                Event::SendCapacity { stream_id: 0 } => {
-                    let keys: Vec<u64> = self.streams.keys().copied().collect();
-                    for key in keys {
-                        self.flush(session, key);
-                    }
-                }
-                Event::SendCapacity { stream_id } => {
-                    if let Some(key) = self.by_id.get(&stream_id).copied() {
-                        self.flush(session, key);
-                    }
-                }
-                Event::PeerError(error) if error.code == ErrorCode::SessionReset => restart = true,
-                Event::Refused(error) => {
-                    refused = true;
-                    for (_, reply, _) in std::mem::take(&mut self.waiting) {
-                        let _ = reply.send(Err(Error::Pep(error.clone())));
-                    }
-                }
-                // A graceful GOAWAY: the streams it names run on, nothing new opens (open_waiting) and the
-                // connection ends once they are done (serve). One over a protocol error is followed by
-                // Closed.
-                Event::GoAway(_) => {}
-                Event::Closed => restart = true,
-                Event::PeerError(_)
-                | Event::Rejected { .. }
-                | Event::Pong(_)
-                | Event::Resynced
-                | Event::Opened { .. } => {}
-            }
-        }
-        if refused {
-            // The requests that waited have their answer; a new HELLO now would only be refused again, so
-            // the next request connects afresh.
-            Next::Reconnect
-        } else if restart {
-            self.fail_all("the PEP lost the session");
-            Next::NewSession
-        } else {
-            self.open_waiting(session);
-            Next::Go
-        }
-    }
-
+impl Guest {
     /// Opens waiting requests while the session has room under the PEP's stream limit; the rest wait for
     /// a stream to finish.
-    fn open_waiting(&mut self, session: &mut Session) {
+    fn open_waiting(&mut self, link: &mut Link) {
+        let session = link.session();
         if !session.is_established() || session.peer_going_away() {
             return;
         }
         let limit = session
             .info()
             .map_or(0, |info| info.limits.max_concurrent_streams as usize);
-        while !self.waiting.is_empty() && session.active_streams() < limit {
-            let (call, reply, _) = self.waiting.remove(0);
-            self.open(session, call, reply);
-        }
-    }
-
-    fn deliver(&mut self, stream_id: u32, event: StreamEvent) -> bool {
-        self.by_id
-            .get(&stream_id)
-            .and_then(|key| self.streams.get(key))
-            .is_some_and(|state| state.events.send(event).is_ok())
-    }
-
-    fn forget(&mut self, stream_id: u32) {
-        if let Some(key) = self.by_id.remove(&stream_id) {
-            if let Some(state) = self.streams.remove(&key) {
-                state.buffer.close();
-            }
-        }
-    }
-
-    fn fail_all(&mut self, why: &str) {
-        for (_, state) in self.streams.drain() {
-            let _ = state
-                .events
-                .send(StreamEvent::Failed(Error::session_reset(why)));
-            state.buffer.close();
-        }
-        self.by_id.clear();
-    }
-}
-
-async fn read_loop<R: tokio::io::AsyncRead + Unpin>(
-    mut reader: R,
-    tx: mpsc::Sender<Bytes>,
-    zero_is_eof: bool,
-) {
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        match reader.read(&mut buf).await {
-            Ok(0) if zero_is_eof => return,
-            // A virtio-serial port with the host end closed: wait, do not spin.
-            Ok(0) => tokio::time::sleep(Duration::from_millis(100)).await,
-            Ok(n) => {
-                if tx.send(Bytes::copy_from_slice(&buf[..n])).await.is_err() {
-                    return;
+        while !self.waiting.is_empty() && link.session().active_streams() < limit {
+            let (Open { call, reply }, _) = self.waiting.remove(0);
+            match link.session_mut().open(call) {
+                Ok(id) => {
+                    if let Err(Ok(handles)) = reply.send(Ok(link.attach(id))) {
+                        // The caller gave up before the stream opened.
+                        drop(handles);
+                        link.cancel(id);
+                    }
+                }
+                Err(err) => {
+                    let _ = reply.send(Err(Error::Pep(
+                        pexi_protocol::payload::ErrorPayload::new(
+                            ErrorCode::ResourceExhausted,
+                            err.to_string(),
+                        )
+                        .retryable(true),
+                    )));
                 }
             }
-            Err(_) => return,
         }
     }
-}
-
-async fn write_loop<W: tokio::io::AsyncWrite + Unpin>(
-    mut writer: W,
-    mut rx: mpsc::Receiver<Vec<u8>>,
-) {
-    while let Some(bytes) = rx.recv().await {
-        if writer.write_all(&bytes).await.is_err() {
-            return;
-        }
-        if rx.is_empty() && writer.flush().await.is_err() {
-            return;
-        }
-    }
-    let _ = writer.shutdown().await;
 }

@@ -1,6 +1,6 @@
 //! The SDK's one error type.
 
-use pexi_protocol::payload::{ErrorCode, ErrorPayload};
+use pexi_protocol::payload::ErrorPayload;
 
 /// Everything a request can fail with. [`Error::code`] gives the stable machine-readable code: the
 /// protocol's (`policy_denied`, `blocked_address`, `session_reset`, ...) or the SDK's own
@@ -65,9 +65,5 @@ impl Error {
             Error::Pep(error) => error.details.decision_id.as_deref(),
             _ => None,
         }
-    }
-
-    pub(crate) fn session_reset(message: &str) -> Error {
-        Error::Pep(ErrorPayload::new(ErrorCode::SessionReset, message).retryable(true))
     }
 }

@@ -135,7 +135,7 @@ impl LimitsConfig {
     /// Limits that would make the PEP refuse everything, or wait forever, are configuration errors.
     fn check(&self) -> Result<(), String> {
         // A worker hands over up to this much at once; a pool smaller than one chunk never grants it.
-        let chunk = crate::serve::MAX_CHUNK as u64;
+        let chunk = pexi_protocol::session::DATA_CHUNK as u64;
         for (key, value) in [
             ("buffer_budget_bytes", self.buffer_budget_bytes),
             ("session_buffer_bytes", self.session_buffer_bytes),

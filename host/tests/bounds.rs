@@ -136,11 +136,9 @@ async fn a_stream_whose_guest_grants_no_credit_ends_after_the_idle_timeout() {
     };
     assert_eq!(error.code, ErrorCode::GuestStalled, "{error:?}");
     assert_eq!(received, 64 * 1024);
+    // Not before the idle timeout (an upper bound would only measure the machine's load).
     let took = started.elapsed();
-    assert!(
-        took >= Duration::from_millis(700) && took < Duration::from_secs(10),
-        "{took:?}"
-    );
+    assert!(took >= Duration::from_millis(700), "{took:?}");
     let deadline = Instant::now() + Duration::from_secs(5);
     while !upstream.aborted.load(std::sync::atomic::Ordering::SeqCst)
         && upstream.connections() > 0

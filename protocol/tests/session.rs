@@ -1037,3 +1037,136 @@ fn frames_that_break_stream_rules_fail_only_that_stream() {
         assert!(drain_frames(side).is_empty(), "an error was answered");
     }
 }
+
+/// `write` buffers ahead of credit up to the cap, the buffers drain fairly (one frame per stream in turn)
+/// as credit arrives, a full buffer reports `Writable` once room appears, and END follows the data.
+#[test]
+fn written_data_waits_for_credit_in_a_bounded_buffer_and_streams_take_turns() {
+    use pexi_protocol::session::STREAM_SEND_BUFFER;
+    let mut host_config = Config::new("h", "1");
+    host_config.receive.initial_stream_window = 40_000;
+    host_config.receive.initial_connection_window = 1 << 20;
+    host_config.receive.max_frame = 8_192;
+    let (mut guest, mut host) = established_with(server_with(host_config, Limits::default()));
+    let ids = open_streams(&mut guest, &mut host, 2);
+    let (a, b) = (ids[0], ids[1]);
+
+    // Far more than the 40 000 bytes of credit is accepted, up to the buffer's cap and no further.
+    guest
+        .write(a, Bytes::from(vec![1u8; STREAM_SEND_BUFFER]))
+        .expect("fits the buffer");
+    assert_eq!(guest.write_room(a), 0);
+    assert_eq!(
+        guest.write(a, Bytes::from_static(b"x")),
+        Err(SessionError::SendBufferFull {
+            stream_id: a,
+            requested: 1,
+            room: 0
+        })
+    );
+    guest
+        .write(b, Bytes::from(vec![2u8; 100_000]))
+        .expect("fits the buffer");
+    guest.write_end(b, Vec::new()).expect("end after the data");
+    assert_eq!(guest.write_room(b), 0, "nothing may follow END");
+
+    // The first frames alternate between the two streams.
+    let frames = drain_frames(&mut guest);
+    let data: Vec<u32> = frames
+        .iter()
+        .filter(|f| f.frame_type == FrameType::Data)
+        .map(|f| f.stream_id)
+        .collect();
+    assert_eq!(&data[..4], &[a, b, a, b], "streams take turns");
+    let sent = |id: u32| -> usize {
+        frames
+            .iter()
+            .filter(|f| f.frame_type == FrameType::Data && f.stream_id == id)
+            .map(|f| f.payload.len())
+            .sum()
+    };
+    assert_eq!(sent(a), 40_000, "no more than the stream's credit");
+    assert_eq!(sent(b), 40_000);
+    assert!(
+        frames.iter().all(|f| f.frame_type != FrameType::End),
+        "END waits behind the data"
+    );
+    assert!(
+        events(&mut guest)
+            .iter()
+            .any(|e| matches!(e, Event::Writable { stream_id } if *stream_id == a)),
+        "the full buffer reports room"
+    );
+    assert_eq!(guest.write_room(a), 40_000);
+    assert!(guest.poll_transmit().is_none(), "nothing without credit");
+
+    // Deliver, let the host release everything, and run to the end: every byte arrives, in order, then END.
+    for frame in frames {
+        let mut wire = Vec::new();
+        frame.encode_into(&mut wire);
+        host.receive(&wire);
+    }
+    let mut received = [0usize; 2];
+    let mut ended = false;
+    for _round in 0..1_000 {
+        for event in events(&mut host) {
+            match event {
+                Event::Data { stream_id, data } => {
+                    let i = usize::from(stream_id == b);
+                    assert!(data.iter().all(|&x| x == i as u8 + 1), "streams do not mix");
+                    received[i] += data.len();
+                    host.release(stream_id, data.len());
+                }
+                Event::End { stream_id, .. } => {
+                    assert_eq!(stream_id, b);
+                    assert_eq!(received[1], 100_000, "END after all of the data");
+                    ended = true;
+                }
+                Event::StreamFailed { .. } | Event::Rejected { .. } => panic!("{event:?}"),
+                _ => {}
+            }
+        }
+        pump(&mut host, &mut guest);
+        events(&mut guest);
+        pump(&mut guest, &mut host);
+        if ended && received[0] == STREAM_SEND_BUFFER {
+            return;
+        }
+    }
+    panic!("transfer did not complete: {received:?}, ended {ended}");
+}
+
+#[test]
+fn an_error_written_after_data_follows_it_and_send_error_drops_it() {
+    let (mut guest, mut host) = established();
+    let ids = open_streams(&mut guest, &mut host, 2);
+    for &id in &ids {
+        host.send_head(id, &http_head(200)).expect("head");
+        host.write(id, Bytes::from(vec![7u8; 1000])).expect("write");
+    }
+    host.write_error(
+        ids[0],
+        pexi_protocol::payload::ErrorPayload::new(ErrorCode::ResponseTooLarge, "cut"),
+    )
+    .expect("error after data");
+    // At once: the buffered data is dropped, the ERROR goes ahead.
+    host.send_error(
+        ids[1],
+        pexi_protocol::payload::ErrorPayload::new(ErrorCode::GuestStalled, "stalled"),
+    )
+    .expect("error now");
+    let kinds: Vec<(u32, FrameType)> = drain_frames(&mut host)
+        .iter()
+        .map(|f| (f.stream_id, f.frame_type))
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![
+            (ids[0], FrameType::Head),
+            (ids[1], FrameType::Head),
+            (ids[1], FrameType::Error),
+            (ids[0], FrameType::Data),
+            (ids[0], FrameType::Error),
+        ]
+    );
+}

@@ -3,13 +3,13 @@
 //! Also where the worker for each stream starts ([`Pipeline::serve_stream`]).
 
 use crate::audit::records::{BodyDigest, Outcome, RefusedAddress, Resolve};
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderName, Method, StatusCode};
+use http::{Method, StatusCode};
 use pexi_protocol::payload::{
     ErrorCode, ErrorDetails, ErrorPayload, HeaderField, HttpRequest, HttpResponseHead, MethodCall,
     RedirectMode, ResponseHead,
@@ -17,11 +17,9 @@ use pexi_protocol::payload::{
 use serde_json::json;
 
 use super::request::Prepared;
-use super::resolve::Resolver;
-use super::target::{CanonicalHost, Target};
+use super::upstream::UpstreamError;
 use super::{Caller, Pipeline};
-use crate::config::Config;
-use crate::serve::{HeadRefused, RequestBody, Responder, StreamRequest};
+use crate::stream::{HeadRefused, RequestBody, Responder, StreamRequest};
 
 const METHOD: &str = "pep.http.request";
 /// The longest any request deadline may be (a century), so the timer arithmetic stays finite whatever
@@ -29,122 +27,6 @@ const METHOD: &str = "pep.http.request";
 const NO_DEADLINE_MS: u64 = 100 * 365 * 86_400_000;
 /// Request bodies up to this size are kept so a 307/308 redirect can send them again.
 const REPLAY_LIMIT: usize = 1024 * 1024;
-
-/// Upstream clients, one per pinned destination, so connections are reused across requests and hops.
-///
-/// A `reqwest` client is pinned to the addresses its hop was allowed to reach (`resolve_to_addrs`), and
-/// its connection pool only ever holds connections to those addresses. Keying the cache by the canonical
-/// host, the port and the exact set of checked addresses keeps that guarantee: a request whose resolution
-/// (or DNS override) now gives other addresses gets another client, never a pooled connection to an
-/// address it was not allowed. Every request is still decided and address-checked before its client is
-/// picked; the cache only saves the TLS setup and the TCP (and TLS) handshakes. See docs/benchmarks.md.
-pub struct HttpClient {
-    extra_roots: Vec<reqwest::Certificate>,
-    connect_timeout: Duration,
-    idle_timeout: Duration,
-    pub(super) resolver: Resolver,
-    clients: Mutex<ClientCache>,
-}
-
-/// Destinations kept with a warm client; the least recently used is dropped (closing its idle
-/// connections) when a new one needs room.
-const CLIENT_CACHE_SIZE: usize = 64;
-/// Idle upstream connections kept per destination.
-const IDLE_PER_DESTINATION: usize = 32;
-/// An idle upstream connection is closed after this long.
-const POOL_IDLE: Duration = Duration::from_secs(30);
-
-#[derive(Clone, PartialEq, Eq, Hash)]
-struct Destination {
-    host: String,
-    port: u16,
-    addrs: Vec<IpAddr>,
-}
-
-#[derive(Default)]
-struct ClientCache {
-    clients: std::collections::HashMap<Destination, (reqwest::Client, u64)>,
-    clock: u64,
-}
-
-impl HttpClient {
-    pub fn new(config: &Config) -> Result<HttpClient, String> {
-        let extra_roots = match &config.extra_ca_pem {
-            Some(pem) => reqwest::Certificate::from_pem_bundle(pem).map_err(|err| {
-                format!("extra CA file {}: {err}", config.pep.network.extra_ca_file)
-            })?,
-            None => Vec::new(),
-        };
-        let limits = &config.pep.limits;
-        Ok(HttpClient {
-            extra_roots,
-            connect_timeout: Duration::from_millis(limits.connect_timeout_ms),
-            idle_timeout: Duration::from_millis(limits.idle_timeout_ms),
-            resolver: Resolver::new(&config.pep.network.dns_overrides, limits.dns_timeout()),
-            clients: Mutex::new(ClientCache::default()),
-        })
-    }
-
-    /// The client for `target` at exactly `addrs`, from the cache or built now.
-    fn pinned(&self, target: &Target, addrs: &[IpAddr]) -> Result<reqwest::Client, ErrorPayload> {
-        let mut sorted = addrs.to_vec();
-        sorted.sort();
-        sorted.dedup();
-        let key = Destination {
-            host: target.host.to_string(),
-            port: target.port,
-            addrs: sorted,
-        };
-        let mut cache = self.clients.lock().unwrap_or_else(|p| p.into_inner());
-        cache.clock += 1;
-        let now = cache.clock;
-        if let Some((client, used)) = cache.clients.get_mut(&key) {
-            *used = now;
-            return Ok(client.clone());
-        }
-        let client = self.build(target, addrs)?;
-        if cache.clients.len() >= CLIENT_CACHE_SIZE {
-            let oldest = cache
-                .clients
-                .iter()
-                .min_by_key(|(_, (_, used))| *used)
-                .map(|(key, _)| key.clone());
-            if let Some(oldest) = oldest {
-                cache.clients.remove(&oldest);
-            }
-        }
-        cache.clients.insert(key, (client.clone(), now));
-        Ok(client)
-    }
-
-    /// A client that can reach `target` only at `addrs`: no system DNS, no environment proxies, no
-    /// redirects of its own, certificate verification against the Mozilla roots plus the configured CA.
-    fn build(&self, target: &Target, addrs: &[IpAddr]) -> Result<reqwest::Client, ErrorPayload> {
-        let mut builder = reqwest::Client::builder()
-            .use_rustls_tls()
-            .no_proxy()
-            .redirect(reqwest::redirect::Policy::none())
-            .referer(false)
-            .http1_only()
-            .pool_max_idle_per_host(IDLE_PER_DESTINATION)
-            .pool_idle_timeout(POOL_IDLE)
-            .connect_timeout(self.connect_timeout)
-            .read_timeout(self.idle_timeout);
-        for root in &self.extra_roots {
-            builder = builder.add_root_certificate(root.clone());
-        }
-        if let CanonicalHost::Dns(name) = &target.host {
-            let socket_addrs: Vec<SocketAddr> = addrs
-                .iter()
-                .map(|ip| SocketAddr::new(*ip, target.port))
-                .collect();
-            builder = builder.resolve_to_addrs(name, &socket_addrs);
-        }
-        builder
-            .build()
-            .map_err(|err| ErrorPayload::new(ErrorCode::Internal, format!("HTTP client: {err}")))
-    }
-}
 
 /// How a request ended, for the audit log and the guest.
 struct Failure {
@@ -197,7 +79,7 @@ struct ReplayCopy {
     collected: Vec<u8>,
     /// The copy as sent again (once frozen, further hops share it).
     frozen: Option<Bytes>,
-    _charges: Vec<crate::serve::budget::Charge>,
+    _charges: Vec<crate::limits::budget::Charge>,
 }
 
 impl Pipeline {
@@ -331,7 +213,7 @@ impl Pipeline {
                             message: Some(failure.error.message.clone()),
                             status: progress.status(),
                             response_body: Some(BodyDigest {
-                                bytes_delivered: Some(progress.delivered()),
+                                bytes_delivered: Some(responder.delivered()),
                                 ..BodyDigest::default()
                             }),
                             request_body: Some(request_body),
@@ -488,7 +370,7 @@ impl Pipeline {
                 if tap.too_large.load(Ordering::Relaxed) {
                     fail(body_too_large(body_limit))
                 } else {
-                    fail(upstream_error(&err))
+                    fail(UpstreamError::classify(&err).into())
                 }
             })?;
             let status = response.status();
@@ -525,7 +407,11 @@ impl Pipeline {
                                 }),
                             ));
                         }
-                        let next = self.next_hop(&prepared, status, &location).map_err(&fail)?;
+                        let next =
+                            super::redirect::next_hop(&prepared, status, &location, |name| {
+                                self.redactor.is_secret_header(name)
+                            })
+                            .map_err(|err| fail(err.into()))?;
                         if carries_body(&next) && next.method == prepared.method {
                             replay_body = Some(replayable(&tap).map_err(&fail)?);
                         }
@@ -581,7 +467,7 @@ impl Pipeline {
                 let upgraded = response
                     .upgrade()
                     .await
-                    .map_err(|err| fail(upstream_error(&err)))?;
+                    .map_err(|err| fail(UpstreamError::classify(&err).into()))?;
                 let started = std::time::Instant::now();
                 let relayed = self
                     .relay_upgraded(upgraded, upgrade_body.take(), responder)
@@ -670,7 +556,7 @@ impl Pipeline {
             Ok(())
         };
         let downward = async {
-            let mut buffer = vec![0u8; super::super::serve::MAX_CHUNK];
+            let mut buffer = vec![0u8; crate::stream::MAX_CHUNK];
             loop {
                 let n = from_upstream.read(&mut buffer).await.map_err(|err| {
                     ErrorPayload::new(ErrorCode::UpstreamConnect, format!("upstream read: {err}"))
@@ -788,58 +674,6 @@ impl Pipeline {
         Ok(allowed)
     }
 
-    /// The next hop of a redirect, with the method, body and headers a browser would carry over.
-    fn next_hop(
-        &self,
-        current: &Prepared,
-        status: StatusCode,
-        location: &str,
-    ) -> Result<Prepared, ErrorPayload> {
-        let target =
-            Target::resolve_against(Some(&current.target.url), location).map_err(|err| {
-                ErrorPayload::new(
-                    ErrorCode::InvalidRequest,
-                    format!("redirect Location refused: {err}"),
-                )
-            })?;
-        let becomes_get = status == StatusCode::SEE_OTHER && current.method != Method::HEAD
-            || matches!(status, StatusCode::MOVED_PERMANENTLY | StatusCode::FOUND)
-                && current.method == Method::POST;
-        let cross_origin = target.url.origin() != current.target.url.origin();
-        let mut headers = current.headers.clone();
-        if becomes_get {
-            headers.retain(|(name, _)| !is_content_header(name));
-        }
-        if cross_origin {
-            // Credentials and cookies belong to the origin they were meant for.
-            headers.retain(|(name, _)| {
-                name != http::header::AUTHORIZATION
-                    && name != http::header::COOKIE
-                    && !self.redactor.is_secret_header(name.as_str())
-            });
-        }
-        Ok(Prepared {
-            method: if becomes_get {
-                Method::GET
-            } else {
-                current.method.clone()
-            },
-            target,
-            headers,
-            content_length: if becomes_get {
-                None
-            } else {
-                current.content_length
-            },
-            redirect: current.redirect,
-            timeout_ms: current.timeout_ms,
-            // Still named on every hop, so the policy sees them; the broker withholds them off-origin.
-            secrets: current.secrets.clone(),
-            upgrade: None,
-            tunnel: false,
-        })
-    }
-
     /// Forwards the response body as it arrives, up to the cap; returns the bytes forwarded.
     async fn stream_response(
         &self,
@@ -860,7 +694,7 @@ impl Pipeline {
                     )
                     .retryable(true))
                 }
-                Ok(Err(err)) => return Err(upstream_error(&err)),
+                Ok(Err(err)) => return Err(UpstreamError::classify(&err).into()),
                 Ok(Ok(None)) => return Ok((total, hex::encode(hash.finalize()))),
                 Ok(Ok(Some(chunk))) => chunk,
             };
@@ -901,13 +735,6 @@ fn carries_body(prepared: &Prepared) -> bool {
     }
 }
 
-fn is_content_header(name: &HeaderName) -> bool {
-    name == http::header::CONTENT_TYPE
-        || name == http::header::CONTENT_ENCODING
-        || name == http::header::CONTENT_LANGUAGE
-        || name == http::header::CONTENT_LOCATION
-}
-
 fn body_too_large(limit: u64) -> ErrorPayload {
     ErrorPayload::new(
         ErrorCode::BodyTooLarge,
@@ -926,7 +753,7 @@ fn body_stream(
     tap: Arc<BodyTap>,
     limit: u64,
     expected: Option<u64>,
-    budget: crate::serve::budget::SessionBudget,
+    budget: crate::limits::budget::SessionBudget,
 ) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
     futures_util::stream::unfold(Some(body), move |body| {
         let tap = tap.clone();
@@ -1000,52 +827,4 @@ fn response_headers(headers: &http::HeaderMap) -> Vec<HeaderField> {
         })
         .map(|(name, value)| HeaderField::new(name.as_str(), value.as_bytes().to_vec()))
         .collect()
-}
-
-/// Whether rustls failed somewhere in the chain (a bad certificate, or a peer that does not speak TLS:
-/// "received corrupt message" names neither), directly or inside I/O errors (hyper wraps its connector's
-/// io::Error in another).
-fn is_tls_failure(err: &reqwest::Error) -> bool {
-    use tokio_rustls::rustls;
-    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(err);
-    while let Some(cause) = source {
-        let mut layer = cause;
-        loop {
-            if layer.is::<rustls::Error>() {
-                return true;
-            }
-            // io::Error::source skips the error it wraps; look inside it instead.
-            match layer
-                .downcast_ref::<std::io::Error>()
-                .and_then(|io| io.get_ref())
-            {
-                Some(inner) => layer = inner,
-                None => break,
-            }
-        }
-        source = cause.source();
-    }
-    false
-}
-
-fn upstream_error(err: &reqwest::Error) -> ErrorPayload {
-    let mut chain = err.to_string();
-    let mut source = std::error::Error::source(err);
-    while let Some(cause) = source {
-        chain.push_str(": ");
-        chain.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    let lower = chain.to_ascii_lowercase();
-    if err.is_timeout() {
-        ErrorPayload::new(ErrorCode::UpstreamTimeout, chain).retryable(true)
-    } else if is_tls_failure(err)
-        || lower.contains("certificate")
-        || lower.contains("tls")
-        || lower.contains("handshake")
-    {
-        ErrorPayload::new(ErrorCode::UpstreamTls, chain)
-    } else {
-        ErrorPayload::new(ErrorCode::UpstreamConnect, chain).retryable(true)
-    }
 }

@@ -12,16 +12,16 @@
 
 pub mod address;
 pub mod fetch;
+pub mod redirect;
 pub mod request;
 pub mod resolve;
 pub mod target;
 pub mod tunnel;
+pub mod upstream;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use pexi_protocol::payload::{
-    ErrorCode, ErrorDetails, ErrorPayload, HttpRequest, Implementation, PolicyDecision,
-};
+use pexi_protocol::payload::{ErrorCode, ErrorDetails, ErrorPayload, HttpRequest, PolicyDecision};
 use serde_json::{json, Value};
 
 use crate::audit::records::{self, AuditRecord};
@@ -31,13 +31,7 @@ use crate::policy::{Bundle, Decision, PolicyEngine, PolicyError, PolicyStore};
 use address::AddressGuard;
 use request::{prepare, InvalidRequest, Prepared};
 
-/// Who is asking: names the decision in the audit log and in the policy input.
-#[derive(Clone, Debug)]
-pub struct Caller {
-    pub session_id: u64,
-    pub guest: Implementation,
-    pub stream_id: u32,
-}
+pub use crate::stream::Caller;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -60,12 +54,12 @@ pub struct Pipeline {
     guard: AddressGuard,
     audit: AuditLog,
     redactor: Redactor,
-    http: fetch::HttpClient,
+    http: upstream::HttpClient,
     secrets: crate::secrets::Secrets,
     decision_prefix: String,
     decisions: AtomicU64,
     /// Sessions, streams and buffered bytes: what all guests together may hold.
-    pub admission: crate::serve::admission::Admission,
+    pub admission: crate::limits::admission::Admission,
 }
 
 /// The settings that differ between the config in service and a fresh read of its file, outside
@@ -155,13 +149,13 @@ impl Pipeline {
             key,
         );
         let guard = AddressGuard::new(config.pep.network.allowed_cidrs.clone(), Vec::new());
-        let http = fetch::HttpClient::new(&config).map_err(StartError::Http)?;
+        let http = upstream::HttpClient::new(&config).map_err(StartError::Http)?;
         let seed = std::hash::BuildHasher::hash_one(
             &std::collections::hash_map::RandomState::new(),
             std::process::id(),
         );
         let secrets = config.secrets.clone();
-        let admission = crate::serve::admission::Admission::new(&config.pep.limits);
+        let admission = crate::limits::admission::Admission::new(&config.pep.limits);
         let pipeline = Pipeline {
             admission,
             secrets,

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use super::request::Prepared;
 use super::target::Target;
 use super::{Caller, Pipeline};
-use crate::serve::{RequestBody, Responder};
+use crate::stream::{RequestBody, Responder};
 
 const METHOD: &str = "pep.net.connect";
 

@@ -18,8 +18,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Listen;
+use crate::limits::admission::ListenerSlots;
 use crate::pipeline::Pipeline;
-use crate::serve::admission::ListenerSlots;
 use crate::serve::{serve_connection, Admitted};
 
 /// Starts serving `listen`; connections are tracked in `tasks` so shutdown can wait for them.

@@ -34,7 +34,7 @@ use crate::payload::{
     cbor, encode_window_update, End, ErrorCode, ErrorPayload, GoAway, HeaderField, Hello,
     Implementation, Limits, MethodCall, ReceiveParams, ResponseHead,
 };
-use stream::Stream;
+use stream::{Stream, Then};
 
 /// The protocol major version this crate implements.
 pub const PROTOCOL_VERSION: u16 = 1;
@@ -172,8 +172,13 @@ pub enum Event {
         error: ErrorPayload,
         origin: Origin,
     },
-    /// More send credit: on that stream, or for every stream when `stream_id` is 0.
+    /// More send credit: on that stream, or for every stream when `stream_id` is 0. Data written with
+    /// [`Session::write`] moves on by itself; this is for callers of [`Session::send_data`].
     SendCapacity {
+        stream_id: u32,
+    },
+    /// A [`Session::write`] found the stream's send buffer full, and room has appeared since.
+    Writable {
         stream_id: u32,
     },
     Pong([u8; 8]),
@@ -212,6 +217,14 @@ pub enum SessionError {
     TooManyStreams(u32),
     #[error("{requested} bytes exceed the {available} bytes of send credit")]
     InsufficientCapacity { requested: usize, available: usize },
+    #[error(
+        "{requested} bytes exceed the {room} bytes of room in stream {stream_id}'s send buffer"
+    )]
+    SendBufferFull {
+        stream_id: u32,
+        requested: usize,
+        room: usize,
+    },
     #[error("this side already ended stream {0}")]
     AlreadyEnded(u32),
     #[error("HEAD was already sent on stream {0}")]
@@ -258,6 +271,9 @@ pub struct Session {
     conn_recv: RecvWindow,
     control: VecDeque<Frame>,
     ordered: VecDeque<Frame>,
+    /// Streams whose send buffer has something to move into frames, served one frame at a time in turn,
+    /// so one busy stream cannot starve the others.
+    ready: VecDeque<u32>,
     events: VecDeque<Event>,
     rng: u64,
     /// Set once this side sent GOAWAY: the last stream id it still serves.
@@ -310,6 +326,7 @@ impl Session {
             highest_stream: 0,
             control: VecDeque::new(),
             ordered: VecDeque::new(),
+            ready: VecDeque::new(),
             events: VecDeque::new(),
             local_goaway: None,
             peer_goaway: None,
@@ -365,15 +382,195 @@ impl Session {
         self.events.pop_front()
     }
 
-    /// The next frame to write: control frames first, then stream frames in the order they were queued.
+    /// The next frame to write: control frames first, then stream frames in the order they were queued,
+    /// then one frame from the next stream whose send buffer the peer's credit lets move.
     pub fn poll_transmit(&mut self) -> Option<Frame> {
-        self.control
-            .pop_front()
-            .or_else(|| self.ordered.pop_front())
+        if let Some(frame) = self.control.pop_front() {
+            return Some(frame);
+        }
+        if let Some(frame) = self.ordered.pop_front() {
+            return Some(frame);
+        }
+        self.transmit_from_buffers()
     }
 
+    /// Whether [`Session::poll_transmit`] may have a frame (it can still answer `None` when every buffered
+    /// stream waits for credit).
     pub fn has_pending_transmit(&self) -> bool {
-        !self.control.is_empty() || !self.ordered.is_empty()
+        !self.control.is_empty() || !self.ordered.is_empty() || !self.ready.is_empty()
+    }
+
+    /// Whether `stream_id` is still known to the session (open, or finished with data the application
+    /// has not released).
+    pub fn has_stream(&self, stream_id: u32) -> bool {
+        self.streams.contains_key(&stream_id)
+    }
+
+    /// Whether this side still has something to send on `stream_id`: it is open and this side's END or
+    /// ERROR has not gone into the transmit queue yet.
+    pub fn is_sending(&self, stream_id: u32) -> bool {
+        self.streams
+            .get(&stream_id)
+            .is_some_and(|stream| !stream.local_ended)
+    }
+
+    /// Bytes [`Session::write`] accepts on `stream_id` now: [`STREAM_SEND_BUFFER`] less what was written
+    /// and has not left through [`Session::poll_transmit`]. 0 for a stream that is not writable.
+    pub fn write_room(&self, stream_id: u32) -> usize {
+        match self.streams.get(&stream_id) {
+            Some(stream) if !stream.local_ended && stream.outbox.then.is_none() => {
+                STREAM_SEND_BUFFER.saturating_sub(stream.outbox.unsent)
+            }
+            _ => 0,
+        }
+    }
+
+    /// Buffers `data` for `stream_id`; it goes out as DATA frames as the peer's credit allows, fairly
+    /// among streams. Unlike [`Session::send_data`] it does not need credit now, only room in the stream's
+    /// send buffer ([`Session::write_room`]); when there is too little, nothing is taken and
+    /// [`Event::Writable`] follows once room appears.
+    pub fn write(&mut self, stream_id: u32, data: Bytes) -> Result<(), SessionError> {
+        let room = self.write_room(stream_id);
+        let role = self.role;
+        let stream = self.writable_stream(stream_id)?;
+        if role == Role::Server && !stream.head {
+            return Err(SessionError::HeadNotSent(stream_id));
+        }
+        if stream.outbox.then.is_some() {
+            return Err(SessionError::AlreadyEnded(stream_id));
+        }
+        if data.len() > room {
+            stream.outbox.blocked = true;
+            return Err(SessionError::SendBufferFull {
+                stream_id,
+                requested: data.len(),
+                room,
+            });
+        }
+        if data.is_empty() {
+            return Ok(());
+        }
+        stream.outbox.unsent += data.len();
+        stream.outbox.data.push_back(data);
+        self.mark_ready(stream_id);
+        Ok(())
+    }
+
+    /// Ends this side's direction after the data already written ([`Session::send_end`] once the send
+    /// buffer is empty).
+    pub fn write_end(
+        &mut self,
+        stream_id: u32,
+        trailers: Vec<HeaderField>,
+    ) -> Result<(), SessionError> {
+        let stream = self.writable_stream(stream_id)?;
+        if stream.outbox.then.is_some() {
+            return Err(SessionError::AlreadyEnded(stream_id));
+        }
+        if stream.outbox.data.is_empty() {
+            return self.send_end(stream_id, trailers);
+        }
+        stream.outbox.then = Some(Then::End(trailers));
+        Ok(())
+    }
+
+    /// Fails the stream after the data already written ([`Session::send_error`] once the send buffer is
+    /// empty). To fail it at once, dropping what is buffered, call [`Session::send_error`].
+    pub fn write_error(&mut self, stream_id: u32, error: ErrorPayload) -> Result<(), SessionError> {
+        self.require_established()?;
+        let stream = self
+            .streams
+            .get_mut(&stream_id)
+            .ok_or(SessionError::UnknownStream(stream_id))?;
+        if stream.outbox.data.is_empty() {
+            return self.send_error(stream_id, error);
+        }
+        stream.outbox.then = Some(Then::Error(error));
+        Ok(())
+    }
+
+    /// Drops what was written on `stream_id` and not yet sent, with a pending END or ERROR.
+    pub fn discard_unsent(&mut self, stream_id: u32) {
+        if let Some(stream) = self.streams.get_mut(&stream_id) {
+            stream.outbox = stream::Outbox::default();
+        }
+    }
+
+    fn mark_ready(&mut self, stream_id: u32) {
+        if let Some(stream) = self.streams.get_mut(&stream_id) {
+            let outbox = &mut stream.outbox;
+            if !outbox.ready && (!outbox.data.is_empty() || outbox.then.is_some()) {
+                outbox.ready = true;
+                self.ready.push_back(stream_id);
+            }
+        }
+    }
+
+    /// Streams that wait for credit come back into the round-robin when it arrives.
+    fn credit_arrived(&mut self, stream_id: u32) {
+        if stream_id == SESSION_STREAM {
+            let ids: Vec<u32> = self
+                .streams
+                .iter()
+                .filter(|(_, s)| !s.outbox.data.is_empty())
+                .map(|(id, _)| *id)
+                .collect();
+            for id in ids {
+                self.mark_ready(id);
+            }
+        } else {
+            self.mark_ready(stream_id);
+        }
+    }
+
+    /// One frame from the next ready stream's send buffer: a DATA frame as large as its credit and the
+    /// peer's max frame allow, or the END / ERROR that follows the last data.
+    fn transmit_from_buffers(&mut self) -> Option<Frame> {
+        if self.state != State::Established {
+            return None;
+        }
+        let max_frame = self.peer_receive().max_frame as usize;
+        while let Some(id) = self.ready.pop_front() {
+            let credit = self.send_capacity(id);
+            let Some(stream) = self.streams.get_mut(&id) else {
+                continue;
+            };
+            let outbox = &mut stream.outbox;
+            outbox.ready = false;
+            if let Some(mut data) = outbox.data.pop_front() {
+                if credit == 0 {
+                    // Back with the peer's WINDOW_UPDATE (credit_arrived).
+                    outbox.data.push_front(data);
+                    continue;
+                }
+                let piece = data.split_to(data.len().min(credit).min(max_frame));
+                if !data.is_empty() {
+                    outbox.data.push_front(data);
+                }
+                outbox.unsent -= piece.len();
+                let writable = outbox.blocked;
+                outbox.blocked = false;
+                if self.send_data(id, piece).is_err() {
+                    continue;
+                }
+                if writable {
+                    self.events.push_back(Event::Writable { stream_id: id });
+                }
+                self.mark_ready(id);
+                return self.ordered.pop_front();
+            }
+            match outbox.then.take() {
+                Some(Then::End(trailers)) => {
+                    let _ = self.send_end(id, trailers);
+                }
+                Some(Then::Error(error)) => {
+                    let _ = self.send_error(id, error);
+                }
+                None => continue,
+            }
+            return self.ordered.pop_front();
+        }
+        None
     }
 
     /// Client: opens a stream for `call` and returns its id. Request body DATA and END follow.
@@ -613,6 +810,7 @@ impl Session {
         self.reset_streams("the transport closed");
         self.control.clear();
         self.ordered.clear();
+        self.ready.clear();
         if self.state != State::Closed {
             self.state = State::Closed;
             self.events.push_back(Event::Closed);
@@ -725,6 +923,7 @@ impl Session {
 
     /// Fails every stream locally with `session_reset` and clears the transmit queues of stream frames.
     fn reset_streams(&mut self, why: &str) {
+        self.ready.clear();
         let ids: Vec<u32> = self.streams.keys().copied().collect();
         for stream_id in ids {
             self.streams.remove(&stream_id);

@@ -471,6 +471,7 @@ impl Session {
             }
         }
         self.events.push_back(Event::SendCapacity { stream_id: id });
+        self.credit_arrived(id);
     }
 
     fn handle_goaway(&mut self, payload: &[u8]) {

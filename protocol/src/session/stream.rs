@@ -1,7 +1,11 @@
 //! Per-stream state kept by the session.
 
+use std::collections::VecDeque;
+
+use bytes::Bytes;
+
 use super::flow::{RecvWindow, SendWindow};
-use crate::payload::MethodCall;
+use crate::payload::{ErrorPayload, HeaderField, MethodCall};
 
 #[derive(Debug)]
 pub(super) struct Stream {
@@ -15,6 +19,28 @@ pub(super) struct Stream {
     pub remote_ended: bool,
     /// HEAD sent (server) or received (client).
     pub head: bool,
+    /// What the application wrote that has not become frames yet (see [`super::Session::write`]).
+    pub outbox: Outbox,
+}
+
+/// A stream's send buffer: data written ahead of the peer's credit, then the END or ERROR that follows it.
+#[derive(Debug, Default)]
+pub(super) struct Outbox {
+    pub data: VecDeque<Bytes>,
+    /// Bytes in `data`: written and not yet taken by [`super::Session::poll_transmit`] (a frame made from
+    /// them is handed out at once, never queued).
+    pub unsent: usize,
+    pub then: Option<Then>,
+    /// A write found the buffer full: [`super::Event::Writable`] is due when room appears.
+    pub blocked: bool,
+    /// In the session's round-robin queue of streams with something to send.
+    pub ready: bool,
+}
+
+#[derive(Debug)]
+pub(super) enum Then {
+    End(Vec<HeaderField>),
+    Error(ErrorPayload),
 }
 
 impl Stream {
@@ -26,6 +52,7 @@ impl Stream {
             local_ended: false,
             remote_ended: false,
             head: false,
+            outbox: Outbox::default(),
         }
     }
 

@@ -87,11 +87,7 @@ impl SessionBudget {
             }
             .map_err(|_| Closed)?,
         };
-        Ok(Charge {
-            stream: None,
-            cap,
-            pool,
-        })
+        Ok(Charge { cap, _pool: pool })
     }
 
     /// `n` bytes now, or `None`: for copies that are worth keeping only if memory is there (a replay copy).
@@ -104,11 +100,7 @@ impl SessionBudget {
             .try_acquire_many_owned(n)
             .or_else(|_| self.pool.clone().try_acquire_many_owned(n))
             .ok()?;
-        Some(Charge {
-            stream: None,
-            cap,
-            pool,
-        })
+        Some(Charge { cap, _pool: pool })
     }
 }
 
@@ -118,10 +110,9 @@ pub struct Closed;
 
 /// Bytes held against the budget; dropping it gives them back.
 pub struct Charge {
-    /// The stream's own buffer allowance, when the bytes are stream output.
-    stream: Option<OwnedSemaphorePermit>,
     cap: OwnedSemaphorePermit,
-    pool: OwnedSemaphorePermit,
+    /// Held for its drop: the bytes go back to the reserve or the host pool.
+    _pool: OwnedSemaphorePermit,
 }
 
 impl std::fmt::Debug for Charge {
@@ -137,25 +128,5 @@ impl Charge {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
-    }
-
-    pub(super) fn with_stream(mut self, stream: OwnedSemaphorePermit) -> Charge {
-        self.stream = Some(stream);
-        self
-    }
-
-    /// Splits off the charge for the first `n` bytes (all of it when `n` is larger).
-    pub fn split_to(&mut self, n: usize) -> Charge {
-        let n = n.min(self.len());
-        let part = |permit: &mut OwnedSemaphorePermit| {
-            permit
-                .split(n)
-                .expect("a charge's permits always cover its length")
-        };
-        Charge {
-            stream: self.stream.as_mut().map(part),
-            cap: part(&mut self.cap),
-            pool: part(&mut self.pool),
-        }
     }
 }

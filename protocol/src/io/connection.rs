@@ -1,20 +1,13 @@
-//! A thin tokio adapter: moves bytes between a [`Session`] and an `AsyncRead + AsyncWrite` transport.
-//!
-//! It adds nothing to the protocol. It writes what the session queues (control frames first, as the session
-//! orders them), reads what the transport delivers, turns EOF into [`Session::transport_closed`], and
-//! retries a HELLO or SYNC that got no answer. Commands are issued on [`Connection::session_mut`]
-//! between calls to [`Connection::next_event`]; a component that needs commands and events concurrently
-//! (one task per request, say) runs this loop in its own task and talks to it over channels.
-
-use std::time::Duration;
+//! A single-task loop over a [`Session`] and a transport, for tools and tests that script a peer step by
+//! step: commands on [`Connection::session_mut`] between calls to [`Connection::next_event`]. Components
+//! that serve streams concurrently use the [driver](super::driver) instead.
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::frame::HEADER_LEN;
 use crate::session::{Event, Session};
 
-/// How long a HELLO or SYNC may go unanswered before a fresh one is sent.
-pub const RETRY_AFTER: Duration = Duration::from_secs(1);
+pub use super::driver::RETRY_AFTER;
 
 pub struct Connection<T> {
     io: T,

@@ -1,17 +1,29 @@
-//! What a request worker holds: the call, its request body as it arrives, a responder, and a cancellation
-//! token that fires when the guest cancels, the session resets, or the PEP shuts down.
+//! What a request worker holds: who is calling, the call, its request body as it arrives, a responder, and a
+//! cancellation token that fires when the guest cancels, the session resets, or the PEP shuts down.
+//!
+//! The meeting point of the connection layer ([`crate::serve`], which makes these) and the pipeline
+//! ([`crate::pipeline`], which consumes them); it depends on neither. The bytes move through the protocol
+//! driver's stream handles ([`StreamIn`], [`StreamOut`]); this adds the host's budget, stall limit and the
+//! record of what the guest received.
 
-use std::sync::atomic::{AtomicU16, AtomicU64, AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU16, AtomicU8, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use pexi_protocol::payload::{ErrorCode, ErrorPayload, MethodCall, ResponseHead};
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use pexi_protocol::io::{Inbound, SendError, StreamIn, StreamOut};
+use pexi_protocol::payload::{ErrorCode, ErrorPayload, Implementation, MethodCall, ResponseHead};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
-use super::budget::{Charge, SessionBudget};
-use crate::pipeline::Caller;
+use crate::limits::budget::SessionBudget;
+
+/// Who sent a stream: the session (as the host numbered it), the guest's self-description, the stream.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    pub session_id: u64,
+    pub guest: Implementation,
+    pub stream_id: u32,
+}
 
 /// Largest piece a worker hands over at once.
 pub use pexi_protocol::session::DATA_CHUNK as MAX_CHUNK;
@@ -19,18 +31,6 @@ pub use pexi_protocol::session::DATA_CHUNK as MAX_CHUNK;
 /// flow-control credit, or for the guest to read its socket). Beyond this the worker waits, so a slow guest
 /// reader stalls only its own upstream.
 pub use pexi_protocol::session::STREAM_SEND_BUFFER as STREAM_BUFFER;
-
-/// Worker → connection driver.
-#[derive(Debug)]
-pub(super) enum Command {
-    Head(u32, ResponseHead),
-    /// The bytes and what they hold against the budget until the transport has taken them.
-    Data(u32, Bytes, Charge),
-    End(u32),
-    Error(u32, ErrorPayload),
-    /// The worker consumed this many request body bytes: credit may flow back to the guest.
-    Release(u32, usize),
-}
 
 pub struct StreamRequest {
     pub caller: Caller,
@@ -64,11 +64,10 @@ impl EndedBy {
     }
 }
 
-/// What the guest has received on a stream so far, kept by the connection for the worker's outcome record.
+/// What the guest has received on a stream so far, for the worker's outcome record.
 #[derive(Debug, Default)]
 pub struct Progress {
     status: AtomicU16,
-    delivered: AtomicU64,
     ended_by: AtomicU8,
 }
 
@@ -76,11 +75,6 @@ impl Progress {
     /// The HTTP status of the HEAD sent, if one was.
     pub fn status(&self) -> Option<u16> {
         Some(self.status.load(Ordering::Relaxed)).filter(|s| *s != 0)
-    }
-
-    /// Response bytes the transport has taken (written to the guest's socket or port).
-    pub fn delivered(&self) -> u64 {
-        self.delivered.load(Ordering::Relaxed)
     }
 
     pub fn ended_by(&self) -> Option<EndedBy> {
@@ -92,49 +86,33 @@ impl Progress {
         }
     }
 
-    pub(super) fn set_ended_by(&self, why: EndedBy) {
+    pub(crate) fn set_ended_by(&self, why: EndedBy) {
         // The first reason wins: a shutdown that cuts a stream is not overwritten by the reset that follows.
         let _ = self
             .ended_by
             .compare_exchange(0, why as u8, Ordering::Relaxed, Ordering::Relaxed);
     }
-
-    pub(super) fn add_delivered(&self, n: usize) {
-        self.delivered.fetch_add(n as u64, Ordering::Relaxed);
-    }
 }
 
-/// The request body, chunk by chunk as the guest sends it. `None` once the guest sent END.
+/// The request body, chunk by chunk as the guest sends it. Dropping it gives back the credit of what was
+/// queued and not read (a refusal, an early answer).
 pub struct RequestBody {
-    pub(super) stream_id: u32,
-    pub(super) chunks: mpsc::UnboundedReceiver<Bytes>,
-    pub(super) commands: mpsc::UnboundedSender<Command>,
+    pub(crate) input: StreamIn,
+    pub(crate) ended: bool,
 }
 
 impl RequestBody {
-    /// The next chunk; the guest gets the credit for it back at once, because the caller takes ownership.
+    /// The next chunk, `None` once the guest sent END (or the stream is gone: the cancellation token says
+    /// so); the guest gets the credit back at once, because the caller takes ownership.
     pub async fn next(&mut self) -> Option<Bytes> {
-        let chunk = self.chunks.recv().await?;
-        let _ = self
-            .commands
-            .send(Command::Release(self.stream_id, chunk.len()));
-        Some(chunk)
-    }
-}
-
-impl Drop for RequestBody {
-    /// A worker that stops reading (a refusal, an early answer, a policy check with a body) must still
-    /// give the guest its credit back for what was queued, or the session's window shrinks for good.
-    /// Closing first means nothing more can be queued; later chunks are released by the driver.
-    fn drop(&mut self) {
-        self.chunks.close();
-        let mut unread = 0;
-        while let Ok(chunk) = self.chunks.try_recv() {
-            unread += chunk.len();
+        while !self.ended {
+            match self.input.next().await {
+                Inbound::Data(data) => return Some(data),
+                Inbound::End(_) | Inbound::Failed { .. } => self.ended = true,
+                Inbound::Head(_) => {}
+            }
         }
-        if unread > 0 {
-            let _ = self.commands.send(Command::Release(self.stream_id, unread));
-        }
+        None
     }
 }
 
@@ -166,15 +144,13 @@ impl SendFailed {
 }
 
 pub struct Responder {
-    pub(super) stream_id: u32,
-    pub(super) commands: mpsc::UnboundedSender<Command>,
-    pub(super) buffer: Arc<Semaphore>,
-    pub(super) budget: SessionBudget,
+    pub(crate) output: StreamOut,
+    pub(crate) budget: SessionBudget,
     /// How long handing over one chunk may wait before the stream counts as stalled (`idle_timeout_ms`).
-    pub(super) stall: Duration,
-    pub(super) progress: Arc<Progress>,
+    pub(crate) stall: Duration,
+    pub(crate) progress: std::sync::Arc<Progress>,
     /// The largest frame payload the guest accepts: a HEAD is one frame and cannot be split.
-    pub(super) max_head: usize,
+    pub(crate) max_head: usize,
 }
 
 /// Why a HEAD was not sent.
@@ -190,11 +166,16 @@ pub enum HeadRefused {
 
 impl Responder {
     pub fn stream_id(&self) -> u32 {
-        self.stream_id
+        self.output.stream_id()
     }
 
-    pub fn progress(&self) -> &Arc<Progress> {
+    pub fn progress(&self) -> &std::sync::Arc<Progress> {
         &self.progress
+    }
+
+    /// Response bytes the transport has taken (written to the guest's socket or port).
+    pub fn delivered(&self) -> u64 {
+        self.output.delivered()
     }
 
     /// The session's share of the host's buffer budget, for other bytes kept on the guest's behalf.
@@ -215,45 +196,50 @@ impl Responder {
         if let ResponseHead::Http(http) = &head {
             self.progress.status.store(http.status, Ordering::Relaxed);
         }
-        self.commands
-            .send(Command::Head(self.stream_id, head))
-            .map_err(|_| HeadRefused::Gone)
+        self.output.head(head).map_err(|_| HeadRefused::Gone)
     }
 
-    /// Hands response bytes to the driver, waiting while the stream's buffer or the session's share of the
-    /// budget is full; the charge comes back once the transport has taken the bytes. A wait longer than
-    /// the idle timeout ends the stream: a guest that grants no credit must not hold an upstream forever.
+    /// Hands response bytes to the connection, waiting while the stream's send buffer or the session's
+    /// share of the budget is full; the charge comes back once the transport has taken the bytes. A wait
+    /// longer than the idle timeout ends the stream: a guest that grants no credit must not hold an
+    /// upstream forever.
     pub async fn data(&self, mut data: Bytes) -> Result<(), SendFailed> {
         while !data.is_empty() {
             let chunk = data.split_to(data.len().min(MAX_CHUNK));
-            let n = chunk.len();
-            let charge = async {
-                // Fits in u32: MAX_CHUNK does.
-                let stream = self
-                    .buffer
-                    .clone()
-                    .acquire_many_owned(n as u32)
+            let ready = async {
+                let reserved = self
+                    .output
+                    .reserve(chunk)
                     .await
                     .map_err(|_| SendFailed::Gone)?;
-                let charge = self.budget.acquire(n).await.map_err(|_| SendFailed::Gone)?;
-                Ok::<_, SendFailed>(charge.with_stream(stream))
+                let charge = self
+                    .budget
+                    .acquire(reserved.len())
+                    .await
+                    .map_err(|_| SendFailed::Gone)?;
+                Ok::<_, SendFailed>((reserved, charge))
             };
-            let charge = tokio::time::timeout(self.stall, charge)
+            let (reserved, charge) = tokio::time::timeout(self.stall, ready)
                 .await
                 .map_err(|_| SendFailed::Stalled(self.stall))??;
-            self.commands
-                .send(Command::Data(self.stream_id, chunk, charge))
-                .map_err(|_| SendFailed::Gone)?;
+            reserved
+                .send(Some(Box::new(charge)))
+                .map_err(|_: SendError| SendFailed::Gone)?;
         }
         Ok(())
     }
 
     pub fn end(self) {
-        let _ = self.commands.send(Command::End(self.stream_id));
+        let _ = self.output.end();
     }
 
-    /// Ends the stream with an error, after any data already handed over.
+    /// Ends the stream with an error, after any data already handed over. A guest that takes no data
+    /// (`guest_stalled`) would hold that error back for ever, so it goes at once and the unsent data with it.
     pub fn error(self, error: ErrorPayload) {
-        let _ = self.commands.send(Command::Error(self.stream_id, error));
+        let _ = if error.code == ErrorCode::GuestStalled {
+            self.output.abort(error)
+        } else {
+            self.output.error(error)
+        };
     }
 }
