@@ -138,7 +138,7 @@ enum Drain {
 
 struct Host {
     pipeline: Arc<Pipeline>,
-    /// Streams whose response is not finished (this side has not ended them).
+    /// Streams whose response is not finished (this side's END or ERROR has not gone out).
     workers: HashMap<u32, Worker>,
     budget: SessionBudget,
     /// This session's reserved stream places (`session_reserved_streams`).
@@ -280,12 +280,13 @@ impl Handler for Host {
         }
     }
 
+    fn stream_sent(&mut self, _link: &mut Link, stream_id: u32) {
+        // The response is finished (its END or ERROR is on its way): nothing of this stream holds a drain
+        // or keeps the session from idling any more.
+        self.workers.remove(&stream_id);
+    }
+
     fn after(&mut self, link: &mut Link) {
-        // A stream leaves once this side has ended it (its END or ERROR went into the session).
-        if !self.workers.is_empty() {
-            let session = link.session();
-            self.workers.retain(|id, _| session.is_sending(*id));
-        }
         let refused = self.refusing && self.refusal_sent && link.session().info().is_none();
         if (self.drain.is_some() && self.workers.is_empty()) || refused {
             link.close();

@@ -83,6 +83,9 @@ pub trait Handler {
 
     fn timer(&mut self, _link: &mut Link) {}
 
+    /// This side's END or ERROR for `stream_id` has gone to the writer: it sends nothing more there.
+    fn stream_sent(&mut self, _link: &mut Link, _stream_id: u32) {}
+
     /// After each step (events handled): a place to decide that the connection is done.
     fn after(&mut self, _link: &mut Link) {}
 
@@ -280,15 +283,17 @@ impl Link {
         }
     }
 
-    fn outgoing(&mut self) -> Option<Outgoing> {
+    /// The next frame for the writer, and the stream this side finished with it (its END or ERROR).
+    fn outgoing(&mut self) -> Option<(Outgoing, Option<u32>)> {
         let frame = self.session.poll_transmit()?;
-        let ends_stream = matches!(frame.frame_type, FrameType::End | FrameType::Error);
+        let ends_stream =
+            matches!(frame.frame_type, FrameType::End | FrameType::Error) && frame.stream_id != 0;
         let stream_id = frame.stream_id;
         let outgoing = self.streams.outgoing(frame);
         if ends_stream {
             self.forget_if_gone(stream_id);
         }
-        Some(outgoing)
+        Some((outgoing, ends_stream.then_some(stream_id)))
     }
 }
 
@@ -336,8 +341,11 @@ where
             }
             permit = out_tx.reserve(), if link.session.has_pending_transmit() => {
                 let Ok(permit) = permit else { break Ended::Lost };
-                if let Some(outgoing) = link.outgoing() {
+                if let Some((outgoing, finished)) = link.outgoing() {
                     permit.send(outgoing);
+                    if let Some(stream_id) = finished {
+                        handler.stream_sent(&mut link, stream_id);
+                    }
                 }
             }
             bytes = input.recv() => match bytes {
@@ -376,7 +384,7 @@ where
         if let Some((session, why)) = link.restart.take() {
             // What the old session still has to say (a GOAWAY) goes first.
             let mut failed = false;
-            while let Some(outgoing) = link.outgoing() {
+            while let Some((outgoing, _)) = link.outgoing() {
                 if out_tx.send(outgoing).await.is_err() {
                     failed = true;
                     break;
