@@ -27,16 +27,16 @@ export function certificates(dir, names = ['llm.test', 'page.test']) {
 }
 
 /**
- * The repository's config.toml made a test's: listening on `dir/pep.sock`, auditing to `dir/audit.jsonl`,
+ * The default configuration (host/default-config.toml) made a test's: listening on `dir/pep.sock`, auditing to `dir/audit.jsonl`,
  * trusting `dir/ca.pem` beside the Mozilla roots, loopback allowed, each of `names` resolving to 127.0.0.1.
  * The [vm] table is left out.
  */
 export function pepBaseConfig(dir, names) {
   const replace = (text, from, to) => {
-    assert.ok(text.includes(from), `config.toml no longer contains ${from}`);
+    assert.ok(text.includes(from), `host/default-config.toml no longer contains ${from}`);
     return text.replace(from, to);
   };
-  let config = fs.readFileSync(path.join(root, 'config.toml'), 'utf8');
+  let config = fs.readFileSync(path.join(root, 'host', 'default-config.toml'), 'utf8');
   config = replace(config, 'listen = ["unix:{runtime_dir}/pep.sock"]', `listen = [${JSON.stringify(`unix:${dir}/pep.sock`)}]`);
   config = replace(config, 'dir = "policies"', `dir = ${JSON.stringify(path.join(root, 'policies'))}`);
   // The test's servers live on loopback; production leaves this empty.

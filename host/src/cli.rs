@@ -21,7 +21,7 @@ struct Cli {
 enum Command {
     /// Serve the pexi protocol to guests until SIGINT or SIGTERM.
     Serve {
-        /// Configuration file (default: the embedded config.toml).
+        /// Configuration file (default: the embedded host/default-config.toml).
         #[arg(long)]
         config: Option<PathBuf>,
         /// Listen here instead of the configured listeners (repeatable): unix:PATH, connect:PATH, vsock:PORT.

@@ -1,5 +1,5 @@
-//! Configuration: the `[pep]` tables of `config.toml`, embedded as the default, overridable by the spike's
-//! `PEP_*` environment variables. Every value is checked while parsing, so a bad file fails at start with
+//! Configuration: the `[pep]`, `[[secrets]]` and `[vm]` tables; `host/default-config.toml` is embedded as the
+//! default, a `--config` file is laid over it, and the `PEP_*` environment variables override both. Every value is checked while parsing, so a bad file fails at start with
 //! a message that names the file, the line and the problem.
 
 use std::collections::BTreeMap;
@@ -14,9 +14,9 @@ use serde::Deserialize;
 use crate::policy::entries::Entry;
 use crate::policy::PolicyRoot;
 
-/// The repository's `config.toml`, compiled in: `pexi serve` with no flags runs on it.
-pub const EMBEDDED_CONFIG: &str = include_str!("../../config.toml");
-const EMBEDDED_NAME: &str = "<embedded config.toml>";
+/// `host/default-config.toml`, compiled in: `pexi serve` with no flags runs on it.
+pub const EMBEDDED_CONFIG: &str = include_str!("../default-config.toml");
+const EMBEDDED_NAME: &str = "<embedded default-config.toml>";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -57,14 +57,6 @@ struct File {
     vm: Option<VmConfig>,
     #[serde(default)]
     secrets: Vec<crate::secrets::SecretConfig>,
-    #[serde(default, rename = "commands")]
-    _commands: serde::de::IgnoredAny,
-    #[serde(default, rename = "paths")]
-    _paths: serde::de::IgnoredAny,
-    #[serde(default, rename = "protocol")]
-    _protocol: serde::de::IgnoredAny,
-    #[serde(default, rename = "guardrails")]
-    _guardrails: serde::de::IgnoredAny,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -990,6 +982,18 @@ mod tests {
         use std::sync::atomic::{AtomicU64, Ordering};
         static N: AtomicU64 = AtomicU64::new(0);
         N.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The product's default is not the developers' task list: it has no such tables, and the repository's
+    /// `config.toml` given as `--config` is refused by name instead of being half-read.
+    #[test]
+    fn the_default_is_the_pep_configuration_and_nothing_else() {
+        let tables: toml::Table = EMBEDDED_CONFIG.parse().expect("default parses");
+        let mut names: Vec<&str> = tables.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["pep", "vm"]);
+        let err = parse_error(|_| include_str!("../../config.toml").to_string());
+        assert!(err.contains("commands"), "{err}");
     }
 
     #[test]

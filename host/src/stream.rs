@@ -27,10 +27,6 @@ pub struct Caller {
 
 /// Largest piece a worker hands over at once.
 pub use pexi_protocol::session::DATA_CHUNK as MAX_CHUNK;
-/// Response bytes a worker may have handed over and the transport not yet taken (waiting for the guest's
-/// flow-control credit, or for the guest to read its socket). Beyond this the worker waits, so a slow guest
-/// reader stalls only its own upstream.
-pub use pexi_protocol::session::STREAM_SEND_BUFFER as STREAM_BUFFER;
 
 pub struct StreamRequest {
     pub caller: Caller,

@@ -144,7 +144,7 @@ fn a_bad_config_or_policy_fails_at_start_naming_file_and_line() {
     let dir = support::temp_dir("cli-bad");
     support::copy_policies(&dir);
     let config =
-        include_str!("../../config.toml").replace("max_redirects = 5", "max_redirects = -1");
+        include_str!("../default-config.toml").replace("max_redirects = 5", "max_redirects = -1");
     std::fs::write(dir.join("config.toml"), &config).expect("write");
     let line = config
         .lines()
@@ -164,7 +164,11 @@ fn a_bad_config_or_policy_fails_at_start_naming_file_and_line() {
         text(&out.stderr)
     );
 
-    std::fs::write(dir.join("config.toml"), include_str!("../../config.toml")).expect("write");
+    std::fs::write(
+        dir.join("config.toml"),
+        include_str!("../default-config.toml"),
+    )
+    .expect("write");
     std::fs::write(
         dir.join("policies/pexi/http.rego"),
         "package pexi.http\ndecision := {\n",
@@ -266,7 +270,7 @@ fn policy_eval_prints_the_whole_decision() {
         &config,
         format!(
             "{}\n[[pep.policy.allow]]\nhost = \"api.example.com\"\nmethods = [\"GET\"]\n",
-            include_str!("../../config.toml")
+            include_str!("../default-config.toml")
         ),
     )
     .expect("write");

@@ -422,7 +422,9 @@ async fn connect_mode_reconnects_and_rehandshakes() {
     let listener = tokio::net::UnixListener::bind(&chardev).expect("bind");
     let config_dir = support::temp_dir("connect-config");
     let audit = config_dir.join("audit.jsonl");
-    let mut doc: toml::Table = include_str!("../../config.toml").parse().expect("toml");
+    let mut doc: toml::Table = include_str!("../default-config.toml")
+        .parse()
+        .expect("toml");
     let pep_table = doc["pep"].as_table_mut().expect("pep");
     pep_table.insert(
         "listen".into(),

@@ -23,7 +23,7 @@ class Pexi < Formula
     system "cargo", "install", *std_cargo_args(path: "host")
     # The default config (also compiled in) and the policy bundle with its tests, for reference and
     # `pexi policy test`.
-    pkgshare.install "config.toml", "policies"
+    pkgshare.install "host/default-config.toml", "policies"
   end
 
   test do

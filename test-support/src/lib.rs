@@ -103,9 +103,9 @@ pub fn temp_dir(tag: &str) -> TestDir {
     TestDir(dir)
 }
 
-/// The embedded `config.toml` with the test's listener, audit path, allowlist, CIDRs, DNS overrides and CA.
+/// The embedded default configuration (`host/default-config.toml`) with the test's listener, audit path, allowlist, CIDRs, DNS overrides and CA.
 pub fn test_config(dir: &Path, socket: &Path, audit: &Path, options: &PepOptions) -> toml::Table {
-    let mut doc: toml::Table = include_str!("../../config.toml")
+    let mut doc: toml::Table = include_str!("../../host/default-config.toml")
         .parse()
         .expect("config.toml parses");
     let pep = doc["pep"].as_table_mut().expect("[pep]");

@@ -43,14 +43,14 @@ class Pep:
         self.dir = Path(tempfile.mkdtemp(prefix="pexi-py-"))
         self.socket = self.dir / "pep.sock"
         self.audit = self.dir / "audit.jsonl"
-        config = (REPO / "config.toml").read_text()
+        config = (REPO / "host" / "default-config.toml").read_text()
         for old, new in [
             ('listen = ["unix:{runtime_dir}/pep.sock"]', f'listen = ["unix:{self.socket}"]'),
             ('dir = "policies"', f'dir = "{REPO / "policies"}"'),
             ("allowed_cidrs = []", 'allowed_cidrs = ["127.0.0.0/8"]'),
             ('path = "{state_dir}/audit.jsonl"', f'path = "{self.audit}"'),
         ]:
-            assert old in config, f"config.toml no longer contains {old}"
+            assert old in config, f"host/default-config.toml no longer contains {old}"
             config = config.replace(old, new)
         for host, ports in allow:
             config += f'\n[[pep.policy.allow]]\nhost = "{host}"\nports = {json.dumps(ports)}\n'

@@ -12,6 +12,7 @@
 
 pub mod address;
 pub mod fetch;
+pub mod input;
 pub mod redirect;
 pub mod request;
 pub mod resolve;
@@ -25,10 +26,11 @@ use pexi_protocol::payload::{ErrorCode, ErrorDetails, ErrorPayload, HttpRequest,
 use serde_json::{json, Value};
 
 use crate::audit::records::{self, AuditRecord};
-use crate::audit::{AuditLog, Redaction, Redactor};
+use crate::audit::{AuditLog, Redactor};
 use crate::config::Config;
 use crate::policy::{Bundle, Decision, PolicyEngine, PolicyError, PolicyStore};
 use address::AddressGuard;
+use input::PolicyInput;
 use request::{prepare, InvalidRequest, Prepared};
 
 pub use crate::stream::Caller;
@@ -322,8 +324,10 @@ impl Pipeline {
             self.decision_prefix,
             self.decisions.fetch_add(1, Ordering::Relaxed)
         );
-        let (input, redactions) = self.policy_input(caller, method, prepared, hop, previous);
+        let (input, redactions) =
+            PolicyInput::build(&self.redactor, caller, method, prepared, hop, previous);
         let policy = self.policy.current();
+        let input = input.to_json();
         let decision = policy.decide(&input);
         let digests: serde_json::Map<String, Value> = redactions
             .iter()
@@ -396,91 +400,6 @@ impl Pipeline {
         outcome.stream_id = caller.stream_id;
         outcome.method = method.to_string();
         self.record(&outcome);
-    }
-
-    /// The policy's input document, and what was redacted from it.
-    fn policy_input(
-        &self,
-        caller: &Caller,
-        method: &str,
-        prepared: &Prepared,
-        hop: u32,
-        previous: Option<&url::Url>,
-    ) -> (Value, Vec<Redaction>) {
-        let url = &prepared.target.url;
-        let mut redactions = Vec::new();
-        if prepared.tunnel {
-            let host = prepared.target.host.to_string();
-            let input = json!({
-                "method": method,
-                "request": {
-                    "method": "CONNECT",
-                    "scheme": "tcp",
-                    "host": host,
-                    "host_kind": prepared.target.host.kind().as_str(),
-                    "port": prepared.target.port,
-                    "path": "",
-                    "query": null,
-                    "headers": {},
-                    "body_length": null,
-                    "url": match &prepared.target.host {
-                        target::CanonicalHost::Ip(std::net::IpAddr::V6(ip)) => format!("tcp://[{ip}]:{}", prepared.target.port),
-                        other => format!("tcp://{other}:{}", prepared.target.port),
-                    },
-                    "secrets": [],
-                    "upgrade": null,
-                },
-                "hop": hop,
-                "previous_url": null,
-                "session": {
-                    "id": format!("{:016x}", caller.session_id),
-                    "guest": {"name": caller.guest.name, "version": caller.guest.version},
-                },
-            });
-            let _ = previous;
-            return (input, redactions);
-        }
-        let mut headers = serde_json::Map::new();
-        for (name, value) in &prepared.headers {
-            let (shown, redaction) = self.redactor.header(name.as_str(), value.as_bytes());
-            redactions.extend(redaction);
-            if let Some(values) = headers
-                .entry(name.as_str().to_string())
-                .or_insert_with(|| json!([]))
-                .as_array_mut()
-            {
-                values.push(json!(shown));
-            }
-        }
-        let (shown_url, url_redactions) = self.redactor.url_with_redactions(url);
-        redactions.extend(url_redactions);
-        let query = url
-            .query()
-            .and_then(|_| shown_url.split_once('?').map(|(_, q)| q.to_string()));
-        let input = json!({
-            "method": method,
-            "request": {
-                "method": prepared.method.as_str(),
-                "scheme": url.scheme(),
-                "host": prepared.target.host.to_string(),
-                "host_kind": prepared.target.host.kind().as_str(),
-                "port": prepared.target.port,
-                "path": url.path(),
-                "query": query,
-                "headers": headers,
-                "body_length": prepared.content_length,
-                "url": shown_url,
-                "secrets": prepared.secrets,
-                "upgrade": prepared.upgrade,
-            },
-            "hop": hop,
-            "previous_url": previous.map(|u| self.redactor.url(u)),
-            "session": {
-                "id": format!("{:016x}", caller.session_id),
-                "guest": {"name": caller.guest.name, "version": caller.guest.version},
-            },
-        });
-        (input, redactions)
     }
 }
 
