@@ -16,7 +16,9 @@ use pexi_protocol::payload::{
 };
 use serde_json::json;
 
+use super::input::Asked;
 use super::request::Prepared;
+use super::target::Destination;
 use super::upstream::UpstreamError;
 use super::{Caller, Pipeline};
 use crate::stream::{HeadRefused, RequestBody, Responder, StreamRequest};
@@ -280,7 +282,13 @@ impl Pipeline {
         let mut secrets_withheld: Vec<String> = Vec::new();
         loop {
             let logged = self
-                .decide(caller, METHOD, &prepared, hop, previous.as_ref())
+                .decide(
+                    caller,
+                    METHOD,
+                    Asked::Http(&prepared),
+                    hop,
+                    previous.as_ref(),
+                )
                 .await?;
             let decision_id = logged.decision_id.clone();
             *decided.lock().unwrap_or_else(|p| p.into_inner()) = Some(decision_id.clone());
@@ -336,7 +344,7 @@ impl Pipeline {
                 }
             }
             let addrs = self
-                .allowed_addresses(&prepared, &decision_id)
+                .allowed_addresses(Destination::Http(&prepared.target), &decision_id)
                 .await
                 .map_err(&fail)?;
             let client = self.http.pinned(&prepared.target, &addrs).map_err(&fail)?;
@@ -613,17 +621,17 @@ impl Pipeline {
     /// Steps 4–5: the addresses this hop may connect to, or why there are none. Logged either way.
     pub(super) async fn allowed_addresses(
         &self,
-        prepared: &Prepared,
+        destination: Destination<'_>,
         decision_id: &str,
     ) -> Result<Vec<IpAddr>, ErrorPayload> {
-        let target = &prepared.target;
-        let resolved = self.http.resolver.resolve(&target.host, target.port).await;
+        let host = destination.host();
+        let resolved = self.http.resolver.resolve(host, destination.port()).await;
         let (source, addrs) = match resolved {
             Ok(found) => found,
             Err(error) => {
                 self.record(&Resolve {
                     decision_id: decision_id.to_string(),
-                    host: target.host.to_string(),
+                    host: host.to_string(),
                     source: None,
                     allowed: None,
                     refused: None,
@@ -642,7 +650,7 @@ impl Pipeline {
         }
         self.record(&Resolve {
             decision_id: decision_id.to_string(),
-            host: target.host.to_string(),
+            host: host.to_string(),
             source: Some(source.as_str().to_string()),
             allowed: Some(allowed.iter().map(ToString::to_string).collect()),
             refused: Some(
@@ -663,7 +671,7 @@ impl Pipeline {
                 .collect();
             return Err(ErrorPayload::new(
                 ErrorCode::BlockedAddress,
-                format!("{} resolves only to refused addresses", target.host),
+                format!("{} resolves only to refused addresses", host),
             )
             .with_details(ErrorDetails {
                 reasons,

@@ -5,7 +5,7 @@
 use serde::Serialize;
 
 use super::request::Prepared;
-use super::target::CanonicalHost;
+use super::target::Endpoint;
 use crate::audit::{Redaction, Redactor};
 use crate::stream::Caller;
 
@@ -52,13 +52,20 @@ pub struct GuestInput {
     pub version: String,
 }
 
+/// What a hop asks for: an HTTP request, or a TCP tunnel to an endpoint.
+#[derive(Clone, Copy, Debug)]
+pub enum Asked<'a> {
+    Http(&'a Prepared),
+    Tcp(&'a Endpoint),
+}
+
 impl PolicyInput {
-    /// The input for one hop of `prepared`, and what was redacted from it.
+    /// The input for one hop, and what was redacted from it.
     pub fn build(
         redactor: &Redactor,
         caller: &Caller,
         method: &str,
-        prepared: &Prepared,
+        asked: Asked<'_>,
         hop: u32,
         previous: Option<&url::Url>,
     ) -> (PolicyInput, Vec<Redaction>) {
@@ -69,38 +76,35 @@ impl PolicyInput {
                 version: caller.guest.version.clone(),
             },
         };
-        let target = &prepared.target;
         let mut redactions = Vec::new();
-        if prepared.tunnel {
-            // A tunnel has no URL of its own: the policy sees scheme `tcp` and the address it names.
-            let url = match &target.host {
-                CanonicalHost::Ip(std::net::IpAddr::V6(ip)) => {
-                    format!("tcp://[{ip}]:{}", target.port)
-                }
-                other => format!("tcp://{other}:{}", target.port),
-            };
-            let input = PolicyInput {
-                method: method.to_string(),
-                request: RequestInput {
-                    method: "CONNECT".into(),
-                    scheme: "tcp".into(),
-                    host: target.host.to_string(),
-                    host_kind: target.host.kind().as_str(),
-                    port: target.port,
-                    path: String::new(),
-                    query: None,
-                    headers: serde_json::Map::new(),
-                    body_length: None,
-                    url,
-                    secrets: Vec::new(),
-                    upgrade: None,
-                },
-                hop,
-                previous_url: None,
-                session,
-            };
-            return (input, redactions);
-        }
+        let prepared = match asked {
+            Asked::Http(prepared) => prepared,
+            // A tunnel has no URL of its own: the policy sees scheme `tcp` and the endpoint it names.
+            Asked::Tcp(endpoint) => {
+                let input = PolicyInput {
+                    method: method.to_string(),
+                    request: RequestInput {
+                        method: "CONNECT".into(),
+                        scheme: "tcp".into(),
+                        host: endpoint.host.to_string(),
+                        host_kind: endpoint.host.kind().as_str(),
+                        port: endpoint.port,
+                        path: String::new(),
+                        query: None,
+                        headers: serde_json::Map::new(),
+                        body_length: None,
+                        url: endpoint.tcp_url(),
+                        secrets: Vec::new(),
+                        upgrade: None,
+                    },
+                    hop,
+                    previous_url: None,
+                    session,
+                };
+                return (input, redactions);
+            }
+        };
+        let target = &prepared.target;
         let mut headers = serde_json::Map::new();
         for (name, value) in &prepared.headers {
             let (shown, redaction) = redactor.header(name.as_str(), value.as_bytes());
@@ -168,7 +172,7 @@ mod tests {
         }
     }
 
-    fn prepared(url: &str, tunnel: bool) -> Prepared {
+    fn prepared(url: &str) -> Prepared {
         Prepared {
             method: Method::POST,
             target: Target::parse(url).expect("url"),
@@ -191,7 +195,6 @@ mod tests {
             timeout_ms: None,
             secrets: vec!["openai".into()],
             upgrade: None,
-            tunnel,
         }
     }
 
@@ -205,7 +208,7 @@ mod tests {
             &redactor(),
             &caller(),
             "pep.http.request",
-            &prepared("https://API.example.com:8443/v1/x?token=t0p&q=1", false),
+            Asked::Http(&prepared("https://API.example.com:8443/v1/x?token=t0p&q=1")),
             1,
             Some(&url::Url::parse("https://a.example/?token=old").expect("url")),
         );
@@ -237,7 +240,7 @@ mod tests {
             &redactor(),
             &caller(),
             "pep.net.connect",
-            &prepared("https://[2001:db8::1]:5432/", true),
+            Asked::Tcp(&Endpoint::parse("2001:db8::1", 5432).expect("endpoint")),
             0,
             None,
         );

@@ -30,7 +30,7 @@ use crate::audit::{AuditLog, Redactor};
 use crate::config::Config;
 use crate::policy::{Bundle, Decision, PolicyEngine, PolicyError, PolicyStore};
 use address::AddressGuard;
-use input::PolicyInput;
+use input::{Asked, PolicyInput};
 use request::{prepare, InvalidRequest, Prepared};
 
 pub use crate::stream::Caller;
@@ -277,7 +277,7 @@ impl Pipeline {
     ) -> Result<PolicyDecision, ErrorPayload> {
         let prepared = self.prepare(caller, "pep.policy.check", request)?;
         let logged = self
-            .decide(caller, "pep.policy.check", &prepared, 0, None)
+            .decide(caller, "pep.policy.check", Asked::Http(&prepared), 0, None)
             .await?;
         Ok(PolicyDecision {
             allow: logged.decision.allow,
@@ -315,7 +315,7 @@ impl Pipeline {
         &self,
         caller: &Caller,
         method: &str,
-        prepared: &Prepared,
+        asked: Asked<'_>,
         hop: u32,
         previous: Option<&url::Url>,
     ) -> Result<Logged, ErrorPayload> {
@@ -325,7 +325,7 @@ impl Pipeline {
             self.decisions.fetch_add(1, Ordering::Relaxed)
         );
         let (input, redactions) =
-            PolicyInput::build(&self.redactor, caller, method, prepared, hop, previous);
+            PolicyInput::build(&self.redactor, caller, method, asked, hop, previous);
         let policy = self.policy.current();
         let input = input.to_json();
         let decision = policy.decide(&input);

@@ -63,7 +63,6 @@ pub fn next_hop(
         // Still named on every hop, so the policy sees them; the broker withholds them off-origin.
         secrets: current.secrets.clone(),
         upgrade: None,
-        tunnel: false,
     })
 }
 
@@ -99,7 +98,6 @@ mod tests {
             timeout_ms: None,
             secrets: vec!["api".into()],
             upgrade: None,
-            tunnel: false,
         }
     }
 

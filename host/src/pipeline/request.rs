@@ -21,8 +21,6 @@ pub struct Prepared {
     /// The protocol the request asks to upgrade to (`websocket`): after a 101 the stream carries the
     /// upgraded connection's bytes both ways.
     pub upgrade: Option<String>,
-    /// A `pep.net.connect` tunnel rather than an HTTP request: the policy sees scheme `tcp`.
-    pub tunnel: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -191,7 +189,6 @@ pub fn prepare(request: &HttpRequest) -> Result<Prepared, InvalidRequest> {
         timeout_ms: request.timeout_ms,
         secrets: Vec::new(),
         upgrade,
-        tunnel: false,
     })
 }
 

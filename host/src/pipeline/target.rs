@@ -60,6 +60,94 @@ impl fmt::Display for CanonicalHost {
     }
 }
 
+/// Why a tunnel destination is refused; answered with `invalid_request`.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("tunnel destination {host:?}: {why}")]
+pub struct EndpointError {
+    pub host: String,
+    pub why: String,
+}
+
+/// A TCP destination (`pep.net.connect`): a host canonicalised exactly as an HTTP host is, and a port. No
+/// URL: a tunnel has no scheme, path or query, and none is made up for it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    pub host: CanonicalHost,
+    pub port: u16,
+}
+
+impl Endpoint {
+    /// A bare DNS name or IP address (an IPv6 one without brackets) and a port. URL syntax (`a.test/`,
+    /// `a.test:8443`, `user@a.test`) is refused: the destination decided must be the one named.
+    pub fn parse(host: &str, port: u16) -> Result<Endpoint, EndpointError> {
+        let refuse = |why: &str| {
+            Err(EndpointError {
+                host: host.to_string(),
+                why: why.to_string(),
+            })
+        };
+        if port == 0 {
+            return refuse("port 0");
+        }
+        if let Ok(ip) = host.parse::<Ipv6Addr>() {
+            return Ok(Endpoint {
+                host: CanonicalHost::Ip(unmap(ip)),
+                port,
+            });
+        }
+        if host.is_empty()
+            || host.len() > 253
+            || host
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control() || "/\\?#@:%[]<>\"'`|^{}".contains(c))
+        {
+            return refuse("give a bare DNS name or IP address (no URL syntax)");
+        }
+        // The WHATWG host parser, as for a URL's host: IDNA, lower case, IPv4 in any of its forms.
+        let host = match url::Host::parse(host) {
+            Ok(url::Host::Domain(name)) => match canonical_domain(&name) {
+                Ok(host) => host,
+                Err(UrlError(why)) => return refuse(&why),
+            },
+            Ok(url::Host::Ipv4(ip)) => CanonicalHost::Ip(IpAddr::V4(ip)),
+            Ok(url::Host::Ipv6(ip)) => CanonicalHost::Ip(unmap(ip)),
+            Err(err) => return refuse(&err.to_string()),
+        };
+        Ok(Endpoint { host, port })
+    }
+
+    /// `tcp://host:port`, as the policy and the audit log name a tunnel.
+    pub fn tcp_url(&self) -> String {
+        match &self.host {
+            CanonicalHost::Ip(IpAddr::V6(ip)) => format!("tcp://[{ip}]:{}", self.port),
+            other => format!("tcp://{other}:{}", self.port),
+        }
+    }
+}
+
+/// What a hop asks to reach: an HTTP URL, or a TCP endpoint.
+#[derive(Clone, Copy, Debug)]
+pub enum Destination<'a> {
+    Http(&'a Target),
+    Tcp(&'a Endpoint),
+}
+
+impl Destination<'_> {
+    pub fn host(&self) -> &CanonicalHost {
+        match self {
+            Destination::Http(target) => &target.host,
+            Destination::Tcp(endpoint) => &endpoint.host,
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        match self {
+            Destination::Http(target) => target.port,
+            Destination::Tcp(endpoint) => endpoint.port,
+        }
+    }
+}
+
 /// A URL that passed validation, with its canonical parts.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Target {
@@ -226,6 +314,33 @@ pub fn unmap(ip: Ipv6Addr) -> IpAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tunnel_endpoint_is_a_bare_name_or_address_canonicalised_like_a_url_host() {
+        let parse = |host: &str| Endpoint::parse(host, 443).map(|e| e.host.to_string());
+        assert_eq!(parse("Tun.TEST.").as_deref(), Ok("tun.test"));
+        assert_eq!(parse("0x7f.1").as_deref(), Ok("127.0.0.1"));
+        assert_eq!(parse("::ffff:10.0.0.1").as_deref(), Ok("10.0.0.1"));
+        assert_eq!(
+            parse("bücher.example").as_deref(),
+            Ok("xn--bcher-kva.example")
+        );
+        for bad in [
+            "tun.test/",
+            "tun.test:443",
+            "user@tun.test",
+            "[::1]",
+            "a b",
+            "",
+            "tun%2Etest",
+            "a..b",
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(Endpoint::parse("tun.test", 0).is_err());
+        let v6 = Endpoint::parse("2001:db8::1", 5432).expect("endpoint");
+        assert_eq!(v6.tcp_url(), "tcp://[2001:db8::1]:5432");
+    }
 
     fn host(raw: &str) -> Result<String, UrlError> {
         Target::parse(raw).map(|t| format!("{} {} {}", t.host.kind().as_str(), t.host, t.port))

@@ -12,8 +12,8 @@ use std::time::Duration;
 use pexi_protocol::payload::{ErrorCode, ErrorPayload, NetConnect, NetConnectHead, ResponseHead};
 use tokio_util::sync::CancellationToken;
 
-use super::request::Prepared;
-use super::target::Target;
+use super::input::Asked;
+use super::target::{Destination, Endpoint};
 use super::{Caller, Pipeline};
 use crate::stream::{RequestBody, Responder};
 
@@ -81,71 +81,25 @@ impl Pipeline {
         responder: &Responder,
         decided: &std::sync::Mutex<Option<String>>,
     ) -> Result<(String, u64, u64), ErrorPayload> {
-        // A bare DNS name or IP literal only: URL syntax (`tun.test/`, `tun.test:8443/`, `user@tun.test`)
-        // would let the parsed destination differ from the one the guest names and the policy decides.
-        let invalid = |why: &str| {
-            ErrorPayload::new(
-                ErrorCode::InvalidRequest,
-                format!("tunnel destination {:?}: {why}", params.host),
-            )
-        };
-        let literal_v6 = params.host.parse::<std::net::Ipv6Addr>().is_ok();
-        if params.host.is_empty()
-            || (!literal_v6
-                && params.host.chars().any(|c| {
-                    c.is_whitespace() || c.is_control() || "/\\?#@:%[]<>\"'`|^{}".contains(c)
-                }))
-        {
-            return Err(invalid(
-                "give a bare DNS name or IP address (no URL syntax)",
-            ));
-        }
-        let host = if literal_v6 {
-            format!("[{}]", params.host)
-        } else {
-            params.host.clone()
-        };
-        // Canonicalised exactly as an HTTP host is (the scheme only picks the parser).
-        let target = Target::parse(&format!("https://{host}:{}/", params.port)).map_err(|err| {
-            ErrorPayload::new(
-                ErrorCode::InvalidRequest,
-                format!("tunnel destination {host}:{}: {err}", params.port),
-            )
-        })?;
-        if params.port == 0 {
-            return Err(ErrorPayload::new(
-                ErrorCode::InvalidRequest,
-                "tunnel destination port 0",
-            ));
-        }
-        // What was parsed is what was named: the same port, nothing after the host.
-        if target.port != params.port || target.url.path() != "/" || target.url.query().is_some() {
-            return Err(invalid("not a bare DNS name or IP address"));
-        }
-        let prepared = Prepared {
-            method: http::Method::CONNECT,
-            target,
-            headers: Vec::new(),
-            content_length: None,
-            redirect: pexi_protocol::payload::RedirectMode::Manual,
-            timeout_ms: None,
-            secrets: Vec::new(),
-            upgrade: None,
-            tunnel: true,
-        };
-        let logged = self.decide(caller, METHOD, &prepared, 0, None).await?;
+        // A bare DNS name or IP literal only, canonicalised as an HTTP host is: URL syntax would let the
+        // parsed destination differ from the one the guest names and the policy decides.
+        let endpoint = Endpoint::parse(&params.host, params.port)
+            .map_err(|err| ErrorPayload::new(ErrorCode::InvalidRequest, err.to_string()))?;
+        let logged = self
+            .decide(caller, METHOD, Asked::Tcp(&endpoint), 0, None)
+            .await?;
         *decided.lock().unwrap_or_else(|p| p.into_inner()) = Some(logged.decision_id.clone());
         if !logged.decision.allow {
             return Err(Pipeline::denied(&logged));
         }
         let addrs = self
-            .allowed_addresses(&prepared, &logged.decision_id)
+            .allowed_addresses(Destination::Tcp(&endpoint), &logged.decision_id)
             .await?;
         let timeout = Duration::from_millis(self.config.pep.limits.connect_timeout_ms);
         let mut last_error = String::from("no address");
         let mut stream = None;
         for ip in addrs {
-            let address = SocketAddr::new(ip, prepared.target.port);
+            let address = SocketAddr::new(ip, endpoint.port);
             match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(address)).await {
                 Ok(Ok(connected)) => {
                     stream = Some((address, connected));
@@ -158,7 +112,7 @@ impl Pipeline {
         let (address, stream) = stream.ok_or_else(|| {
             ErrorPayload::new(
                 ErrorCode::UpstreamConnect,
-                format!("tunnel to {}: {last_error}", prepared.target.host),
+                format!("tunnel to {}: {last_error}", endpoint.host),
             )
             .retryable(true)
         })?;
