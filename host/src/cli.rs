@@ -28,7 +28,7 @@ enum Command {
         #[arg(long = "listen")]
         listen: Vec<Listen>,
         /// When the audit log does not verify (an edited or truncated file), move it and its checkpoints
-        /// aside into broken-<time>/ and start a new chain that names them, instead of refusing to start.
+        /// aside into `broken-<time>/` and start a new chain that names them, instead of refusing to start.
         #[arg(long)]
         force: bool,
     },

@@ -1,9 +1,9 @@
-//! Steps 4–8 for `pep.http.request`: resolve after the allow, keep only permitted addresses, connect to
-//! exactly those, send, and treat every redirect as a new hop that goes through the whole pipeline again.
-//! Also where the worker for each stream starts ([`Pipeline::serve_stream`]).
+//! `pep.http.request`, hop by hop: decide, resolve and guard (`guard.rs`) after the allow, connect to exactly
+//! the permitted addresses (`upstream.rs`), send, stream the response under its cap, and treat every
+//! redirect (`redirect.rs`) as a new hop that goes through the whole pipeline again; an upgraded connection
+//! continues in `relay.rs`.
 
-use crate::audit::records::{BodyDigest, Outcome, RefusedAddress, Resolve};
-use std::net::IpAddr;
+use crate::audit::records::{BodyDigest, Outcome};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -11,7 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Method, StatusCode};
 use pexi_protocol::payload::{
-    ErrorCode, ErrorDetails, ErrorPayload, HeaderField, HttpRequest, HttpResponseHead, MethodCall,
+    ErrorCode, ErrorDetails, ErrorPayload, HeaderField, HttpRequest, HttpResponseHead,
     RedirectMode, ResponseHead,
 };
 use serde_json::json;
@@ -21,7 +21,8 @@ use super::request::Prepared;
 use super::target::Destination;
 use super::upstream::UpstreamError;
 use super::{Caller, Pipeline};
-use crate::stream::{HeadRefused, RequestBody, Responder, StreamRequest};
+use crate::stream::{HeadRefused, RequestBody, Responder};
+use tokio_util::sync::CancellationToken;
 
 const METHOD: &str = "pep.http.request";
 /// The longest any request deadline may be (a century), so the timer arithmetic stays finite whatever
@@ -85,152 +86,112 @@ struct ReplayCopy {
 }
 
 impl Pipeline {
-    /// The worker of one stream: runs the method and answers the guest. Cancellation (guest CANCEL,
-    /// session reset, shutdown) drops the work in flight, which aborts the upstream connection.
-    pub async fn serve_stream(self: Arc<Self>, request: StreamRequest) {
-        let StreamRequest {
-            caller,
-            call,
+    /// `pep.http.request`: the request's whole life, its deadline, and its outcome record.
+    pub(super) async fn serve_http(
+        &self,
+        caller: Caller,
+        params: HttpRequest,
+        body: RequestBody,
+        responder: Responder,
+        cancel: CancellationToken,
+    ) {
+        // The whole-request deadline holds until the upstream switches protocols (101); an
+        // upgraded connection then lives as long as it is used (idle timeout and byte caps bound
+        // it). Asking for an upgrade lifts nothing: an upstream answering 200 is a request.
+        let total = Duration::from_millis(
+            params
+                .timeout_ms
+                .unwrap_or(u64::MAX)
+                .min(self.config.pep.limits.total_timeout_ms)
+                .min(NO_DEADLINE_MS),
+        );
+        let started = std::time::Instant::now();
+        let tap = Arc::new(BodyTap {
+            replay: Mutex::new(Some(ReplayCopy::default())),
+            ..BodyTap::default()
+        });
+        // The latest hop's decision, so an outcome cut short by CANCEL or the deadline still names it.
+        let decided = Arc::new(Mutex::new(None));
+        let work = self.http_request(
+            &caller,
+            &params,
             body,
-            responder,
-            cancel,
-            slot,
-        } = request;
-        // The stream's place among all streams goes when this worker ends.
-        let _slot = slot;
-        match call {
-            MethodCall::PolicyCheck(params) => match self.policy_check(&caller, &params).await {
-                Ok(decision) => {
-                    if responder
-                        .head(ResponseHead::PolicyDecision(decision))
-                        .is_ok()
-                    {
-                        responder.end();
-                    }
-                }
-                Err(error) => {
-                    // A refusal before any decision (a malformed request, a secret it may not name) is
-                    // the stream's outcome; a decision was logged already and needs none.
-                    if error.details.decision_id.is_none() {
-                        self.log_outcome(
-                            &caller,
-                            "pep.policy.check",
-                            None,
-                            Outcome {
-                                error: Some(error.code.as_str().to_string()),
-                                message: Some(error.message.clone()),
-                                ..Outcome::default()
-                            },
-                        );
-                    }
-                    responder.error(error)
-                }
-            },
-            MethodCall::NetConnect(params) => {
-                self.serve_tunnel(caller, params, body, responder, cancel)
-                    .await;
+            &responder,
+            tap.clone(),
+            decided.clone(),
+        );
+        let deadline = async {
+            tokio::time::sleep(total).await;
+            if tap.switched.load(Ordering::Acquire) {
+                std::future::pending::<()>().await;
             }
-            MethodCall::HttpRequest(params) => {
-                // The whole-request deadline holds until the upstream switches protocols (101); an
-                // upgraded connection then lives as long as it is used (idle timeout and byte caps bound
-                // it). Asking for an upgrade lifts nothing: an upstream answering 200 is a request.
-                let total = Duration::from_millis(
-                    params
-                        .timeout_ms
-                        .unwrap_or(u64::MAX)
-                        .min(self.config.pep.limits.total_timeout_ms)
-                        .min(NO_DEADLINE_MS),
-                );
-                let started = std::time::Instant::now();
-                let tap = Arc::new(BodyTap {
-                    replay: Mutex::new(Some(ReplayCopy::default())),
-                    ..BodyTap::default()
-                });
-                // The latest hop's decision, so an outcome cut short by CANCEL or the deadline still names it.
-                let decided = Arc::new(Mutex::new(None));
-                let work = self.http_request(
-                    &caller,
-                    &params,
-                    body,
-                    &responder,
-                    tap.clone(),
-                    decided.clone(),
-                );
-                let deadline = async {
-                    tokio::time::sleep(total).await;
-                    if tap.switched.load(Ordering::Acquire) {
-                        std::future::pending::<()>().await;
-                    }
+        };
+        let result = tokio::select! {
+            _ = cancel.cancelled() => Err(Failure::from(ErrorPayload::new(ErrorCode::Cancelled, "cancelled"))),
+            result = work => result,
+            _ = deadline => Err(Failure::from(
+                ErrorPayload::new(ErrorCode::UpstreamTimeout, format!("request took longer than {total:?}")).retryable(true),
+            )),
+        };
+        let request_body = BodyDigest {
+            bytes: Some(tap.sent.load(Ordering::Relaxed)),
+            sha256: Some(hex::encode(sha2::Digest::finalize(
+                tap.hash.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            ))),
+            bytes_delivered: None,
+        };
+        let duration_ms = started.elapsed().as_millis() as u64;
+        match result {
+            Ok(done) => {
+                let outcome = Outcome {
+                    status: Some(done.status),
+                    final_url: Some(done.final_url),
+                    redirects: Some(done.redirects),
+                    request_body: Some(request_body),
+                    response_body: Some(BodyDigest {
+                        bytes: Some(done.response_bytes),
+                        sha256: Some(done.response_sha256),
+                        bytes_delivered: None,
+                    }),
+                    secrets_injected: Some(done.secrets_injected),
+                    secrets_withheld: Some(done.secrets_withheld),
+                    upgrade: done.upgrade,
+                    duration_ms: Some(duration_ms),
+                    ..Outcome::default()
                 };
-                let result = tokio::select! {
-                    _ = cancel.cancelled() => Err(Failure::from(ErrorPayload::new(ErrorCode::Cancelled, "cancelled"))),
-                    result = work => result,
-                    _ = deadline => Err(Failure::from(
-                        ErrorPayload::new(ErrorCode::UpstreamTimeout, format!("request took longer than {total:?}")).retryable(true),
-                    )),
-                };
-                let request_body = BodyDigest {
-                    bytes: Some(tap.sent.load(Ordering::Relaxed)),
-                    sha256: Some(hex::encode(sha2::Digest::finalize(
-                        tap.hash.lock().unwrap_or_else(|p| p.into_inner()).clone(),
-                    ))),
-                    bytes_delivered: None,
-                };
-                let duration_ms = started.elapsed().as_millis() as u64;
-                match result {
-                    Ok(done) => {
-                        let outcome = Outcome {
-                            status: Some(done.status),
-                            final_url: Some(done.final_url),
-                            redirects: Some(done.redirects),
-                            request_body: Some(request_body),
-                            response_body: Some(BodyDigest {
-                                bytes: Some(done.response_bytes),
-                                sha256: Some(done.response_sha256),
-                                bytes_delivered: None,
-                            }),
-                            secrets_injected: Some(done.secrets_injected),
-                            secrets_withheld: Some(done.secrets_withheld),
-                            upgrade: done.upgrade,
-                            duration_ms: Some(duration_ms),
-                            ..Outcome::default()
-                        };
-                        self.log_outcome(&caller, METHOD, Some(&done.decision_id), outcome);
-                        responder.end();
-                    }
-                    Err(mut failure) => {
-                        if failure.decision_id.is_none() {
-                            failure.decision_id =
-                                decided.lock().unwrap_or_else(|p| p.into_inner()).take();
-                        }
-                        // What the guest got before the end: a stream cut by a shutdown or a reset
-                        // still says which status and how many bytes reached it.
-                        let progress = responder.progress();
-                        let error = match progress.ended_by() {
-                            Some(why) if failure.error.code == ErrorCode::Cancelled => why.as_str(),
-                            _ => failure.error.code.as_str(),
-                        };
-                        let outcome = Outcome {
-                            error: Some(error.to_string()),
-                            message: Some(failure.error.message.clone()),
-                            status: progress.status(),
-                            response_body: Some(BodyDigest {
-                                bytes_delivered: Some(responder.delivered()),
-                                ..BodyDigest::default()
-                            }),
-                            request_body: Some(request_body),
-                            duration_ms: Some(duration_ms),
-                            ..Outcome::default()
-                        };
-                        self.log_outcome(&caller, METHOD, failure.decision_id.as_deref(), outcome);
-                        // Whatever ended a request after its decision (a secret it may not use there, an
-                        // upstream failure), the guest gets the decision's id to find its audit record.
-                        if failure.error.details.decision_id.is_none() {
-                            failure.error.details.decision_id = failure.decision_id;
-                        }
-                        responder.error(failure.error);
-                    }
+                self.log_outcome(&caller, METHOD, Some(&done.decision_id), outcome);
+                responder.end();
+            }
+            Err(mut failure) => {
+                if failure.decision_id.is_none() {
+                    failure.decision_id = decided.lock().unwrap_or_else(|p| p.into_inner()).take();
                 }
+                // What the guest got before the end: a stream cut by a shutdown or a reset
+                // still says which status and how many bytes reached it.
+                let progress = responder.progress();
+                let error = match progress.ended_by() {
+                    Some(why) if failure.error.code == ErrorCode::Cancelled => why.as_str(),
+                    _ => failure.error.code.as_str(),
+                };
+                let outcome = Outcome {
+                    error: Some(error.to_string()),
+                    message: Some(failure.error.message.clone()),
+                    status: progress.status(),
+                    response_body: Some(BodyDigest {
+                        bytes_delivered: Some(responder.delivered()),
+                        ..BodyDigest::default()
+                    }),
+                    request_body: Some(request_body),
+                    duration_ms: Some(duration_ms),
+                    ..Outcome::default()
+                };
+                self.log_outcome(&caller, METHOD, failure.decision_id.as_deref(), outcome);
+                // Whatever ended a request after its decision (a secret it may not use there, an
+                // upstream failure), the guest gets the decision's id to find its audit record.
+                if failure.error.details.decision_id.is_none() {
+                    failure.error.details.decision_id = failure.decision_id;
+                }
+                responder.error(failure.error);
             }
         }
     }
@@ -514,172 +475,6 @@ impl Pipeline {
                 upgrade: None,
             });
         }
-    }
-
-    /// Carries an upgraded connection's (or a tunnel's) bytes both ways until the upstream closes (after the guest's END
-    /// was passed on as a write shutdown, or while the guest still sends), the guest goes away, nothing
-    /// moves for `idle_timeout_ms`, or a direction passes `max_upgraded_bytes`. Returns the bytes sent
-    /// each way (to the upstream, to the guest).
-    pub(super) async fn relay_upgraded<IO>(
-        &self,
-        upgraded: IO,
-        body: Option<RequestBody>,
-        responder: &Responder,
-    ) -> Result<(u64, u64), ErrorPayload>
-    where
-        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send,
-    {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let limits = &self.config.pep.limits;
-        let cap = limits.max_upgraded_bytes;
-        let idle = Duration::from_millis(limits.idle_timeout_ms.max(1));
-        let (mut from_upstream, mut to_upstream) = tokio::io::split(upgraded);
-        let activity = AtomicU64::new(0);
-        let epoch = std::time::Instant::now();
-        let touch = || activity.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
-        let sent_up = AtomicU64::new(0);
-        let sent_down = AtomicU64::new(0);
-        let upward = async {
-            if let Some(mut body) = body {
-                while let Some(chunk) = body.next().await {
-                    let total = sent_up.fetch_add(chunk.len() as u64, Ordering::Relaxed)
-                        + chunk.len() as u64;
-                    if total > cap {
-                        return Err(ErrorPayload::new(
-                            ErrorCode::BodyTooLarge,
-                            format!("more than {cap} bytes sent on the upgraded connection"),
-                        ));
-                    }
-                    to_upstream.write_all(&chunk).await.map_err(|err| {
-                        ErrorPayload::new(
-                            ErrorCode::UpstreamConnect,
-                            format!("upstream write: {err}"),
-                        )
-                    })?;
-                    touch();
-                }
-            }
-            // The guest ended its side: half-close, and keep reading what the upstream still sends.
-            let _ = to_upstream.shutdown().await;
-            Ok(())
-        };
-        let downward = async {
-            let mut buffer = vec![0u8; crate::stream::MAX_CHUNK];
-            loop {
-                let n = from_upstream.read(&mut buffer).await.map_err(|err| {
-                    ErrorPayload::new(ErrorCode::UpstreamConnect, format!("upstream read: {err}"))
-                })?;
-                if n == 0 {
-                    return Ok(());
-                }
-                let total = sent_down.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
-                if total > cap {
-                    return Err(ErrorPayload::new(
-                        ErrorCode::ResponseTooLarge,
-                        format!("more than {cap} bytes received on the upgraded connection"),
-                    ));
-                }
-                touch();
-                responder
-                    .data(Bytes::copy_from_slice(&buffer[..n]))
-                    .await
-                    .map_err(|failed| failed.to_error())?;
-            }
-        };
-        let watchdog = async {
-            loop {
-                tokio::time::sleep(idle.min(Duration::from_secs(1))).await;
-                let last = Duration::from_millis(activity.load(Ordering::Relaxed));
-                if epoch.elapsed().saturating_sub(last) >= idle {
-                    return ErrorPayload::new(
-                        ErrorCode::UpstreamTimeout,
-                        format!("the upgraded connection was idle for {idle:?}"),
-                    );
-                }
-            }
-        };
-        tokio::pin!(upward, downward, watchdog);
-        let mut upward_done = false;
-        let outcome = loop {
-            tokio::select! {
-                result = &mut upward, if !upward_done => match result {
-                    Ok(()) => upward_done = true,
-                    Err(error) => break Err(error),
-                },
-                result = &mut downward => break result,
-                error = &mut watchdog => break Err(error),
-            }
-        };
-        outcome.map(|()| {
-            (
-                sent_up.load(Ordering::Relaxed),
-                sent_down.load(Ordering::Relaxed),
-            )
-        })
-    }
-
-    /// Steps 4–5: the addresses this hop may connect to, or why there are none. Logged either way.
-    pub(super) async fn allowed_addresses(
-        &self,
-        destination: Destination<'_>,
-        decision_id: &str,
-    ) -> Result<Vec<IpAddr>, ErrorPayload> {
-        let host = destination.host();
-        let resolved = self.http.resolver.resolve(host, destination.port()).await;
-        let (source, addrs) = match resolved {
-            Ok(found) => found,
-            Err(error) => {
-                self.record(&Resolve {
-                    decision_id: decision_id.to_string(),
-                    host: host.to_string(),
-                    source: None,
-                    allowed: None,
-                    refused: None,
-                    error: Some(error.message.clone()),
-                });
-                return Err(error);
-            }
-        };
-        let mut allowed = Vec::new();
-        let mut refused = Vec::new();
-        for ip in addrs {
-            match self.guard.check(ip) {
-                Ok(()) => allowed.push(ip),
-                Err(class) => refused.push((ip, class.0)),
-            }
-        }
-        self.record(&Resolve {
-            decision_id: decision_id.to_string(),
-            host: host.to_string(),
-            source: Some(source.as_str().to_string()),
-            allowed: Some(allowed.iter().map(ToString::to_string).collect()),
-            refused: Some(
-                refused
-                    .iter()
-                    .map(|(ip, class)| RefusedAddress {
-                        address: ip.to_string(),
-                        class: class.to_string(),
-                    })
-                    .collect(),
-            ),
-            error: None,
-        });
-        if allowed.is_empty() {
-            let reasons = refused
-                .iter()
-                .map(|(ip, class)| format!("{ip}: {class}"))
-                .collect();
-            return Err(ErrorPayload::new(
-                ErrorCode::BlockedAddress,
-                format!("{} resolves only to refused addresses", host),
-            )
-            .with_details(ErrorDetails {
-                reasons,
-                decision_id: Some(decision_id.to_string()),
-                ..ErrorDetails::default()
-            }));
-        }
-        Ok(allowed)
     }
 
     /// Forwards the response body as it arrives, up to the cap; returns the bytes forwarded.

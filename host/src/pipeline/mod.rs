@@ -1,19 +1,26 @@
 //! The request pipeline: what happens to every hop of every request, in this order (see
 //! `docs/threat-model.md` and `docs/architecture.md`):
 //!
-//! 1. validate the parameters ([`request`]) and parse the URL strictly ([`target`]);
+//! 1. validate the parameters ([`request`]) and parse the URL strictly ([`target`]; a tunnel's
+//!    destination is a typed [`target::Endpoint`], no URL);
 //! 2. canonicalise the host ([`target`]);
-//! 3. decide with policy ([`crate::policy`]) and log the decision before anything else happens;
+//! 3. decide with policy ([`crate::policy`]) on the typed input ([`input`]) and log the decision before
+//!    anything else happens ([`Pipeline::decide`]);
 //! 4. only after an allow, resolve the name ([`resolve`]);
-//! 5. drop refused addresses ([`address`]);
-//! 6. connect to exactly the checked addresses, 7. send, 8. treat redirects as new hops ([`fetch`]).
+//! 5. drop refused addresses ([`address`]; both steps in `guard.rs`);
+//! 6. connect to exactly the checked addresses ([`upstream`]), 7. send ([`fetch`]), 8. treat redirects as
+//!    new hops ([`redirect`] says where, [`fetch`] runs the hop again); an upgraded connection or a tunnel
+//!    then carries bytes both ways (`relay.rs`, [`tunnel`]).
 //!
-//! `pep.policy.check` and `pexi check` run steps 1–3 only.
+//! Each stream's worker starts in `dispatch.rs`. `pep.policy.check` and `pexi check` run steps 1–3 only.
 
 pub mod address;
+mod dispatch;
 pub mod fetch;
+mod guard;
 pub mod input;
 pub mod redirect;
+mod relay;
 pub mod request;
 pub mod resolve;
 pub mod target;

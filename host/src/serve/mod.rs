@@ -28,7 +28,7 @@ use crate::stream::{Caller, EndedBy, Progress, RequestBody, Responder, StreamReq
 /// dropped anyway (a guest that reads nothing must not hold a shutdown).
 const LAST_WORDS: Duration = Duration::from_secs(1);
 
-/// Whether a connection was admitted (see [`admission::Admission::admit`]).
+/// Whether a connection was admitted (see [`crate::limits::admission::Admission::admit`]).
 pub enum Admitted {
     Yes(SessionSlot),
     /// Over a limit: the guest's HELLO is answered with this refusal, then the connection closes.
