@@ -96,7 +96,7 @@ code=$?
 echo "$start $(date +%s)" > /out/times
 exit $code
 `);
-const vmRun = await run(pexi, ['vm', 'run', '--config', config, '--profile', 'openclaw', '--openclaw-config', path.join(dir, 'vm-openclaw.json'), '--output', path.join(dir, 'out'), '--timeout', '1500', '--', 'sh /share/e2e/bench-openclaw.sh'], {
+const vmRun = await run(pexi, ['vm', 'run', '--config', config, '--profile', 'openclaw', '--profile-config', path.join(dir, 'vm-openclaw.json'), '--output', path.join(dir, 'out'), '--timeout', '1500', '--', 'sh /share/e2e/bench-openclaw.sh'], {
   ...process.env, PEXI_TEST_LLM_KEY: KEY, RUST_LOG: 'warn',
 });
 const [vmStart, vmEnd] = fs.readFileSync(path.join(dir, 'out', 'times'), 'utf8').trim().split(' ').map(Number);

@@ -133,10 +133,10 @@ vhost_device_vsock = ""
 guest_cid = 3
 run_dir = ${JSON.stringify(runDir)}
 command = "sh"
-openclaw_dir = ${JSON.stringify(guest.openclaw)}
-openclaw_memory_mb = 2048
-openclaw_cpus = 2
-openclaw_command = "true"
+
+[vm.profiles.openclaw]
+dir = ${JSON.stringify(guest.openclaw)}
+command = "true"
 `;
 }
 

@@ -66,7 +66,7 @@ exit 0
   const started = Date.now();
   const child = spawn(
     pexi,
-    ['vm', 'run', '--config', config, '--profile', 'openclaw', '--openclaw-config', path.join(dir, 'openclaw.json'), '--output', path.join(dir, 'out'), '--timeout', '1500', '--', 'sh /share/e2e/openclaw-vm.sh'],
+    ['vm', 'run', '--config', config, '--profile', 'openclaw', '--profile-config', path.join(dir, 'openclaw.json'), '--output', path.join(dir, 'out'), '--timeout', '1500', '--', 'sh /share/e2e/openclaw-vm.sh'],
     { env: { ...process.env, PEXI_TEST_LLM_KEY: KEY, RUST_LOG: 'warn' }, stdio: ['ignore', 'pipe', 'pipe'] },
   );
   let output = '';

@@ -112,14 +112,16 @@ enum VmCommand {
         /// Stop the VM after this many seconds.
         #[arg(long)]
         timeout: Option<u64>,
-        /// A ready-made guest: `openclaw` starts pexi-guestd before anything else, sets the proxy
-        /// environment and CA, mounts `[vm] openclaw_dir` at /opt/openclaw and runs `[vm] openclaw_command`
-        /// unless COMMAND is given (docs/openclaw.md).
-        #[arg(long)]
-        profile: Option<crate::vm::Profile>,
-        /// With --profile openclaw: the guest's OpenClaw config (JSON5), at /run/openclaw/openclaw.json.
-        #[arg(long)]
-        openclaw_config: Option<PathBuf>,
+        /// A ready-made guest, built in (`openclaw`: pexi-guestd started first, OpenClaw mounted at
+        /// /opt/openclaw, one agent turn unless COMMAND is given; docs/openclaw.md) or a profile file
+        /// (NAME.toml, the keys of host/profiles/openclaw.toml). `[vm.profiles.NAME]` overrides its folder,
+        /// memory, vCPUs and command.
+        #[arg(long, value_parser = parse_profile)]
+        profile: Option<Box<crate::vm::Profile>>,
+        /// The profile's config file for the guest, read-only (for `openclaw`: OpenClaw's JSON5 config at
+        /// /run/openclaw/openclaw.json).
+        #[arg(long, alias = "openclaw-config")]
+        profile_config: Option<PathBuf>,
         /// A host folder the guest may write, mounted at /out (to hand files back).
         #[arg(long)]
         output: Option<PathBuf>,
@@ -127,6 +129,10 @@ enum VmCommand {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<String>,
     },
+}
+
+fn parse_profile(spec: &str) -> Result<Box<crate::vm::Profile>, String> {
+    crate::vm::Profile::load(spec).map(Box::new)
 }
 
 fn parse_env(text: &str) -> Result<(String, String), String> {
@@ -174,7 +180,7 @@ fn vm(command: VmCommand) -> ExitCode {
         env,
         timeout,
         profile,
-        openclaw_config,
+        profile_config,
         output,
         command,
     } = command;
@@ -199,8 +205,8 @@ fn vm(command: VmCommand) -> ExitCode {
         console_log,
         timeout: timeout.map(std::time::Duration::from_secs),
         echo: true,
-        profile,
-        openclaw_config,
+        profile: profile.map(|profile| *profile),
+        profile_config,
         output,
     };
     let runtime = match runtime(tokio::runtime::Builder::new_multi_thread()) {

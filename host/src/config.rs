@@ -362,8 +362,8 @@ pub struct VmConfig {
     pub qemu: String,
     /// The guest's architecture: `auto` in the file is this machine's. An aarch64 guest's defaults for
     /// `kernel`, `initrd`, `share` and `qemu` are `scripts/vm-image --arch arm64`'s outputs
-    /// (`target/vm-arm64/`) and `qemu-system-aarch64`, and `openclaw_dir`'s is `target/openclaw-arm64`
-    /// (`scripts/test-openclaw --arm64`).
+    /// (`target/vm-arm64/`) and `qemu-system-aarch64` (a profile's folder has a default per architecture
+    /// too).
     #[serde(default)]
     pub arch: GuestArch,
     /// What boots the VM: `auto` in the file is vfkit (Apple's Virtualization.framework) on macOS and
@@ -380,18 +380,23 @@ pub struct VmConfig {
     pub run_dir: PathBuf,
     /// The guest command when none is given.
     pub command: String,
-    /// `--profile openclaw`: the npm prefix holding `node_modules/openclaw` (mounted read-only at
-    /// /opt/openclaw), the memory it needs, and its default command.
-    #[serde(default = "default_openclaw_dir")]
-    pub openclaw_dir: PathBuf,
-    #[serde(default = "default_openclaw_memory")]
-    pub openclaw_memory_mb: u32,
-    pub openclaw_cpus: u32,
-    #[serde(default = "default_openclaw_command")]
-    pub openclaw_command: String,
+    /// `[vm.profiles.NAME]`: this configuration's settings over a profile's own (host/profiles/NAME.toml).
+    #[serde(default)]
+    pub profiles: BTreeMap<String, ProfileSettings>,
     /// The per-user folders `run_dir` lies in (see [`Config::private_dirs`]); `pexi vm run` makes them.
     #[serde(skip)]
     pub private_dirs: Vec<PathBuf>,
+}
+
+/// What a configuration may change of a profile: its folder (relative to the config file), memory, vCPUs and
+/// default command.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileSettings {
+    pub dir: Option<PathBuf>,
+    pub memory_mb: Option<u32>,
+    pub cpus: Option<u32>,
+    pub command: Option<String>,
 }
 
 fn default_vfkit() -> String {
@@ -492,18 +497,6 @@ impl<'de> Deserialize<'de> for Runner {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         from_text(deserializer)
     }
-}
-
-fn default_openclaw_dir() -> PathBuf {
-    PathBuf::from("target/openclaw")
-}
-
-fn default_openclaw_memory() -> u32 {
-    2048
-}
-
-fn default_openclaw_command() -> String {
-    "openclaw agent exec --json --timeout 600 --cwd /tmp/work 'Say hello.'".into()
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
@@ -649,11 +642,6 @@ impl Config {
                     ("vm.kernel", &mut vm.kernel, image.join(kernel)),
                     ("vm.initrd", &mut vm.initrd, image.join("initramfs.cpio.gz")),
                     ("vm.share", &mut vm.share, image.join("share")),
-                    (
-                        "vm.openclaw_dir",
-                        &mut vm.openclaw_dir,
-                        PathBuf::from("target/openclaw-arm64"),
-                    ),
                 ] {
                     if !set_here(key) {
                         *path = default;
@@ -668,11 +656,18 @@ impl Config {
                 ("vm.initrd", &mut vm.initrd),
                 ("vm.share", &mut vm.share),
                 ("vm.run_dir", &mut vm.run_dir),
-                ("vm.openclaw_dir", &mut vm.openclaw_dir),
             ] {
                 if let Some(base) = base.as_deref().filter(|_| set_here(key)) {
                     if !path.as_os_str().is_empty() && !crate::dirs::is_placeholder(path) {
                         *path = base.join(&*path);
+                    }
+                }
+            }
+            for (name, settings) in vm.profiles.iter_mut() {
+                let key = format!("vm.profiles.{name}.dir");
+                if let (Some(base), Some(dir)) = (base.as_deref(), settings.dir.as_mut()) {
+                    if set_here(&key) && !dir.as_os_str().is_empty() {
+                        *dir = base.join(&*dir);
                     }
                 }
             }
@@ -1116,6 +1111,17 @@ mod tests {
         // Left to the default: the default's meaning, not the file's folder.
         let (image, _) = GuestArch::host().image_defaults();
         assert_eq!(vm.initrd, Path::new(image).join("initramfs.cpio.gz"));
+        // A profile's folder set in the file is relative to the file too.
+        let (config, dir) = load_text(
+            "[vm.profiles.openclaw]
+dir = \"oc\"
+memory_mb = 3000
+",
+        );
+        let vm = config.expect("loads").vm.expect("vm");
+        let openclaw = &vm.profiles["openclaw"];
+        assert_eq!(openclaw.dir.as_deref(), Some(dir.join("oc").as_path()));
+        assert_eq!(openclaw.memory_mb, Some(3000));
     }
 
     #[test]
@@ -1130,7 +1136,6 @@ mod tests {
             PathBuf::from("target/vm-arm64/initramfs.cpio.gz")
         );
         assert_eq!(vm.share, PathBuf::from("target/vm-arm64/share"));
-        assert_eq!(vm.openclaw_dir, PathBuf::from("target/openclaw-arm64"));
         assert_eq!(vm.qemu, "qemu-system-aarch64");
         let (config, _) =
             load_text("[vm]\narch = \"arm64\"\nqemu = \"/opt/qemu\"\nrunner = \"vfkit\"\n");

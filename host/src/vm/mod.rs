@@ -11,7 +11,8 @@
 //! the console and powers off; the console goes to a log file, which this module follows to show the
 //! command's output and read its status.
 
-pub mod qemu;
+mod profile;
+mod qemu;
 pub mod vfkit;
 
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -22,6 +23,7 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 
 use crate::config::{Accel, Config, GuestArch, Listen, Runner, VmConfig};
+pub use profile::Profile;
 
 /// The console line the guest's init prints before running the command.
 const STARTED: &str = "pexi-init: started";
@@ -70,29 +72,10 @@ pub struct RunOptions {
     /// Copy the guest command's console output to stdout as it comes.
     pub echo: bool,
     pub profile: Option<Profile>,
-    /// `--profile openclaw`: an OpenClaw config file (JSON5) for the guest, read-only at
-    /// /run/openclaw/openclaw.json.
-    pub openclaw_config: Option<PathBuf>,
+    /// `--profile-config FILE`: the profile's config file for the guest (OpenClaw's JSON5 for `openclaw`).
+    pub profile_config: Option<PathBuf>,
     /// A host folder the guest may write, at /out: how a run hands files back.
     pub output: Option<PathBuf>,
-}
-
-/// A ready-made guest setup.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Profile {
-    /// pexi-guestd first, the proxy environment and CA in place, OpenClaw mounted, enough memory.
-    OpenClaw,
-}
-
-impl std::str::FromStr for Profile {
-    type Err = String;
-
-    fn from_str(text: &str) -> Result<Self, String> {
-        match text {
-            "openclaw" => Ok(Profile::OpenClaw),
-            other => Err(format!("{other:?} is not a profile (openclaw)")),
-        }
-    }
 }
 
 /// An extra folder for the guest (over 9p under QEMU, virtio-fs under vfkit): host folder, where the
@@ -148,48 +131,67 @@ impl Plan {
         let mut mounts = Vec::new();
         let mut env = options.env.clone();
         let mut command = options.command.clone();
-        let openclaw = options.profile == Some(Profile::OpenClaw);
-        if openclaw {
-            vm.memory_mb = vm.memory_mb.max(vm.openclaw_memory_mb);
-            vm.cpus = vm.cpus.max(vm.openclaw_cpus);
-            let modules = vm.openclaw_dir.join("node_modules");
-            if !modules.join("openclaw").is_dir() {
-                let install = match vm.arch {
-                    GuestArch::X86_64 => format!(
-                        "npm install --prefix {} openclaw, with Node 24 first on PATH",
-                        vm.openclaw_dir.display()
-                    ),
-                    // Its native packages must be the guest's: scripts/test-openclaw --arm64 picks them.
-                    GuestArch::Aarch64 => {
-                        "scripts/test-openclaw --arm64 installs it for an arm64 guest".into()
-                    }
-                };
-                return Err(VmError::Setup(format!(
-                    "no OpenClaw under {} ({install})",
-                    modules.display()
-                )));
+        let mut guestd = false;
+        if let Some(profile) = &options.profile {
+            let settings = vm.profiles.get(&profile.name).cloned().unwrap_or_default();
+            guestd = profile.guestd;
+            if let Some(memory) = settings.memory_mb.or(profile.memory_mb) {
+                vm.memory_mb = vm.memory_mb.max(memory);
             }
-            mounts.push(Mount {
-                host: modules,
-                guest: "/opt/openclaw/node_modules".into(),
-                writable: false,
-            });
-            if let Some(file) = &options.openclaw_config {
-                let folder = run.join("openclaw");
+            if let Some(cpus) = settings.cpus.or(profile.cpus) {
+                vm.cpus = vm.cpus.max(cpus);
+            }
+            if let Some(spec) = &profile.dir {
+                let dir = settings
+                    .dir
+                    .clone()
+                    .unwrap_or_else(|| spec.for_arch(vm.arch).to_path_buf());
+                if let Some(required) = &spec.requires {
+                    if !dir.join(required).exists() {
+                        return Err(VmError::Setup(format!(
+                            "profile {}: no {} under {} ({})",
+                            profile.name,
+                            required.display(),
+                            dir.display(),
+                            spec.install(vm.arch, &dir)
+                        )));
+                    }
+                }
+                for mount in &profile.mounts {
+                    mounts.push(Mount {
+                        host: dir.join(&mount.from),
+                        guest: mount.guest.clone(),
+                        writable: mount.writable,
+                    });
+                }
+            }
+            if let Some(file) = &options.profile_config {
+                let target = profile.config_file.as_ref().ok_or_else(|| {
+                    VmError::Setup(format!("profile {} takes no config file", profile.name))
+                })?;
+                let guest = Path::new(&target.guest);
+                let (Some(guest_dir), Some(name)) = (guest.parent(), guest.file_name()) else {
+                    return Err(VmError::Setup(format!(
+                        "profile {}: config_file.guest {:?} is not a file path",
+                        profile.name, target.guest
+                    )));
+                };
+                let folder = run.join(&profile.name);
                 std::fs::create_dir_all(&folder).map_err(io(format!("{}", folder.display())))?;
-                std::fs::copy(file, folder.join("openclaw.json"))
+                std::fs::copy(file, folder.join(name))
                     .map_err(io(format!("{}", file.display())))?;
                 mounts.push(Mount {
                     host: folder,
-                    guest: "/run/openclaw".into(),
+                    guest: guest_dir.display().to_string(),
                     writable: false,
                 });
-                env.push((
-                    "OPENCLAW_CONFIG_PATH".into(),
-                    "/run/openclaw/openclaw.json".into(),
-                ));
+                env.push((target.env.clone(), target.guest.clone()));
             }
-            command = command.or_else(|| Some(vm.openclaw_command.clone()));
+            command = command
+                .or(settings.command)
+                .or_else(|| profile.command.clone());
+        } else if options.profile_config.is_some() {
+            return Err(VmError::Setup("--profile-config needs --profile".into()));
         }
         // An explicit --cpus wins over the profile's: OpenClaw runs on one vCPU, just not in less memory.
         if let Some(cpus) = options.cpus {
@@ -221,7 +223,7 @@ impl Plan {
             command: command.unwrap_or_else(|| vm.command.clone()),
             env,
             mounts,
-            guestd: openclaw,
+            guestd,
             vsock: vm.runner == Runner::Vfkit
                 || (!options.no_vsock && !vm.vhost_device_vsock.is_empty()),
             virtio_socket: run.join("virtio.sock"),
@@ -787,13 +789,19 @@ mod tests {
         std::fs::write(&config_file, "{}").expect("config");
         let mut config = linux_x86_64();
         if let Some(vm) = config.vm.as_mut() {
-            vm.openclaw_dir = dir.clone();
+            vm.profiles.insert(
+                "openclaw".into(),
+                crate::config::ProfileSettings {
+                    dir: Some(dir.clone()),
+                    ..Default::default()
+                },
+            );
             vm.run_dir = dir.join("run");
             vm.memory_mb = 768;
         }
         let options = RunOptions {
-            profile: Some(Profile::OpenClaw),
-            openclaw_config: Some(config_file),
+            profile: Some(Profile::load("openclaw").expect("built in")),
+            profile_config: Some(config_file),
             ..RunOptions::default()
         };
         let plan = Plan::new(&config, &options).expect("plan");
@@ -848,7 +856,13 @@ mod tests {
         // Without OpenClaw installed the profile says what to do.
         let mut missing = config.clone();
         if let Some(vm) = missing.vm.as_mut() {
-            vm.openclaw_dir = dir.join("nowhere");
+            vm.profiles.insert(
+                "openclaw".into(),
+                crate::config::ProfileSettings {
+                    dir: Some(dir.join("nowhere")),
+                    ..Default::default()
+                },
+            );
         }
         let err = Plan::new(&missing, &options).expect_err("no openclaw");
         assert!(err.to_string().contains("npm install"), "{err}");
