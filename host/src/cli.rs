@@ -114,10 +114,10 @@ enum VmCommand {
         timeout: Option<u64>,
         /// A ready-made guest, built in (`openclaw`: pexi-guestd started first, OpenClaw mounted at
         /// /opt/openclaw, one agent turn unless COMMAND is given; docs/openclaw.md) or a profile file
-        /// (NAME.toml, the keys of host/profiles/openclaw.toml). `[vm.profiles.NAME]` overrides its folder,
+        /// (NAME.toml, the keys of vm/profiles/openclaw.toml). `[vm.profiles.NAME]` overrides its folder,
         /// memory, vCPUs and command.
         #[arg(long, value_parser = parse_profile)]
-        profile: Option<Box<crate::vm::Profile>>,
+        profile: Option<Box<pexi_vm::Profile>>,
         /// The profile's config file for the guest, read-only (for `openclaw`: OpenClaw's JSON5 config at
         /// /run/openclaw/openclaw.json).
         #[arg(long, alias = "openclaw-config")]
@@ -131,8 +131,8 @@ enum VmCommand {
     },
 }
 
-fn parse_profile(spec: &str) -> Result<Box<crate::vm::Profile>, String> {
-    crate::vm::Profile::load(spec).map(Box::new)
+fn parse_profile(spec: &str) -> Result<Box<pexi_vm::Profile>, String> {
+    pexi_vm::Profile::load(spec).map(Box::new)
 }
 
 fn parse_env(text: &str) -> Result<(String, String), String> {
@@ -191,7 +191,7 @@ fn vm(command: VmCommand) -> ExitCode {
             return ExitCode::from(125);
         }
     };
-    let options = crate::vm::RunOptions {
+    let options = pexi_vm::RunOptions {
         command: shell_command(&command),
         env,
         accel,

@@ -184,12 +184,12 @@ fn copy_tree(from: &Path, to: &Path) -> Result<(), VmError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Config, GuestArch, Runner};
-    use crate::vm::RunOptions;
+    use crate::config::{GuestArch, Runner};
+    use crate::RunOptions;
     use base64::Engine;
 
     fn plan(options: RunOptions) -> Plan {
-        crate::vm::golden_plan(GuestArch::Aarch64, Runner::Vfkit, 2, 1024, &options)
+        crate::golden_plan(GuestArch::Aarch64, Runner::Vfkit, 2, 1024, &options)
     }
 
     fn command(text: &str) -> RunOptions {
@@ -231,8 +231,10 @@ mod tests {
         ];
         assert_eq!(plan.vfkit_args(&shares).expect("args"), expected);
         // The PEP listens where vfkit dials, and nowhere for a virtio-serial port the VM does not have.
-        let listen: Vec<String> = plan.listeners().iter().map(ToString::to_string).collect();
-        assert_eq!(listen, ["unix:/run/pexi-vm/vsock.sock_4041"]);
+        assert_eq!(
+            plan.pep_sockets(),
+            [std::path::PathBuf::from("/run/pexi-vm/vsock.sock_4041")]
+        );
     }
 
     #[test]
@@ -247,14 +249,12 @@ mod tests {
             std::os::unix::fs::PermissionsExt::from_mode(0o755),
         )
         .expect("chmod");
-        let mut config = Config::embedded().expect("embedded config");
-        if let Some(vm) = config.vm.as_mut() {
-            vm.runner = Runner::Vfkit;
-            vm.share = share.clone();
-            vm.run_dir = dir.join("run");
-        }
+        let mut vm = crate::embedded_vm();
+        vm.runner = Runner::Vfkit;
+        vm.share = share.clone();
+        vm.run_dir = dir.join("run");
         let plan = Plan::new(
-            &config,
+            &vm,
             &RunOptions {
                 output: Some(output.clone()),
                 ..RunOptions::default()
@@ -289,10 +289,8 @@ mod tests {
         // A share configured through a symbolic link is copied all the same, not shared as the link.
         let link = dir.join("share-link");
         std::os::unix::fs::symlink(&share, &link).expect("symlink");
-        if let Some(vm) = config.vm.as_mut() {
-            vm.share = link;
-        }
-        let linked = Plan::new(&config, &RunOptions::default()).expect("plan");
+        vm.share = link;
+        let linked = Plan::new(&vm, &RunOptions::default()).expect("plan");
         prepare_shares(&linked, &dir.join("run/shares")).expect("shares");
         assert!(!std::fs::symlink_metadata(&copy)
             .expect("copy")
@@ -349,12 +347,10 @@ mod tests {
 
     #[test]
     fn vsock_cannot_be_turned_off_under_vfkit() {
-        let mut config = Config::embedded().expect("embedded config");
-        if let Some(vm) = config.vm.as_mut() {
-            vm.runner = Runner::Vfkit;
-        }
+        let mut vm = crate::embedded_vm();
+        vm.runner = Runner::Vfkit;
         let err = Plan::new(
-            &config,
+            &vm,
             &RunOptions {
                 no_vsock: true,
                 ..RunOptions::default()

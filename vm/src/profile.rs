@@ -1,6 +1,6 @@
 //! Profiles: ready-made guest setups as data. A profile raises memory and vCPUs, names a default command,
 //! mounts folders from a host directory it requires, takes an optional config file for the guest, and may
-//! have init start pexi-guestd first. The built-in ones are files under `host/profiles/` compiled in
+//! have init start pexi-guestd first. The built-in ones are files under `vm/profiles/` compiled in
 //! (`openclaw`); `--profile PATH.toml` reads any file with the same keys.
 
 use std::path::{Path, PathBuf};
@@ -10,7 +10,7 @@ use serde::Deserialize;
 use crate::config::GuestArch;
 
 /// The profiles compiled in, by name.
-const BUILT_IN: &[(&str, &str)] = &[("openclaw", include_str!("../../profiles/openclaw.toml"))];
+const BUILT_IN: &[(&str, &str)] = &[("openclaw", include_str!("../profiles/openclaw.toml"))];
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -160,13 +160,13 @@ pub fn check_devices(args: &[String]) -> Result<(), VmError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Config, Runner};
-    use crate::vm::RunOptions;
+    use crate::config::Runner;
+    use crate::RunOptions;
     use base64::Engine;
 
     #[test]
     fn the_arm64_qemu_command_line_is_exactly_this() {
-        let plan = crate::vm::golden_plan(
+        let plan = crate::golden_plan(
             GuestArch::Aarch64,
             Runner::Qemu,
             1,
@@ -230,8 +230,7 @@ mod tests {
 
     #[test]
     fn a_network_or_any_other_device_is_refused() {
-        let config = Config::embedded().expect("embedded config");
-        let plan = Plan::new(&config, &RunOptions::default()).expect("plan");
+        let plan = Plan::new(&crate::embedded_vm(), &RunOptions::default()).expect("plan");
         let args = plan.qemu_args("tcg").expect("args");
         assert!(check_devices(&args).is_ok());
         for extra in [

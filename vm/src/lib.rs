@@ -11,6 +11,7 @@
 //! the console and powers off; the console goes to a log file, which this module follows to show the
 //! command's output and read its status.
 
+mod config;
 mod profile;
 mod qemu;
 pub mod vfkit;
@@ -22,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 
-use crate::config::{Accel, Config, GuestArch, Listen, Runner, VmConfig};
+pub use config::{Accel, GuestArch, ProfileSettings, Runner, VmConfig};
 pub use profile::Profile;
 
 /// The console line the guest's init prints before running the command.
@@ -106,11 +107,8 @@ pub struct Plan {
 }
 
 impl Plan {
-    pub fn new(config: &Config, options: &RunOptions) -> Result<Plan, VmError> {
-        let mut vm = config
-            .vm
-            .clone()
-            .ok_or_else(|| VmError::Setup(format!("{} has no [vm] table", config.source)))?;
+    pub fn new(vm: &VmConfig, options: &RunOptions) -> Result<Plan, VmError> {
+        let mut vm = vm.clone();
         if let Some(accel) = options.accel {
             vm.accel = accel;
         }
@@ -237,17 +235,17 @@ impl Plan {
         })
     }
 
-    /// The PEP's listeners for this VM: the virtio-serial port's socket (QEMU only: Virtualization.framework
+    /// The Unix sockets the PEP listens on for this VM: the virtio-serial port's socket (QEMU only: Virtualization.framework
     /// has no named virtio-serial ports) and vsock's.
-    pub fn listeners(&self) -> Vec<Listen> {
-        let mut listen = Vec::new();
+    pub fn pep_sockets(&self) -> Vec<PathBuf> {
+        let mut sockets = Vec::new();
         if self.vm.runner == Runner::Qemu {
-            listen.push(Listen::Unix(self.virtio_socket.clone()));
+            sockets.push(self.virtio_socket.clone());
         }
         if self.vsock {
-            listen.push(Listen::Unix(hybrid_port(&self.vsock_uds)));
+            sockets.push(hybrid_port(&self.vsock_uds));
         }
-        listen
+        sockets
     }
 
     /// The kernel command line: the guest's init reads its command, environment and share mode from it.
@@ -318,18 +316,30 @@ pub(crate) fn golden_plan(
     memory_mb: u32,
     options: &RunOptions,
 ) -> Plan {
-    let mut config = Config::embedded().expect("embedded config");
-    if let Some(vm) = config.vm.as_mut() {
-        vm.arch = arch;
-        vm.runner = runner;
-        vm.kernel = "/img/Image".into();
-        vm.initrd = "/img/initramfs.cpio.gz".into();
-        vm.share = "/img/share".into();
-        vm.run_dir = "/run/pexi-vm".into();
-        vm.cpus = cpus;
-        vm.memory_mb = memory_mb;
+    let mut vm = embedded_vm();
+    vm.arch = arch;
+    vm.runner = runner;
+    vm.kernel = "/img/Image".into();
+    vm.initrd = "/img/initramfs.cpio.gz".into();
+    vm.share = "/img/share".into();
+    vm.run_dir = "/run/pexi-vm".into();
+    vm.cpus = cpus;
+    vm.memory_mb = memory_mb;
+    Plan::new(&vm, options).expect("plan")
+}
+
+/// The `[vm]` table of the PEP's embedded default configuration, as the tests' starting point.
+#[cfg(test)]
+pub(crate) fn embedded_vm() -> VmConfig {
+    #[derive(serde::Deserialize)]
+    struct File {
+        vm: VmConfig,
     }
-    Plan::new(&config, options).expect("plan")
+    let text = include_str!("../../host/default-config.toml");
+    let table: toml::Table = text.parse().expect("default config");
+    let vm = toml::Table::from_iter([("vm".to_string(), table["vm"].clone())]);
+    let file: File = vm.try_into().expect("[vm]");
+    file.vm
 }
 
 /// `<uds>_4041`: where a hybrid-vsock backend delivers guest connections to the PEP's port.
@@ -348,9 +358,25 @@ pub fn exit_status(console: &str) -> Option<i32> {
         .and_then(|status| status.trim().parse().ok())
 }
 
-/// Boots the guest, runs its command, stops everything. Returns the command's exit status.
-pub async fn run(mut config: Config, options: RunOptions) -> Result<i32, VmError> {
-    let plan = Plan::new(&config, &options)?;
+/// The PEP a run serves its guest with, started on the VM's sockets by the caller's `start_pep`.
+pub trait Pep {
+    fn stop(self) -> impl std::future::Future<Output = ()>;
+}
+
+/// Boots the guest, runs its command, stops everything. Returns the command's exit status. `start_pep`
+/// gets the Unix sockets the guest's channels arrive on ([`Plan::pep_sockets`]) and starts the PEP on
+/// them; the run stops it at the end, however the run ends. The caller checks `vm.private_dirs` first.
+pub async fn run<F, Fut, P>(
+    vm: &VmConfig,
+    options: RunOptions,
+    start_pep: F,
+) -> Result<i32, VmError>
+where
+    F: FnOnce(Vec<PathBuf>) -> Fut,
+    Fut: std::future::Future<Output = Result<P, String>>,
+    P: Pep,
+{
+    let plan = Plan::new(vm, &options)?;
     let vm = &plan.vm;
     for (what, path) in [("kernel", &vm.kernel), ("initrd", &vm.initrd)] {
         if !path.is_file() {
@@ -366,8 +392,6 @@ pub async fn run(mut config: Config, options: RunOptions) -> Result<i32, VmError
             vm.share.display()
         )));
     }
-    crate::dirs::ensure_private_all(&vm.private_dirs)
-        .map_err(|err| VmError::Setup(err.to_string()))?;
     std::fs::create_dir_all(&vm.run_dir).map_err(io(format!("create {}", vm.run_dir.display())))?;
     for stale in [
         &plan.virtio_socket,
@@ -378,16 +402,13 @@ pub async fn run(mut config: Config, options: RunOptions) -> Result<i32, VmError
         let _ = std::fs::remove_file(stale);
     }
 
-    config.pep.listen = plan.listeners();
-    let server = crate::server::Server::start(config)
+    let pep = start_pep(plan.pep_sockets())
         .await
         .map_err(|err| VmError::Setup(format!("PEP: {err}")))?;
     let mut children = Children::default();
     let result = boot(&plan, &options, &mut children).await;
     children.stop();
-    if let Err(err) = server.stop().await {
-        tracing::warn!("stopping the PEP: {err}");
-    }
+    pep.stop().await;
     result
 }
 
@@ -706,23 +727,19 @@ fn is_kernel_message(line: &str) -> bool {
 mod tests {
     use super::*;
 
-    /// The embedded config as on an x86_64 Linux machine, whatever machine runs the test.
-    fn linux_x86_64() -> Config {
-        let mut config = Config::embedded().expect("embedded config");
-        if let Some(vm) = config.vm.as_mut() {
-            vm.arch = GuestArch::X86_64;
-            vm.runner = Runner::Qemu;
-        }
-        config
+    /// The embedded `[vm]` as on an x86_64 Linux machine, whatever machine runs the test.
+    fn linux_x86_64() -> VmConfig {
+        let mut vm = embedded_vm();
+        vm.arch = GuestArch::X86_64;
+        vm.runner = Runner::Qemu;
+        vm
     }
 
     fn plan(vsock: bool, share: &str) -> Plan {
-        let mut config = linux_x86_64();
-        if let Some(vm) = config.vm.as_mut() {
-            vm.share = PathBuf::from(share);
-        }
+        let mut vm = linux_x86_64();
+        vm.share = PathBuf::from(share);
         Plan::new(
-            &config,
+            &vm,
             &RunOptions {
                 command: Some("pexi-fetch https://example.com/ && echo done".into()),
                 env: vec![("A".into(), "1".into())],
@@ -787,24 +804,22 @@ mod tests {
         std::fs::create_dir_all(dir.join("node_modules/openclaw")).expect("mkdir");
         let config_file = dir.join("openclaw.json");
         std::fs::write(&config_file, "{}").expect("config");
-        let mut config = linux_x86_64();
-        if let Some(vm) = config.vm.as_mut() {
-            vm.profiles.insert(
-                "openclaw".into(),
-                crate::config::ProfileSettings {
-                    dir: Some(dir.clone()),
-                    ..Default::default()
-                },
-            );
-            vm.run_dir = dir.join("run");
-            vm.memory_mb = 768;
-        }
+        let mut vm = linux_x86_64();
+        vm.profiles.insert(
+            "openclaw".into(),
+            ProfileSettings {
+                dir: Some(dir.clone()),
+                ..Default::default()
+            },
+        );
+        vm.run_dir = dir.join("run");
+        vm.memory_mb = 768;
         let options = RunOptions {
             profile: Some(Profile::load("openclaw").expect("built in")),
             profile_config: Some(config_file),
             ..RunOptions::default()
         };
-        let plan = Plan::new(&config, &options).expect("plan");
+        let plan = Plan::new(&vm, &options).expect("plan");
         assert_eq!(plan.vm.memory_mb, 2048);
         // Two vCPUs on multi-threaded TCG: OpenClaw's workers run beside its main thread.
         assert_eq!(plan.vm.cpus, 2);
@@ -840,7 +855,7 @@ mod tests {
             .join(" ")
             .contains("-accel kvm -smp 2"));
         let one = Plan::new(
-            &config,
+            &vm,
             &RunOptions {
                 cpus: Some(1),
                 ..options.clone()
@@ -854,16 +869,14 @@ mod tests {
             .contains("-accel tcg -smp 1"));
         assert!(dir.join("run/openclaw/openclaw.json").is_file());
         // Without OpenClaw installed the profile says what to do.
-        let mut missing = config.clone();
-        if let Some(vm) = missing.vm.as_mut() {
-            vm.profiles.insert(
-                "openclaw".into(),
-                crate::config::ProfileSettings {
-                    dir: Some(dir.join("nowhere")),
-                    ..Default::default()
-                },
-            );
-        }
+        let mut missing = vm.clone();
+        missing.profiles.insert(
+            "openclaw".into(),
+            ProfileSettings {
+                dir: Some(dir.join("nowhere")),
+                ..Default::default()
+            },
+        );
         let err = Plan::new(&missing, &options).expect_err("no openclaw");
         assert!(err.to_string().contains("npm install"), "{err}");
         let _ = std::fs::remove_dir_all(&dir);
@@ -872,12 +885,16 @@ mod tests {
     #[test]
     fn listeners_follow_the_hybrid_vsock_convention() {
         let plan = plan(true, "share");
-        let listen: Vec<String> = plan.listeners().iter().map(ToString::to_string).collect();
+        let sockets: Vec<String> = plan
+            .pep_sockets()
+            .iter()
+            .map(|path| path.display().to_string())
+            .collect();
         assert_eq!(
-            listen,
+            sockets,
             vec![
-                format!("unix:{}", plan.virtio_socket.display()),
-                format!("unix:{}_4041", plan.vsock_uds.display()),
+                plan.virtio_socket.display().to_string(),
+                format!("{}_4041", plan.vsock_uds.display()),
             ]
         );
     }
