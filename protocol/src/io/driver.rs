@@ -183,20 +183,30 @@ impl Link {
             return;
         };
         let session = &mut self.session;
-        let result = match command {
-            StreamCommand::Head(_, head) => session.send_head(id, &head),
+        // A HEAD, END or ERROR the session refuses (the stream already ended or failed) changes nothing: the
+        // stream's other direction may still be running.
+        match command {
+            StreamCommand::Head(_, head) => {
+                let _ = session.send_head(id, &head);
+            }
             StreamCommand::Data(_, data, hold) => {
                 let len = data.len();
-                let written = session.write(id, data);
-                if written.is_ok() {
+                if session.write(id, data).is_ok() {
                     if let Some(slot) = self.streams.get_mut(key) {
                         slot.holds.push_back((len, hold.map(|h| h.0)));
                     }
+                } else {
+                    // The session takes nothing more here (this side ended, or the stream failed): its
+                    // senders learn it now rather than wait for room that never comes.
+                    self.streams.remove(id);
                 }
-                written
             }
-            StreamCommand::End(_, trailers) => session.write_end(id, trailers),
-            StreamCommand::Error(_, error) => session.write_error(id, error),
+            StreamCommand::End(_, trailers) => {
+                let _ = session.write_end(id, trailers);
+            }
+            StreamCommand::Error(_, error) => {
+                let _ = session.write_error(id, error);
+            }
             StreamCommand::Abort(_, error) => {
                 let _ = session.send_error(id, error);
                 self.streams.remove(id);
@@ -207,15 +217,7 @@ impl Link {
                 self.streams.remove(id);
                 return;
             }
-            StreamCommand::Release(_, n) => {
-                session.release(id, n);
-                Ok(())
-            }
-        };
-        if result.is_err() {
-            // The session no longer takes anything for this stream (it ended or failed): let its
-            // senders know rather than have them wait for room that never comes.
-            self.streams.remove(id);
+            StreamCommand::Release(_, n) => session.release(id, n),
         }
         self.forget_if_gone(id);
     }
