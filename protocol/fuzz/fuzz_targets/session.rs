@@ -41,7 +41,7 @@ fuzz_target!(|data: &[u8]| {
     let mut ops = data;
     while let Some((&op, rest)) = ops.split_first() {
         ops = rest;
-        match op % 12 {
+        match op % 16 {
             0 | 1 => {
                 let len = match ops {
                     [a, b, ..] => usize::from(u16::from_be_bytes([*a, *b])),
@@ -51,7 +51,7 @@ fuzz_target!(|data: &[u8]| {
                 let end = (start + len).min(ops.len());
                 let bytes = &ops[start..end];
                 ops = &ops[end..];
-                if op % 12 == 0 { host.receive(bytes) } else { guest.receive(bytes) }
+                if op % 16 == 0 { host.receive(bytes) } else { guest.receive(bytes) }
             }
             2 => {
                 if let Ok(id) = guest.open(MethodCall::HttpRequest(HttpRequest::new("POST", "https://a.example/"))) {
@@ -92,6 +92,41 @@ fuzz_target!(|data: &[u8]| {
             }
             9 => guest.resync(),
             10 => guest.transport_reconnected(),
+            // The send buffers: written ahead of credit, never past their room, END and ERROR behind the data.
+            12 => {
+                if let Some(&id) = guest_streams.last() {
+                    let room = guest.write_room(id);
+                    assert!(guest.write(id, Bytes::from(vec![0x5b; room + 1])).is_err());
+                    let _ = guest.write(id, Bytes::from(vec![0x5b; room.min(9000)]));
+                }
+            }
+            13 => {
+                if let Some(&id) = host_streams.first() {
+                    let head = ResponseHead::Http(HttpResponseHead {
+                        status: 200,
+                        headers: vec![],
+                        final_url: "https://a.example/".into(),
+                        redirect_count: 0,
+                        decision_id: "d".into(),
+                    });
+                    let _ = host.send_head(id, &head);
+                    let room = host.write_room(id);
+                    let _ = host.write(id, Bytes::from(vec![0xa6; room.min(20_000)]));
+                }
+            }
+            14 => {
+                if let Some(id) = host_streams.pop() {
+                    let _ = host.write_error(id, ErrorPayload::new(ErrorCode::ResponseTooLarge, "cut"));
+                }
+            }
+            15 => {
+                if let Some(&id) = guest_streams.last() {
+                    let _ = guest.write_end(id, vec![]);
+                }
+                if let Some(&id) = host_streams.first() {
+                    let _ = host.write_end(id, vec![]);
+                }
+            }
             _ => {
                 if let Some(id) = host_streams.first().copied() {
                     let _ = host.send_end(id, vec![]);

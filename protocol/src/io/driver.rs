@@ -383,6 +383,7 @@ where
                 handler.event(&mut link, event);
             }
         }
+        handler.after(&mut link);
         if let Some((session, why)) = link.restart.take() {
             // What the old session still has to say (a GOAWAY) goes first.
             let mut failed = false;
@@ -399,7 +400,6 @@ where
                 break Ended::Lost;
             }
         }
-        handler.after(&mut link);
         if input_closed {
             break Ended::Closed;
         }
