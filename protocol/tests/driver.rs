@@ -244,3 +244,68 @@ async fn keepalive_finds_a_peer_that_went_silent() {
     assert_eq!(ended, Ended::Lost);
     silent.abort();
 }
+
+/// A handler that asks for a new session from its after-step (as the SDK does when the host says it lost
+/// the session) gets it at once: the new HELLO goes out without waiting for more input.
+#[tokio::test(start_paused = true)]
+async fn a_restart_asked_for_after_a_step_sends_the_new_hello_at_once() {
+    use pexi_protocol::frame::{Frame, FrameDecoder, FrameType};
+    use pexi_protocol::payload::{cbor, ErrorCode, ErrorPayload};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    struct Restarter(bool);
+    impl Handler for Restarter {
+        type Command = ();
+        fn event(&mut self, _link: &mut Link, event: Event) {
+            if let Event::PeerError(error) = event {
+                self.0 = error.code == ErrorCode::SessionReset;
+            }
+        }
+        fn after(&mut self, link: &mut Link) {
+            if std::mem::take(&mut self.0) {
+                link.restart(support::client(), "the PEP lost the session");
+            }
+        }
+    }
+
+    let (guest_io, mut host_io) = tokio::io::duplex(64 * 1024);
+    let guest = tokio::spawn(async move {
+        io::drive(
+            guest_io,
+            support::client(),
+            &mut Restarter(false),
+            None,
+            &io::Options::default(),
+        )
+        .await
+    });
+    let mut host = support::server();
+    let mut buf = vec![0u8; 4096];
+    while !host.is_established() {
+        let n = host_io.read(&mut buf).await.expect("read");
+        host.receive(&buf[..n]);
+        while let Some(frame) = host.poll_transmit() {
+            host_io.write_all(&frame.encode()).await.expect("write");
+        }
+    }
+    // The host lost the session: ERROR session_reset on stream 0, and nothing more from it.
+    let lost = ErrorPayload::new(ErrorCode::SessionReset, "no session: send HELLO");
+    let frame = Frame::new(FrameType::Error, 0, cbor::encode(&lost));
+    host_io.write_all(&frame.encode()).await.expect("write");
+    let mut decoder = FrameDecoder::new(65_536);
+    let hello = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let n = host_io.read(&mut buf).await.expect("read");
+            assert!(n > 0, "the guest closed instead of starting over");
+            let mut input = &buf[..n];
+            while let Some(frame) = decoder.decode(&mut input) {
+                if frame.expect("frame").frame_type == FrameType::Hello {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    assert!(hello.is_ok(), "no new HELLO: the restart waited for input");
+    guest.abort();
+}
