@@ -5,7 +5,7 @@
 //!    destination is a typed [`target::Endpoint`], no URL);
 //! 2. canonicalise the host ([`target`]);
 //! 3. decide with policy ([`crate::policy`]) on the typed input ([`input`]) and log the decision before
-//!    anything else happens ([`Pipeline::decide`]);
+//!    anything else happens (`decide.rs`, which [`Pipeline::decide`] runs);
 //! 4. only after an allow, resolve the name ([`resolve`]);
 //! 5. drop refused addresses ([`address`]; both steps in `guard.rs`);
 //! 6. connect to exactly the checked addresses ([`upstream`]), 7. send ([`fetch`]), 8. treat redirects as
@@ -15,6 +15,7 @@
 //! Each stream's worker starts in `dispatch.rs`. `pep.policy.check` and `pexi check` run steps 1–3 only.
 
 pub mod address;
+mod decide;
 mod dispatch;
 pub mod fetch;
 mod guard;
@@ -37,7 +38,7 @@ use crate::audit::{AuditLog, Redactor};
 use crate::config::Config;
 use crate::policy::{Bundle, Decision, PolicyEngine, PolicyError, PolicyStore};
 use address::AddressGuard;
-use input::{Asked, PolicyInput};
+use input::Asked;
 use request::{prepare, InvalidRequest, Prepared};
 
 pub use crate::stream::Caller;
@@ -331,54 +332,22 @@ impl Pipeline {
             self.decision_prefix,
             self.decisions.fetch_add(1, Ordering::Relaxed)
         );
-        let (input, redactions) =
-            PolicyInput::build(&self.redactor, caller, method, asked, hop, previous);
-        let policy = self.policy.current();
-        let input = input.to_json();
-        let decision = policy.decide(&input);
-        let digests: serde_json::Map<String, Value> = redactions
-            .iter()
-            .filter_map(|r| r.digest.as_ref().map(|d| (r.path.clone(), json!(d))))
-            .collect();
-        let record = records::Decision {
-            decision_id: decision_id.clone(),
-            session_id: format!("{:016x}", caller.session_id),
-            stream_id: caller.stream_id,
-            method: method.to_string(),
-            guest: input["session"]["guest"].clone(),
-            request: input["request"].clone(),
-            hop,
-            previous_url: input["previous_url"].clone(),
-            decision: records::DecisionBody {
-                allow: decision.allow,
-                reasons: decision.reasons.clone(),
-                secrets: json!(decision.secrets),
-                policy_revision: policy.revision().to_string(),
-                query: policy.query().to_string(),
-            },
-            redacted: redactions.iter().map(|r| r.path.clone()).collect(),
-            redacted_digests: digests,
+        let hop = decide::Hop {
+            caller,
+            method,
+            asked,
+            number: hop,
+            previous,
         };
-        let mut body = self.record_body(&record);
-        // The revision this decision was made under, not whatever is in service by now.
-        body["policy_revision"] = json!(policy.revision());
-        self.audit
-            .record(records::Decision::KIND, body)
-            .done()
-            .await
-            .map_err(|err| {
-                tracing::error!(%err, "audit log write failed; refusing to act on the decision");
-                ErrorPayload::new(
-                    ErrorCode::AuditUnavailable,
-                    "the PEP cannot write its audit log, so it acts on no decision until it can; it \
-                     retries by itself",
-                )
-                .retryable(true)
-            })?;
-        Ok(Logged {
+        decide::decide_and_log(
+            &self.policy.current(),
+            &self.redactor,
+            &self.audit,
             decision_id,
-            decision,
-        })
+            hop,
+        )
+        .await
+        .map_err(ErrorPayload::from)
     }
 
     /// The error a denied hop is answered with.
