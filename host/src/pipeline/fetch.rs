@@ -307,7 +307,7 @@ impl Pipeline {
             let addrs = self
                 .allowed_addresses(Destination::Http(&prepared.target), &decision_id)
                 .await
-                .map_err(&fail)?;
+                .map_err(|err| fail(err.into()))?;
             let client = self.http.pinned(&prepared.target, &addrs).map_err(&fail)?;
             let mut builder = client.request(prepared.method.clone(), prepared.target.url.clone());
             for (name, value) in hop_headers.headers {

@@ -5,9 +5,44 @@ use std::net::IpAddr;
 
 use pexi_protocol::payload::{ErrorCode, ErrorDetails, ErrorPayload};
 
+use super::resolve::ResolveError;
 use super::target::Destination;
 use super::Pipeline;
 use crate::audit::records::{RefusedAddress, Resolve};
+
+/// Why a hop has no address to connect to.
+#[derive(Debug, thiserror::Error)]
+pub enum GuardError {
+    #[error(transparent)]
+    Resolve(#[from] ResolveError),
+    /// Every address the name has is of a refused class (loopback, private, metadata, ...).
+    #[error("{host} resolves only to refused addresses")]
+    AllRefused {
+        host: String,
+        /// `address: class` for each.
+        refused: Vec<String>,
+        decision_id: String,
+    },
+}
+
+impl From<GuardError> for ErrorPayload {
+    fn from(err: GuardError) -> ErrorPayload {
+        match err {
+            GuardError::Resolve(err) => err.into(),
+            GuardError::AllRefused {
+                ref refused,
+                ref decision_id,
+                ..
+            } => ErrorPayload::new(ErrorCode::BlockedAddress, err.to_string()).with_details(
+                ErrorDetails {
+                    reasons: refused.clone(),
+                    decision_id: Some(decision_id.clone()),
+                    ..ErrorDetails::default()
+                },
+            ),
+        }
+    }
+}
 
 impl Pipeline {
     /// Steps 4–5: the addresses this hop may connect to, or why there are none. Logged either way.
@@ -15,7 +50,7 @@ impl Pipeline {
         &self,
         destination: Destination<'_>,
         decision_id: &str,
-    ) -> Result<Vec<IpAddr>, ErrorPayload> {
+    ) -> Result<Vec<IpAddr>, GuardError> {
         let host = destination.host();
         let resolved = self.http.resolver.resolve(host, destination.port()).await;
         let (source, addrs) = match resolved {
@@ -27,9 +62,9 @@ impl Pipeline {
                     source: None,
                     allowed: None,
                     refused: None,
-                    error: Some(error.message.clone()),
+                    error: Some(error.to_string()),
                 });
-                return Err(error);
+                return Err(error.into());
             }
         };
         let mut allowed = Vec::new();
@@ -57,19 +92,14 @@ impl Pipeline {
             error: None,
         });
         if allowed.is_empty() {
-            let reasons = refused
-                .iter()
-                .map(|(ip, class)| format!("{ip}: {class}"))
-                .collect();
-            return Err(ErrorPayload::new(
-                ErrorCode::BlockedAddress,
-                format!("{} resolves only to refused addresses", host),
-            )
-            .with_details(ErrorDetails {
-                reasons,
-                decision_id: Some(decision_id.to_string()),
-                ..ErrorDetails::default()
-            }));
+            return Err(GuardError::AllRefused {
+                host: host.to_string(),
+                refused: refused
+                    .iter()
+                    .map(|(ip, class)| format!("{ip}: {class}"))
+                    .collect(),
+                decision_id: decision_id.to_string(),
+            });
         }
         Ok(allowed)
     }

@@ -10,6 +10,24 @@ use pexi_protocol::payload::{ErrorCode, ErrorPayload};
 
 use super::target::{unmap, CanonicalHost};
 
+/// Why a name has no addresses; answered with `dns_failure`.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ResolveError {
+    #[error("resolving {name} timed out after {after:?}")]
+    Timeout { name: String, after: Duration },
+    #[error("resolving {name} failed: {message}")]
+    Failed { name: String, message: String },
+    #[error("{name} has no addresses")]
+    NoAddresses { name: String },
+}
+
+impl From<ResolveError> for ErrorPayload {
+    fn from(err: ResolveError) -> ErrorPayload {
+        let retryable = matches!(err, ResolveError::Timeout { .. });
+        ErrorPayload::new(ErrorCode::DnsFailure, err.to_string()).retryable(retryable)
+    }
+}
+
 pub struct Resolver {
     overrides: BTreeMap<String, Vec<IpAddr>>,
     timeout: Duration,
@@ -51,7 +69,7 @@ impl Resolver {
         &self,
         host: &CanonicalHost,
         port: u16,
-    ) -> Result<(Source, Vec<IpAddr>), ErrorPayload> {
+    ) -> Result<(Source, Vec<IpAddr>), ResolveError> {
         let name = match host {
             CanonicalHost::Ip(ip) => return Ok((Source::Literal, vec![*ip])),
             CanonicalHost::Dns(name) => name,
@@ -61,15 +79,14 @@ impl Resolver {
         }
         let lookup = tokio::net::lookup_host((name.as_str(), port));
         match tokio::time::timeout(self.timeout, lookup).await {
-            Err(_) => Err(ErrorPayload::new(
-                ErrorCode::DnsFailure,
-                format!("resolving {name} timed out after {:?}", self.timeout),
-            )
-            .retryable(true)),
-            Ok(Err(err)) => Err(ErrorPayload::new(
-                ErrorCode::DnsFailure,
-                format!("resolving {name} failed: {err}"),
-            )),
+            Err(_) => Err(ResolveError::Timeout {
+                name: name.clone(),
+                after: self.timeout,
+            }),
+            Ok(Err(err)) => Err(ResolveError::Failed {
+                name: name.clone(),
+                message: err.to_string(),
+            }),
             Ok(Ok(addrs)) => {
                 let mut ips: Vec<IpAddr> = Vec::new();
                 for addr in addrs {
@@ -82,10 +99,7 @@ impl Resolver {
                     }
                 }
                 if ips.is_empty() {
-                    Err(ErrorPayload::new(
-                        ErrorCode::DnsFailure,
-                        format!("{name} has no addresses"),
-                    ))
+                    Err(ResolveError::NoAddresses { name: name.clone() })
                 } else {
                     Ok((Source::Dns, ips))
                 }

@@ -94,7 +94,8 @@ impl Pipeline {
         }
         let addrs = self
             .allowed_addresses(Destination::Tcp(&endpoint), &logged.decision_id)
-            .await?;
+            .await
+            .map_err(ErrorPayload::from)?;
         let timeout = Duration::from_millis(self.config.pep.limits.connect_timeout_ms);
         let mut last_error = String::from("no address");
         let mut stream = None;
