@@ -58,11 +58,11 @@ export async function startPep({ allow = [], tag = 'pep', env = {}, secrets = []
   const audit = path.join(dir, 'audit.jsonl');
   const replace = (text, from, to) => {
     if (!text.includes(from)) {
-      throw new Error(`config.toml no longer contains ${from}`);
+      throw new Error(`host/default-config.toml no longer contains ${from}`);
     }
     return text.replace(from, to);
   };
-  let config = fs.readFileSync(path.join(repoRoot, 'config.toml'), 'utf8');
+  let config = fs.readFileSync(path.join(repoRoot, 'host', 'default-config.toml'), 'utf8');
   config = replace(config, 'listen = ["unix:{runtime_dir}/pep.sock"]', `listen = [${JSON.stringify(`unix:${socket}`)}]`);
   config = replace(config, 'dir = "policies"', `dir = ${JSON.stringify(path.join(repoRoot, 'policies'))}`);
   config = replace(config, 'allowed_cidrs = []', 'allowed_cidrs = ["127.0.0.0/8"]');
