@@ -21,6 +21,16 @@ fn pump(from: &mut Session, to: &mut Session) {
     to.receive(&bytes);
 }
 
+fn ok_head() -> ResponseHead {
+    ResponseHead::Http(HttpResponseHead {
+        status: 200,
+        headers: vec![],
+        final_url: "https://a.example/".into(),
+        redirect_count: 0,
+        decision_id: "d".into(),
+    })
+}
+
 fn small(name: &str, seed: u64) -> Config {
     let mut config = Config::new(name, "fuzz");
     config.seed = seed;
@@ -73,14 +83,7 @@ fuzz_target!(|data: &[u8]| {
             6 => pump(&mut host, &mut guest),
             7 => {
                 if let Some(&id) = host_streams.first() {
-                    let head = ResponseHead::Http(HttpResponseHead {
-                        status: 200,
-                        headers: vec![],
-                        final_url: "https://a.example/".into(),
-                        redirect_count: 0,
-                        decision_id: "d".into(),
-                    });
-                    let _ = host.send_head(id, &head);
+                    let _ = host.send_head(id, &ok_head());
                     let n = host.send_capacity(id).min(7000);
                     let _ = host.send_data(id, Bytes::from(vec![0xa5; n]));
                 }
@@ -102,14 +105,7 @@ fuzz_target!(|data: &[u8]| {
             }
             13 => {
                 if let Some(&id) = host_streams.first() {
-                    let head = ResponseHead::Http(HttpResponseHead {
-                        status: 200,
-                        headers: vec![],
-                        final_url: "https://a.example/".into(),
-                        redirect_count: 0,
-                        decision_id: "d".into(),
-                    });
-                    let _ = host.send_head(id, &head);
+                    let _ = host.send_head(id, &ok_head());
                     let room = host.write_room(id);
                     let _ = host.write(id, Bytes::from(vec![0xa6; room.min(20_000)]));
                 }
