@@ -119,7 +119,7 @@ impl Client {
         let mut stream = self
             .open(MethodCall::PolicyCheck(HttpRequest::new(method, url)))
             .await?;
-        stream.end()?;
+        stream.end();
         match stream.head("a policy check").await? {
             ResponseHead::PolicyDecision(decision) => {
                 stream.finished = true;
@@ -157,10 +157,9 @@ impl StreamHandle {
         Ok(self.output.data(data).await.is_ok())
     }
 
-    fn end(&mut self) -> Result<(), Error> {
+    fn end(&mut self) {
         // A stream that is gone already has its answer (or its failure) waiting for the reader.
         let _ = self.output.end();
-        Ok(())
     }
 
     /// The next thing the host sent; the credit of DATA goes back as it is taken.
@@ -309,7 +308,7 @@ impl RequestBuilder {
                 }
             }
         }
-        stream.end()?;
+        stream.end();
         match stream.head("an HTTP request").await? {
             ResponseHead::Http(head) => Ok(Response { head, stream }),
             _ => Err(unexpected("an HTTP request")),

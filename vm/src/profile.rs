@@ -94,6 +94,16 @@ impl Profile {
     }
 
     fn parse(name: &str, source: &str, text: &str) -> Result<Profile, String> {
+        // The name becomes a folder of the run (for the config file): letters, digits, `-` and `_` only.
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(format!(
+                "profile {source}: its name {name:?} (the file's stem) may hold only letters, digits, - and _"
+            ));
+        }
         let mut profile: Profile =
             toml::from_str(text).map_err(|err| format!("profile {source}: {err}"))?;
         profile.name = name.to_string();
@@ -183,6 +193,11 @@ mod tests {
         )
         .expect("write");
         assert!(Profile::load(orphan.to_str().expect("utf-8")).is_err());
+        // A stem that would name a folder outside the run's (`...toml` has the stem `..`).
+        let dots = dir.join("...toml");
+        std::fs::write(&dots, "description = \"d\"\n").expect("write");
+        let err = Profile::load(dots.to_str().expect("utf-8")).expect_err("dots");
+        assert!(err.contains("letters, digits"), "{err}");
         assert!(Profile::load("nosuch")
             .expect_err("unknown")
             .contains("openclaw"));

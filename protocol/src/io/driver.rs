@@ -70,7 +70,7 @@ pub trait Handler {
     type Command;
 
     /// A session event. The driver has already routed the stream's part of it (HEAD, DATA, END, a
-    /// failure) to the stream's [`StreamIn`]; DATA is not passed on.
+    /// failure) to the stream's [`StreamIn`]; HEAD and DATA are not passed on (they are the stream's).
     fn event(&mut self, link: &mut Link, event: Event);
 
     /// One of the handler's own commands (see [`drive`]'s `commands`).
@@ -142,11 +142,6 @@ impl Link {
             .fail_all(&ErrorPayload::new(ErrorCode::SessionReset, why).retryable(true));
     }
 
-    /// Streams with handles.
-    pub fn attached(&self) -> usize {
-        self.streams.len()
-    }
-
     /// When the peer last sent a byte (or the connection started).
     pub fn last_input(&self) -> Instant {
         self.last_input
@@ -193,7 +188,7 @@ impl Link {
                 let len = data.len();
                 if session.write(id, data).is_ok() {
                     if let Some(slot) = self.streams.get_mut(key) {
-                        slot.holds.push_back((len, hold.map(|h| h.0)));
+                        slot.holds.push_back((len, hold));
                     }
                 } else {
                     // The session takes nothing more here (this side ended, or the stream failed): its
@@ -246,9 +241,9 @@ impl Link {
             }
             Event::Head { stream_id, head } => {
                 if let Some(slot) = self.streams.by_id(stream_id) {
-                    let _ = slot.inbound.send(Inbound::Head(head.clone()));
+                    let _ = slot.inbound.send(Inbound::Head(head));
                 }
-                Some(Event::Head { stream_id, head })
+                None
             }
             Event::End {
                 stream_id,

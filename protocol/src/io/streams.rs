@@ -45,10 +45,9 @@ pub enum SendError {
 
 /// Stream handle → driver. Streams are named by a key unique for the driver's life, never by the stream
 /// id: after a session restart the same id names another stream, and a late command must not reach it.
-#[derive(Debug)]
 pub(super) enum StreamCommand {
     Head(u64, ResponseHead),
-    Data(u64, Bytes, Option<HoldDebug>),
+    Data(u64, Bytes, Option<Hold>),
     End(u64, Vec<HeaderField>),
     /// ERROR after the data already written.
     Error(u64, ErrorPayload),
@@ -57,15 +56,6 @@ pub(super) enum StreamCommand {
     Cancel(u64),
     /// The reader took this many bytes: credit may flow back.
     Release(u64, usize),
-}
-
-/// A [`Hold`] inside a command (`dyn Any` has no useful `Debug`).
-pub(super) struct HoldDebug(pub Hold);
-
-impl std::fmt::Debug for HoldDebug {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Hold")
-    }
 }
 
 /// The receiving half of a stream.
@@ -157,11 +147,6 @@ impl StreamOut {
         self.delivered.load(Ordering::Relaxed)
     }
 
-    /// Whether the stream is gone (nothing sent now would reach the peer).
-    pub fn is_gone(&self) -> bool {
-        self.room.is_closed()
-    }
-
     /// Queues the response head (server side).
     pub fn head(&self, head: ResponseHead) -> Result<(), SendError> {
         self.command(StreamCommand::Head(self.key, head))
@@ -242,7 +227,7 @@ impl Reserved {
         // The room comes back when the writer has written the bytes (`Written::done`).
         permit.forget();
         commands
-            .send(StreamCommand::Data(key, data, hold.map(HoldDebug)))
+            .send(StreamCommand::Data(key, data, hold))
             .map_err(|_| SendError::Gone)
     }
 }
@@ -296,10 +281,6 @@ impl Streams {
             by_id: HashMap::new(),
             commands,
         }
-    }
-
-    pub fn len(&self) -> usize {
-        self.slots.len()
     }
 
     pub fn is_empty(&self) -> bool {
