@@ -240,11 +240,26 @@ async function serveLoopback(route, onError = () => {}, host = '127.0.0.1') {
 
 /**
  * A loopback HTTP server for the tests. Routes: /hello, /echo (method, headers, body back as JSON),
- * /big?bytes=N, /sse?tokens=N&gap=MS, /forever (streams until the client goes away), /redirect?to=URL&status=N, /slowhead?ms=N,
+ * /big?bytes=N, /sse?tokens=N&gap=MS, /sse?tokens=N&step=ID (each token after the previous one is released
+ * with `release(ID)`), /held?step=ID (answers once ID is released), /forever (streams until the client goes away), /redirect?to=URL&status=N, /slowhead?ms=N,
  * /status/N, /setcookie, /gzip. `events` records what the server saw, e.g. that /forever's client left.
  */
 export async function startUpstream({ host = '127.0.0.1' } = {}) {
   const events = [];
+  // Lockstep streams: a test proves a response streams by event order (the next token is sent only once the
+  // previous one reached it), not by timing.
+  const steps = new Map();
+  const gate = (id) => {
+    if (!steps.has(id)) {
+      steps.set(id, { released: 0, waiters: [] });
+    }
+    return steps.get(id);
+  };
+  const release = (id) => {
+    const g = gate(id);
+    g.released += 1;
+    g.waiters.splice(0).forEach((wake) => wake());
+  };
   const route = async (req, res) => {
     const url = new URL(req.url, 'http://upstream');
     const chunks = [];
@@ -297,12 +312,35 @@ export async function startUpstream({ host = '127.0.0.1' } = {}) {
       case '/sse': {
         const tokens = Number(url.searchParams.get('tokens') ?? 5);
         const gap = Number(url.searchParams.get('gap') ?? 200);
+        const step = url.searchParams.get('step');
+        const g = step === null ? null : gate(step);
+        const wakeAll = () => g?.waiters.splice(0).forEach((wake) => wake());
+        res.on('close', wakeAll);
         res.writeHead(200, { 'content-type': 'text/event-stream', 'cache-control': 'no-cache' });
-        for (let i = 0; i < tokens; i++) {
+        for (let i = 0; i < tokens && !res.destroyed; i++) {
           res.write(`data: token-${i}\n\n`);
-          await sleep(gap);
+          if (g === null) {
+            await sleep(gap);
+          } else {
+            while (g.released <= i && !res.destroyed) {
+              await new Promise((wake) => g.waiters.push(wake));
+            }
+          }
         }
         res.end('data: [DONE]\n\n');
+        return;
+      }
+      case '/held': {
+        const g = gate(url.searchParams.get('step'));
+        const wake = () => g.waiters.splice(0).forEach((w) => w());
+        res.on('close', wake);
+        while (g.released < 1 && !res.destroyed) {
+          await new Promise((w) => g.waiters.push(w));
+        }
+        if (!res.destroyed) {
+          res.writeHead(200, { 'content-type': 'text/plain' });
+          res.end('late');
+        }
         return;
       }
       case '/forever': {
@@ -365,7 +403,7 @@ export async function startUpstream({ host = '127.0.0.1' } = {}) {
     (req, error) => events.push({ event: 'error', path: req.url, message: error.message }),
     host,
   );
-  return { ...server, events };
+  return { ...server, events, release };
 }
 
 /** The text the mock LLM streams, one token per event. */

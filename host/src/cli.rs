@@ -733,7 +733,7 @@ fn check(config: Option<PathBuf>, audit: bool, method: String, url: String) -> E
             ExitCode::from(if decision.allow { 0 } else { 1 })
         }
         Err(error) => {
-            eprintln!("pexi: {}: {}", error.code, error.message);
+            eprintln!("pexi: {}: {error}", error.code());
             ExitCode::from(2)
         }
     }

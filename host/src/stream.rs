@@ -123,22 +123,6 @@ pub enum SendFailed {
     Stalled(Duration),
 }
 
-impl SendFailed {
-    /// The stream's error for the guest and the outcome record.
-    pub fn to_error(&self) -> ErrorPayload {
-        match self {
-            SendFailed::Gone => ErrorPayload::new(ErrorCode::Cancelled, "the stream is gone"),
-            SendFailed::Stalled(idle) => ErrorPayload::new(
-                ErrorCode::GuestStalled,
-                format!(
-                    "the guest took no response data for {idle:?} (no flow-control credit, or its transport \
-                     not read); the upstream was released"
-                ),
-            ),
-        }
-    }
-}
-
 pub struct Responder {
     pub(crate) output: StreamOut,
     pub(crate) budget: SessionBudget,

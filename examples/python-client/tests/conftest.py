@@ -103,10 +103,14 @@ def pattern(size: int) -> bytes:
 
 
 class Upstream:
-    """Loopback HTTP server. Routes: /hello, /echo, /big?bytes=N, /sse?tokens=N&gap=MS, /forever?id=X."""
+    """Loopback HTTP server. Routes: /hello, /echo, /big?bytes=N, /sse?tokens=N&gap=MS, /sse?tokens=N&step=ID
+    (each token after the previous one is released with `release(ID)`), /forever?id=X."""
 
     def __init__(self):
         self.events = []
+        # Lockstep streams: a test proves a response streams by event order, not by timing.
+        self.steps: dict[str, threading.Semaphore] = {}
+        self.steps_lock = threading.Lock()
         upstream = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -171,11 +175,18 @@ class Upstream:
                     self.send_header("content-type", "text/event-stream")
                     self.send_header("transfer-encoding", "chunked")
                     self.end_headers()
+                    step = query.get("step")
                     for i in range(int(query.get("tokens", 3))):
                         chunk = f"data: token-{i}\n\n".encode()
                         self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
                         self.wfile.flush()
-                        time.sleep(int(query.get("gap", 100)) / 1000)
+                        if step is None:
+                            time.sleep(int(query.get("gap", 100)) / 1000)
+                        elif not upstream.gate(step).acquire(timeout=20):
+                            # Never released: the token never reached the test. Close without the
+                            # last chunk, so the client sees a cut body.
+                            self.close_connection = True
+                            return
                     self.wfile.write(b"0\r\n\r\n")
                 elif url.path == "/forever":
                     self.send_response(200)
@@ -199,6 +210,14 @@ class Upstream:
         self.base = f"http://127.0.0.1:{self.port}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
+
+    def gate(self, step: str) -> threading.Semaphore:
+        with self.steps_lock:
+            return self.steps.setdefault(step, threading.Semaphore(0))
+
+    def release(self, step: str):
+        """Lets a lockstep /sse send its next token."""
+        self.gate(step).release()
 
     def stop(self):
         self.server.shutdown()

@@ -2,7 +2,6 @@
 //! record and wait until it is durable. Nothing here acts on the decision; a decision that cannot be logged
 //! is an error, so it is never acted on either.
 
-use pexi_protocol::payload::{ErrorCode, ErrorPayload};
 use serde_json::{json, Value};
 
 use super::input::{Asked, PolicyInput};
@@ -28,19 +27,6 @@ pub enum DecideError {
     /// The decision record could not be made durable: the decision is not acted on.
     #[error("the audit log could not be written: {0}")]
     AuditUnavailable(String),
-}
-
-impl From<DecideError> for ErrorPayload {
-    fn from(err: DecideError) -> ErrorPayload {
-        match err {
-            DecideError::AuditUnavailable(_) => ErrorPayload::new(
-                ErrorCode::AuditUnavailable,
-                "the PEP cannot write its audit log, so it acts on no decision until it can; it retries by \
-                 itself",
-            )
-            .retryable(true),
-        }
-    }
 }
 
 /// Decides `hop` with `policy` and returns once its record (named `decision_id`) is durable.

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use pexi_protocol::payload::{MethodCall, ResponseHead};
+use pexi_protocol::payload::{ErrorPayload, MethodCall, ResponseHead};
 
 use super::Pipeline;
 use crate::audit::records::Outcome;
@@ -33,9 +33,11 @@ impl Pipeline {
                     }
                 }
                 Err(error) => {
+                    let logged_decision = error.decision_id().is_some();
+                    let error = ErrorPayload::from(error);
                     // A refusal before any decision (a malformed request, a secret it may not name) is
                     // the stream's outcome; a decision was logged already and needs none.
-                    if error.details.decision_id.is_none() {
+                    if !logged_decision {
                         self.log_outcome(
                             &caller,
                             "pep.policy.check",

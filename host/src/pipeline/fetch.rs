@@ -11,17 +11,17 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Method, StatusCode};
 use pexi_protocol::payload::{
-    ErrorCode, ErrorDetails, ErrorPayload, HeaderField, HttpRequest, HttpResponseHead,
-    RedirectMode, ResponseHead,
+    ErrorCode, ErrorPayload, HeaderField, HttpRequest, HttpResponseHead, RedirectMode, ResponseHead,
 };
 use serde_json::json;
 
+use super::failure::RequestError;
 use super::input::Asked;
 use super::request::Prepared;
 use super::target::Destination;
 use super::upstream::UpstreamError;
 use super::{Caller, Pipeline};
-use crate::stream::{HeadRefused, RequestBody, Responder};
+use crate::stream::{RequestBody, Responder};
 use tokio_util::sync::CancellationToken;
 
 const METHOD: &str = "pep.http.request";
@@ -31,16 +31,16 @@ const NO_DEADLINE_MS: u64 = 100 * 365 * 86_400_000;
 /// Request bodies up to this size are kept so a 307/308 redirect can send them again.
 const REPLAY_LIMIT: usize = 1024 * 1024;
 
-/// How a request ended, for the audit log and the guest.
+/// Why a request ended without its effect, and the hop's decision if one was made.
 struct Failure {
-    error: ErrorPayload,
+    error: RequestError,
     decision_id: Option<String>,
 }
 
-impl From<ErrorPayload> for Failure {
-    fn from(error: ErrorPayload) -> Self {
+impl<E: Into<RequestError>> From<E> for Failure {
+    fn from(error: E) -> Self {
         Failure {
-            error,
+            error: error.into(),
             decision_id: None,
         }
     }
@@ -127,11 +127,9 @@ impl Pipeline {
             }
         };
         let result = tokio::select! {
-            _ = cancel.cancelled() => Err(Failure::from(ErrorPayload::new(ErrorCode::Cancelled, "cancelled"))),
+            _ = cancel.cancelled() => Err(Failure::from(RequestError::Cancelled)),
             result = work => result,
-            _ = deadline => Err(Failure::from(
-                ErrorPayload::new(ErrorCode::UpstreamTimeout, format!("request took longer than {total:?}")).retryable(true),
-            )),
+            _ = deadline => Err(Failure::from(RequestError::Deadline(total))),
         };
         let request_body = BodyDigest {
             bytes: Some(tap.sent.load(Ordering::Relaxed)),
@@ -162,20 +160,21 @@ impl Pipeline {
                 self.log_outcome(&caller, METHOD, Some(&done.decision_id), outcome);
                 responder.end();
             }
-            Err(mut failure) => {
-                if failure.decision_id.is_none() {
-                    failure.decision_id = decided.lock().unwrap_or_else(|p| p.into_inner()).take();
-                }
+            Err(failure) => {
+                let decision_id = failure
+                    .decision_id
+                    .or_else(|| decided.lock().unwrap_or_else(|p| p.into_inner()).take());
+                let mut error = ErrorPayload::from(failure.error);
                 // What the guest got before the end: a stream cut by a shutdown or a reset
                 // still says which status and how many bytes reached it.
                 let progress = responder.progress();
-                let error = match progress.ended_by() {
-                    Some(why) if failure.error.code == ErrorCode::Cancelled => why.as_str(),
-                    _ => failure.error.code.as_str(),
+                let code = match progress.ended_by() {
+                    Some(why) if error.code == ErrorCode::Cancelled => why.as_str(),
+                    _ => error.code.as_str(),
                 };
                 let outcome = Outcome {
-                    error: Some(error.to_string()),
-                    message: Some(failure.error.message.clone()),
+                    error: Some(code.to_string()),
+                    message: Some(error.message.clone()),
                     status: progress.status(),
                     response_body: Some(BodyDigest {
                         bytes_delivered: Some(responder.delivered()),
@@ -185,13 +184,13 @@ impl Pipeline {
                     duration_ms: Some(duration_ms),
                     ..Outcome::default()
                 };
-                self.log_outcome(&caller, METHOD, failure.decision_id.as_deref(), outcome);
+                self.log_outcome(&caller, METHOD, decision_id.as_deref(), outcome);
                 // Whatever ended a request after its decision (a secret it may not use there, an
                 // upstream failure), the guest gets the decision's id to find its audit record.
-                if failure.error.details.decision_id.is_none() {
-                    failure.error.details.decision_id = failure.decision_id;
+                if error.details.decision_id.is_none() {
+                    error.details.decision_id = decision_id;
                 }
-                responder.error(failure.error);
+                responder.error(error);
             }
         }
     }
@@ -211,17 +210,10 @@ impl Pipeline {
             .content_length
             .filter(|n| *n > limits.max_request_bytes)
         {
-            return Err(ErrorPayload::new(
-                ErrorCode::BodyTooLarge,
-                format!(
-                    "request body of {length} bytes exceeds {}",
-                    limits.max_request_bytes
-                ),
-            )
-            .with_details(ErrorDetails {
-                limit: Some(limits.max_request_bytes),
-                ..ErrorDetails::default()
-            })
+            return Err(RequestError::BodyTooLarge {
+                limit: limits.max_request_bytes,
+                length: Some(length),
+            }
             .into());
         }
         let mut guest_body =
@@ -253,7 +245,7 @@ impl Pipeline {
                 .await?;
             let decision_id = logged.decision_id.clone();
             *decided.lock().unwrap_or_else(|p| p.into_inner()) = Some(decision_id.clone());
-            let fail = |error: ErrorPayload| Failure {
+            let fail = |error: RequestError| Failure {
                 error,
                 decision_id: Some(decision_id.clone()),
             };
@@ -291,9 +283,7 @@ impl Pipeline {
                     &prepared.secrets,
                     logged.decision.secrets.as_deref(),
                 )
-                .map_err(|refusal| {
-                    fail(ErrorPayload::new(ErrorCode::SecretNotAllowed, refusal.0))
-                })?;
+                .map_err(|refusal| fail(RequestError::Secret(refusal.0)))?;
             for (names, into) in [
                 (&hop_headers.injected, &mut secrets_injected),
                 (&hop_headers.withheld, &mut secrets_withheld),
@@ -358,23 +348,13 @@ impl Pipeline {
                 match redirect_mode {
                     RedirectMode::Manual => {}
                     RedirectMode::Error => {
-                        return Err(fail(ErrorPayload::new(
-                            ErrorCode::RedirectNotAllowed,
-                            format!("{status} redirect to {location} in redirect mode error"),
-                        )));
+                        return Err(fail(RequestError::RedirectRefused { status, location }));
                     }
                     RedirectMode::Follow => {
                         if hop >= limits.max_redirects {
-                            return Err(fail(
-                                ErrorPayload::new(
-                                    ErrorCode::TooManyRedirects,
-                                    format!("more than {} redirects", limits.max_redirects),
-                                )
-                                .with_details(ErrorDetails {
-                                    limit: Some(u64::from(limits.max_redirects)),
-                                    ..ErrorDetails::default()
-                                }),
-                            ));
+                            return Err(fail(RequestError::TooManyRedirects {
+                                limit: limits.max_redirects,
+                            }));
                         }
                         let next =
                             super::redirect::next_hop(&prepared, status, &location, |name| {
@@ -414,24 +394,9 @@ impl Pipeline {
             } else {
                 head
             };
-            match responder.head(ResponseHead::Http(head)) {
-                Ok(()) => {}
-                Err(HeadRefused::Gone) => {
-                    return Err(fail(ErrorPayload::new(
-                        ErrorCode::Cancelled,
-                        "the stream is gone",
-                    )))
-                }
-                Err(HeadRefused::TooLarge { length, max }) => {
-                    return Err(fail(ErrorPayload::new(
-                        ErrorCode::ResponseTooLarge,
-                        format!(
-                            "the upstream's response headers ({status}) encode to {length} bytes, over the \
-                             {max}-byte frame this session accepts"
-                        ),
-                    )))
-                }
-            }
+            responder
+                .head(ResponseHead::Http(head))
+                .map_err(|refused| fail(RequestError::head_refused(refused, Some(status))))?;
             if switching {
                 let upgraded = response
                     .upgrade()
@@ -482,7 +447,7 @@ impl Pipeline {
         &self,
         mut response: reqwest::Response,
         responder: &Responder,
-    ) -> Result<(u64, String), ErrorPayload> {
+    ) -> Result<(u64, String), RequestError> {
         use sha2::Digest;
         let limits = &self.config.pep.limits;
         let idle = Duration::from_millis(limits.idle_timeout_ms);
@@ -490,13 +455,7 @@ impl Pipeline {
         let mut hash = sha2::Sha256::new();
         loop {
             let chunk = match tokio::time::timeout(idle, response.chunk()).await {
-                Err(_) => {
-                    return Err(ErrorPayload::new(
-                        ErrorCode::UpstreamTimeout,
-                        format!("no response data for {idle:?}"),
-                    )
-                    .retryable(true))
-                }
+                Err(_) => return Err(RequestError::ResponseIdle(idle)),
                 Ok(Err(err)) => return Err(UpstreamError::classify(&err).into()),
                 Ok(Ok(None)) => return Ok((total, hex::encode(hash.finalize()))),
                 Ok(Ok(Some(chunk))) => chunk,
@@ -510,18 +469,11 @@ impl Pipeline {
             };
             total += chunk.len() as u64;
             hash.update(&chunk);
-            if let Err(failed) = responder.data(chunk).await {
-                return Err(failed.to_error());
-            }
+            responder.data(chunk).await?;
             if over {
-                return Err(ErrorPayload::new(
-                    ErrorCode::ResponseTooLarge,
-                    format!("response body exceeds {} bytes", limits.max_response_bytes),
-                )
-                .with_details(ErrorDetails {
-                    limit: Some(limits.max_response_bytes),
-                    ..ErrorDetails::default()
-                }));
+                return Err(RequestError::ResponseTooLarge {
+                    limit: limits.max_response_bytes,
+                });
             }
         }
     }
@@ -538,15 +490,11 @@ fn carries_body(prepared: &Prepared) -> bool {
     }
 }
 
-fn body_too_large(limit: u64) -> ErrorPayload {
-    ErrorPayload::new(
-        ErrorCode::BodyTooLarge,
-        format!("request body exceeds {limit} bytes"),
-    )
-    .with_details(ErrorDetails {
-        limit: Some(limit),
-        ..ErrorDetails::default()
-    })
+fn body_too_large(limit: u64) -> RequestError {
+    RequestError::BodyTooLarge {
+        limit,
+        length: None,
+    }
 }
 
 /// The guest's body as a stream for the first hop: counted against the cap, copied for a possible replay.
@@ -602,17 +550,16 @@ fn body_stream(
     })
 }
 
-fn replayable(tap: &BodyTap) -> Result<Bytes, ErrorPayload> {
+fn replayable(tap: &BodyTap) -> Result<Bytes, RequestError> {
     let mut replay = tap.replay.lock().unwrap_or_else(|p| p.into_inner());
     match (tap.complete.load(Ordering::Relaxed), replay.as_mut()) {
         (true, Some(copy)) => Ok(copy
             .frozen
             .get_or_insert_with(|| Bytes::from(std::mem::take(&mut copy.collected)))
             .clone()),
-        _ => Err(ErrorPayload::new(
-            ErrorCode::RedirectNotAllowed,
-            format!("a 307/308 redirect needs the request body again, and only bodies up to {REPLAY_LIMIT} bytes that were fully sent (and fit the session's buffer budget) are kept"),
-        )),
+        _ => Err(RequestError::NoReplay {
+            limit: REPLAY_LIMIT,
+        }),
     }
 }
 

@@ -3,8 +3,6 @@
 
 use std::net::IpAddr;
 
-use pexi_protocol::payload::{ErrorCode, ErrorDetails, ErrorPayload};
-
 use super::resolve::ResolveError;
 use super::target::Destination;
 use super::Pipeline;
@@ -23,25 +21,6 @@ pub enum GuardError {
         refused: Vec<String>,
         decision_id: String,
     },
-}
-
-impl From<GuardError> for ErrorPayload {
-    fn from(err: GuardError) -> ErrorPayload {
-        match err {
-            GuardError::Resolve(err) => err.into(),
-            GuardError::AllRefused {
-                ref refused,
-                ref decision_id,
-                ..
-            } => ErrorPayload::new(ErrorCode::BlockedAddress, err.to_string()).with_details(
-                ErrorDetails {
-                    reasons: refused.clone(),
-                    decision_id: Some(decision_id.clone()),
-                    ..ErrorDetails::default()
-                },
-            ),
-        }
-    }
 }
 
 impl Pipeline {

@@ -12,11 +12,14 @@
 //!    new hops ([`redirect`] says where, [`fetch`] runs the hop again); an upgraded connection or a tunnel
 //!    then carries bytes both ways (`relay.rs`, [`tunnel`]).
 //!
-//! Each stream's worker starts in `dispatch.rs`. `pep.policy.check` and `pexi check` run steps 1–3 only.
+//! Each stage returns its own typed error; `failure.rs` gathers them in one `RequestError` and converts
+//! that, once, to the wire's `ErrorPayload` where the stream ends. Each stream's worker starts in
+//! `dispatch.rs`. `pep.policy.check` and `pexi check` run steps 1–3 only.
 
 pub mod address;
 mod decide;
 mod dispatch;
+mod failure;
 pub mod fetch;
 mod guard;
 pub mod input;
@@ -30,7 +33,7 @@ pub mod upstream;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use pexi_protocol::payload::{ErrorCode, ErrorDetails, ErrorPayload, HttpRequest, PolicyDecision};
+use pexi_protocol::payload::{HttpRequest, PolicyDecision};
 use serde_json::{json, Value};
 
 use crate::audit::records::{self, AuditRecord};
@@ -38,8 +41,9 @@ use crate::audit::{AuditLog, Redactor};
 use crate::config::Config;
 use crate::policy::{Bundle, Decision, PolicyEngine, PolicyError, PolicyStore};
 use address::AddressGuard;
+use failure::RequestError;
 use input::Asked;
-use request::{prepare, InvalidRequest, Prepared};
+use request::{prepare, Prepared};
 
 pub use crate::stream::Caller;
 
@@ -282,7 +286,7 @@ impl Pipeline {
         &self,
         caller: &Caller,
         request: &HttpRequest,
-    ) -> Result<PolicyDecision, ErrorPayload> {
+    ) -> Result<PolicyDecision, RequestError> {
         let prepared = self.prepare(caller, "pep.policy.check", request)?;
         let logged = self
             .decide(caller, "pep.policy.check", Asked::Http(&prepared), 0, None)
@@ -301,14 +305,12 @@ impl Pipeline {
         _caller: &Caller,
         _method: &str,
         request: &HttpRequest,
-    ) -> Result<Prepared, ErrorPayload> {
-        let mut prepared = prepare(request).map_err(|err: InvalidRequest| {
-            ErrorPayload::new(ErrorCode::InvalidRequest, err.to_string())
-        })?;
+    ) -> Result<Prepared, RequestError> {
+        let mut prepared = prepare(request)?;
         prepared.secrets = self
             .secrets
             .requested(&prepared.headers, &prepared.target.url)
-            .map_err(|refusal| ErrorPayload::new(ErrorCode::SecretNotAllowed, refusal.0))?;
+            .map_err(|refusal| RequestError::Secret(refusal.0))?;
         Ok(prepared)
     }
 
@@ -326,7 +328,7 @@ impl Pipeline {
         asked: Asked<'_>,
         hop: u32,
         previous: Option<&url::Url>,
-    ) -> Result<Logged, ErrorPayload> {
+    ) -> Result<Logged, RequestError> {
         let decision_id = format!(
             "{}-{:08}",
             self.decision_prefix,
@@ -347,18 +349,15 @@ impl Pipeline {
             hop,
         )
         .await
-        .map_err(ErrorPayload::from)
+        .map_err(RequestError::from)
     }
 
     /// The error a denied hop is answered with.
-    pub fn denied(logged: &Logged) -> ErrorPayload {
-        ErrorPayload::new(ErrorCode::PolicyDenied, "request denied by policy").with_details(
-            ErrorDetails {
-                reasons: logged.decision.reasons.clone(),
-                decision_id: Some(logged.decision_id.clone()),
-                ..ErrorDetails::default()
-            },
-        )
+    fn denied(logged: &Logged) -> RequestError {
+        RequestError::Denied {
+            reasons: logged.decision.reasons.clone(),
+            decision_id: logged.decision_id.clone(),
+        }
     }
 
     /// Records how a request ended. Best effort: the effect has already happened or failed.

@@ -2,7 +2,6 @@
 //! Pure: no I/O, no policy (every hop is decided afresh by the caller).
 
 use http::{HeaderName, Method, StatusCode};
-use pexi_protocol::payload::{ErrorCode, ErrorPayload};
 
 use super::request::Prepared;
 use super::target::Target;
@@ -12,12 +11,6 @@ use super::target::Target;
 pub enum RedirectError {
     #[error("redirect Location refused: {0}")]
     Location(String),
-}
-
-impl From<RedirectError> for ErrorPayload {
-    fn from(err: RedirectError) -> ErrorPayload {
-        ErrorPayload::new(ErrorCode::InvalidRequest, err.to_string())
-    }
 }
 
 /// The next hop of a redirect, with the method, body and headers a browser would carry over.
@@ -187,7 +180,10 @@ mod tests {
             matches!(refused, Err(RedirectError::Location(_))),
             "{refused:?}"
         );
-        let payload: ErrorPayload = refused.expect_err("refused").into();
-        assert_eq!(payload.code, ErrorCode::InvalidRequest);
+        let error = crate::pipeline::failure::RequestError::from(refused.expect_err("refused"));
+        assert_eq!(
+            error.code(),
+            pexi_protocol::payload::ErrorCode::InvalidRequest
+        );
     }
 }

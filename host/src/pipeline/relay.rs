@@ -4,11 +4,10 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use bytes::Bytes;
-use pexi_protocol::payload::{ErrorCode, ErrorPayload};
-
+use super::failure::RequestError;
 use super::Pipeline;
 use crate::stream::{RequestBody, Responder};
+use bytes::Bytes;
 
 impl Pipeline {
     /// Carries an upgraded connection's (or a tunnel's) bytes both ways until the upstream closes (after the guest's END
@@ -20,7 +19,7 @@ impl Pipeline {
         upgraded: IO,
         body: Option<RequestBody>,
         responder: &Responder,
-    ) -> Result<(u64, u64), ErrorPayload>
+    ) -> Result<(u64, u64), RequestError>
     where
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send,
     {
@@ -40,16 +39,13 @@ impl Pipeline {
                     let total = sent_up.fetch_add(chunk.len() as u64, Ordering::Relaxed)
                         + chunk.len() as u64;
                     if total > cap {
-                        return Err(ErrorPayload::new(
-                            ErrorCode::BodyTooLarge,
-                            format!("more than {cap} bytes sent on the upgraded connection"),
-                        ));
+                        return Err(RequestError::UpgradedSentTooMuch { cap });
                     }
-                    to_upstream.write_all(&chunk).await.map_err(|err| {
-                        ErrorPayload::new(
-                            ErrorCode::UpstreamConnect,
-                            format!("upstream write: {err}"),
-                        )
+                    to_upstream.write_all(&chunk).await.map_err(|source| {
+                        RequestError::UpgradedIo {
+                            op: "write",
+                            source,
+                        }
                     })?;
                     touch();
                 }
@@ -61,24 +57,22 @@ impl Pipeline {
         let downward = async {
             let mut buffer = vec![0u8; crate::stream::MAX_CHUNK];
             loop {
-                let n = from_upstream.read(&mut buffer).await.map_err(|err| {
-                    ErrorPayload::new(ErrorCode::UpstreamConnect, format!("upstream read: {err}"))
-                })?;
+                let n = from_upstream
+                    .read(&mut buffer)
+                    .await
+                    .map_err(|source| RequestError::UpgradedIo { op: "read", source })?;
                 if n == 0 {
                     return Ok(());
                 }
                 let total = sent_down.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
                 if total > cap {
-                    return Err(ErrorPayload::new(
-                        ErrorCode::ResponseTooLarge,
-                        format!("more than {cap} bytes received on the upgraded connection"),
-                    ));
+                    return Err(RequestError::UpgradedReceivedTooMuch { cap });
                 }
                 touch();
                 responder
                     .data(Bytes::copy_from_slice(&buffer[..n]))
                     .await
-                    .map_err(|failed| failed.to_error())?;
+                    .map_err(RequestError::Send)?;
             }
         };
         let watchdog = async {
@@ -86,10 +80,7 @@ impl Pipeline {
                 tokio::time::sleep(idle.min(Duration::from_secs(1))).await;
                 let last = Duration::from_millis(activity.load(Ordering::Relaxed));
                 if epoch.elapsed().saturating_sub(last) >= idle {
-                    return ErrorPayload::new(
-                        ErrorCode::UpstreamTimeout,
-                        format!("the upgraded connection was idle for {idle:?}"),
-                    );
+                    return RequestError::UpgradedIdle(idle);
                 }
             }
         };

@@ -6,8 +6,6 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use pexi_protocol::payload::{ErrorCode, ErrorPayload};
-
 use super::target::{unmap, CanonicalHost};
 
 /// Why a name has no addresses; answered with `dns_failure`.
@@ -19,13 +17,6 @@ pub enum ResolveError {
     Failed { name: String, message: String },
     #[error("{name} has no addresses")]
     NoAddresses { name: String },
-}
-
-impl From<ResolveError> for ErrorPayload {
-    fn from(err: ResolveError) -> ErrorPayload {
-        let retryable = matches!(err, ResolveError::Timeout { .. });
-        ErrorPayload::new(ErrorCode::DnsFailure, err.to_string()).retryable(retryable)
-    }
 }
 
 pub struct Resolver {

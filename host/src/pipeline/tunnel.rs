@@ -9,9 +9,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use pexi_protocol::payload::{ErrorCode, ErrorPayload, NetConnect, NetConnectHead, ResponseHead};
+use pexi_protocol::payload::{ErrorPayload, NetConnect, NetConnectHead, ResponseHead};
 use tokio_util::sync::CancellationToken;
 
+use super::failure::RequestError;
 use super::input::Asked;
 use super::target::{Destination, Endpoint};
 use super::{Caller, Pipeline};
@@ -33,7 +34,7 @@ impl Pipeline {
         let decided = std::sync::Mutex::new(None::<String>);
         let work = self.tunnel(&caller, &params, body, &responder, &decided);
         let result = tokio::select! {
-            _ = cancel.cancelled() => Err(ErrorPayload::new(ErrorCode::Cancelled, "cancelled")),
+            _ = cancel.cancelled() => Err(RequestError::Cancelled),
             result = work => result,
         };
         let decision_id = decided.lock().unwrap_or_else(|p| p.into_inner()).take();
@@ -57,6 +58,7 @@ impl Pipeline {
                 responder.end();
             }
             Err(error) => {
+                let error = ErrorPayload::from(error);
                 self.log_outcome(
                     &caller,
                     METHOD,
@@ -80,11 +82,10 @@ impl Pipeline {
         body: RequestBody,
         responder: &Responder,
         decided: &std::sync::Mutex<Option<String>>,
-    ) -> Result<(String, u64, u64), ErrorPayload> {
+    ) -> Result<(String, u64, u64), RequestError> {
         // A bare DNS name or IP literal only, canonicalised as an HTTP host is: URL syntax would let the
         // parsed destination differ from the one the guest names and the policy decides.
-        let endpoint = Endpoint::parse(&params.host, params.port)
-            .map_err(|err| ErrorPayload::new(ErrorCode::InvalidRequest, err.to_string()))?;
+        let endpoint = Endpoint::parse(&params.host, params.port)?;
         let logged = self
             .decide(caller, METHOD, Asked::Tcp(&endpoint), 0, None)
             .await?;
@@ -94,8 +95,7 @@ impl Pipeline {
         }
         let addrs = self
             .allowed_addresses(Destination::Tcp(&endpoint), &logged.decision_id)
-            .await
-            .map_err(ErrorPayload::from)?;
+            .await?;
         let timeout = Duration::from_millis(self.config.pep.limits.connect_timeout_ms);
         let mut last_error = String::from("no address");
         let mut stream = None;
@@ -110,12 +110,9 @@ impl Pipeline {
                 Err(_) => last_error = format!("{address}: no answer within {timeout:?}"),
             }
         }
-        let (address, stream) = stream.ok_or_else(|| {
-            ErrorPayload::new(
-                ErrorCode::UpstreamConnect,
-                format!("tunnel to {}: {last_error}", endpoint.host),
-            )
-            .retryable(true)
+        let (address, stream) = stream.ok_or_else(|| RequestError::TunnelConnect {
+            host: endpoint.host.to_string(),
+            last: last_error,
         })?;
         let _ = stream.set_nodelay(true);
         let head = NetConnectHead {
@@ -124,7 +121,7 @@ impl Pipeline {
         };
         responder
             .head(ResponseHead::NetConnect(head))
-            .map_err(|_| ErrorPayload::new(ErrorCode::Cancelled, "the stream is gone"))?;
+            .map_err(|refused| RequestError::head_refused(refused, None))?;
         let (to_upstream, to_guest) = self.relay_upgraded(stream, Some(body), responder).await?;
         Ok((address.to_string(), to_upstream, to_guest))
     }

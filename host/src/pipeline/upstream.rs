@@ -4,8 +4,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use pexi_protocol::payload::{ErrorCode, ErrorPayload};
-
+use super::failure::RequestError;
 use super::resolve::Resolver;
 use super::target::{CanonicalHost, Target};
 use crate::config::Config;
@@ -70,7 +69,7 @@ impl HttpClient {
         &self,
         target: &Target,
         addrs: &[IpAddr],
-    ) -> Result<reqwest::Client, ErrorPayload> {
+    ) -> Result<reqwest::Client, RequestError> {
         let mut sorted = addrs.to_vec();
         sorted.sort();
         sorted.dedup();
@@ -103,7 +102,7 @@ impl HttpClient {
 
     /// A client that can reach `target` only at `addrs`: no system DNS, no environment proxies, no
     /// redirects of its own, certificate verification against the Mozilla roots plus the configured CA.
-    fn build(&self, target: &Target, addrs: &[IpAddr]) -> Result<reqwest::Client, ErrorPayload> {
+    fn build(&self, target: &Target, addrs: &[IpAddr]) -> Result<reqwest::Client, RequestError> {
         let mut builder = reqwest::Client::builder()
             .use_rustls_tls()
             .no_proxy()
@@ -126,7 +125,7 @@ impl HttpClient {
         }
         builder
             .build()
-            .map_err(|err| ErrorPayload::new(ErrorCode::Internal, format!("HTTP client: {err}")))
+            .map_err(|err| RequestError::Client(err.to_string()))
     }
 }
 
@@ -157,20 +156,6 @@ impl UpstreamError {
             UpstreamError::Tls(chain)
         } else {
             UpstreamError::Connect(chain)
-        }
-    }
-}
-
-impl From<UpstreamError> for ErrorPayload {
-    fn from(err: UpstreamError) -> ErrorPayload {
-        match err {
-            UpstreamError::Timeout(chain) => {
-                ErrorPayload::new(ErrorCode::UpstreamTimeout, chain).retryable(true)
-            }
-            UpstreamError::Tls(chain) => ErrorPayload::new(ErrorCode::UpstreamTls, chain),
-            UpstreamError::Connect(chain) => {
-                ErrorPayload::new(ErrorCode::UpstreamConnect, chain).retryable(true)
-            }
         }
     }
 }
