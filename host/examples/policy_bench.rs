@@ -1,26 +1,39 @@
-//! Decision latency of the shipped policy (`policies/pexi/http.rego`) with 10 and with 10 000 allowlist
-//! entries, measured side by side in one run:
+//! Decision latency of the shipped policy (`policies/pexi/http.rego`) with 10, 1 000, 10 000 and 100 000
+//! allowlist entries, measured side by side in one run:
 //!
 //! ```sh
 //! cargo run --release -p pexi-host --example policy_bench
 //! ```
 //!
 //! Each decision is one full evaluation as the PEP makes it per hop (a fresh clone of the prepared engine,
-//! the input converted, the query evaluated, the result checked). Inputs alternate between a host that an
-//! entry allows and one that no entry matches (the deny path walks every entry). Figures depend on the
-//! machine; compare the two rows of one run, not runs on different days.
+//! the input converted, the query evaluated, the result checked). The lists mix exact names (8 in 10),
+//! `*.` wildcards and CIDRs; inputs alternate between a host an exact entry allows, one a wildcard allows,
+//! and one no entry matches. Figures depend on the machine; compare the rows of one run, not runs on
+//! different days.
 
 use std::time::{Duration, Instant};
 
 use pexi_host::policy::entries::Entry;
 use pexi_host::policy::{Bundle, PolicyEngine, PolicyRoot};
 
-fn engine(entries: usize) -> PolicyEngine {
+fn pattern(i: usize) -> String {
+    match i % 10 {
+        8 => format!("*.zone{i}.example{}.test", i % 97),
+        9 => format!("10.{}.{}.0/24", (i / 256) % 256, i % 256),
+        _ => format!("api{i}.example{}.test", i % 97),
+    }
+}
+
+fn engine(entries: usize) -> (PolicyEngine, Duration) {
+    let started = Instant::now();
     let allow: Vec<Entry> = (0..entries)
-        .map(|i| Entry::host(&format!("api{i}.example{}.test", i % 97)).expect("valid pattern"))
+        .map(|i| Entry::host(&pattern(i)).expect("valid pattern"))
         .collect();
     let bundle = Bundle::load(&PolicyRoot::Embedded, &allow, &[]).expect("bundle");
-    PolicyEngine::load(&bundle, "data.pexi.http.decision", 60_000).expect("policy loads")
+    let policy =
+        PolicyEngine::load(&bundle, "data.pexi.http.decision", 60_000).expect("policy loads");
+    assert!(policy.compiled(), "decisions must run on the bytecode VM");
+    (policy, started.elapsed())
 }
 
 fn input(host: &str) -> serde_json::Value {
@@ -40,26 +53,32 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[index]
 }
 
-fn measure(entries: usize, decisions: usize) -> (Duration, Duration, Duration) {
-    let policy = engine(entries);
-    let allowed = input(&format!(
-        "api{}.example{}.test",
-        entries / 2,
-        (entries / 2) % 97
-    ));
-    let denied = input("unlisted.example.net");
+fn measure(entries: usize, decisions: usize) -> (Duration, Duration, Duration, Duration) {
+    let (policy, load) = engine(entries);
+    let exact = entries / 2 / 10 * 10;
+    let wildcard = exact + 8;
+    let docs = [
+        (
+            input(&format!("api{exact}.example{}.test", exact % 97)),
+            true,
+        ),
+        (
+            input(&format!("a.b.zone{wildcard}.example{}.test", wildcard % 97)),
+            true,
+        ),
+        (input("unlisted.example.net"), false),
+    ];
     // Warm up: first evaluations pay one-time costs.
-    for _ in 0..3 {
-        assert!(policy.decide(&allowed).allow);
-        assert!(!policy.decide(&denied).allow);
+    for (doc, allow) in &docs {
+        assert_eq!(policy.decide(doc).allow, *allow);
     }
     let mut times = Vec::with_capacity(decisions);
     for i in 0..decisions {
-        let doc = if i % 2 == 0 { &allowed } else { &denied };
+        let (doc, allow) = &docs[i % docs.len()];
         let start = Instant::now();
         let decision = policy.decide(doc);
         times.push(start.elapsed());
-        assert_eq!(decision.allow, i % 2 == 0, "{decision:?}");
+        assert_eq!(decision.allow, *allow, "{decision:?}");
     }
     times.sort();
     let total: Duration = times.iter().sum();
@@ -67,27 +86,43 @@ fn measure(entries: usize, decisions: usize) -> (Duration, Duration, Duration) {
         percentile(&times, 0.5),
         percentile(&times, 0.99),
         total / decisions as u32,
+        load,
     )
 }
 
 fn main() {
-    let runs = [(10, 2_000), (10_000, 60)];
+    // `policy_bench 10 100000` measures only those sizes (for a profiler); by default all four.
+    let sizes: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    let sizes = if sizes.is_empty() {
+        vec![10, 1_000, 10_000, 100_000]
+    } else {
+        sizes
+    };
+    let decisions = if sizes.len() == 1 { 100_000 } else { 3_000 };
+    let runs: Vec<(usize, usize)> = sizes.iter().map(|&n| (n, decisions)).collect();
     println!("policy decision latency, shipped policy, one thread");
     println!(
-        "{:>8} {:>10} {:>12} {:>12} {:>12}",
-        "entries", "decisions", "p50", "p99", "mean"
+        "{:>8} {:>10} {:>12} {:>12} {:>12} {:>12}",
+        "entries", "decisions", "p50", "p99", "mean", "load"
     );
     let mut p50s = Vec::new();
     for (entries, decisions) in runs {
-        let (p50, p99, mean) = measure(entries, decisions);
+        let (p50, p99, mean, load) = measure(entries, decisions);
         p50s.push(p50);
         println!(
-            "{entries:>8} {decisions:>10} {:>12.3?} {:>12.3?} {:>12.3?}",
-            p50, p99, mean
+            "{entries:>8} {decisions:>10} {:>12.3?} {:>12.3?} {:>12.3?} {:>12.3?}",
+            p50, p99, mean, load
         );
     }
-    println!(
-        "p50 ratio 10000/10 entries: {:.1}x",
-        p50s[1].as_secs_f64() / p50s[0].as_secs_f64()
-    );
+    if let (Some(first), Some(last)) = (p50s.first(), p50s.last()) {
+        println!(
+            "p50 ratio {}/{} entries: {:.2}x",
+            sizes[sizes.len() - 1],
+            sizes[0],
+            last.as_secs_f64() / first.as_secs_f64()
+        );
+    }
 }

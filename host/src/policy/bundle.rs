@@ -43,7 +43,7 @@ pub struct Bundle {
     pub modules: Vec<(String, String)>,
     /// `*_test.rego` files: run before a bundle may serve.
     pub tests: Vec<(String, String)>,
-    /// `{"pexi": {"allow": [...], "deny": [...]}}`.
+    /// `{"pexi": {"allow": [...], "deny": [...], "index": {...}}}` (the index: `index.rs`).
     pub data: serde_json::Value,
     /// `sha256:` and the hex digest of every file and the merged data.
     pub revision: String,
@@ -110,7 +110,8 @@ impl Bundle {
                 ),
             });
         }
-        let data = serde_json::json!({"pexi": {"allow": allow, "deny": deny}});
+        let index = super::index::build(&allow, &deny);
+        let data = serde_json::json!({"pexi": {"allow": allow, "deny": deny, "index": index}});
         let mut hash = Sha256::new();
         for (name, text) in modules.iter().chain(&tests) {
             hash.update(name.as_bytes());

@@ -14,6 +14,7 @@
 
 mod bundle;
 pub mod entries;
+mod index;
 mod testing;
 
 use std::sync::{Arc, Mutex, RwLock};
@@ -101,9 +102,45 @@ pub fn compile(bundle: &Bundle, timeout_ms: u64) -> Result<regorus::Engine, Poli
         }
     }
     engine
-        .add_data(regorus::Value::from_json_str(&bundle.data.to_string()).map_err(data_error)?)
+        .add_data(engine_data(bundle).map_err(data_error)?)
         .map_err(data_error)?;
     Ok(engine)
+}
+
+/// The bundle's data as the engines hold it, with `data.pexi.index.lists` sharing the very arrays of
+/// `data.pexi.allow` and `data.pexi.deny`: the policy serves from the index only when it was built from the
+/// lists it decides on, and comparing shared arrays is a pointer comparison, not a walk of every entry.
+/// Data without the lists and their index (a bundle of other policy) is left as it is.
+fn engine_data(bundle: &Bundle) -> Result<regorus::Value, String> {
+    let mut data = regorus::Value::from(bundle.data.clone());
+    let key = |name: &str| regorus::Value::from(name);
+    let field = |value: &regorus::Value, name: &str| -> Option<regorus::Value> {
+        value.as_object().ok()?.get(&key(name)).cloned()
+    };
+    let Some(mut pexi) = field(&data, "pexi") else {
+        return Ok(data);
+    };
+    let (Some(allow), Some(deny), Some(mut index)) = (
+        field(&pexi, "allow"),
+        field(&pexi, "deny"),
+        field(&pexi, "index"),
+    ) else {
+        return Ok(data);
+    };
+    let lists: regorus::value::Object = [(key("allow"), allow), (key("deny"), deny)]
+        .into_iter()
+        .collect();
+    index
+        .as_object_mut()
+        .map_err(|err| err.to_string())?
+        .insert(key("lists"), regorus::Value::from(lists));
+    pexi.as_object_mut()
+        .map_err(|err| err.to_string())?
+        .insert(key("index"), index);
+    data.as_object_mut()
+        .map_err(|err| err.to_string())?
+        .insert(key("pexi"), pexi);
+    Ok(data)
 }
 
 /// A request every bundle must be able to decide (allow or deny) before it may serve.
@@ -196,7 +233,7 @@ impl PolicyEngine {
         .map_err(|err| format!("bytecode compiler: {err:?}"))?;
         let compiled = Compiled {
             program,
-            data: regorus::Value::from(bundle.data.clone()),
+            data: engine_data(bundle)?,
             idle: Mutex::new(Vec::new()),
         };
         for input in probe_inputs(bundle) {
