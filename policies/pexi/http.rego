@@ -21,8 +21,8 @@
 # Name patterns never match IP-literal hosts, and IP patterns never match names.
 #
 # Entries are found by key, not by walking the lists, so a decision costs the same with 10 entries or
-# 100 000: `data.pexi.index` groups each list's entries by host pattern (exact name, `*.parent`,
-# `**.parent`) and by network (the bits of a CIDR's prefix). The PEP builds it when the bundle loads;
+# 100 000: `data.pexi.index` groups each list's entries by the name their pattern is about
+# (`*.example.com` and `**.example.com` under example.com) and by network (the bits of a CIDR's prefix). The PEP builds it when the bundle loads;
 # for any other lists (tests that set them with `with`, a bare `opa eval`), `index_of` builds the same.
 #
 # Extension point: a module in its own package under pexi.rules (e.g. `package pexi.rules.uploads`) may
@@ -79,39 +79,36 @@ index := data.pexi.index if {
 	data.pexi.index.lists == {"allow": allow_entries, "deny": deny_entries}
 } else := index_of(allow_entries, deny_entries)
 
-# The entries of each list whose host pattern can match this request's host: looked up, one key per
-# label of the name (or per prefix length in use, for an IP), then checked with host_matches as before.
+# The entries of each list whose host pattern matches this request's host, looked up: one key per label of
+# the name (or per prefix length in use, for an IP). What is found matches the host, so the other fields
+# are all that is left to check.
 allow_candidates := candidates(index.allow)
 
 deny_candidates := candidates(index.deny)
 
 candidates(list) := [entry |
-	some key in name_keys
-	some entry in object.get(list.hosts, key, [])
+	some name in host_and_parents
+	some entry in list.hosts[name]
+	wildcard := trim_suffix(lower(entry.host), name)
+	wildcard in {true: {"", "**."}, false: {"*.", "**."}}[name == req.host]
 ] if req.host_kind == "dns"
 
 candidates(list) := [entry |
 	some length in object.get(list.lengths, family, [])
-	some entry in object.get(list.networks, substring(bits, 0, length + 2), [])
+	some entry in list.networks[substring(bits, 0, length + 2)]
 ] if {
 	req.host_kind != "dns"
 	bits := ip_bits(req.host)
 	family := substring(bits, 0, 2)
 }
 
-# For a.b.example.com: a.b.example.com, **.a.b.example.com, then *. and **. of b.example.com,
-# example.com and com — every pattern that could match it.
-name_keys contains req.host
-
-name_keys contains concat("", ["**.", req.host])
-
-name_keys contains concat("", [wildcard, parent]) if {
-	labels := split(req.host, ".")
-	count(labels) > 1
-	some i in numbers.range(1, count(labels) - 1)
-	parent := concat(".", array.slice(labels, i, count(labels)))
-	some wildcard in ["*.", "**."]
-}
+# For a.b.example.com: itself, b.example.com, example.com and com. Entries are filed under the name their
+# pattern is about (`*.example.com` under example.com); under the host itself, exact names and `**.`
+# patterns match, under a parent `*.` and `**.` ones.
+host_and_parents := array.concat(
+	[req.host],
+	[substring(req.host, dot + 1, -1) | some dot in indexof_n(req.host, ".")],
+)
 
 # pep.net.connect asks for an opaque tunnel; only tunnel entries allow one, and they allow nothing else.
 tunnel_request if input.method == "pep.net.connect"
@@ -120,29 +117,22 @@ allowed_by contains entry.host if {
 	not tunnel_request
 	some entry in allow_candidates
 	not entry.tunnel
-	host_matches(entry.host)
-	scheme_ok(entry)
-	port_ok(entry)
-	method_ok(entry)
-	path_ok(entry)
-	upgrade_ok(entry)
+	count(refusals(entry)) == 0
 }
 
 allowed_by contains entry.host if {
 	tunnel_request
 	some entry in allow_candidates
 	entry.tunnel
-	host_matches(entry.host)
 	req.port in object.get(entry, "ports", [443])
 }
 
 denied_by contains entry.host if {
 	some entry in deny_candidates
-	host_matches(entry.host)
 	req.scheme in object.get(entry, "schemes", [req.scheme])
 	req.port in object.get(entry, "ports", [req.port])
 	req.method in object.get(entry, "methods", [req.method])
-	path_ok(entry)
+	path_allowed(entry)
 }
 
 reasons := sort(denials) if {
@@ -156,74 +146,57 @@ reasons := sort(denials) if {
 } else := sort(field_misses)
 
 # Entries whose host matches but that refuse something else: say what.
-host_entries := [entry | some entry in allow_candidates; host_matches(entry.host)]
+host_entries := allow_candidates
 
 field_misses contains sprintf("%s is a tunnel-only destination (pep.net.connect)", [req.host]) if {
 	some entry in host_entries
 	entry.tunnel
 }
 
-field_misses contains sprintf("scheme %s not allowed for %s", [req.scheme, req.host]) if {
+field_misses contains refusal_reason(field) if {
 	some entry in host_entries
 	not entry.tunnel
-	not scheme_ok(entry)
+	some field in refusals(entry)
 }
 
-field_misses contains sprintf("port %d not allowed for %s", [req.port, req.host]) if {
-	some entry in host_entries
-	not entry.tunnel
-	not port_ok(entry)
+# The fields of an HTTP entry that refuse this request: none when the entry allows it. All five are checked
+# in one place, for the allow and for the reasons alike.
+refusals(entry) := {field |
+	some field, allowed in {
+		"scheme": req.scheme in object.get(entry, "schemes", ["http", "https"]),
+		"port": req.port in object.get(entry, "ports", [object.get({"https": 443, "http": 80}, req.scheme, 0)]),
+		"method": req.method in object.get(entry, "methods", any_method),
+		"path": path_allowed(entry),
+		# An upgrade (WebSocket) carries bytes both ways past what methods and paths describe: only an
+		# entry that lists the protocol in `upgrade` allows it.
+		"upgrade": object.get(req, "upgrade", null) in array.concat([null], object.get(entry, "upgrade", [])),
+	}
+	allowed == false
 }
 
-field_misses contains sprintf("method %s not allowed for %s", [req.method, req.host]) if {
-	some entry in host_entries
-	not entry.tunnel
-	not method_ok(entry)
-}
+refusal_reason("scheme") := sprintf("scheme %s not allowed for %s", [req.scheme, req.host])
 
-field_misses contains sprintf("path %s not allowed for %s", [req.path, req.host]) if {
-	some entry in host_entries
-	not entry.tunnel
-	not path_ok(entry)
-}
+refusal_reason("port") := sprintf("port %d not allowed for %s", [req.port, req.host])
 
-field_misses contains sprintf("upgrade to %s not allowed for %s (an allow entry lists it in upgrade)", [req.upgrade, req.host]) if {
-	some entry in host_entries
-	not entry.tunnel
-	not upgrade_ok(entry)
-}
+refusal_reason("method") := sprintf("method %s not allowed for %s", [req.method, req.host])
 
-default_port := 443 if req.scheme == "https"
+refusal_reason("path") := sprintf("path %s not allowed for %s", [req.path, req.host])
 
-default_port := 80 if req.scheme == "http"
-
-scheme_ok(entry) if req.scheme in object.get(entry, "schemes", ["http", "https"])
-
-port_ok(entry) if req.port in object.get(entry, "ports", [default_port])
+refusal_reason("upgrade") := sprintf(
+	"upgrade to %s not allowed for %s (an allow entry lists it in upgrade)",
+	[req.upgrade, req.host],
+)
 
 # An entry without `methods` allows any method but these: TRACE (and IIS's TRACK) make an upstream send the
 # request back, headers and all, and CONNECT hands the connection over. An entry that names them allows them.
-echoing_methods := {"TRACE", "TRACK", "CONNECT"}
+any_method := [req.method] if {
+	not upper(req.method) in {"TRACE", "TRACK", "CONNECT"}
+} else := []
 
-# An upgrade (WebSocket) carries bytes both ways past what methods and paths describe: only an entry that
-# lists the protocol in `upgrade` allows it.
-upgrade_ok(_) if object.get(req, "upgrade", null) == null
-
-upgrade_ok(entry) if req.upgrade in object.get(entry, "upgrade", [])
-
-method_ok(entry) if req.method in entry.methods
-
-method_ok(entry) if {
-	not entry.methods
-	not upper(req.method) in echoing_methods
-}
-
-path_ok(entry) if not entry.paths
-
-path_ok(entry) if {
-	some prefix in entry.paths
-	path_has_prefix(prefix)
-}
+# Without `paths`, any path; with them, a path under one of the prefixes.
+path_allowed(entry) := true if {
+	not entry.paths
+} else := count([prefix | some prefix in entry.paths; path_has_prefix(prefix)]) > 0
 
 path_has_prefix(prefix) if req.path == prefix
 
@@ -239,41 +212,6 @@ path_has_prefix(prefix) if {
 
 # Host patterns.
 
-host_matches(pattern) if {
-	req.host_kind == "dns"
-	p := lower(pattern)
-	not startswith(p, "*")
-	not is_ip_pattern(p)
-	req.host == p
-}
-
-host_matches(pattern) if {
-	req.host_kind == "dns"
-	p := lower(pattern)
-	startswith(p, "*.")
-	endswith(req.host, substring(p, 1, -1))
-}
-
-host_matches(pattern) if {
-	req.host_kind == "dns"
-	p := lower(pattern)
-	startswith(p, "**.")
-	req.host == substring(p, 3, -1)
-}
-
-host_matches(pattern) if {
-	req.host_kind == "dns"
-	p := lower(pattern)
-	startswith(p, "**.")
-	endswith(req.host, substring(p, 2, -1))
-}
-
-host_matches(pattern) if {
-	req.host_kind != "dns"
-	is_ip_pattern(lower(pattern))
-	net.cidr_contains(as_cidr(lower(pattern)), req.host)
-}
-
 is_ip_pattern(p) if contains(p, ":")
 
 # Digits, dots and slashes only: an IPv4 address or CIDR. Trimming that cutset leaves nothing. (It was
@@ -281,18 +219,6 @@ is_ip_pattern(p) if contains(p, ":")
 is_ip_pattern(p) if {
 	p != ""
 	trim(p, "0123456789./") == ""
-}
-
-as_cidr(p) := p if contains(p, "/")
-
-as_cidr(p) := concat("", [p, "/128"]) if {
-	not contains(p, "/")
-	contains(p, ":")
-}
-
-as_cidr(p) := concat("", [p, "/32"]) if {
-	not contains(p, "/")
-	not contains(p, ":")
 }
 
 # The index: each list's entries grouped by the key a request's host looks up.
@@ -316,7 +242,11 @@ list_index(entries) := {
 # [key, entry] pairs as {key: [entry, ...]}, entries in list order.
 grouped(pairs) := {key: [pair[1] | some pair in pairs; pair[0] == key] | some [key, _] in pairs}
 
-name_key(pattern) := lower(pattern) if not is_ip_pattern(lower(pattern))
+# The name a pattern is about: `*.example.com` and `**.example.com` are filed under example.com.
+name_key(pattern) := trim_prefix(trim_prefix(p, "**."), "*.") if {
+	p := lower(pattern)
+	not is_ip_pattern(p)
+}
 
 # The network's bits: "4:" or "6:", then as many bits as the prefix is long.
 network_key(pattern) := substring(ip_bits(address), 0, length + 2) if {

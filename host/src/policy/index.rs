@@ -1,4 +1,5 @@
-//! `data.pexi.index`: the allow and deny entries grouped by the key a request's host looks up, built once
+//! `data.pexi.index`: the allow and deny entries grouped by the key a request's host looks up (the name a
+//! pattern is about, `*.example.com` under example.com; the prefix bits of an IP or CIDR), built once
 //! when a bundle loads, so the shipped policy finds the entries that can match a host in as many lookups as
 //! the name has labels (or as there are prefix lengths in use, for an IP) instead of walking every entry.
 //!
@@ -35,10 +36,14 @@ fn list(entries: &[Entry]) -> Value {
                 }
                 networks.entry(key).or_default().push(value);
             }
-            None => hosts
-                .entry(entry.host.as_str().to_ascii_lowercase())
-                .or_default()
-                .push(value),
+            None => {
+                let pattern = entry.host.as_str().to_ascii_lowercase();
+                let name = pattern
+                    .strip_prefix("**.")
+                    .or_else(|| pattern.strip_prefix("*."))
+                    .unwrap_or(&pattern);
+                hosts.entry(name.to_string()).or_default().push(value)
+            }
         }
     }
     json!({"hosts": hosts, "networks": networks, "lengths": lengths})
@@ -89,7 +94,7 @@ mod tests {
             allow["hosts"]["api.example.com"].as_array().map(Vec::len),
             Some(2)
         );
-        assert_eq!(allow["hosts"]["*.example.com"][0]["host"], "*.example.com");
+        assert_eq!(allow["hosts"]["example.com"][0]["host"], "*.example.com");
         assert_eq!(allow["networks"]["4:00001010"][0]["host"], "10.0.0.0/8");
         let loopback = format!("6:{}1", "0".repeat(127));
         assert_eq!(allow["networks"][&loopback][0]["host"], "::1");
