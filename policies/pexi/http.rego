@@ -276,13 +276,13 @@ ip_bits(ip) := concat("", ["4:", ipv4_bits(ip)]) if not contains(ip, ":")
 
 ip_bits(ip) := concat("", ["6:", ipv6_bits(lower(ip))]) if contains(ip, ":")
 
-ipv4_bits(ip) := concat("", [octet_bits(to_number(octet)) | some octet in split(ip, ".")])
-
-octet_bits(n) := concat("", [bit(n, i) | some i in [7, 6, 5, 4, 3, 2, 1, 0]])
-
-bit(n, i) := "1" if bits.and(bits.rsh(n, i), 1) == 1
-
-bit(n, i) := "0" if bits.and(bits.rsh(n, i), 1) == 0
+# The address as one number, written in base 2 and padded to 32 digits.
+ipv4_bits(ip) := concat("", [substring("00000000000000000000000000000000", 0, 32 - count(digits)), digits]) if {
+	o := split(ip, ".")
+	count(o) == 4
+	n := ((to_number(o[0]) * 256 + to_number(o[1])) * 256 + to_number(o[2])) * 256 + to_number(o[3])
+	digits := format_int(n, 2)
+}
 
 ipv6_bits(ip) := groups_bits(ip) if not contains(ip, "::")
 

@@ -211,6 +211,37 @@ impl Drop for Tinyproxy {
     }
 }
 
+/// CPU time (user + system, all threads, live or ended) a process has used so far, from `/proc/PID/stat`
+/// in clock ticks (10 ms here): summed over many requests, it is what a proxy costs per request, a figure
+/// that moves far less with the machine's other load than latency does.
+fn cpu_time(pid: u32) -> Duration {
+    static TICK: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    let tick = *TICK.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+            })
+            .unwrap_or(100.0)
+    });
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): state is the 3rd field, utime the 14th.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks: u64 = fields
+        .get(11..13)
+        .map(|t| t.iter().filter_map(|v| v.parse::<u64>().ok()).sum())
+        .unwrap_or(0);
+    Duration::from_secs_f64(ticks as f64 / tick)
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -277,6 +308,14 @@ async fn run(
         pexi: Client::new(Endpoint::Unix(pep.socket.clone())),
         pexi_nosync: Client::new(Endpoint::Unix(nosync.socket.clone())),
     });
+    // The proxy process each mode goes through, whose CPU time is measured.
+    let proxy_pid = |mode: Mode| match mode {
+        Mode::Direct => None,
+        Mode::Pexi => Some(pep.child.id()),
+        Mode::PexiNoSync => Some(nosync.child.id()),
+        Mode::Tinyproxy => tinyproxy.map(|t| t.child.id()),
+    };
+    let cpu_of = |mode: Mode| proxy_pid(mode).map(cpu_time).unwrap_or_default();
     let mut modes = vec![Mode::Direct, Mode::Pexi, Mode::PexiNoSync];
     if tinyproxy.is_some() {
         modes.push(Mode::Tinyproxy);
@@ -295,8 +334,10 @@ async fn run(
 
     // 1. Small requests, one at a time, keep-alive.
     let mut latencies: Vec<Vec<Duration>> = vec![Vec::new(); modes.len()];
+    let mut cpu: Vec<Duration> = vec![Duration::ZERO; modes.len()];
     for _ in 0..ROUNDS {
         for (i, &mode) in modes.iter().enumerate() {
+            let cpu_before = cpu_of(mode);
             for n in 0..PER_ROUND {
                 let start = Instant::now();
                 // A stall is a finding (this caught a connection-credit leak), not a figure.
@@ -308,15 +349,17 @@ async fn run(
                 }
                 latencies[i].push(start.elapsed());
             }
+            cpu[i] += cpu_of(mode).saturating_sub(cpu_before);
         }
     }
+    let per_request = |cpu: Duration, requests: usize| micros(cpu) / requests as f64;
     println!(
         "\n1. {SMALL}-byte responses, sequential, keep-alive ({} requests per mode)",
         ROUNDS * PER_ROUND
     );
     println!(
-        "   {:<10} {:>10} {:>10} {:>16}",
-        "mode", "p50 µs", "p99 µs", "p50 over direct"
+        "   {:<10} {:>10} {:>10} {:>16} {:>18}",
+        "mode", "p50 µs", "p99 µs", "p50 over direct", "proxy CPU µs/req"
     );
     let mut p50 = Vec::new();
     for (i, &mode) in modes.iter().enumerate() {
@@ -326,12 +369,17 @@ async fn run(
             percentile(&latencies[i], 0.99),
         );
         p50.push(micros(a));
+        let cpu = match proxy_pid(mode) {
+            Some(_) => format!("{:.0}", per_request(cpu[i], ROUNDS * PER_ROUND)),
+            None => "-".into(),
+        };
         println!(
-            "   {:<10} {:>10.1} {:>10.1} {:>16.1}",
+            "   {:<10} {:>10.1} {:>10.1} {:>16.1} {:>18}",
             mode.name(),
             micros(a),
             micros(b),
-            micros(a) - p50[0]
+            micros(a) - p50[0],
+            cpu
         );
     }
     let pexi_overhead = p50[1] - p50[0];
@@ -345,12 +393,20 @@ async fn run(
             "   pexi adds {pexi_overhead:.1} µs, tinyproxy {tiny_overhead:.1} µs: pexi's overhead is {:.2}× tinyproxy's",
             pexi_overhead / tiny_overhead
         );
+        println!(
+            "   CPU per request: the PEP {:.0} µs, tinyproxy {:.0} µs: {:.2}× tinyproxy's (pexi-nosync {:.2}×)",
+            per_request(cpu[1], ROUNDS * PER_ROUND),
+            per_request(cpu[3], ROUNDS * PER_ROUND),
+            cpu[1].as_secs_f64() / cpu[3].as_secs_f64().max(1e-9),
+            cpu[2].as_secs_f64() / cpu[3].as_secs_f64().max(1e-9),
+        );
     }
 
     // 2. Throughput: 64 concurrent requesters, pexi over one session.
     println!("\n2. {CONCURRENCY} concurrent requesters × {PER_TASK} requests of {SMALL} bytes");
     let mut rates = Vec::new();
     for &mode in &modes {
+        let cpu_before = cpu_of(mode);
         let start = Instant::now();
         let tasks: Vec<_> = (0..CONCURRENCY)
             .map(|_| {
@@ -367,12 +423,29 @@ async fn run(
             task.await.expect("task");
         }
         let rate = (CONCURRENCY * PER_TASK) as f64 / start.elapsed().as_secs_f64();
+        let cpu = match proxy_pid(mode) {
+            Some(_) => format!(
+                ", proxy CPU {:.0} µs/req",
+                per_request(
+                    cpu_of(mode).saturating_sub(cpu_before),
+                    CONCURRENCY * PER_TASK
+                )
+            ),
+            None => String::new(),
+        };
         rates.push(rate);
         println!(
-            "   {:<10} {:>10.0} requests/s {:>8.0}% of direct",
+            "   {:<10} {:>10.0} requests/s {:>8.0}% of direct{cpu}",
             mode.name(),
             rate,
             100.0 * rate / rates[0]
+        );
+    }
+    if let Some(tiny) = rates.get(3) {
+        println!(
+            "   pexi's throughput is {:.2}× tinyproxy's, {:.0}% of direct",
+            rates[1] / tiny,
+            100.0 * rates[1] / rates[0]
         );
     }
 
