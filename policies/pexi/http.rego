@@ -84,7 +84,10 @@ index := data.pexi.index if {
 # are all that is left to check.
 allow_candidates := candidates(index.allow)
 
-deny_candidates := candidates(index.deny)
+# Most deployments list nothing to deny: then there is nothing to look up.
+deny_candidates := candidates(index.deny) if {
+	count(deny_entries) > 0
+} else := []
 
 candidates(list) := [entry |
 	some name in host_and_parents
@@ -94,13 +97,12 @@ candidates(list) := [entry |
 ] if req.host_kind == "dns"
 
 candidates(list) := [entry |
-	some length in object.get(list.lengths, family, [])
-	some entry in list.networks[substring(bits, 0, length + 2)]
-] if {
-	req.host_kind != "dns"
-	bits := ip_bits(req.host)
-	family := substring(bits, 0, 2)
-}
+	some length in object.get(list.lengths, substring(request_bits, 0, 2), [])
+	some entry in list.networks[substring(request_bits, 0, length + 2)]
+] if req.host_kind != "dns"
+
+# Computed once for both lists.
+request_bits := ip_bits(req.host) if req.host_kind != "dns"
 
 # For a.b.example.com: itself, b.example.com, example.com and com. Entries are filed under the name their
 # pattern is about (`*.example.com` under example.com); under the host itself, exact names and `**.`
@@ -117,7 +119,11 @@ allowed_by contains entry.host if {
 	not tunnel_request
 	some entry in allow_candidates
 	not entry.tunnel
-	count(refusals(entry)) == 0
+	scheme_ok(entry)
+	port_ok(entry)
+	method_ok(entry)
+	path_ok(entry)
+	upgrade_ok(entry)
 }
 
 allowed_by contains entry.host if {
@@ -132,7 +138,7 @@ denied_by contains entry.host if {
 	req.scheme in object.get(entry, "schemes", [req.scheme])
 	req.port in object.get(entry, "ports", [req.port])
 	req.method in object.get(entry, "methods", [req.method])
-	path_allowed(entry)
+	path_ok(entry)
 }
 
 reasons := sort(denials) if {
@@ -159,20 +165,28 @@ field_misses contains refusal_reason(field) if {
 	some field in refusals(entry)
 }
 
-# The fields of an HTTP entry that refuse this request: none when the entry allows it. All five are checked
-# in one place, for the allow and for the reasons alike.
+# The fields of an HTTP entry that refuse this request (for the reasons; the allow checks the same).
 refusals(entry) := {field |
 	some field, allowed in {
-		"scheme": req.scheme in object.get(entry, "schemes", ["http", "https"]),
-		"port": req.port in object.get(entry, "ports", [object.get({"https": 443, "http": 80}, req.scheme, 0)]),
-		"method": req.method in object.get(entry, "methods", any_method),
-		"path": path_allowed(entry),
-		# An upgrade (WebSocket) carries bytes both ways past what methods and paths describe: only an
-		# entry that lists the protocol in `upgrade` allows it.
-		"upgrade": object.get(req, "upgrade", null) in array.concat([null], object.get(entry, "upgrade", [])),
+		"scheme": scheme_ok(entry),
+		"port": port_ok(entry),
+		"method": method_ok(entry),
+		"path": path_ok(entry),
+		"upgrade": upgrade_ok(entry),
 	}
 	allowed == false
 }
+
+# Each is true or false (never undefined), so a check reads the same in a body and as a value.
+scheme_ok(entry) := req.scheme in object.get(entry, "schemes", ["http", "https"])
+
+port_ok(entry) := req.port in object.get(entry, "ports", [object.get({"https": 443, "http": 80}, req.scheme, 0)])
+
+method_ok(entry) := req.method in object.get(entry, "methods", any_method)
+
+# An upgrade (WebSocket) carries bytes both ways past what methods and paths describe: only an entry that
+# lists the protocol in `upgrade` allows it.
+upgrade_ok(entry) := object.get(req, "upgrade", null) in array.concat([null], object.get(entry, "upgrade", []))
 
 refusal_reason("scheme") := sprintf("scheme %s not allowed for %s", [req.scheme, req.host])
 
@@ -194,7 +208,7 @@ any_method := [req.method] if {
 } else := []
 
 # Without `paths`, any path; with them, a path under one of the prefixes.
-path_allowed(entry) := true if {
+path_ok(entry) := true if {
 	not entry.paths
 } else := count([prefix | some prefix in entry.paths; path_has_prefix(prefix)]) > 0
 
