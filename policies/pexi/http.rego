@@ -22,8 +22,9 @@
 #
 # Entries are found by key, not by walking the lists, so a decision costs the same with 10 entries or
 # 100 000: `data.pexi.index` groups each list's entries by the name their pattern is about
-# (`*.example.com` and `**.example.com` under example.com) and by network (the bits of a CIDR's prefix). The PEP builds it when the bundle loads;
-# for any other lists (tests that set them with `with`, a bare `opa eval`), `index_of` builds the same.
+# (`*.example.com` and `**.example.com` under example.com) and by network (the bits of a CIDR's prefix).
+# The PEP builds it when the bundle loads; for any other lists (tests that set them with `with`, a bare
+# `opa eval`), `index_of` builds the same.
 #
 # Extension point: a module in its own package under pexi.rules (e.g. `package pexi.rules.uploads`) may
 # define a `denials` set; each reason in it denies the request, whatever the allowlist says (see
