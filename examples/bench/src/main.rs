@@ -122,7 +122,13 @@ impl Pep {
         let binary = std::env::var_os("PEXI_BIN")
             .map(PathBuf::from)
             .unwrap_or_else(|| repo_root().join("target/release/pexi"));
-        let child = Command::new(&binary)
+        let mut command = Command::new(&binary);
+        // PEXI_BENCH_PEP_THREADS sets the PEP's runtime worker threads (tokio reads TOKIO_WORKER_THREADS),
+        // to compare how it scales without touching the bench's own runtime.
+        if let Some(threads) = std::env::var_os("PEXI_BENCH_PEP_THREADS") {
+            command.env("TOKIO_WORKER_THREADS", threads);
+        }
+        let child = command
             .args(["serve", "--config"])
             .arg(&config)
             .env("RUST_LOG", "warn")
