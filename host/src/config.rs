@@ -328,17 +328,11 @@ impl fmt::Display for Listen {
 
 impl<'de> Deserialize<'de> for Listen {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        from_text(deserializer)
+        // Written as text; `FromStr`'s message names what is accepted.
+        String::deserialize(deserializer)?
+            .parse()
+            .map_err(serde::de::Error::custom)
     }
-}
-
-/// A value written as text in the file, read with its `FromStr` (whose message names what is accepted).
-fn from_text<'de, D: serde::Deserializer<'de>, T: FromStr<Err = String>>(
-    deserializer: D,
-) -> Result<T, D::Error> {
-    String::deserialize(deserializer)?
-        .parse()
-        .map_err(serde::de::Error::custom)
 }
 
 pub use pexi_vm::{Accel, GuestArch, ProfileSettings, Runner, VmConfig};

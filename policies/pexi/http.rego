@@ -147,21 +147,19 @@ reasons := sort(denials) if {
 } else := [sprintf("allowed by allowlist entry %s", [h]) | some h in sort(allowed_by)] if {
 	count(allowed_by) > 0
 } else := [sprintf("host %s is not in the allowlist", [req.host])] if {
-	count(host_entries) == 0
+	count(allow_candidates) == 0
 } else := [sprintf("%s:%d is not a tunnel destination", [req.host, req.port])] if {
 	tunnel_request
 } else := sort(field_misses)
 
 # Entries whose host matches but that refuse something else: say what.
-host_entries := allow_candidates
-
 field_misses contains sprintf("%s is a tunnel-only destination (pep.net.connect)", [req.host]) if {
-	some entry in host_entries
+	some entry in allow_candidates
 	entry.tunnel
 }
 
 field_misses contains refusal_reason(field) if {
-	some entry in host_entries
+	some entry in allow_candidates
 	not entry.tunnel
 	some field in refusals(entry)
 }
