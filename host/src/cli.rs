@@ -455,9 +455,12 @@ fn audit_verify(
             );
             match &public_key {
                 Some(path) => println!(
-                    "signatures: {} records signed by the key in {}{}",
-                    report.signed,
+                    "signatures: {} records signed by the key in {} ({} signed themselves, {} by the last \
+                     record of their write group){}",
+                    report.signed + report.covered,
                     path.display(),
+                    report.signed,
+                    report.covered,
                     if report.unsigned_prefix > 0 {
                         format!(
                             "; the first {} were written before signing was on",
@@ -496,6 +499,14 @@ fn audit_verify(
                 println!(
                     "warning: {}:{line} is a torn final record (a write interrupted by a crash); every record before it verifies",
                     file.display()
+                );
+            }
+            if report.unauthenticated > 0 {
+                println!(
+                    "warning: {} record(s) just before a torn line are not authenticated: the crash cut the \
+                     write whose last line would have signed them (a decision among them never took effect: \
+                     effects wait for their group's write)",
+                    report.unauthenticated
                 );
             }
             if let Some(head) = &report.head {

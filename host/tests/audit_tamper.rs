@@ -51,6 +51,56 @@ fn write_log(dir: &Path) {
     log.close();
 }
 
+/// Writes a log whose records come in write groups, as a busy PEP's do: records nobody waits for (resolve
+/// and outcome records) are held back and written, unsigned, ahead of the next awaited record, whose
+/// signature covers them through the chain.
+fn write_grouped_log(dir: &Path) {
+    let log = AuditLog::open(&settings(dir)).expect("open");
+    for i in 0..RECORDS {
+        let ticket = log.record(
+            "decision",
+            json!({"decision_id": format!("d-{i}"), "request": {"host": format!("h{i}.test")}, "decision": {"allow": false}}),
+        );
+        if i % 5 == 4 {
+            ticket.wait().expect("written");
+        }
+    }
+    log.close();
+}
+
+fn signed(line: &str) -> bool {
+    line.contains(",\"sig\":\"")
+}
+
+/// Where the write group of line `index` starts: the line after the previous signed one.
+fn group_start(lines: &[(PathBuf, String)], index: usize) -> usize {
+    let mut start = index;
+    while start > 0 && !signed(&lines[start - 1].1) {
+        start -= 1;
+    }
+    start
+}
+
+/// A line of the grouped log that is not the last of its group (unsigned), past `from`.
+fn unsigned_line(lines: &[(PathBuf, String)], from: usize) -> usize {
+    (from..lines.len())
+        .find(|i| !signed(&lines[*i].1) && lines[*i].1.contains("\"kind\":\"decision\""))
+        .expect("an unsigned record")
+}
+
+fn grouped_trial(name: &str, tamper: impl FnOnce(&Path) -> String) {
+    let dir = support::temp_dir(&format!("tamper-{name}"));
+    write_grouped_log(&dir);
+    let expected = tamper(&dir);
+    let (status, output) = verify(&glob(&dir));
+    eprintln!("{name}: {output}");
+    assert_eq!(status, 1, "{name}: exit status; output:\n{output}");
+    assert!(
+        output.contains(&format!("BROKEN {expected}")),
+        "{name}: expected BROKEN {expected}; output:\n{output}"
+    );
+}
+
 /// The files an auditor's `audit.jsonl*` glob matches, oldest first.
 fn glob(dir: &Path) -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
@@ -347,4 +397,135 @@ fn the_pep_refuses_to_append_to_a_log_that_does_not_verify_and_force_moves_it_as
         let (status, output) = verify(&glob(&dir));
         assert_eq!(status, 0, "{name}: the new log verifies: {output}");
     }
+}
+
+#[test]
+fn a_grouped_log_verifies_with_one_signature_per_write_group() {
+    let dir = support::temp_dir("tamper-grouped");
+    write_grouped_log(&dir);
+    let all = lines(&dir);
+    let unsigned = all.iter().filter(|(_, l)| !signed(l)).count();
+    assert!(
+        unsigned > all.len() / 2,
+        "most records ride in a group: {unsigned} of {} unsigned",
+        all.len()
+    );
+    assert!(signed(&all[all.len() - 1].1), "the last line is signed");
+    let (status, output) = verify(&glob(&dir));
+    assert_eq!(status, 0, "{output}");
+    assert!(
+        output.contains(&format!("{} records signed by the key", all.len()))
+            && output.contains(&format!(
+                "{unsigned} by the last record of their write group"
+            )),
+        "{output}"
+    );
+}
+
+#[test]
+fn every_tamper_within_a_write_group_is_found() {
+    // An unsigned record edited, the chain left alone: the chain names it.
+    grouped_trial("group-edited", |dir| {
+        let mut all = lines(dir);
+        let i = unsigned_line(&all, all.len() / 2);
+        all[i].1 = all[i].1.replace("\"allow\":false", "\"allow\":true");
+        write_lines(dir, &all);
+        position(&all, i)
+    });
+    // The same with every later prev recomputed: the group's signature fails; its first line is named.
+    grouped_trial("group-edited-rechained", |dir| {
+        let mut all = lines(dir);
+        let i = unsigned_line(&all, all.len() / 3);
+        all[i].1 = all[i].1.replace("\"allow\":false", "\"allow\":true");
+        rechain(&mut all, i + 1);
+        write_lines(dir, &all);
+        position(&all, group_start(&all, i))
+    });
+    // A group's signature removed (its last line made to look like an earlier line of a group): nothing
+    // signs the group any more, and the next group's chain check fails at the changed line.
+    grouped_trial("signature-stripped", |dir| {
+        let mut all = lines(dir);
+        let i = (all.len() / 2..all.len())
+            .find(|i| signed(&all[*i].1) && !signed(&all[i - 1].1))
+            .expect("a group's signed line");
+        let cut = all[i].1.find(",\"sig\":\"").expect("sig");
+        all[i].1 = format!("{}}}", &all[i].1[..cut]);
+        write_lines(dir, &all);
+        position(&all, i)
+    });
+    // The same, re-chained: the next group's signature fails.
+    grouped_trial("signature-stripped-rechained", |dir| {
+        let mut all = lines(dir);
+        let i = (all.len() / 2..all.len())
+            .find(|i| signed(&all[*i].1) && !signed(&all[i - 1].1))
+            .expect("a group's signed line");
+        let cut = all[i].1.find(",\"sig\":\"").expect("sig");
+        all[i].1 = format!("{}}}", &all[i].1[..cut]);
+        rechain(&mut all, i + 1);
+        write_lines(dir, &all);
+        position(&all, group_start(&all, i))
+    });
+    // The last group's signature removed: its records end the log signed by nothing.
+    grouped_trial("last-signature-stripped", |dir| {
+        let mut all = lines(dir);
+        let i = all.len() - 1;
+        let cut = all[i].1.find(",\"sig\":\"").expect("sig");
+        all[i].1 = format!("{}}}", &all[i].1[..cut]);
+        write_lines(dir, &all);
+        position(&all, group_start(&all, i))
+    });
+    // A record made up and appended, fitted to the chain (seq, prev) but unsigned: named itself.
+    grouped_trial("unsigned-appended", |dir| {
+        let mut all = lines(dir);
+        let last = all.len() - 1;
+        let seq = field_u64(&all[last].1, "seq") + 1;
+        let prev = line_digest(all[last].1.as_bytes());
+        let forged = format!(
+            "{{\"decision\":{{\"allow\":true}},\"decision_id\":\"forged\",\"kind\":\"decision\",\"prev\":\"{prev}\",\"seq\":{seq},\"ts\":\"2026-01-01T00:00:00.000Z\",\"v\":1}}"
+        );
+        let file = all[last].0.clone();
+        all.push((file, forged));
+        write_lines(dir, &all);
+        position(&all, all.len() - 1)
+    });
+}
+
+#[test]
+fn a_crash_that_tears_a_groups_signed_line_leaves_its_records_unauthenticated_not_vouched_for() {
+    let dir = support::temp_dir("tamper-torn-group");
+    write_grouped_log(&dir);
+    let active = dir.join("audit.jsonl");
+    let all = lines(&dir);
+    let last = all.len() - 1;
+    let unsigned_before = last - group_start(&all, last);
+    assert!(unsigned_before > 0, "the last group has unsigned lines");
+    // The crash: the group's last (signed) line cut in half, before any checkpoint covered it.
+    let text = std::fs::read_to_string(&active).expect("read");
+    let keep = text.len() - all[last].1.len() / 2 - 1;
+    std::fs::write(&active, &text[..keep]).expect("write");
+    let torn_seq = field_u64(&all[last].1, "seq");
+    let checkpoints = dir.join("checkpoints/audit.jsonl.checkpoints");
+    let kept: String = std::fs::read_to_string(&checkpoints)
+        .expect("checkpoints")
+        .lines()
+        .filter(|l| field_u64(l, "last_seq") < torn_seq)
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&checkpoints, kept).expect("write");
+    let warning = format!(
+        "warning: {unsigned_before} record(s) just before a torn line are not authenticated"
+    );
+    let (status, output) = verify(&glob(&dir));
+    assert_eq!(status, 0, "{output}");
+    assert!(output.contains(&warning), "{output}");
+    // The PEP starts again on it: the torn file goes aside, the new chain names the torn line, and its
+    // first signature does not make those records count as signed.
+    let log = AuditLog::open(&settings(&dir)).expect("reopen after the crash");
+    log.record("decision", json!({"decision_id": "after"}))
+        .wait()
+        .expect("written");
+    log.close();
+    let (status, output) = verify(&glob(&dir));
+    assert_eq!(status, 0, "{output}");
+    assert!(output.contains(&warning), "{output}");
 }

@@ -40,7 +40,8 @@ pub enum Durability {
     /// (at most `batch_records`; `batch_ms` > 0 waits that long for more); a ticket completes after its
     /// group's `fsync`.
     Batch,
-    /// Written to the OS, never `fsync`ed: survives a crash of the PEP, not of the machine. For tests.
+    /// Written to the OS, never `fsync`ed: survives a crash of the PEP (but for records nobody waits for
+    /// of the last 10 ms, which are held back to ride with the next group), not of the machine. For tests.
     None,
 }
 
@@ -54,7 +55,8 @@ pub struct AuditSettings {
     /// Rotated files kept: past either bound the oldest are removed, and the removal is itself a record.
     pub keep_rotated_files: usize,
     pub keep_rotated_bytes: u64,
-    /// Signatures on every record and signed checkpoints (see [`seal`]); `None` writes an unsigned log.
+    /// A signature on every write group and signed checkpoints (see [`seal`]); `None` writes an unsigned
+    /// log.
     pub sealing: Option<Sealing>,
     /// A log that does not verify is moved aside (with its checkpoints) and a new chain started, instead
     /// of refusing to start (`pexi serve --force`).

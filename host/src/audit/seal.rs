@@ -3,10 +3,12 @@
 //! The hash chain shows that no line was changed *unless the whole rest of the chain was recomputed*, which
 //! anyone who can write the file can do. So the PEP also signs (Ed25519, `ring`):
 //!
-//! - **every record**: its line ends with `,"sig":"<128 hex digits>"}`, a signature over the line as it
-//!   would be without that field (the same bytes with `}` in place of the suffix). An edited, inserted,
-//!   renumbered or re-chained record no longer carries a valid signature, so `pexi audit verify` names that
-//!   very line;
+//! - **every write group**: the last line of each group the writer writes ends with
+//!   `,"sig":"<128 hex digits>"}`, a signature over the line as it would be without that field (the same
+//!   bytes with `}` in place of the suffix). Through the chain (each line's `prev` is the digest of the one
+//!   before) it covers the group's earlier lines too. An edited, inserted, renumbered or re-chained record
+//!   breaks the chain or the group's signature, so `pexi audit verify` names the line, or the group's
+//!   first line;
 //! - **checkpoints**, in a file of their own kept apart from the log (not matched by `<path>*`): every
 //!   `checkpoint_ms` or `checkpoint_records`, at rotation, at start and at shutdown, one signed line naming the
 //!   log's first and last `seq`, the last line's digest and the files with their first `seq`, chained to the

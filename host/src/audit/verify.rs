@@ -1,9 +1,10 @@
 //! `pexi audit verify`: checks that a set of audit files is one unbroken, signed chain.
 //!
 //! Files are put in order by the `seq` of their first record, then every line is checked: it is a JSON
-//! object of format version 1; with a public key, its signature holds (so an edited, inserted, renumbered or
-//! re-chained record is named as itself); its `seq` is one more than the previous record's; its `prev` is the
-//! SHA-256 of the previous line. The first problem is reported with its file and line. A line cut short by a
+//! object of format version 1; with a public key, its signature holds, or it has none and the next signed
+//! line (the last of its write group) covers it through the chain (so an edited, inserted, renumbered or
+//! re-chained record is named as itself, or as the first line of its group); its `seq` is one more than
+//! the previous record's; its `prev` is the SHA-256 of the previous line. The first problem is reported with its file and line. A line cut short by a
 //! crash is accepted only where a crash explains it: as the very last line, or at the end of a file whose
 //! successor's first record names it (`torn_tail`), which is what the PEP writes when it restarts after one.
 //!
@@ -33,6 +34,12 @@ pub struct Report {
     pub starts_mid_chain: bool,
     /// Records whose signature was checked (0 without a public key).
     pub signed: u64,
+    /// Records covered by the signature of a later record of their write group (0 without a public key).
+    pub covered: u64,
+    /// Unsigned records just before a torn line: the write that would have signed them (their group's
+    /// last line) was cut by a crash. They chain, but nothing authenticates them, and the PEP's next
+    /// signature does not vouch for them either.
+    pub unauthenticated: u64,
     /// Records before the first signed one, written before signing was on.
     pub unsigned_prefix: u64,
     /// What the checkpoints showed, when a checkpoint file was given.
@@ -52,7 +59,8 @@ pub struct CheckpointReport {
 /// What `verify` checks against, beyond the files themselves.
 #[derive(Debug, Default)]
 pub struct Options {
-    /// The PEP's Ed25519 public key (32 bytes): every record's signature is checked.
+    /// The PEP's Ed25519 public key (32 bytes): every record is checked against its own signature or its
+    /// write group's.
     pub public_key: Option<Vec<u8>>,
     /// The checkpoint file (its lines are checked with the public key, which it requires).
     pub checkpoints: Option<PathBuf>,
@@ -151,6 +159,9 @@ pub fn verify_with(paths: &[PathBuf], options: &Options) -> Result<Report, Broke
         .collect();
     let mut previous: Option<(&Line, u64)> = None;
     let mut torn: Option<(PathBuf, usize)> = None;
+    // Unsigned records since the last signed one (the earlier lines of a write group): how many, and the
+    // first of them.
+    let mut awaiting: Option<(u64, PathBuf, usize)> = None;
     for (index, line) in lines.iter().enumerate() {
         let broken = |problem: String| Broken {
             file: line.file.to_path_buf(),
@@ -161,6 +172,9 @@ pub fn verify_with(paths: &[PathBuf], options: &Options) -> Result<Report, Broke
             Ok(Value::Object(map)) => Value::Object(map),
             _ if line.unterminated && index + 1 == lines.len() => {
                 report.torn_end = Some((line.file.to_path_buf(), line.number));
+                if let Some((count, _, _)) = awaiting.take() {
+                    report.unauthenticated += count;
+                }
                 break;
             }
             _ if line.unterminated => {
@@ -174,6 +188,9 @@ pub fn verify_with(paths: &[PathBuf], options: &Options) -> Result<Report, Broke
             }
         };
         if let Some((torn_file, torn_line)) = torn.take() {
+            if let Some((count, _, _)) = awaiting.take() {
+                report.unauthenticated += count;
+            }
             let acknowledged = record["torn_tail"]["line"].as_u64() == Some(torn_line as u64)
                 && record["torn_tail"]["file"].as_str()
                     == torn_file.file_name().and_then(|n| n.to_str());
@@ -192,20 +209,38 @@ pub fn verify_with(paths: &[PathBuf], options: &Options) -> Result<Report, Broke
                 Ok(()) => {
                     signing_seen = true;
                     report.signed += 1;
+                    // Its `prev` pins the line before it, and so on back: the group is authentic once the
+                    // chain checks below hold for each of its lines.
+                    if let Some((count, _, _)) = awaiting.take() {
+                        report.covered += count;
+                    }
                 }
                 Err(Unsealed::Missing) if !signing_seen => report.unsigned_prefix += 1,
                 Err(Unsealed::Missing) => {
-                    return Err(broken(
-                        "no signature in a signed log: inserted, or edited and its signature removed"
-                            .into(),
-                    ))
+                    // An earlier line of a write group: the group's last line signs it.
+                    let entry =
+                        awaiting.get_or_insert_with(|| (0, line.file.to_path_buf(), line.number));
+                    entry.0 += 1;
                 }
                 Err(Unsealed::Invalid) => {
-                    return Err(broken(
-                        "the signature does not match: this record was edited, inserted, renumbered or \
-                         re-chained"
-                            .into(),
-                    ))
+                    return Err(match awaiting {
+                        // The signature covers the whole group: the first line that may be at fault.
+                        Some((count, file, first)) => Broken {
+                            file,
+                            line: first,
+                            problem: format!(
+                                "the signature of its write group ({}:{}) does not match: this record or \
+                                 one of the {count} after it was edited, inserted, renumbered or re-chained",
+                                line.file.display(),
+                                line.number
+                            ),
+                        },
+                        None => broken(
+                            "the signature does not match: this record was edited, inserted, renumbered \
+                             or re-chained"
+                                .into(),
+                        ),
+                    });
                 }
             }
         }
@@ -267,6 +302,17 @@ pub fn verify_with(paths: &[PathBuf], options: &Options) -> Result<Report, Broke
             file,
             line,
             problem: "an incomplete record in the middle of the chain".into(),
+        });
+    }
+    if let Some((count, file, line)) = awaiting {
+        return Err(Broken {
+            file,
+            line,
+            problem: format!(
+                "no signature in a signed log: this record and the {} after it are signed by no later \
+                 record (appended, or their group's signed last record removed)",
+                count - 1
+            ),
         });
     }
     if options.public_key.is_some() && report.unsigned_prefix > 0 && !signing_seen {

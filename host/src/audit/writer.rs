@@ -50,6 +50,12 @@ pub(super) struct Writer {
     files: Vec<(String, u64)>,
     /// Lines encoded but not yet written: a group goes to the file in one `write`.
     pending: Vec<u8>,
+    /// Where the last line of `pending` starts: the line that is signed when the group is written.
+    last_line: Option<usize>,
+    /// Records nobody waits for, kept back (at most [`HOLD`]) to go out with the next group: one write and
+    /// one signature for a request's decision and the previous request's resolve and outcome records.
+    held: Vec<(String, Value)>,
+    held_since: Option<Instant>,
     /// Records written but not yet `fsync`ed because nobody waited for them (batch mode).
     unsynced: bool,
 }
@@ -62,6 +68,11 @@ const RETRY_FAILED: Duration = Duration::from_secs(1);
 /// Batch mode syncs records nobody waits for (resolve and outcome records) with the next group that has a
 /// waiter, or after this long without one.
 const LAZY_SYNC: Duration = Duration::from_millis(100);
+/// How long records nobody waits for may stay in memory before they are written (unless `durability` is
+/// `always`): the crash window docs/audit.md states for them.
+const HOLD: Duration = Duration::from_millis(10);
+/// ...and how many: memory stays small, and a group never runs far past `rotate_bytes`.
+const HOLD_RECORDS: usize = 64;
 
 /// The signing side of the writer: the key, and the checkpoint file with where it stands.
 struct Checkpoints {
@@ -379,6 +390,9 @@ impl Writer {
             sealing,
             files,
             pending: Vec::new(),
+            last_line: None,
+            held: Vec::new(),
+            held_since: None,
             unsynced: false,
         };
         let (pid, version) = (std::process::id(), env!("CARGO_PKG_VERSION").to_string());
@@ -425,24 +439,39 @@ impl Writer {
         let start = self.pending.len();
         serde_json::to_writer(&mut self.pending, &Value::Object(record))?;
         if let Some(checkpoints) = &mut self.sealing {
-            checkpoints
-                .settings
-                .sealer
-                .seal_from(&mut self.pending, start);
             checkpoints.uncovered += 1;
             checkpoints.since.get_or_insert_with(Instant::now);
         }
         let digest = line_digest(&self.pending[start..]);
         self.pending.push(b'\n');
+        self.last_line = Some(start);
         self.prev = digest;
         self.seq += 1;
         self.size += (self.pending.len() - start) as u64;
         Ok(())
     }
 
-    /// Writes the encoded lines in one `write`: a crash can tear only the last line of a group, which
-    /// the next start moves aside (`torn_tail`).
+    /// Signs the group's last line. Its `prev` is the digest of the line before, whose `prev` is the one
+    /// before that, back to the previous signed line: one signature covers every line of the group.
+    fn seal_last(&mut self) {
+        let (Some(start), Some(checkpoints)) = (self.last_line.take(), &self.sealing) else {
+            return;
+        };
+        self.pending.pop();
+        let before = self.pending.len();
+        checkpoints
+            .settings
+            .sealer
+            .seal_from(&mut self.pending, start);
+        self.size += (self.pending.len() - before) as u64;
+        self.prev = line_digest(&self.pending[start..]);
+        self.pending.push(b'\n');
+    }
+
+    /// Signs and writes the encoded lines in one `write`: a crash can tear only the last line of a group,
+    /// which the next start moves aside (`torn_tail`).
     fn write_pending(&mut self) -> std::io::Result<()> {
+        self.seal_last();
         let written = self.file.write_all(&self.pending);
         if written.is_ok() {
             self.written_len += self.pending.len() as u64;
@@ -632,6 +661,7 @@ impl Writer {
                 // Back to the last record on disk, the backlog kept for the next try.
                 (self.seq, self.prev, self.size, self.written_len) = snapshot;
                 self.pending.clear();
+                self.last_line = None;
                 self.backlog = backlog;
                 Err(format!("{error} (still failing: {err})"))
             }
@@ -663,6 +693,7 @@ impl Writer {
             Err(err) => {
                 (self.seq, self.prev, self.size) = snapshot;
                 self.pending.clear();
+                self.last_line = None;
                 let message = self.fail("write", err);
                 self.keep(unwaited.into_iter().map(|(k, b)| (k, b, false)).collect());
                 Err(message)
@@ -706,7 +737,14 @@ impl Writer {
                 match queue.recv_timeout(wake.saturating_duration_since(Instant::now())) {
                     Ok(job) => job,
                     Err(mpsc::RecvTimeoutError::Timeout) => {
-                        if self.unsynced {
+                        if self.held_since.is_some_and(|since| since.elapsed() >= HOLD) {
+                            let held = self.take_held();
+                            if self.write_group(held).is_ok() && self.durability != Durability::None
+                            {
+                                self.unsynced = true;
+                            }
+                        }
+                        if self.unsynced && self.held.is_empty() {
                             let _ = self.sync();
                         }
                         self.checkpoint_if_due();
@@ -755,6 +793,23 @@ impl Writer {
                     }
                 }
             }
+            // Nobody waits for any of these: they wait (briefly) for a group that someone does wait for.
+            // (Not while the log is failing: such records go to the bounded backlog at once.)
+            let hold = self.durability != Durability::Always
+                && self.failed.is_none()
+                && !flush
+                && records.iter().all(|(_, _, waited)| !waited);
+            if hold && self.held.len() + records.len() <= HOLD_RECORDS {
+                self.held_since.get_or_insert_with(Instant::now);
+                self.held
+                    .extend(records.into_iter().map(|(kind, body, _)| (kind, body)));
+                continue;
+            }
+            if !self.held.is_empty() {
+                let mut group = self.take_held();
+                group.extend(records);
+                records = group;
+            }
             let wrote_any = !records.is_empty();
             let written = if wrote_any {
                 self.write_group(records)
@@ -783,6 +838,10 @@ impl Writer {
             }
             self.checkpoint_if_due();
         }
+        let held = self.take_held();
+        if !held.is_empty() {
+            let _ = self.write_group(held);
+        }
         let _ = self.recover();
         let _ = self.file.sync_all();
         if self.failed.is_none() {
@@ -792,13 +851,21 @@ impl Writer {
         }
     }
 
-    /// When the writer must wake up without a new record: a lazy sync, or a checkpoint falling due.
+    /// The records held back, as a group nobody waits for.
+    fn take_held(&mut self) -> Vec<(String, Value, bool)> {
+        self.held_since = None;
+        std::mem::take(&mut self.held)
+            .into_iter()
+            .map(|(kind, body)| (kind, body, false))
+            .collect()
+    }
+
+    /// When the writer must wake up without a new record: held records to write, a lazy sync, or a
+    /// checkpoint falling due.
     fn next_wake(&self) -> Option<Instant> {
+        let held = self.held_since.map(|since| since + HOLD);
         let sync = self.unsynced.then(|| Instant::now() + LAZY_SYNC);
         let checkpoint = self.sealing.as_ref().and_then(Checkpoints::due);
-        match (sync, checkpoint) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [held, sync, checkpoint].into_iter().flatten().min()
     }
 }
