@@ -394,10 +394,10 @@ impl Pipeline {
             } else {
                 head
             };
-            responder
-                .head(ResponseHead::Http(head))
-                .map_err(|refused| fail(RequestError::head_refused(refused, Some(status))))?;
             if switching {
+                responder
+                    .head(ResponseHead::Http(head))
+                    .map_err(|refused| fail(RequestError::head_refused(refused, Some(status))))?;
                 let upgraded = response
                     .upgrade()
                     .await
@@ -425,7 +425,7 @@ impl Pipeline {
                 });
             }
             let (response_bytes, response_sha256) = self
-                .stream_response(response, responder)
+                .stream_response(response, ResponseHead::Http(head), status, responder)
                 .await
                 .map_err(&fail)?;
             return Ok(Done {
@@ -442,19 +442,43 @@ impl Pipeline {
         }
     }
 
-    /// Forwards the response body as it arrives, up to the cap; returns the bytes forwarded.
+    /// Sends the head, then forwards the response body as it arrives, up to the cap; returns the bytes
+    /// forwarded.
     async fn stream_response(
         &self,
         mut response: reqwest::Response,
+        head: ResponseHead,
+        status: StatusCode,
         responder: &Responder,
     ) -> Result<(u64, String), RequestError> {
+        use futures_util::FutureExt;
         use sha2::Digest;
         let limits = &self.config.pep.limits;
         let idle = Duration::from_millis(limits.idle_timeout_ms);
         let mut total: u64 = 0;
         let mut hash = sha2::Sha256::new();
+        // hyper hands a response's first body bytes over a scheduler round or two after its head, even
+        // when they came in the same packet. Waiting those rounds (never longer: a stream or a slow upstream
+        // does not hold the head back) lets HEAD, DATA and END of a small response reach the guest in one
+        // burst it reads at once, instead of one wake-up and read each. `chunk` may be dropped unfinished:
+        // an unready body gives up nothing.
+        let mut first = None;
+        for _ in 0..FIRST_BYTES_ROUNDS {
+            first = response.chunk().now_or_never();
+            if first.is_some() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        responder
+            .head(head)
+            .map_err(|refused| RequestError::head_refused(refused, Some(status)))?;
         loop {
-            let chunk = match tokio::time::timeout(idle, response.chunk()).await {
+            let next = match first.take() {
+                Some(ready) => Ok(ready),
+                None => tokio::time::timeout(idle, response.chunk()).await,
+            };
+            let chunk = match next {
                 Err(_) => return Err(RequestError::ResponseIdle(idle)),
                 Ok(Err(err)) => return Err(UpstreamError::classify(&err).into()),
                 Ok(Ok(None)) => return Ok((total, hex::encode(hash.finalize()))),
@@ -478,6 +502,9 @@ impl Pipeline {
         }
     }
 }
+
+/// How many scheduler rounds the head waits for the body's first bytes ([`Pipeline::stream_response`]).
+const FIRST_BYTES_ROUNDS: usize = 2;
 
 /// Whether the guest's body goes upstream: when it announced one, or may send one without a length.
 fn carries_body(prepared: &Prepared) -> bool {
