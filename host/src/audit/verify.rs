@@ -4,9 +4,11 @@
 //! object of format version 1; with a public key, its signature holds, or it has none and the next signed
 //! line (the last of its write group) covers it through the chain (so an edited, inserted, renumbered or
 //! re-chained record is named as itself, or as the first line of its group); its `seq` is one more than
-//! the previous record's; its `prev` is the SHA-256 of the previous line. The first problem is reported with its file and line. A line cut short by a
-//! crash is accepted only where a crash explains it: as the very last line, or at the end of a file whose
-//! successor's first record names it (`torn_tail`), which is what the PEP writes when it restarts after one.
+//! the previous record's; its `prev` is the SHA-256 of the previous line. The first problem is reported
+//! with its file and line. A line cut short by a crash is accepted only where a crash explains it: as the
+//! very last line, or at the end of a file whose successor's first record names it (`torn_tail`), which is
+//! what the PEP writes when it restarts after one; unsigned records of a group whose signed line was torn
+//! are counted as not authenticated.
 //!
 //! With the checkpoint file, the log must also still hold everything the latest checkpoint covered: every
 //! file it names, the record at its `last_seq` with its `head` digest, and nothing missing before its
