@@ -88,6 +88,19 @@ fn unsigned_line(lines: &[(PathBuf, String)], from: usize) -> usize {
         .expect("an unsigned record")
 }
 
+/// The signed last line of a group of several lines, past `from`.
+fn group_end(lines: &[(PathBuf, String)], from: usize) -> usize {
+    (from.max(1)..lines.len())
+        .find(|i| signed(&lines[*i].1) && !signed(&lines[i - 1].1))
+        .expect("a group's signed line")
+}
+
+/// `line` as an earlier line of a group would be: its `,"sig":"…"` suffix removed.
+fn without_signature(line: &str) -> String {
+    let cut = line.find(",\"sig\":\"").expect("sig");
+    format!("{}}}", &line[..cut])
+}
+
 fn grouped_trial(name: &str, tamper: impl FnOnce(&Path) -> String) {
     trial_on(write_grouped_log, name, tamper);
 }
@@ -441,22 +454,16 @@ fn every_tamper_within_a_write_group_is_found() {
     // signs the group any more, and the next group's chain check fails at the changed line.
     grouped_trial("signature-stripped", |dir| {
         let mut all = lines(dir);
-        let i = (all.len() / 2..all.len())
-            .find(|i| signed(&all[*i].1) && !signed(&all[i - 1].1))
-            .expect("a group's signed line");
-        let cut = all[i].1.find(",\"sig\":\"").expect("sig");
-        all[i].1 = format!("{}}}", &all[i].1[..cut]);
+        let i = group_end(&all, all.len() / 2);
+        all[i].1 = without_signature(&all[i].1);
         write_lines(dir, &all);
         position(&all, i)
     });
     // The same, re-chained: the next group's signature fails.
     grouped_trial("signature-stripped-rechained", |dir| {
         let mut all = lines(dir);
-        let i = (all.len() / 2..all.len())
-            .find(|i| signed(&all[*i].1) && !signed(&all[i - 1].1))
-            .expect("a group's signed line");
-        let cut = all[i].1.find(",\"sig\":\"").expect("sig");
-        all[i].1 = format!("{}}}", &all[i].1[..cut]);
+        let i = group_end(&all, all.len() / 2);
+        all[i].1 = without_signature(&all[i].1);
         rechain(&mut all, i + 1);
         write_lines(dir, &all);
         position(&all, group_start(&all, i))
@@ -465,8 +472,7 @@ fn every_tamper_within_a_write_group_is_found() {
     grouped_trial("last-signature-stripped", |dir| {
         let mut all = lines(dir);
         let i = all.len() - 1;
-        let cut = all[i].1.find(",\"sig\":\"").expect("sig");
-        all[i].1 = format!("{}}}", &all[i].1[..cut]);
+        all[i].1 = without_signature(&all[i].1);
         write_lines(dir, &all);
         position(&all, group_start(&all, i))
     });
