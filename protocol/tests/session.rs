@@ -1170,3 +1170,242 @@ fn an_error_written_after_data_follows_it_and_send_error_drops_it() {
         ]
     );
 }
+
+/// An upload the host consumes at once, over a wire that takes one round to carry the guest's frames (as
+/// a transport with latency does: DATA is in flight while credit and PINGs travel back). Returns the most
+/// credit the guest was given on the stream and the most the host held at once.
+fn bulk_upload(guest: &mut Session, host: &mut Session, id: u32, total: usize) -> (usize, usize) {
+    let (mut sent, mut received, mut most_credit, mut most_held) = (0, 0, 0, 0);
+    let mut in_flight: Vec<u8> = Vec::new();
+    for _round in 0..10_000 {
+        let room = guest.send_capacity(id).min(total - sent);
+        most_credit = most_credit.max(guest.send_capacity(id));
+        // A tenth of the window per frame, as 64 KiB frames are a quarter of the default window.
+        let mut left = room;
+        while left > 0 {
+            let n = left.min(1_000);
+            guest
+                .send_data(id, Bytes::from(vec![7; n]))
+                .expect("within capacity");
+            left -= n;
+        }
+        sent += room;
+        let mut sending = Vec::new();
+        while let Some(frame) = guest.poll_transmit() {
+            frame.encode_into(&mut sending);
+        }
+        host.receive(&std::mem::replace(&mut in_flight, sending));
+        let mut held = 0;
+        for event in events(host) {
+            match event {
+                Event::Data { data, .. } => {
+                    assert!(data.iter().all(|&b| b == 7));
+                    held += data.len();
+                }
+                Event::StreamFailed { .. } | Event::Rejected { .. } => panic!("{event:?}"),
+                _ => {}
+            }
+        }
+        most_held = most_held.max(held);
+        received += held;
+        host.release(id, held);
+        pump(host, guest);
+        events(guest);
+        if received == total {
+            return (most_credit, most_held);
+        }
+    }
+    panic!("upload did not complete: {received} of {total}");
+}
+
+fn small_window_host() -> Session {
+    let mut config = Config::new("h", "1");
+    config.receive.initial_stream_window = 10_000;
+    config.receive.initial_connection_window = 40_000;
+    server_with(config, Limits::default())
+}
+
+#[test]
+fn a_stream_window_that_limits_a_transfer_grows_up_to_the_session_window_and_no_further() {
+    let (mut guest, mut host) = established_with(small_window_host());
+    let id = open_streams(&mut guest, &mut host, 1)[0];
+    let (most_credit, most_held) = bulk_upload(&mut guest, &mut host, id, 1 << 20);
+    assert!(
+        most_credit > 10_000,
+        "the window never grew: at most {most_credit} bytes of credit"
+    );
+    assert!(
+        most_credit <= 40_000 && most_held <= 40_000,
+        "past the session window: credit {most_credit}, held {most_held}"
+    );
+}
+
+#[test]
+fn a_reader_that_does_not_read_keeps_the_initial_window() {
+    let (mut guest, mut host) = established_with(small_window_host());
+    let id = open_streams(&mut guest, &mut host, 1)[0];
+    for _round in 0..20 {
+        let room = guest.send_capacity(id);
+        if room > 0 {
+            guest
+                .send_data(id, Bytes::from(vec![1; room]))
+                .expect("within capacity");
+        }
+        settle(&mut guest, &mut host);
+    }
+    let held: usize = events(&mut host)
+        .iter()
+        .map(|e| match e {
+            Event::Data { data, .. } => data.len(),
+            _ => 0,
+        })
+        .sum();
+    assert_eq!(held, 10_000, "the host got exactly one initial window");
+    assert_eq!(guest.send_capacity(id), 0);
+}
+
+#[test]
+fn a_small_response_sends_no_window_probe() {
+    let (mut guest, mut host) = established();
+    let id = open_streams(&mut guest, &mut host, 1)[0];
+    host.send_head(id, &http_head(200)).expect("head");
+    host.send_data(id, Bytes::from(vec![0; 1024]))
+        .expect("data");
+    pump(&mut host, &mut guest);
+    events(&mut guest);
+    guest.release(id, 1024);
+    assert!(
+        drain_frames(&mut guest)
+            .iter()
+            .all(|f| f.frame_type != FrameType::Ping),
+        "a 1 KB body is no reason to measure the window"
+    );
+}
+
+/// A guest that answers the host's window probes with PONGs it makes up (every payload a probe could
+/// have) raises the host's receive windows at most to the session window the host already grants.
+#[test]
+fn forged_pongs_cannot_raise_the_hosts_windows_past_its_session_window() {
+    let (mut guest, mut host) = established_with(small_window_host());
+    let id = open_streams(&mut guest, &mut host, 1)[0];
+    let mut received = 0;
+    for round in 0..50u32 {
+        let room = guest.send_capacity(id);
+        if room > 0 {
+            guest
+                .send_data(id, Bytes::from(vec![2; room]))
+                .expect("within capacity");
+        }
+        pump(&mut guest, &mut host);
+        let mut forged = Vec::new();
+        for probe in 1..=round + 1 {
+            let mut payload = b"bdp:".to_vec();
+            payload.extend_from_slice(&probe.to_be_bytes());
+            Frame::new(FrameType::Pong, 0, payload).encode_into(&mut forged);
+        }
+        host.receive(&forged);
+        let held: usize = events(&mut host)
+            .iter()
+            .map(|e| match e {
+                Event::Data { data, .. } => data.len(),
+                Event::StreamFailed { .. } | Event::Rejected { .. } => panic!("{e:?}"),
+                _ => 0,
+            })
+            .sum();
+        assert!(held <= 40_000, "round {round}: the host held {held} bytes");
+        received += held;
+        host.release(id, held);
+        pump(&mut host, &mut guest);
+        events(&mut guest);
+        assert!(
+            guest.send_capacity(id) <= 40_000,
+            "round {round}: {} bytes of credit",
+            guest.send_capacity(id)
+        );
+    }
+    assert!(received > 0);
+}
+
+/// Sends `total` bytes on `id` from the host to the guest over a wire that takes one round to carry the
+/// host's frames; the guest consumes everything at once. While `opening` is below 100 streams, the guest
+/// opens one more stream each round just before the host's frames (PONGs among them) arrive, so its OPEN
+/// is still queued then. Returns the most the guest held at once.
+fn download(
+    guest: &mut Session,
+    host: &mut Session,
+    id: u32,
+    total: usize,
+    opening: &mut Vec<u32>,
+) -> usize {
+    host.send_head(id, &http_head(200)).expect("head");
+    let (mut sent, mut received, mut most_held) = (0, 0, 0);
+    let mut in_flight: Vec<u8> = Vec::new();
+    for _round in 0..10_000 {
+        let room = host.send_capacity(id).min(total - sent);
+        let mut left = room;
+        while left > 0 {
+            let n = left.min(1_000);
+            host.send_data(id, Bytes::from(vec![9; n]))
+                .expect("within capacity");
+            left -= n;
+        }
+        sent += room;
+        let mut sending = Vec::new();
+        while let Some(frame) = host.poll_transmit() {
+            frame.encode_into(&mut sending);
+        }
+        if !opening.is_empty() && opening.len() < 100 {
+            opening.push(guest.open(get("https://a.example/other")).expect("open"));
+        }
+        guest.receive(&std::mem::replace(&mut in_flight, sending));
+        let mut held = 0;
+        for event in events(guest) {
+            match event {
+                Event::Data { stream_id, data } if stream_id == id => held += data.len(),
+                Event::StreamFailed { .. } | Event::Rejected { .. } => panic!("guest: {event:?}"),
+                _ => {}
+            }
+        }
+        most_held = most_held.max(held);
+        received += held;
+        guest.release(id, held);
+        pump(guest, host);
+        for event in events(host) {
+            if let Event::StreamFailed { .. } | Event::Rejected { .. } = event {
+                panic!("host: {event:?}");
+            }
+        }
+        if received == total {
+            return most_held;
+        }
+    }
+    panic!("download on stream {id} stalled: {received} of {total}");
+}
+
+/// The guest's windows grow for a download, and a stream whose OPEN was still queued when they grew is
+/// not promised credit the host never hears of (the host would drop a WINDOW_UPDATE for a stream it does
+/// not know, and the guest, waiting for half of a window the host never got, would stall that stream).
+#[test]
+fn a_download_grows_the_guests_window_and_streams_not_yet_opened_get_no_credit_early() {
+    let mut config = Config::new("g", "1");
+    config.seed = 3;
+    config.receive.initial_stream_window = 10_000;
+    config.receive.initial_connection_window = 40_000;
+    let mut guest = Session::client(config);
+    let mut host = server();
+    settle(&mut guest, &mut host);
+    events(&mut guest);
+    events(&mut host);
+    let id = open_streams(&mut guest, &mut host, 2)[0];
+    let mut opened = vec![id + 2];
+    let most_held = download(&mut guest, &mut host, id, 600_000, &mut opened);
+    assert!(
+        most_held > 10_000,
+        "the guest's window never grew: it held at most {most_held} bytes at once"
+    );
+    assert!(most_held <= 40_000, "past the session window: {most_held}");
+    assert!(opened.len() > 10);
+    for stream in opened {
+        download(&mut guest, &mut host, stream, 60_000, &mut Vec::new());
+    }
+}

@@ -83,6 +83,8 @@ pub struct RecvWindow {
     held: u32,
     /// Released by the application, not yet announced in a WINDOW_UPDATE.
     pending: u32,
+    /// A WINDOW_UPDATE was due at least once: the peer sent half a window and the reader consumed it.
+    regranted: bool,
 }
 
 impl RecvWindow {
@@ -92,6 +94,7 @@ impl RecvWindow {
             available: initial,
             held: 0,
             pending: 0,
+            regranted: false,
         }
     }
 
@@ -116,6 +119,28 @@ impl RecvWindow {
         Ok(())
     }
 
+    /// Whether this window was ever re-granted: the stream carried half a window or more, and its reader
+    /// kept up.
+    pub fn regranted(&self) -> bool {
+        self.regranted
+    }
+
+    /// The window this side grants now: the initial one, or what [`Self::grow`] raised it to.
+    pub fn window(&self) -> u32 {
+        self.initial
+    }
+
+    /// Raises the window to `window` (never lowers it) and returns the extra credit to announce in a
+    /// WINDOW_UPDATE, if any. Later re-grants wait for half of the larger window.
+    pub fn grow(&mut self, window: u32) -> Option<u32> {
+        let window = window.min(MAX_WINDOW);
+        let extra = window.checked_sub(self.initial).filter(|&n| n > 0)?;
+        // Credit granted never exceeds the window: available + held + pending == initial.
+        self.initial = window;
+        self.available += extra;
+        Some(extra)
+    }
+
     /// The application consumed `n` bytes (clamped to what it holds). Returns the increment to announce in
     /// a WINDOW_UPDATE once at least half the initial window is waiting, so that updates are batched but the
     /// peer can never stall on a window the application has already freed. "Initial" is capped at
@@ -128,6 +153,7 @@ impl RecvWindow {
         if self.pending > 0 && self.pending >= threshold {
             let increment = std::mem::take(&mut self.pending);
             self.available += increment;
+            self.regranted = true;
             Some(increment)
         } else {
             None
@@ -138,6 +164,18 @@ impl RecvWindow {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_grown_window_grants_the_difference_once_and_regrants_at_half_of_it() {
+        let mut w = RecvWindow::new(100);
+        assert_eq!(w.grow(50), None, "never lowered");
+        assert_eq!(w.grow(300), Some(200));
+        assert_eq!(w.grow(300), None);
+        assert_eq!(w.available(), 300);
+        w.receive(300).unwrap();
+        assert_eq!(w.release(149), None);
+        assert_eq!(w.release(1), Some(150));
+    }
 
     #[test]
     fn overrun_is_refused_and_changes_nothing() {

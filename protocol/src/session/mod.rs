@@ -20,6 +20,7 @@
 mod flow;
 mod receive;
 mod stream;
+mod tuning;
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -35,6 +36,7 @@ use crate::payload::{
     Implementation, Limits, MethodCall, ReceiveParams, ResponseHead,
 };
 use stream::{Stream, Then};
+use tuning::WindowTuner;
 
 /// The protocol major version this crate implements.
 pub const PROTOCOL_VERSION: u16 = 1;
@@ -284,6 +286,8 @@ pub struct Session {
     hello_nonce: u64,
     /// Server: every HELLO is answered with this error (a host at its session limit).
     refusal: Option<ErrorPayload>,
+    /// Grows stream receive windows with the bandwidth-delay product, up to the session window.
+    tuner: WindowTuner,
 }
 
 impl Session {
@@ -317,6 +321,13 @@ impl Session {
             decoder: FrameDecoder::new(config.receive.max_frame),
             conn_send: SendWindow::new(0, MAX_USED_CONNECTION_WINDOW),
             conn_recv: RecvWindow::new(config.receive.initial_connection_window),
+            tuner: WindowTuner::new(
+                config.receive.initial_stream_window,
+                config
+                    .receive
+                    .initial_connection_window
+                    .min(MAX_USED_STREAM_WINDOW),
+            ),
             rng: config.seed,
             config,
             limits,
@@ -945,6 +956,33 @@ impl Session {
             MAX_USED_CONNECTION_WINDOW,
         );
         self.conn_recv = RecvWindow::new(self.config.receive.initial_connection_window);
+        self.tuner.forget_probe();
+    }
+
+    /// Raises `stream_id`'s receive window to the tuner's and announces the extra credit. Only a transfer
+    /// is raised: a stream whose reader has consumed half a window (so a reader that does not read keeps
+    /// the initial window, whatever other streams of the session did); streams are raised as their DATA
+    /// arrives, and all at once when the window grows.
+    fn raise_window(&mut self, stream_id: u32) {
+        let window = self.tuner.window();
+        let Some(stream) = self.streams.get_mut(&stream_id) else {
+            return;
+        };
+        // A guest's stream before its HEAD may still have its OPEN queued behind this WINDOW_UPDATE (control
+        // goes first): the host would not know the stream yet and would drop the credit.
+        if stream.remote_ended
+            || !stream.recv.regranted()
+            || (self.role == Role::Client && !stream.head)
+        {
+            return;
+        }
+        if let Some(extra) = stream.recv.grow(window) {
+            self.push_control(
+                FrameType::WindowUpdate,
+                stream_id,
+                encode_window_update(extra).to_vec(),
+            );
+        }
     }
 
     /// splitmix64: a few lines, no dependency, and good enough for nonces and ids that need only to differ.

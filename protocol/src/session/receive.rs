@@ -7,6 +7,7 @@
 
 use bytes::Bytes;
 
+use super::tuning::Pong;
 use super::{Event, Origin, Session, SessionInfo, State, Stream, Unsent};
 use crate::frame::{DecodeError, Flags, Frame, FrameType, SESSION_STREAM};
 use crate::payload::{
@@ -135,7 +136,16 @@ impl Session {
                 Err(err) => self.reject_session(err.to_string()),
             },
             FrameType::Pong => match decode_ping(&frame.payload) {
-                Ok(payload) => self.events.push_back(Event::Pong(payload)),
+                Ok(payload) => match self.tuner.on_pong(payload) {
+                    Pong::Other => self.events.push_back(Event::Pong(payload)),
+                    Pong::Kept => {}
+                    Pong::Grown(_) => {
+                        let receiving: Vec<u32> = self.streams.keys().copied().collect();
+                        for stream_id in receiving {
+                            self.raise_window(stream_id);
+                        }
+                    }
+                },
                 Err(err) => self.reject_session(err.to_string()),
             },
             FrameType::WindowUpdate => self.handle_window_update(id, &frame.payload),
@@ -411,11 +421,18 @@ impl Session {
             self.release_connection(length);
             return self.reject_stream(id, ErrorCode::ProtocolError, problem);
         }
+        // A stream whose reader has consumed half a window is a transfer worth measuring; a small response
+        // never gets there and costs no PING.
+        let bulk = stream.recv.regranted();
         if length > 0 {
             self.events.push_back(Event::Data {
                 stream_id: id,
                 data,
             });
+            if let Some(probe) = self.tuner.on_data(length, bulk) {
+                self.push_control(FrameType::Ping, SESSION_STREAM, probe.to_vec());
+            }
+            self.raise_window(id);
         }
     }
 
