@@ -55,20 +55,29 @@ impl Frame {
     /// If the payload is longer than [`HARD_MAX_PAYLOAD`]. Every caller in this crate bounds payloads by the
     /// peer's negotiated maximum first, so reaching this is a bug in the caller, not bad input.
     pub fn encode_into(&self, out: &mut Vec<u8>) {
+        out.reserve(self.wire_len());
+        out.extend_from_slice(&self.encode_header());
+        out.extend_from_slice(&self.payload);
+    }
+
+    /// The frame's header alone; the payload follows it unchanged on the wire. Lets a writer send the
+    /// payload from where it already is (a vectored write) instead of copying it behind the header.
+    ///
+    /// # Panics
+    /// As [`Frame::encode_into`].
+    pub fn encode_header(&self) -> [u8; HEADER_LEN] {
         let len = u32::try_from(self.payload.len())
             .ok()
             .filter(|len| *len <= HARD_MAX_PAYLOAD)
             .expect("frame payload larger than HARD_MAX_PAYLOAD");
-        let header = Header {
+        Header {
             frame_type: self.frame_type,
             flags: self.flags,
             stream_id: self.stream_id,
             length: len,
             payload_crc: crc32c(&self.payload),
-        };
-        out.reserve(self.wire_len());
-        out.extend_from_slice(&header.encode());
-        out.extend_from_slice(&self.payload);
+        }
+        .encode()
     }
 
     pub fn encode(&self) -> Vec<u8> {

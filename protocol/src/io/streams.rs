@@ -259,9 +259,11 @@ impl Written {
     }
 }
 
-/// One encoded frame for the writer task.
+/// One frame for the writer task: its encoded header, and its payload as the session handed it over (the
+/// writer sends both with one vectored write, so a DATA payload is never copied behind its header).
 pub(super) struct Outgoing {
-    pub bytes: Vec<u8>,
+    pub header: [u8; crate::frame::HEADER_LEN],
+    pub payload: bytes::Bytes,
     pub written: Option<Written>,
 }
 
@@ -368,8 +370,7 @@ impl Streams {
 
     /// The writer's item for `frame`: a DATA frame carries what must happen once it is written.
     pub fn outgoing(&mut self, frame: Frame) -> Outgoing {
-        let mut bytes = Vec::with_capacity(frame.wire_len());
-        frame.encode_into(&mut bytes);
+        let header = frame.encode_header();
         let written = if frame.frame_type == crate::frame::FrameType::Data {
             self.by_id(frame.stream_id).map(|slot| {
                 let n = frame.payload.len();
@@ -399,6 +400,10 @@ impl Streams {
         } else {
             None
         };
-        Outgoing { bytes, written }
+        Outgoing {
+            header,
+            payload: frame.payload,
+            written,
+        }
     }
 }
