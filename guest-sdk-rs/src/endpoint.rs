@@ -213,6 +213,19 @@ impl AsyncWrite for PortStream {
         Pin::new(&mut self.tx).poll_write(cx, data)
     }
 
+    // The driver sends a burst of frames (headers and payloads) with one writev when the transport can.
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        slices: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.tx).poll_write_vectored(cx, slices)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tx.is_write_vectored()
+    }
+
     fn poll_flush(
         mut self: Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,

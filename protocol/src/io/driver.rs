@@ -489,6 +489,21 @@ async fn write_frames<W: AsyncWrite + Unpin>(
     writer: &mut W,
     frames: &[([u8; HEADER_LEN], Bytes)],
 ) -> std::io::Result<()> {
+    if !writer.is_write_vectored() {
+        // A transport without vectored writes (vsock here) would take one slice per syscall, a header
+        // alone and then its payload: copy the burst together instead, one write as before.
+        let mut bytes = Vec::with_capacity(
+            frames
+                .iter()
+                .map(|(header, payload)| header.len() + payload.len())
+                .sum(),
+        );
+        for (header, payload) in frames {
+            bytes.extend_from_slice(header);
+            bytes.extend_from_slice(payload);
+        }
+        return writer.write_all(&bytes).await;
+    }
     let mut slices: Vec<std::io::IoSlice<'_>> = frames
         .iter()
         .flat_map(|(header, payload)| [&header[..], &payload[..]])
@@ -497,8 +512,6 @@ async fn write_frames<W: AsyncWrite + Unpin>(
         .collect();
     let mut rest = &mut slices[..];
     while !rest.is_empty() {
-        // A writer without vectored writes (a character device) takes the first slice each time: still
-        // correct, one syscall per slice.
         let n = writer.write_vectored(rest).await?;
         if n == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
