@@ -1,9 +1,10 @@
 //! Stream receive windows that grow with the bandwidth-delay product, the way h2 implementations do it
 //! (hyper's "adaptive window"): while DATA arrives, one PING is out as a probe; the DATA bytes that arrive
 //! before its PONG are one round trip's worth. When a round trip brings at least two thirds of the stream
-//! window, the window (not the reader) is what limits the flow, so it doubles, up to a bound. A slow
-//! reader never grows it: its stream's window stays full, the sender waits, and little arrives per round
-//! trip.
+//! window, the window (not the reader) is what limits the flow, so it doubles, up to a bound. Only
+//! transfers are probed and raised: streams whose reader has consumed half a window (the session checks
+//! `RecvWindow::regranted`), so a small response costs no PING and a reader that does not read keeps its
+//! initial window.
 //!
 //! No clock is needed, so the session stays sans-IO. The bound is the session's receive window: every
 //! DATA byte also counts against that, so a larger stream window lets one stream use more of the session's
