@@ -1233,6 +1233,16 @@ fn transfer(
     panic!("transfer on stream {id} stalled: {received} of {total}");
 }
 
+/// Sends all the credit `session` has on `id` as one DATA of `byte`s.
+fn spend_credit(session: &mut Session, id: u32, byte: u8) {
+    let room = session.send_capacity(id);
+    if room > 0 {
+        session
+            .send_data(id, Bytes::from(vec![byte; room]))
+            .expect("within capacity");
+    }
+}
+
 fn small_window_host() -> Session {
     let mut config = Config::new("h", "1");
     config.receive.initial_stream_window = 10_000;
@@ -1264,12 +1274,7 @@ fn a_reader_that_does_not_read_keeps_the_initial_window() {
     assert!(most_credit > 10_000);
     let id = ids[1];
     for _round in 0..20 {
-        let room = guest.send_capacity(id);
-        if room > 0 {
-            guest
-                .send_data(id, Bytes::from(vec![1; room]))
-                .expect("within capacity");
-        }
+        spend_credit(&mut guest, id, 1);
         settle(&mut guest, &mut host);
     }
     let held: usize = events(&mut host)
@@ -1309,12 +1314,7 @@ fn forged_pongs_cannot_raise_the_hosts_windows_past_its_session_window() {
     let id = open_streams(&mut guest, &mut host, 1)[0];
     let mut received = 0;
     for round in 0..50u32 {
-        let room = guest.send_capacity(id);
-        if room > 0 {
-            guest
-                .send_data(id, Bytes::from(vec![2; room]))
-                .expect("within capacity");
-        }
+        spend_credit(&mut guest, id, 2);
         pump(&mut guest, &mut host);
         let mut forged = Vec::new();
         for probe in 1..=round + 1 {
