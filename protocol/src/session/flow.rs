@@ -76,7 +76,8 @@ impl SendWindow {
 /// Credit this side has granted the peer, and what the application has consumed but not yet re-granted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RecvWindow {
-    initial: u32,
+    /// The window granted: the initial one, or what [`Self::grow`] raised it to.
+    window: u32,
     /// Bytes the peer may still send.
     available: u32,
     /// Received and not yet released by the application.
@@ -90,7 +91,7 @@ pub struct RecvWindow {
 impl RecvWindow {
     pub fn new(initial: u32) -> Self {
         RecvWindow {
-            initial,
+            window: initial,
             available: initial,
             held: 0,
             pending: 0,
@@ -125,31 +126,30 @@ impl RecvWindow {
         self.regranted
     }
 
-    /// The window this side grants now: the initial one, or what [`Self::grow`] raised it to.
     pub fn window(&self) -> u32 {
-        self.initial
+        self.window
     }
 
     /// Raises the window to `window` (never lowers it) and returns the extra credit to announce in a
     /// WINDOW_UPDATE, if any. Later re-grants wait for half of the larger window.
     pub fn grow(&mut self, window: u32) -> Option<u32> {
         let window = window.min(MAX_WINDOW);
-        let extra = window.checked_sub(self.initial).filter(|&n| n > 0)?;
-        // Credit granted never exceeds the window: available + held + pending == initial.
-        self.initial = window;
+        let extra = window.checked_sub(self.window).filter(|&n| n > 0)?;
+        // Credit granted never exceeds the window: available + held + pending == window.
+        self.window = window;
         self.available += extra;
         Some(extra)
     }
 
     /// The application consumed `n` bytes (clamped to what it holds). Returns the increment to announce in
-    /// a WINDOW_UPDATE once at least half the initial window is waiting, so that updates are batched but the
-    /// peer can never stall on a window the application has already freed. "Initial" is capped at
+    /// a WINDOW_UPDATE once at least half the window is waiting, so that updates are batched but the
+    /// peer can never stall on a window the application has already freed. The window is capped at
     /// [`MAX_USED_STREAM_WINDOW`]: a peer never has more than that in flight (see [`SendWindow`]).
     pub fn release(&mut self, n: u32) -> Option<u32> {
         let n = n.min(self.held);
         self.held -= n;
         self.pending += n;
-        let threshold = self.initial.min(MAX_USED_STREAM_WINDOW).div_ceil(2);
+        let threshold = self.window.min(MAX_USED_STREAM_WINDOW).div_ceil(2);
         if self.pending > 0 && self.pending >= threshold {
             let increment = std::mem::take(&mut self.pending);
             self.available += increment;
