@@ -67,6 +67,8 @@ pub struct PepConfig {
     pub policy: PolicyConfig,
     pub network: NetworkConfig,
     pub audit: AuditConfig,
+    pub approvals: ApprovalsConfig,
+    pub control: ControlConfig,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -182,6 +184,80 @@ pub struct PolicyConfig {
     pub allow: Vec<Entry>,
     #[serde(default)]
     pub deny: Vec<Entry>,
+}
+
+/// `[pep.approvals]`: asking a person about requests the policy holds (docs/approvals.md).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovalsConfig {
+    /// Whether the shipped policy asks (`data.pexi.approvals.enabled`); off, it denies as before.
+    pub enabled: bool,
+    /// How long a held request waits for an answer before it is denied ("no answer").
+    pub approval_timeout_ms: u64,
+    /// Questions waiting at once, over all guests; a request that would open one more is denied at once.
+    pub max_waiting: usize,
+    /// The "always" answers: a policy data file of their own. "" is `approvals.json` beside the audit log.
+    pub file: PathBuf,
+}
+
+impl ApprovalsConfig {
+    /// The approvals file, once the audit path is known.
+    pub fn file_path(&self, audit: &AuditConfig) -> PathBuf {
+        if self.file.as_os_str().is_empty() {
+            audit
+                .path
+                .parent()
+                .unwrap_or(Path::new("."))
+                .join("approvals.json")
+        } else {
+            self.file.clone()
+        }
+    }
+}
+
+/// `[pep.control]`: the PEP's own surfaces for people (docs/approvals.md).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlConfig {
+    /// The control socket `pexi approve` and `pexi ui` use (owner-only). "" is `control.sock` beside the
+    /// audit log.
+    pub socket: PathBuf,
+    /// Where the dashboard listens: a loopback `address:port` (port 0 picks one), or "" for none.
+    pub dashboard: String,
+}
+
+impl ControlConfig {
+    pub fn socket_path(&self, audit: &AuditConfig) -> PathBuf {
+        if self.socket.as_os_str().is_empty() {
+            audit
+                .path
+                .parent()
+                .unwrap_or(Path::new("."))
+                .join("control.sock")
+        } else {
+            self.socket.clone()
+        }
+    }
+
+    /// The dashboard's address; only loopback addresses are accepted, so the page is host-only.
+    pub fn dashboard_addr(&self) -> Result<Option<std::net::SocketAddr>, String> {
+        if self.dashboard.is_empty() {
+            return Ok(None);
+        }
+        let addr: std::net::SocketAddr = self.dashboard.parse().map_err(|_| {
+            format!(
+                "pep.control.dashboard = {:?}: expected a loopback address and port such as \"127.0.0.1:0\", or \"\" for none",
+                self.dashboard
+            )
+        })?;
+        if !addr.ip().is_loopback() {
+            return Err(format!(
+                "pep.control.dashboard = {:?}: the dashboard listens on loopback only (127.0.0.0/8 or ::1)",
+                self.dashboard
+            ));
+        }
+        Ok(Some(addr))
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -408,6 +484,17 @@ impl Config {
         // A path the file itself sets is relative to the file's folder; one it leaves to the default is
         // the default's (the compiled-in policy, the repository's `target/vm`).
         let set_here = |key: &str| base.is_some() && user_keys.contains(key);
+        pep.control.dashboard_addr().map_err(invalid)?;
+        for (key, path) in [
+            ("pep.approvals.file", &mut pep.approvals.file),
+            ("pep.control.socket", &mut pep.control.socket),
+        ] {
+            if let Some(base) = base.as_deref().filter(|_| set_here(key)) {
+                if !path.as_os_str().is_empty() && !crate::dirs::is_placeholder(path) {
+                    *path = base.join(&*path);
+                }
+            }
+        }
         let relative_note = |key: &str, value: &Path, resolved: &Path| {
             format!(
                 "{key} = {value:?} names {}, which does not exist (a relative path in a config file is relative \
@@ -540,6 +627,8 @@ fn expand_user_dirs(
         }
     }
     paths.push((&mut pep.audit.path, false));
+    paths.push((&mut pep.approvals.file, false));
+    paths.push((&mut pep.control.socket, false));
     let mut key_file = PathBuf::from(&pep.audit.key_file);
     paths.push((&mut key_file, false));
     let private = expand_paths(paths, &mut user_dirs)?;

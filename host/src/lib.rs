@@ -15,14 +15,19 @@
 //! - [`audit`]: open, write, verify and seal the audit log ([`audit::AuditLog`], [`audit::verify`],
 //!   [`audit::seal`]) and the record types ([`audit::records`]), for tools that read or check logs.
 //! - [`policy`]: load a bundle and decide ([`policy::PolicyEngine`]), for tools that evaluate policies.
+//! - [`control::client`]: talk to a running PEP's control socket (questions, answers, the dashboard's
+//!   address), as `pexi approve` and `pexi ui` do.
 //! - [`cli::main`]: the `pexi` command.
 //!
 //! Everything else (transports, sessions, the pipeline, secrets, the VM runner) is internal and may change
 //! without notice.
 
+mod activity;
+mod approvals;
 pub mod audit;
 pub mod cli;
 pub mod config;
+pub mod control;
 mod dirs;
 mod limits;
 mod pipeline;

@@ -1,5 +1,6 @@
-//! Hot reload of the policy bundle. SIGHUP reloads at once; otherwise the config file and every file under
-//! the policy directory are fingerprinted every `reload_check_ms`, and a change triggers a reload. A
+//! Hot reload of the policy bundle. SIGHUP reloads at once; otherwise the config file, every file under
+//! the policy directory and the approvals file are fingerprinted every `reload_check_ms`, and a change
+//! triggers a reload (with the embedded config, of the approvals file alone). A
 //! reload swaps in the new bundle only if it compiles, passes its own tests and decides a probe request
 //! (see [`Pipeline::reload_policy`]); until then, and if it fails, the old bundle keeps deciding.
 
@@ -32,7 +33,7 @@ pub async fn watch(pipeline: Arc<Pipeline>, shutdown: CancellationToken) {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = hup => reload(&pipeline, "SIGHUP").await,
-            _ = tokio::time::sleep(interval), if pipeline.config.path.is_some() => {
+            _ = tokio::time::sleep(interval) => {
                 let now = fingerprint(&pipeline.config);
                 if now != last {
                     last = now;
@@ -44,10 +45,6 @@ pub async fn watch(pipeline: Arc<Pipeline>, shutdown: CancellationToken) {
 }
 
 async fn reload(pipeline: &Arc<Pipeline>, trigger: &'static str) {
-    if pipeline.config.path.is_none() {
-        tracing::info!(trigger, "embedded configuration: nothing to reload");
-        return;
-    }
     // Compiling and testing a bundle is CPU work: keep it off the runtime's threads.
     let worker = pipeline.clone();
     match tokio::task::spawn_blocking(move || worker.reload_policy()).await {
@@ -68,6 +65,10 @@ fn fingerprint(config: &Config) -> u64 {
     if let Some(path) = &config.path {
         hash_file(path, &mut hasher);
     }
+    hash_file(
+        &config.pep.approvals.file_path(&config.pep.audit),
+        &mut hasher,
+    );
     if let PolicyRoot::Dir(dir) = &config.policy_root {
         let mut files = Vec::new();
         collect(dir, &mut files);

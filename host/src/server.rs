@@ -14,6 +14,7 @@ pub struct Server {
     pipeline: Arc<Pipeline>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
+    surfaces: crate::control::Surfaces,
 }
 
 impl Server {
@@ -23,6 +24,8 @@ impl Server {
         let pipeline = Arc::new(Pipeline::new(config).map_err(|err| err.to_string())?);
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
+        // Before any guest is served: the dashboard's address is in the address guard from the start.
+        let surfaces = crate::control::start(pipeline.clone(), shutdown.clone(), &tasks).await?;
         for listen in pipeline.config.pep.listen.clone() {
             if let Err(err) =
                 crate::transport::start(&listen, pipeline.clone(), shutdown.clone(), &tasks).await
@@ -36,7 +39,17 @@ impl Server {
             pipeline,
             shutdown,
             tasks,
+            surfaces,
         })
+    }
+
+    /// The control socket, and the dashboard's address and token.
+    pub fn control_socket(&self) -> &std::path::Path {
+        &self.surfaces.socket
+    }
+
+    pub fn dashboard_url(&self) -> Option<String> {
+        self.surfaces.dashboard.as_ref().map(|d| d.url())
     }
 
     pub fn pipeline(&self) -> &Arc<Pipeline> {

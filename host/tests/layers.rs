@@ -8,12 +8,12 @@ use std::path::{Path, PathBuf};
 /// Low to high. A module may use modules of earlier layers only.
 const LAYERS: &[&[&str]] = &[
     &["dirs", "policy", "audit"],
-    &["secrets"],
+    &["secrets", "approvals", "activity"],
     &["config"],
     &["limits"],
     &["stream"],
     &["pipeline"],
-    &["serve", "reload"],
+    &["serve", "reload", "control"],
     &["transport"],
     &["server"],
     &["vm"],

@@ -34,7 +34,20 @@ package pexi.http
 
 import rego.v1
 
-decision := object.union({"allow": allow, "reasons": reasons}, body_obligation)
+decision := object.union(object.union({"allow": allow, "reasons": reasons}, body_obligation), ask_person)
+
+# Approvals (docs/approvals.md): with [pep.approvals] enabled, an HTTP request to a host that no list
+# names, and that nothing denies, is held while a person is asked (`ask`); the PEP denies it when nobody
+# answers. Tunnels and anything a list or an extension refuses are denied without asking, as when
+# approvals are off.
+default ask_person := {}
+
+ask_person := {"ask": {"scope": "host"}} if {
+	data.pexi.approvals.enabled == true
+	not tunnel_request
+	count(denials) == 0
+	count(allow_candidates) == 0
+}
 
 # Extensions bound the request body by defining `max_body_bytes` (for every request, or under conditions of
 # their own); the smallest applies. The PEP counts the body as it streams, so the bound holds whether or not

@@ -27,6 +27,16 @@ decide(inp, allow_list, deny_list) := d if {
 		with data.pexi.allow as allow_list
 		with data.pexi.deny as deny_list
 		with data.pexi.rules as {}
+		with data.pexi.approvals as {"enabled": false}
+}
+
+# The same with [pep.approvals] enabled: the policy may ask a person.
+decide_asking(inp, allow_list, deny_list, rules) := d if {
+	d := http.decision with input as inp
+		with data.pexi.allow as allow_list
+		with data.pexi.deny as deny_list
+		with data.pexi.rules as rules
+		with data.pexi.approvals as {"enabled": true}
 }
 
 allowed(inp, allow_list) if decide(inp, allow_list, []).allow == true
@@ -219,6 +229,7 @@ allows_without_a_request if {
 		with data.pexi.allow as [{"host": "example.com"}]
 		with data.pexi.deny as []
 		with data.pexi.rules as {}
+		with data.pexi.approvals as {"enabled": false}
 }
 
 # Extensions under pexi.rules add denials.
@@ -228,6 +239,7 @@ test_an_extension_denial_wins_over_the_allowlist if {
 		with data.pexi.allow as [{"host": "api.example.com"}]
 		with data.pexi.deny as []
 		with data.pexi.rules as {"no_deletes": {"denials": {"DELETE is not allowed anywhere"}}}
+		with data.pexi.approvals as {"enabled": false}
 	d.allow == false
 	d.reasons == ["DELETE is not allowed anywhere"]
 }
@@ -271,5 +283,50 @@ test_a_tunnel_to_an_unlisted_host_is_not_in_the_allowlist if {
 
 test_a_deny_entry_wins_over_a_tunnel_entry if {
 	d := decide(tunnel("pinned.example.com", 443), [{"host": "**.example.com", "tunnel": true}], [{"host": "pinned.example.com"}])
+	d.allow == false
+}
+
+# Approvals: with them enabled, a request to a host on no list is a deny that asks a person; everything
+# else is decided as without them.
+
+test_an_unlisted_host_is_asked_about_when_approvals_are_on if {
+	d := decide_asking(get("new.example.com"), [{"host": "api.example.com"}], [], {})
+	d == {"allow": false, "reasons": ["host new.example.com is not in the allowlist"], "ask": {"scope": "host"}}
+}
+
+test_nothing_is_asked_when_approvals_are_off if {
+	d := decide(get("new.example.com"), [], [])
+	object.keys(d) == {"allow", "reasons"}
+}
+
+test_a_listed_host_is_not_asked_about if {
+	d := decide_asking(get("api.example.com"), [{"host": "api.example.com"}], [], {})
+	object.keys(d) == {"allow", "reasons"}
+	d.allow == true
+}
+
+test_a_listed_host_that_refuses_the_method_is_denied_without_asking if {
+	d := decide_asking(
+		request("DELETE", "https", "api.example.com", "dns", 443, "/"),
+		[{"host": "api.example.com", "methods": ["GET"]}], [], {},
+	)
+	object.keys(d) == {"allow", "reasons"}
+	d.reasons == ["method DELETE not allowed for api.example.com"]
+}
+
+test_a_denylisted_host_is_denied_without_asking if {
+	d := decide_asking(get("bad.example.com"), [], [{"host": "**.example.com"}], {})
+	object.keys(d) == {"allow", "reasons"}
+	d.allow == false
+}
+
+test_an_extension_denial_is_not_asked_about if {
+	d := decide_asking(get("new.example.com"), [], [], {"x": {"denials": {"no"}}})
+	object.keys(d) == {"allow", "reasons"}
+}
+
+test_a_tunnel_is_not_asked_about if {
+	d := decide_asking(tunnel("new.example.com", 443), [], [], {})
+	object.keys(d) == {"allow", "reasons"}
 	d.allow == false
 }

@@ -38,6 +38,8 @@ kinds! {
     Decision => "decision",
     Resolve => "resolve",
     Outcome => "outcome",
+    ApprovalQuestion => "approval_question",
+    ApprovalAnswer => "approval_answer",
 }
 
 /// One line of the audit log: the chain fields (`v`, `seq`, `ts`, `kind`, `prev`, `sig`) around the fields of
@@ -234,6 +236,10 @@ pub struct DecisionBody {
     pub secrets: Value,
     pub policy_revision: String,
     pub query: String,
+    /// A deny the policy lets a person overturn (`{"scope": "host" | "path"}`): the request is held and
+    /// an `approval_question` follows.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ask: Option<Value>,
 }
 
 /// A policy decision, written (and durable) before its effect or its denial is reported.
@@ -336,4 +342,49 @@ pub struct Outcome {
     /// Its message, redacted.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+}
+
+/// A request the policy held for a person (docs/approvals.md): the question, as `pexi approve` and the
+/// dashboard show it. Identical requests that join it while it waits are named by the answer.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct ApprovalQuestion {
+    pub question_id: String,
+    /// The decision that asked.
+    pub decision_id: String,
+    pub session_id: String,
+    pub guest: String,
+    /// The HTTP method and the canonical URL, redacted.
+    pub method: String,
+    pub url: String,
+    pub host: String,
+    /// The policy's reasons.
+    pub reasons: Vec<String>,
+    /// What an "always" answer may cover: `host` or `path`.
+    pub scope: String,
+    /// When it is denied unanswered.
+    pub timeout_ms: u64,
+}
+
+/// How a question ended: a person's answer (written, and durable, before any held request goes on), no
+/// answer by the deadline, or withdrawn when every request waiting on it went away.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct ApprovalAnswer {
+    pub question_id: String,
+    /// `allow_once`, `allow_always`, `deny_once`, `deny_always`, `no_answer` or `withdrawn`.
+    pub answer: String,
+    /// Who answered: `uid N (name)` on the control socket, `dashboard` (the holder of the start's
+    /// token), or `pep` for no answer and withdrawals.
+    pub by: String,
+    /// Through what: `terminal` (`pexi approve`), `dashboard`, `control` (another client of the socket),
+    /// or `pep`.
+    pub surface: String,
+    /// The held requests' decisions this answer settles.
+    pub decision_ids: Vec<String>,
+    /// An "always" answer's entry, its list (`allow` or `deny`) and the approvals file it went into.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub entry: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub list: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
 }

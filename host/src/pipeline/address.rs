@@ -3,29 +3,57 @@
 //! with no address left fails with `blocked_address`. Addresses that embed an IPv4 address (IPv4-mapped,
 //! NAT64, 6to4, IPv4-compatible) are judged by the IPv4 address they lead to.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::{PoisonError, RwLock};
 
 use ipnet::IpNet;
 
 pub struct AddressGuard {
     allowed: Vec<IpNet>,
-    /// The PEP's own listening addresses: never a destination, whatever the configuration allows.
-    own: Vec<IpAddr>,
+    /// The PEP's own surfaces for people (the dashboard, later the metrics endpoint): never a
+    /// destination, whatever the configuration allows. Filled as they start listening.
+    own: RwLock<Vec<SocketAddr>>,
 }
 
 /// Why an address is refused: the class it falls in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Refused(pub &'static str);
 
+const OWN_SURFACE: Refused = Refused("the PEP's own surface (dashboard)");
+
 impl AddressGuard {
-    pub fn new(allowed: Vec<IpNet>, own: Vec<IpAddr>) -> Self {
-        AddressGuard { allowed, own }
+    pub fn new(allowed: Vec<IpNet>) -> Self {
+        AddressGuard {
+            allowed,
+            own: RwLock::new(Vec::new()),
+        }
+    }
+
+    /// Refuses `addr` from now on, and its port on every address that reaches this host's loopback.
+    pub fn add_own(&self, addr: SocketAddr) {
+        self.own
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(addr);
+    }
+
+    /// A connection to `ip` port `port`: the PEP's own surfaces first, then the address classes.
+    pub fn check_to(&self, ip: IpAddr, port: u16) -> Result<(), Refused> {
+        let own = self.own.read().unwrap_or_else(PoisonError::into_inner);
+        // A surface bound to one loopback address is reached through others as well where the system
+        // routes them there (0.0.0.0, ::, an IPv4 address inside an IPv6 one): its port is refused on
+        // all of them.
+        if own
+            .iter()
+            .any(|surface| surface.port() == port && (surface.ip() == ip || reaches_host(ip)))
+        {
+            return Err(OWN_SURFACE);
+        }
+        drop(own);
+        self.check(ip)
     }
 
     pub fn check(&self, ip: IpAddr) -> Result<(), Refused> {
-        if self.own.contains(&ip) {
-            return Err(Refused("the PEP's own address"));
-        }
         if self.allowed.iter().any(|net| net.contains(&ip)) {
             return Ok(());
         }
@@ -35,6 +63,18 @@ impl AddressGuard {
                 Some(v4) => self.check(IpAddr::V4(v4)),
                 None => check_v6(v6),
             },
+        }
+    }
+}
+
+/// Whether a connection to `ip` may end on this host: loopback, unspecified, or either inside IPv6.
+fn reaches_host(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_loopback() || v4.is_unspecified(),
+        IpAddr::V6(v6) => {
+            v6.is_loopback()
+                || v6.is_unspecified()
+                || embedded_v4(v6).is_some_and(|v4| reaches_host(IpAddr::V4(v4)))
         }
     }
 }
@@ -213,10 +253,7 @@ mod tests {
     use super::*;
 
     fn guard(allowed: &[&str]) -> AddressGuard {
-        AddressGuard::new(
-            allowed.iter().map(|c| c.parse().expect("cidr")).collect(),
-            vec![],
-        )
+        AddressGuard::new(allowed.iter().map(|c| c.parse().expect("cidr")).collect())
     }
 
     /// 72 addresses every egress guard must refuse by default.
@@ -353,11 +390,31 @@ mod tests {
     }
 
     #[test]
-    fn the_peps_own_address_is_never_a_destination() {
-        let own: IpAddr = "127.0.0.1".parse().expect("ip");
-        let g = AddressGuard::new(vec!["127.0.0.0/8".parse().expect("cidr")], vec![own]);
-        assert!(g.check(own).is_err());
-        assert_eq!(g.check("127.0.0.2".parse().expect("ip")), Ok(()));
+    fn the_peps_own_surfaces_are_never_a_destination() {
+        let g = AddressGuard::new(vec![
+            "127.0.0.0/8".parse().expect("cidr"),
+            "::/0".parse().expect("cidr"),
+            "0.0.0.0/8".parse().expect("cidr"),
+        ]);
+        g.add_own("127.0.0.1:4321".parse().expect("addr"));
+        for ip in [
+            "127.0.0.1",
+            "127.0.0.2",
+            "0.0.0.0",
+            "::1",
+            "::",
+            "::ffff:127.0.0.1",
+            "::ffff:0.0.0.0",
+            "2002:7f00:1::",
+            "64:ff9b::7f00:1",
+        ] {
+            let ip: IpAddr = ip.parse().expect("ip");
+            assert_eq!(g.check_to(ip, 4321), Err(OWN_SURFACE), "{ip}");
+        }
+        // Other ports of loopback stay as allowed_cidrs says; the same port elsewhere is not ours.
+        assert_eq!(g.check_to("127.0.0.1".parse().expect("ip"), 4322), Ok(()));
+        let public: IpAddr = "8.8.8.8".parse().expect("ip");
+        assert_eq!(g.check_to(public, 4321), Ok(()));
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use serde_json::{json, Value};
 
 use super::input::{Asked, PolicyInput};
-use super::Logged;
+use super::{Logged, Seen};
 use crate::audit::records::{self, AuditRecord};
 use crate::audit::{AuditLog, Redactor};
 use crate::policy::PolicyEngine;
@@ -66,6 +66,7 @@ pub async fn decide_and_log(
             secrets: json!(decision.secrets),
             policy_revision: policy.revision().to_string(),
             query: policy.query().to_string(),
+            ask: decision.ask.as_ref().map(|ask| json!(ask)),
         },
         redacted: redactions.iter().map(|r| r.path.clone()).collect(),
         redacted_digests: digests,
@@ -84,9 +85,11 @@ pub async fn decide_and_log(
             tracing::error!(%err, "audit log write failed; refusing to act on the decision");
             DecideError::AuditUnavailable(err)
         })?;
+    let seen = Seen::of(&input);
     Ok(Logged {
         decision_id,
         decision,
+        seen,
     })
 }
 

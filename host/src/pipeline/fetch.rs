@@ -250,7 +250,11 @@ impl Pipeline {
                 decision_id: Some(decision_id.clone()),
             };
             if !logged.decision.allow {
-                return Err(fail(Pipeline::denied(&logged)));
+                if logged.decision.ask.is_none() {
+                    return Err(fail(Pipeline::denied(&logged)));
+                }
+                // Held here, before anything is resolved or sent, until a person answers.
+                self.ask_person(&logged).await.map_err(fail)?;
             }
             // The body bound this hop's decision sets (an obligation), counted as the body streams:
             // an announced length over it is refused before anything is sent, an unannounced body is cut.

@@ -49,7 +49,7 @@ impl Pipeline {
         let mut allowed = Vec::new();
         let mut refused = Vec::new();
         for ip in addrs {
-            match self.guard.check(ip) {
+            match self.guard.check_to(ip, destination.port()) {
                 Ok(()) => allowed.push(ip),
                 Err(class) => refused.push((ip, class.0)),
             }

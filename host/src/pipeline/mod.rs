@@ -17,6 +17,7 @@
 //! `dispatch.rs`. `pep.policy.check` and `pexi check` run steps 1–3 only.
 
 pub mod address;
+mod approve;
 mod decide;
 mod dispatch;
 mod failure;
@@ -46,6 +47,7 @@ use input::Asked;
 use request::{prepare, Prepared};
 
 pub use crate::stream::Caller;
+pub use approve::Answerer;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -72,14 +74,19 @@ pub struct Pipeline {
     secrets: crate::secrets::Secrets,
     decision_prefix: String,
     decisions: AtomicU64,
+    /// Questions to a person (docs/approvals.md), and what watchers are shown.
+    approvals: crate::approvals::Broker,
+    pub activity: crate::activity::Activity,
+    /// Reloads run one at a time (the watcher's and an "always" answer's).
+    reloading: std::sync::Mutex<()>,
     /// Sessions, streams and buffered bytes: what all guests together may hold.
     pub admission: crate::limits::admission::Admission,
 }
 
 /// The settings that differ between the config in service and a fresh read of its file, outside
 /// `[pep.policy]` (which a reload applies): the listeners, limits, network (address guard, DNS overrides,
-/// CA), audit and brokered secrets are built into the running PEP once, so a reload that changes any of
-/// them is refused rather than half-applied. Secret values are not compared (they are read at start).
+/// CA), audit, approvals, control surfaces and brokered secrets are built into the running PEP once, so
+/// a reload that changes any of them is refused rather than half-applied. Secret values are not compared (they are read at start).
 fn restart_only_changes(running: &Config, fresh: &Config) -> Vec<&'static str> {
     let differ =
         |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
@@ -108,6 +115,8 @@ fn restart_only_changes(running: &Config, fresh: &Config) -> Vec<&'static str> {
             &fresh.extra_ca_pem,
         ),
         ("pep.audit", &r.audit, &f.audit),
+        ("pep.approvals", &r.approvals, &f.approvals),
+        ("pep.control", &r.control, &f.control),
         ("secrets", &running.secrets, &fresh.secrets),
     ] {
         if differ(a, b) {
@@ -122,6 +131,46 @@ fn restart_only_changes(running: &Config, fresh: &Config) -> Vec<&'static str> {
 pub struct Logged {
     pub decision_id: String,
     pub decision: Decision,
+    /// What it was about, redacted: for questions and the dashboard.
+    pub seen: Seen,
+}
+
+/// A hop as people are shown it: from the redacted policy input, never the request itself.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Seen {
+    pub method: String,
+    pub url: String,
+    pub scheme: String,
+    pub host: String,
+    pub port: u16,
+    pub path: String,
+    /// The guest's HELLO name and version.
+    pub guest: String,
+    pub session_id: String,
+}
+
+impl Seen {
+    fn of(input: &Value) -> Seen {
+        let request = &input["request"];
+        let text = |value: &Value| value.as_str().unwrap_or_default().to_string();
+        Seen {
+            method: text(&request["method"]),
+            url: text(&request["url"]),
+            scheme: text(&request["scheme"]),
+            host: text(&request["host"]),
+            port: request["port"]
+                .as_u64()
+                .and_then(|p| u16::try_from(p).ok())
+                .unwrap_or(0),
+            path: text(&request["path"]),
+            guest: format!(
+                "{} {}",
+                text(&input["session"]["guest"]["name"]),
+                text(&input["session"]["guest"]["version"])
+            ),
+            session_id: text(&input["session"]["id"]),
+        }
+    }
 }
 
 impl Pipeline {
@@ -162,7 +211,7 @@ impl Pipeline {
             &config.pep.audit.redact_query_params,
             key,
         );
-        let guard = AddressGuard::new(config.pep.network.allowed_cidrs.clone(), Vec::new());
+        let guard = AddressGuard::new(config.pep.network.allowed_cidrs.clone());
         let http = upstream::HttpClient::new(&config).map_err(StartError::Http)?;
         let seed = std::hash::BuildHasher::hash_one(
             &std::collections::hash_map::RandomState::new(),
@@ -170,6 +219,10 @@ impl Pipeline {
         );
         let secrets = config.secrets.clone();
         let admission = crate::limits::admission::Admission::new(&config.pep.limits);
+        let approvals = crate::approvals::Broker::new(
+            std::time::Duration::from_millis(config.pep.approvals.approval_timeout_ms),
+            config.pep.approvals.max_waiting,
+        );
         let pipeline = Pipeline {
             admission,
             secrets,
@@ -181,6 +234,9 @@ impl Pipeline {
             http,
             decision_prefix: format!("{:08x}", seed as u32),
             decisions: AtomicU64::new(0),
+            reloading: std::sync::Mutex::new(()),
+            approvals,
+            activity: crate::activity::Activity::default(),
         };
         pipeline.record(&records::Policy {
             event: records::PolicyEvent::Load,
@@ -209,11 +265,16 @@ impl Pipeline {
 
     /// Re-reads the config file and the policy bundle and puts the new bundle in service if it compiles,
     /// passes its own tests and decides a probe request; otherwise the old one keeps serving. Returns the
-    /// new revision, or `None` when nothing changed (or the config is the embedded one). Both outcomes are
-    /// audited as `policy` records.
+    /// new revision, or `None` when nothing changed. With the embedded config only the bundle is re-read
+    /// (its data can change: the approvals file). Both outcomes are audited as `policy` records.
     pub fn reload_policy(&self) -> Result<Option<String>, String> {
+        let _one_at_a_time = self
+            .reloading
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // The embedded config does not change; its bundle's data can (the approvals file).
         let Some(path) = self.config.path.as_deref() else {
-            return Ok(None);
+            return self.swap_in(load_policy(&self.config).map_err(|err| err.to_string()));
         };
         let loaded = Config::load(Some(path))
             .map_err(|err| err.to_string())
@@ -231,6 +292,11 @@ impl Pipeline {
                 }
             })
             .and_then(|fresh| load_policy(&fresh).map_err(|err| err.to_string()));
+        self.swap_in(loaded)
+    }
+
+    /// Puts a freshly loaded bundle in service (or records why not); `None` when it is the one serving.
+    fn swap_in(&self, loaded: Result<PolicyEngine, String>) -> Result<Option<String>, String> {
         let engine = match loaded {
             Ok(engine) => engine,
             Err(error) => {
@@ -265,6 +331,11 @@ impl Pipeline {
     /// decisions hold up their effect.
     pub fn record<R: AuditRecord>(&self, record: &R) {
         drop(self.audit.record(R::KIND, self.record_body(record)));
+    }
+
+    /// Queues an audit record and returns its ticket, for records an effect waits on (an answer).
+    pub fn record_ticket<R: AuditRecord>(&self, record: &R) -> crate::audit::Ticket {
+        self.audit.record(R::KIND, self.record_body(record))
     }
 
     /// A record's body with the policy revision in service.
@@ -314,6 +385,11 @@ impl Pipeline {
         Ok(prepared)
     }
 
+    /// From now on no hop may connect to `addr` (a surface of the PEP's own that just started listening).
+    pub fn add_own_surface(&self, addr: std::net::SocketAddr) {
+        self.guard.add_own(addr);
+    }
+
     /// The configured brokered secrets.
     pub fn secrets(&self) -> &crate::secrets::Secrets {
         &self.secrets
@@ -341,7 +417,7 @@ impl Pipeline {
             number: hop,
             previous,
         };
-        decide::decide_and_log(
+        let logged = decide::decide_and_log(
             &self.policy.current(),
             &self.redactor,
             &self.audit,
@@ -349,7 +425,21 @@ impl Pipeline {
             hop,
         )
         .await
-        .map_err(RequestError::from)
+        .map_err(RequestError::from)?;
+        let decision = &logged.decision;
+        self.activity
+            .count(&logged.seen.host, decision.allow, decision.ask.is_some());
+        self.activity.publish(json!({
+            "type": "decision",
+            "ts_ms": crate::activity::now_ms(),
+            "decision_id": logged.decision_id,
+            "protocol_method": method,
+            "allow": decision.allow,
+            "ask": decision.ask.is_some(),
+            "reasons": decision.reasons,
+            "request": logged.seen,
+        }));
+        Ok(logged)
     }
 
     /// The error a denied hop is answered with.
@@ -374,20 +464,41 @@ impl Pipeline {
         outcome.session_id = format!("{:016x}", caller.session_id);
         outcome.stream_id = caller.stream_id;
         outcome.method = method.to_string();
+        self.activity.publish(json!({
+            "type": "outcome",
+            "ts_ms": crate::activity::now_ms(),
+            "decision_id": outcome.decision_id,
+            "session_id": outcome.session_id,
+            "protocol_method": method,
+            "status": outcome.status,
+            "error": outcome.error,
+            "message": outcome.message,
+            "duration_ms": outcome.duration_ms,
+            "bytes": outcome.response_body.as_ref().and_then(|b| b.bytes),
+        }));
         self.record(&outcome);
     }
 }
 
 /// Loads the bundle a configuration names and checks it can serve.
 pub fn load_policy(config: &Config) -> Result<PolicyEngine, PolicyError> {
-    let bundle = Bundle::load(
+    let bundle = Bundle::load_with(
         &config.policy_root,
         &config.pep.policy.allow,
         &config.pep.policy.deny,
+        &approvals_of(config),
     )?;
     PolicyEngine::load(
         &bundle,
         &config.pep.policy.query,
         config.pep.policy.timeout_ms,
     )
+}
+
+/// The approvals settings a configuration builds its bundle with.
+pub fn approvals_of(config: &Config) -> crate::policy::Approvals {
+    crate::policy::Approvals {
+        enabled: config.pep.approvals.enabled,
+        file: Some(config.pep.approvals.file_path(&config.pep.audit)),
+    }
 }

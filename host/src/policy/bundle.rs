@@ -47,6 +47,58 @@ pub struct Bundle {
     pub data: serde_json::Value,
     /// `sha256:` and the hex digest of every file and the merged data.
     pub revision: String,
+    /// Every allow and deny entry with where it came from, in list order (`pexi policy list`).
+    pub listed: Vec<Listed>,
+}
+
+/// One entry of the merged lists and its source.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Listed {
+    /// `allow` or `deny`.
+    pub list: &'static str,
+    /// `config`, a data file's path, or the approvals file's.
+    pub source: String,
+    pub entry: Entry,
+}
+
+/// The approvals settings a bundle is built with: whether the shipped policy asks, and the file that
+/// holds the people's "always" answers (docs/approvals.md).
+#[derive(Clone, Debug, Default)]
+pub struct Approvals {
+    pub enabled: bool,
+    pub file: Option<PathBuf>,
+}
+
+/// The approvals file: entries in the data files' format, so they can be moved into `policies/data`.
+#[derive(Clone, Debug, Default, serde::Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovalsFile {
+    #[serde(default)]
+    pub allow: Vec<Entry>,
+    #[serde(default)]
+    pub deny: Vec<Entry>,
+}
+
+impl ApprovalsFile {
+    /// Reads `path`; a missing file is an empty one (nothing answered yet).
+    pub fn read(path: &Path) -> Result<ApprovalsFile, PolicyError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(ApprovalsFile::default())
+            }
+            Err(err) => {
+                return Err(PolicyError {
+                    file: path.display().to_string(),
+                    message: err.to_string(),
+                })
+            }
+        };
+        serde_json::from_str(&text).map_err(|err| PolicyError {
+            file: format!("{}:{}:{}", path.display(), err.line(), err.column()),
+            message: err.to_string(),
+        })
+    }
 }
 
 /// A `policies/data/*.json` file.
@@ -63,6 +115,17 @@ impl Bundle {
     /// Reads `root` and merges its data files after the configured entries (config.toml and
     /// PEP_ALLOWED_DOMAINS, already validated).
     pub fn load(root: &PolicyRoot, allow: &[Entry], deny: &[Entry]) -> Result<Bundle, PolicyError> {
+        Bundle::load_with(root, allow, deny, &Approvals::default())
+    }
+
+    /// As [`Bundle::load`], with the approvals file's entries merged last and `data.pexi.approvals`
+    /// telling the policy whether it may ask.
+    pub fn load_with(
+        root: &PolicyRoot,
+        allow: &[Entry],
+        deny: &[Entry],
+        approvals: &Approvals,
+    ) -> Result<Bundle, PolicyError> {
         let mut files = match root {
             PolicyRoot::Embedded => EMBEDDED
                 .iter()
@@ -80,14 +143,32 @@ impl Bundle {
                 message: "no .rego policy files".into(),
             });
         }
+        let mut listed = Vec::new();
+        let mut add = |source: &str, allow: &[Entry], deny: &[Entry]| {
+            for (list, entries) in [("allow", allow), ("deny", deny)] {
+                listed.extend(entries.iter().map(|entry| Listed {
+                    list,
+                    source: source.to_string(),
+                    entry: entry.clone(),
+                }));
+            }
+        };
+        add("config", allow, deny);
         let mut allow = allow.to_vec();
         let mut deny = deny.to_vec();
         if let PolicyRoot::Dir(dir) = root {
             for (path, file) in read_data_files(&dir.join("data"))? {
                 tracing::debug!(file = %path.display(), allow = file.allow.len(), deny = file.deny.len(), "policy data");
+                add(&path.display().to_string(), &file.allow, &file.deny);
                 allow.extend(file.allow);
                 deny.extend(file.deny);
             }
+        }
+        if let Some(path) = &approvals.file {
+            let file = ApprovalsFile::read(path)?;
+            add(&path.display().to_string(), &file.allow, &file.deny);
+            allow.extend(file.allow);
+            deny.extend(file.deny);
         }
         for entry in &allow {
             let extra = entry.methods.is_some() || entry.paths.is_some() || entry.schemes.is_some();
@@ -111,7 +192,12 @@ impl Bundle {
             });
         }
         let index = super::index::build(&allow, &deny);
-        let data = serde_json::json!({"pexi": {"allow": allow, "deny": deny, "index": index}});
+        let data = serde_json::json!({"pexi": {
+            "allow": allow,
+            "deny": deny,
+            "index": index,
+            "approvals": {"enabled": approvals.enabled},
+        }});
         let mut hash = Sha256::new();
         for (name, text) in modules.iter().chain(&tests) {
             hash.update(name.as_bytes());
@@ -126,6 +212,7 @@ impl Bundle {
             tests,
             data,
             revision,
+            listed,
         })
     }
 }

@@ -127,6 +127,15 @@ validated_string!(
 #[serde(transparent)]
 pub struct Port(u16);
 
+impl Port {
+    pub fn new(port: u16) -> Result<Port, String> {
+        if port == 0 {
+            return Err("port 0 is not in 1..=65535".into());
+        }
+        Ok(Port(port))
+    }
+}
+
 impl<'de> Deserialize<'de> for Port {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let n = i64::deserialize(deserializer)?;

@@ -20,7 +20,7 @@ mod testing;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-pub use bundle::{Bundle, PolicyRoot};
+pub use bundle::{Approvals, ApprovalsFile, Bundle, Listed, PolicyRoot};
 pub use testing::{run_tests, TestOutcome};
 
 /// The outcome of one evaluation.
@@ -34,6 +34,24 @@ pub struct Decision {
     /// Obligation: the request body may not pass this many bytes, announced or not (the PEP counts the
     /// stream); `None` leaves only `limits.max_request_bytes`.
     pub max_body_bytes: Option<u64>,
+    /// A deny that a person may overturn: the PEP holds the request and asks (docs/approvals.md). Never
+    /// set together with `allow`.
+    pub ask: Option<Ask>,
+}
+
+/// What the policy lets a person's "always" answer cover.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AskScope {
+    /// The host (with the request's scheme and port), or anything narrower.
+    Host,
+    /// Only the request's method under a path prefix of the host.
+    Path,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Ask {
+    pub scope: AskScope,
 }
 
 impl Decision {
@@ -43,6 +61,7 @@ impl Decision {
             reasons: vec![reason.into()],
             secrets: None,
             max_body_bytes: None,
+            ask: None,
         }
     }
 }
@@ -60,6 +79,8 @@ pub struct PolicyEngine {
     revision: String,
     timeout: Duration,
     vm: Option<Compiled>,
+    /// The bundle's allow and deny entries with their sources (`pexi policy list`, the dashboard).
+    listed: Vec<Listed>,
 }
 
 /// The bundle compiled for the RVM, its data, and VMs ready to run it.
@@ -187,6 +208,7 @@ impl PolicyEngine {
             revision: bundle.revision.clone(),
             timeout: Duration::from_millis(timeout_ms.max(1)),
             vm: None,
+            listed: bundle.listed.clone(),
         };
         match policy.compile_vm(bundle) {
             Ok(vm) => policy.vm = Some(vm),
@@ -208,6 +230,11 @@ impl PolicyEngine {
                 message: format!("query {} on a probe request: {message}", policy.query),
             })?;
         Ok(policy)
+    }
+
+    /// The allow and deny entries in force, with where each came from.
+    pub fn listed(&self) -> &[Listed] {
+        &self.listed
     }
 
     pub fn query(&self) -> &str {
@@ -368,7 +395,8 @@ fn probe_inputs(bundle: &Bundle) -> Vec<serde_json::Value> {
 }
 
 /// Reads a decision object strictly: exactly `allow` and `reasons`, of exactly their types, and
-/// optionally `secrets`, an array of secret names, and `max_body_bytes`, a non-negative integer.
+/// optionally `secrets`, an array of secret names, `max_body_bytes`, a non-negative integer, and `ask`,
+/// `{}` or `{"scope": "host" | "path"}` on a deny only.
 fn interpret(parsed: &regorus::Value) -> Result<Decision, String> {
     let malformed = || {
         let shown = serde_json::to_string(parsed).unwrap_or_else(|_| format!("{parsed:?}"));
@@ -392,19 +420,46 @@ fn interpret(parsed: &regorus::Value) -> Result<Decision, String> {
         None => None,
         Some(n) => Some(n.as_u64().map_err(|_| malformed())?),
     };
-    if object.len() != 2 + usize::from(secrets.is_some()) + usize::from(max_body_bytes.is_some()) {
+    let ask = match field("ask") {
+        None => None,
+        Some(ask) => Some(read_ask(ask).ok_or_else(malformed)?),
+    };
+    let expected = 2
+        + usize::from(secrets.is_some())
+        + usize::from(max_body_bytes.is_some())
+        + usize::from(ask.is_some());
+    if object.len() != expected {
         return Err(malformed());
     }
     let allow = *field("allow")
         .and_then(|value| value.as_bool().ok())
         .ok_or_else(malformed)?;
+    // "Allow, but ask" is two answers at once: ambiguous, so a deny.
+    if allow && ask.is_some() {
+        return Err(malformed());
+    }
     let reasons = field("reasons").and_then(strings).ok_or_else(malformed)?;
     Ok(Decision {
         allow,
         reasons,
         secrets,
         max_body_bytes,
+        ask,
     })
+}
+
+fn read_ask(value: &regorus::Value) -> Option<Ask> {
+    let object = value.as_object().ok()?;
+    let scope = match object.get(&regorus::Value::from("scope")) {
+        None => AskScope::Host,
+        Some(scope) => match scope.as_string().ok()?.as_ref() {
+            "host" => AskScope::Host,
+            "path" => AskScope::Path,
+            _ => return None,
+        },
+    };
+    let known = usize::from(object.contains_key(&regorus::Value::from("scope")));
+    (object.len() == known).then_some(Ask { scope })
 }
 
 /// The policy's input as a regorus value, built directly: going through serde (`Value::from` clones the
@@ -535,6 +590,7 @@ mod tests {
                 reasons: vec!["host example.com is not in the allowlist".into()],
                 secrets: None,
                 max_body_bytes: None,
+                ask: None,
             }
         );
     }
@@ -564,6 +620,7 @@ mod tests {
 
     fn custom(rego: &str) -> Result<PolicyEngine, PolicyError> {
         let bundle = Bundle {
+            listed: Vec::new(),
             modules: vec![("custom.rego".into(), rego.into())],
             tests: vec![],
             data: json!({}),
@@ -608,8 +665,38 @@ mod tests {
                 json!({"allow": true, "reasons": [], "secrets": [1]}),
                 "secret name not a string",
             ),
+            (
+                json!({"allow": true, "reasons": [], "ask": {}}),
+                "allow and ask at once",
+            ),
+            (
+                json!({"allow": false, "reasons": [], "ask": true}),
+                "ask not an object",
+            ),
+            (
+                json!({"allow": false, "reasons": [], "ask": {"scope": "everything"}}),
+                "unknown ask scope",
+            ),
+            (
+                json!({"allow": false, "reasons": [], "ask": {"scope": "host", "also": 1}}),
+                "extra key in ask",
+            ),
         ] {
             assert!(interpret(&rego_value(&json)).is_err(), "{what}");
+        }
+        for (json, scope) in [
+            (
+                json!({"allow": false, "reasons": [], "ask": {}}),
+                AskScope::Host,
+            ),
+            (
+                json!({"allow": false, "reasons": [], "ask": {"scope": "path"}}),
+                AskScope::Path,
+            ),
+        ] {
+            let decided = interpret(&rego_value(&json)).expect("a deny that asks");
+            assert_eq!(decided.ask, Some(Ask { scope }));
+            assert!(!decided.allow);
         }
         // The refusal quotes the decision on one line: it becomes a reason in the audit and the guest's error.
         assert_eq!(
@@ -698,6 +785,7 @@ mod tests {
                 reasons: vec!["body of 5000000 bytes is over 1 MiB".into()],
                 secrets: None,
                 max_body_bytes: Some(1_048_576),
+                ask: None,
             }
         );
     }
@@ -766,6 +854,7 @@ mod tests {
     #[test]
     fn an_evaluation_over_the_time_limit_is_a_deny() {
         let bundle = Bundle {
+            listed: Vec::new(),
             modules: vec![(
                 "slow.rego".into(),
                 "package pexi.http\nimport rego.v1\ndecision := {\"allow\": true, \"reasons\": []} if not input.slow\ndecision := {\"allow\": count(pairs) == 0, \"reasons\": []} if input.slow\npairs contains [x, y] if {\n\tsome x in numbers.range(1, 4000)\n\tsome y in numbers.range(1, 4000)\n\tx * y == -1\n}\n".into(),

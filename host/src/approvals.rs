@@ -1,0 +1,563 @@
+//! Questions to a person (docs/approvals.md): a request the policy answered with `ask` is held here until
+//! someone answers, the question times out, or every request waiting on it goes away. Identical requests
+//! (same method and canonical URL) waiting at the same time share one question. This module only keeps
+//! the questions and hands answers to the requests that wait; the pipeline (`pipeline/approve.rs`) audits,
+//! writes "always" answers into the approvals file and reloads the policy.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::policy::entries::{Entry, MethodName, PathPrefix, Port, Scheme};
+use crate::policy::{ApprovalsFile, AskScope};
+
+/// A waiting question, as `pexi approve` and the dashboard show it. Everything in it is redacted.
+#[derive(Clone, Debug, Serialize)]
+pub struct Question {
+    pub id: String,
+    /// The HTTP method.
+    pub method: String,
+    /// Canonical and redacted.
+    pub url: String,
+    pub scheme: String,
+    pub host: String,
+    pub port: u16,
+    pub path: String,
+    /// The guest's HELLO name and version, and its session.
+    pub guest: String,
+    pub session_id: String,
+    /// The policy's reasons for asking.
+    pub reasons: Vec<String>,
+    pub scope: AskScope,
+    /// When it was asked, and when it is denied unanswered (milliseconds since the epoch).
+    pub asked_ms: u64,
+    pub deadline_ms: u64,
+    /// Requests waiting on it, and their decisions.
+    pub waiting: usize,
+    pub decision_ids: Vec<String>,
+}
+
+/// A person's answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Answer {
+    AllowOnce,
+    /// `path_prefix`: only the request's method under this prefix (else the whole host).
+    AllowAlways {
+        path_prefix: Option<String>,
+    },
+    DenyOnce,
+    DenyAlways {
+        path_prefix: Option<String>,
+    },
+}
+
+impl Answer {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Answer::AllowOnce => "allow_once",
+            Answer::AllowAlways { .. } => "allow_always",
+            Answer::DenyOnce => "deny_once",
+            Answer::DenyAlways { .. } => "deny_always",
+        }
+    }
+
+    pub fn allows(&self) -> bool {
+        matches!(self, Answer::AllowOnce | Answer::AllowAlways { .. })
+    }
+
+    /// Parses the wire form: `allow_once`, `allow_always`, `deny_once`, `deny_always`.
+    pub fn parse(name: &str, path_prefix: Option<String>) -> Result<Answer, String> {
+        match (name, path_prefix) {
+            ("allow_once", None) => Ok(Answer::AllowOnce),
+            ("deny_once", None) => Ok(Answer::DenyOnce),
+            ("allow_always", path_prefix) => Ok(Answer::AllowAlways { path_prefix }),
+            ("deny_always", path_prefix) => Ok(Answer::DenyAlways { path_prefix }),
+            ("allow_once" | "deny_once", Some(_)) => Err(format!(
+                "{name} takes no path_prefix: a once answer writes no entry"
+            )),
+            (other, _) => Err(format!(
+                "answer {other:?} is not allow_once, allow_always, deny_once or deny_always"
+            )),
+        }
+    }
+}
+
+/// How a question ended, as the requests waiting on it see it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settled {
+    pub allow: bool,
+    /// `allow_once` ... `deny_always`, `no_answer`.
+    pub answer: String,
+    /// The reason a denied request is given.
+    pub reason: String,
+}
+
+/// Why a request could not wait for a person.
+#[derive(Debug, thiserror::Error)]
+pub enum AskError {
+    #[error("{0} questions are already waiting for a person (pep.approvals.max_waiting); denied without asking")]
+    TooManyWaiting(usize),
+}
+
+/// Why an answer was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum AnswerError {
+    #[error("question {0} is not waiting (answered, timed out, or its requests went away)")]
+    NotWaiting(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl AnswerError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            AnswerError::NotWaiting(_) => "not_waiting",
+            AnswerError::Invalid(_) => "invalid_answer",
+        }
+    }
+}
+
+struct Open {
+    question: Question,
+    key: (String, String),
+    settle: watch::Sender<Option<Settled>>,
+    /// An answer is being carried out (its entry written, its record made durable): no other answer is
+    /// taken, and requests still join it.
+    settling: bool,
+}
+
+#[derive(Default)]
+struct State {
+    open: HashMap<String, Open>,
+    by_key: HashMap<(String, String), String>,
+}
+
+pub struct Broker {
+    timeout: Duration,
+    max_waiting: usize,
+    prefix: String,
+    next: AtomicU64,
+    state: Mutex<State>,
+}
+
+/// What a held request asks about (from its redacted policy input).
+pub struct Asking {
+    pub method: String,
+    pub url: String,
+    pub scheme: String,
+    pub host: String,
+    pub port: u16,
+    pub path: String,
+    pub guest: String,
+    pub session_id: String,
+    pub reasons: Vec<String>,
+    pub scope: AskScope,
+    pub decision_id: String,
+}
+
+/// A request's place in a question.
+pub struct Place {
+    pub question: Question,
+    /// Whether this request opened the question (the others joined it).
+    pub opened: bool,
+    settled: watch::Receiver<Option<Settled>>,
+    deadline: tokio::time::Instant,
+}
+
+impl Place {
+    /// Waits for the answer; `None` once the deadline passed without one.
+    pub async fn answer(&mut self) -> Option<Settled> {
+        let waited = tokio::time::timeout_at(self.deadline, self.settled.wait_for(Option::is_some));
+        match waited.await {
+            Ok(Ok(settled)) => settled.clone(),
+            // The sender went away without an answer: only when the broker is gone.
+            Ok(Err(_)) | Err(_) => None,
+        }
+    }
+
+    /// Waits up to `limit` more for an answer being carried out after the deadline.
+    pub async fn answer_within(&mut self, limit: Duration) -> Option<Settled> {
+        self.deadline = tokio::time::Instant::now() + limit;
+        self.answer().await
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+impl Broker {
+    pub fn new(timeout: Duration, max_waiting: usize) -> Broker {
+        let seed = std::hash::BuildHasher::hash_one(
+            &std::collections::hash_map::RandomState::new(),
+            std::process::id(),
+        );
+        Broker {
+            timeout,
+            max_waiting,
+            prefix: format!("q{:06x}", seed as u32 & 0x00ff_ffff),
+            next: AtomicU64::new(1),
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Opens a question for `asking`, or joins the identical one already waiting.
+    pub fn ask(&self, asking: Asking) -> Result<Place, AskError> {
+        let key = (asking.method.clone(), asking.url.clone());
+        let mut state = self.state();
+        if let Some(id) = state.by_key.get(&key).cloned() {
+            if let Some(open) = state.open.get_mut(&id) {
+                open.question.waiting += 1;
+                open.question.decision_ids.push(asking.decision_id);
+                let remaining = open.question.deadline_ms.saturating_sub(now_ms());
+                return Ok(Place {
+                    question: open.question.clone(),
+                    opened: false,
+                    settled: open.settle.subscribe(),
+                    deadline: tokio::time::Instant::now() + Duration::from_millis(remaining),
+                });
+            }
+        }
+        if state.open.len() >= self.max_waiting {
+            return Err(AskError::TooManyWaiting(state.open.len()));
+        }
+        let id = format!(
+            "{}-{:04}",
+            self.prefix,
+            self.next.fetch_add(1, Ordering::Relaxed)
+        );
+        let asked_ms = now_ms();
+        let question = Question {
+            id: id.clone(),
+            method: asking.method,
+            url: asking.url,
+            scheme: asking.scheme,
+            host: asking.host,
+            port: asking.port,
+            path: asking.path,
+            guest: asking.guest,
+            session_id: asking.session_id,
+            reasons: asking.reasons,
+            scope: asking.scope,
+            asked_ms,
+            deadline_ms: asked_ms + u64::try_from(self.timeout.as_millis()).unwrap_or(u64::MAX),
+            waiting: 1,
+            decision_ids: vec![asking.decision_id],
+        };
+        let (settle, settled) = watch::channel(None);
+        state.by_key.insert(key.clone(), id.clone());
+        state.open.insert(
+            id,
+            Open {
+                question: question.clone(),
+                key,
+                settle,
+                settling: false,
+            },
+        );
+        Ok(Place {
+            question,
+            opened: true,
+            settled,
+            deadline: tokio::time::Instant::now() + self.timeout,
+        })
+    }
+
+    /// The questions waiting now, oldest first.
+    pub fn waiting(&self) -> Vec<Question> {
+        let mut questions: Vec<Question> = self
+            .state()
+            .open
+            .values()
+            .filter(|open| !open.settling)
+            .map(|open| open.question.clone())
+            .collect();
+        questions.sort_by(|a, b| a.asked_ms.cmp(&b.asked_ms).then(a.id.cmp(&b.id)));
+        questions
+    }
+
+    /// Takes the question for one answer: no other answer is accepted from now on. Returns it as it
+    /// stands (every request waiting on it).
+    pub fn begin(&self, id: &str) -> Result<Question, AnswerError> {
+        let mut state = self.state();
+        match state.open.get_mut(id) {
+            Some(open) if !open.settling => {
+                open.settling = true;
+                Ok(open.question.clone())
+            }
+            _ => Err(AnswerError::NotWaiting(id.to_string())),
+        }
+    }
+
+    /// Lets a question taken with [`Broker::begin`] be answered again (its answer could not be carried
+    /// out).
+    pub fn abandon(&self, id: &str) {
+        if let Some(open) = self.state().open.get_mut(id) {
+            open.settling = false;
+        }
+    }
+
+    /// Ends a question: every request waiting on it gets `settled`. Returns the question as it ended.
+    pub fn finish(&self, id: &str, settled: Settled) -> Option<Question> {
+        let mut state = self.state();
+        let open = state.open.remove(id)?;
+        state.by_key.remove(&open.key);
+        open.settle.send_replace(Some(settled));
+        Some(open.question)
+    }
+
+    /// A waiting request went away (its stream was cancelled). When it was the last one and no answer is
+    /// being carried out, the question is withdrawn and returned.
+    pub fn leave(&self, id: &str) -> Option<Question> {
+        let mut state = self.state();
+        let open = state.open.get_mut(id)?;
+        open.question.waiting = open.question.waiting.saturating_sub(1);
+        if open.question.waiting > 0 || open.settling {
+            return None;
+        }
+        let open = state.open.remove(id)?;
+        state.by_key.remove(&open.key);
+        Some(open.question)
+    }
+}
+
+/// The entry an "always" answer writes, and its list: the question's host with its scheme and port (and
+/// with a path prefix, the method too), so it covers the request asked about and nothing wider than the
+/// policy's `scope` lets it.
+pub fn entry_for(question: &Question, answer: &Answer) -> Result<(&'static str, Entry), String> {
+    let (list, path_prefix) = match answer {
+        Answer::AllowAlways { path_prefix } => ("allow", path_prefix),
+        Answer::DenyAlways { path_prefix } => ("deny", path_prefix),
+        Answer::AllowOnce | Answer::DenyOnce => return Err("a once answer writes no entry".into()),
+    };
+    if question.scope == AskScope::Path && path_prefix.is_none() {
+        return Err(format!(
+            "the policy lets an always answer about {} cover a path prefix only: give path_prefix",
+            question.host
+        ));
+    }
+    // An exact name, or for an IP literal the address itself: never a wildcard.
+    let mut entry = Entry::host(&question.host)?;
+    entry.ports = Some(vec![Port::new(question.port)?]);
+    entry.schemes = Some(vec![Scheme::parse(&question.scheme)?]);
+    if let Some(prefix) = path_prefix {
+        let prefix = PathPrefix::parse(prefix)?;
+        if !covers(prefix.as_str(), &question.path) {
+            return Err(format!(
+                "path_prefix {:?} does not cover the request's path {:?}",
+                prefix.as_str(),
+                question.path
+            ));
+        }
+        entry.paths = Some(vec![prefix]);
+        entry.methods = Some(vec![MethodName::parse(&question.method)?]);
+    }
+    Ok((list, entry))
+}
+
+/// The policy's prefix rule (`path_has_prefix` in `policies/pexi/http.rego`).
+fn covers(prefix: &str, path: &str) -> bool {
+    path == prefix
+        || (prefix.ends_with('/') && path.starts_with(prefix))
+        || (!prefix.ends_with('/')
+            && path.starts_with(prefix)
+            && path.as_bytes().get(prefix.len()) == Some(&b'/'))
+}
+
+/// Adds `entry` to `list` of the approvals file at `path` (unless it is there already), atomically: the
+/// file is written beside, synced and renamed over the old one, so a reader sees the old file or the new,
+/// never half of one. Returns whether it was added.
+pub fn add_to_file(path: &Path, list: &str, entry: &Entry) -> Result<bool, String> {
+    let mut file = ApprovalsFile::read(path).map_err(|err| err.to_string())?;
+    let entries = if list == "allow" {
+        &mut file.allow
+    } else {
+        &mut file.deny
+    };
+    if entries.contains(entry) {
+        return Ok(false);
+    }
+    entries.push(entry.clone());
+    let text = serde_json::to_string_pretty(&file).map_err(|err| err.to_string())? + "\n";
+    write_atomically(path, text.as_bytes())
+        .map_err(|err| format!("cannot write {}: {err}", path.display()))?;
+    Ok(true)
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let mut name = path.file_name().unwrap_or_default().to_owned();
+    name.push(format!(".{}.tmp", std::process::id()));
+    let temporary = dir.join(name);
+    let result = (|| {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&temporary)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&temporary, path)?;
+        std::fs::File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&temporary);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn asking(url: &str, decision: &str) -> Asking {
+        let parsed = url::Url::parse(url).expect("url");
+        Asking {
+            method: "GET".into(),
+            url: url.into(),
+            scheme: parsed.scheme().into(),
+            host: parsed.host_str().unwrap_or_default().into(),
+            port: parsed.port_or_known_default().unwrap_or(0),
+            path: parsed.path().into(),
+            guest: "g 1".into(),
+            session_id: "s".into(),
+            reasons: vec!["host is not in the allowlist".into()],
+            scope: AskScope::Host,
+            decision_id: decision.into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn identical_requests_share_one_question_and_one_answer() {
+        let broker = Broker::new(Duration::from_secs(30), 8);
+        let mut first = broker
+            .ask(asking("https://a.example/x", "d1"))
+            .expect("ask");
+        let mut second = broker
+            .ask(asking("https://a.example/x", "d2"))
+            .expect("ask");
+        let other = broker
+            .ask(asking("https://a.example/y", "d3"))
+            .expect("ask");
+        assert!(first.opened && !second.opened && other.opened);
+        assert_eq!(first.question.id, second.question.id);
+        let waiting = broker.waiting();
+        assert_eq!(waiting.len(), 2);
+        assert_eq!(waiting[0].waiting, 2);
+        assert_eq!(waiting[0].decision_ids, ["d1", "d2"]);
+        let taken = broker.begin(&first.question.id).expect("begin");
+        assert!(broker.begin(&first.question.id).is_err(), "one answer only");
+        assert_eq!(taken.waiting, 2);
+        let settled = Settled {
+            allow: true,
+            answer: "allow_once".into(),
+            reason: String::new(),
+        };
+        broker.finish(&taken.id, settled.clone());
+        assert_eq!(first.answer().await, Some(settled.clone()));
+        assert_eq!(second.answer().await, Some(settled));
+        assert_eq!(broker.waiting().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_question_without_an_answer_ends_at_its_deadline() {
+        let broker = Broker::new(Duration::from_millis(50), 8);
+        let mut place = broker.ask(asking("https://a.example/", "d1")).expect("ask");
+        assert_eq!(place.answer().await, None);
+    }
+
+    #[test]
+    fn questions_are_bounded_and_withdrawn_when_nobody_waits() {
+        let broker = Broker::new(Duration::from_secs(30), 2);
+        let a = broker.ask(asking("https://a.example/", "d1")).expect("ask");
+        let _b = broker.ask(asking("https://b.example/", "d2")).expect("ask");
+        assert!(matches!(
+            broker.ask(asking("https://c.example/", "d3")),
+            Err(AskError::TooManyWaiting(2))
+        ));
+        // Joining an open question needs no new place.
+        let a2 = broker
+            .ask(asking("https://a.example/", "d4"))
+            .expect("join");
+        assert!(broker.leave(&a.question.id).is_none(), "one still waits");
+        assert!(broker.leave(&a2.question.id).is_some(), "withdrawn");
+        assert!(broker.ask(asking("https://c.example/", "d5")).is_ok());
+    }
+
+    #[test]
+    fn always_entries_cover_the_request_and_no_more_than_the_scope() {
+        let mut question = broker_question("https://api.example.com:8443/v1/chat/x");
+        let (list, entry) =
+            entry_for(&question, &Answer::AllowAlways { path_prefix: None }).expect("entry");
+        assert_eq!(list, "allow");
+        assert_eq!(
+            serde_json::to_value(&entry).expect("json"),
+            serde_json::json!({"host": "api.example.com", "ports": [8443], "schemes": ["https"]})
+        );
+        let (_, entry) = entry_for(
+            &question,
+            &Answer::DenyAlways {
+                path_prefix: Some("/v1/".into()),
+            },
+        )
+        .expect("entry");
+        assert_eq!(
+            serde_json::to_value(&entry).expect("json"),
+            serde_json::json!({"host": "api.example.com", "ports": [8443], "methods": ["GET"],
+                "paths": ["/v1/"], "schemes": ["https"]})
+        );
+        for prefix in ["/v2/", "/v1/ch", "/v1/chat/x/y"] {
+            assert!(
+                entry_for(
+                    &question,
+                    &Answer::AllowAlways {
+                        path_prefix: Some(prefix.into())
+                    }
+                )
+                .is_err(),
+                "{prefix} does not cover /v1/chat/x"
+            );
+        }
+        question.scope = AskScope::Path;
+        assert!(entry_for(&question, &Answer::AllowAlways { path_prefix: None }).is_err());
+    }
+
+    fn broker_question(url: &str) -> Question {
+        Broker::new(Duration::from_secs(1), 1)
+            .ask(asking(url, "d"))
+            .expect("ask")
+            .question
+    }
+
+    #[test]
+    fn entries_are_added_once_to_a_private_file() {
+        let dir = std::env::temp_dir().join(format!("pexi-approvals-{}", std::process::id()));
+        let path = dir.join("approvals.json");
+        let _ = std::fs::remove_dir_all(&dir);
+        let entry = Entry::host("a.example").expect("entry");
+        assert!(add_to_file(&path, "allow", &entry).expect("add"));
+        assert!(!add_to_file(&path, "allow", &entry).expect("again"));
+        assert!(add_to_file(&path, "deny", &entry).expect("deny"));
+        let file = ApprovalsFile::read(&path).expect("read");
+        assert_eq!((file.allow.len(), file.deny.len()), (1, 1));
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
