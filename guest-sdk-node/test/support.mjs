@@ -52,7 +52,7 @@ export function tempDir(tag) {
  * `[[secrets]]` tables (their values come from `env`, the PEP's own environment). Its stderr also goes to
  * `pep.log` in its folder.
  */
-export async function startPep({ allow = [], tag = 'pep', env = {}, secrets = [], dnsOverrides = {}, extraCaFile = null } = {}) {
+export async function startPep({ allow = [], tag = 'pep', env = {}, secrets = [], dnsOverrides = {}, extraCaFile = null, approvals = null } = {}) {
   const dir = tempDir(tag);
   const socket = path.join(dir, 'pep.sock');
   const audit = path.join(dir, 'audit.jsonl');
@@ -73,6 +73,11 @@ export async function startPep({ allow = [], tag = 'pep', env = {}, secrets = []
   config = replace(config, '[pep.network.dns_overrides]\n', `[pep.network.dns_overrides]\n${overrides}`);
   if (extraCaFile) {
     config = replace(config, 'extra_ca_file = ""', `extra_ca_file = ${JSON.stringify(extraCaFile)}`);
+  }
+  if (approvals) {
+    // [pep.approvals]: the shipped policy asks a person about unlisted hosts (docs/approvals.md).
+    config = replace(config, '\nenabled = false\n', '\nenabled = true\n');
+    config = replace(config, 'approval_timeout_ms = 120000', `approval_timeout_ms = ${approvals.timeoutMs ?? 120000}`);
   }
   for (const entry of allow) {
     config += `\n[[pep.policy.allow]]\nhost = ${JSON.stringify(entry.host)}\n`;
@@ -117,6 +122,8 @@ export async function startPep({ allow = [], tag = 'pep', env = {}, secrets = []
     socket,
     endpoint: `unix:${socket}`,
     auditPath: audit,
+    /** The control socket (docs/approvals.md): beside the audit log. */
+    controlSocket: path.join(dir, 'control.sock'),
     stderr: () => stderr,
     /** Parsed audit records written so far. */
     records() {

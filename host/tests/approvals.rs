@@ -303,3 +303,184 @@ async fn a_guest_cannot_reach_the_dashboard_even_when_loopback_is_allowed() {
     });
     assert_eq!(refused["host"], "dash.test");
 }
+
+/// `pexi approve` on a real terminal (a pty): what it shows, and what its keys do.
+struct Terminal {
+    child: std::process::Child,
+    keys: std::fs::File,
+    screen: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Terminal {
+    fn start(config: &std::path::Path) -> Terminal {
+        use std::os::fd::OwnedFd;
+        let pty = nix::pty::openpty(None, None).expect("openpty");
+        let slave = |fd: &OwnedFd| std::process::Stdio::from(fd.try_clone().expect("dup"));
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_pexi"))
+            .args(["approve", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "warn")
+            .stdin(slave(&pty.slave))
+            .stdout(slave(&pty.slave))
+            .stderr(slave(&pty.slave))
+            .spawn()
+            .expect("spawn pexi approve");
+        drop(pty.slave);
+        let master = std::fs::File::from(pty.master);
+        let keys = master.try_clone().expect("dup master");
+        let screen = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let shown = screen.clone();
+        std::thread::spawn(move || {
+            use std::io::Read;
+            let mut master = master;
+            let mut buffer = [0u8; 4096];
+            while let Ok(n) = master.read(&mut buffer) {
+                if n == 0 {
+                    break;
+                }
+                shown
+                    .lock()
+                    .expect("screen")
+                    .push_str(&String::from_utf8_lossy(&buffer[..n]));
+            }
+        });
+        Terminal {
+            child,
+            keys,
+            screen,
+        }
+    }
+
+    /// Waits until the screen shows `text` after byte `from`, and returns where it ends.
+    async fn wait_for(&self, text: &str, from: usize) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            {
+                let screen = self.screen.lock().expect("screen");
+                if let Some(at) = screen.get(from..).and_then(|s| s.find(text)) {
+                    return from + at + text.len();
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the terminal never showed {text:?}; it shows:\n{}",
+                    &screen[from.min(screen.len())..]
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    fn press(&mut self, key: &str) {
+        use std::io::Write;
+        self.keys.write_all(key.as_bytes()).expect("key");
+    }
+}
+
+impl Drop for Terminal {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pexi_approve_answers_with_single_keys_shares_questions_and_lets_timeouts_deny() {
+    if !support::in_isolated_netns(
+        "pexi_approve_answers_with_single_keys_shares_questions_and_lets_timeouts_deny",
+    ) {
+        return;
+    }
+    let api = Upstream::http("127.0.0.1").await;
+    let pep = asking_pep(4_000);
+    let mut terminal = Terminal::start(&pep.dir.join("config.toml"));
+    let mut at = terminal.wait_for("waiting for questions", 0).await;
+
+    // One request, answered "allow once" with `a`.
+    let once = format!("http://new.test:{}/headers", api.port());
+    let mut guest = pep.guest().await;
+    let held = {
+        let url = once.clone();
+        tokio::spawn(async move { guest.call(get(url), b"").await })
+    };
+    at = terminal.wait_for(&once, at).await;
+    at = terminal.wait_for("1 request(s) waiting", at).await;
+    terminal.press("a");
+    at = terminal.wait_for("-> allow_once", at).await;
+    let reply = held.await.expect("held");
+    assert_eq!(reply.status(), 200, "{:?}", reply.error);
+
+    // Two identical requests: one question, and `d` denies both.
+    let shared = format!("http://new.test:{}/echo", api.port());
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut guest = pep.guest().await;
+        let url = shared.clone();
+        held.push(tokio::spawn(async move { guest.call(get(url), b"").await }));
+    }
+    at = terminal.wait_for("2 request(s) waiting", at).await;
+    terminal.press("d");
+    at = terminal.wait_for("-> deny_once", at).await;
+    for request in held {
+        let reply = request.await.expect("held");
+        let error = reply.error.expect("denied");
+        assert!(
+            error
+                .details
+                .reasons
+                .iter()
+                .any(|r| r.contains("through terminal (deny_once)")),
+            "{error:?}"
+        );
+    }
+
+    // Nobody presses a key: the deadline denies.
+    let ignored = format!("http://new.test:{}/status", api.port());
+    let mut guest = pep.guest().await;
+    let reply = {
+        let url = ignored.clone();
+        tokio::spawn(async move { guest.call(get(url), b"").await })
+    };
+    at = terminal.wait_for(&ignored, at).await;
+    let reply = reply.await.expect("held");
+    let error = reply.error.expect("denied unanswered");
+    assert!(
+        error
+            .details
+            .reasons
+            .iter()
+            .any(|r| r.starts_with("no answer")),
+        "{error:?}"
+    );
+    terminal.wait_for("no question is waiting", at).await;
+
+    assert_eq!(api.hits().len(), 1, "only the allowed request went out");
+    let answers: Vec<Value> = pep
+        .audit_records()
+        .into_iter()
+        .filter(|r| r["kind"] == "approval_answer")
+        .collect();
+    let summary: Vec<(&str, &str, usize)> = answers
+        .iter()
+        .map(|a| {
+            (
+                a["answer"].as_str().unwrap_or_default(),
+                a["surface"].as_str().unwrap_or_default(),
+                a["decision_ids"].as_array().map_or(0, Vec::len),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("allow_once", "terminal", 1),
+            ("deny_once", "terminal", 2),
+            ("no_answer", "pep", 1)
+        ]
+    );
+    terminal.press("q");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while terminal.child.try_wait().expect("wait").is_none() {
+        assert!(Instant::now() < deadline, "q did not end pexi approve");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}

@@ -8,7 +8,7 @@
 //! | `GET /api/events` | server-sent events: `decision`, `outcome`, `question`, `answer` (recent ones first), `lagged` |
 //! | `GET /api/entries` | the allow and deny entries in force, with their sources |
 //! | `GET /api/hosts` | decisions per host: allowed, denied, asked |
-//! | `GET /api/audit` | the audit chain's verification, at most every few seconds |
+//! | `GET /api/audit` | the audit chain's verification (a result is reused while the log has not grown, 5 s at most) |
 //! | `GET /api/dashboard` | the dashboard's URL with its token (the socket only) |
 //!
 //! Errors are `{"error": {"code", "message"}}` with a stable code.
@@ -60,6 +60,7 @@ pub fn router(state: State) -> Router {
         .route("/", get(page::index))
         .route("/app.js", get(page::script))
         .route("/style.css", get(page::style))
+        .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
         .route("/api/status", get(status))
         .route("/api/questions", get(questions))
         .route("/api/questions/{id}/answer", post(answer))
@@ -206,17 +207,19 @@ async fn hosts(Shared(state): Shared<State>) -> Json<Value> {
 }
 
 async fn audit(Shared(state): Shared<State>) -> Json<Value> {
-    // One verification at a time; a fresh result is shared.
+    // One verification at a time; a recent result of the log as it still is (same length) is shared.
     let mut cached = state.audit.lock().await;
+    let config = state.pipeline.config.pep.audit.clone();
+    let length = std::fs::metadata(&config.path).map_or(0, |m| m.len());
     if let Some((at, report)) = cached.as_ref() {
-        if at.elapsed() < AUDIT_FRESH {
+        if at.elapsed() < AUDIT_FRESH && report["bytes"] == length {
             return Json(report.clone());
         }
     }
-    let config = state.pipeline.config.pep.audit.clone();
-    let report = tokio::task::spawn_blocking(move || verify(&config))
+    let mut report = tokio::task::spawn_blocking(move || verify(&config))
         .await
         .unwrap_or_else(|err| json!({"ok": false, "problem": err.to_string()}));
+    report["bytes"] = json!(length);
     *cached = Some((Instant::now(), report.clone()));
     Json(report)
 }

@@ -59,6 +59,11 @@ function onDecision(event) {
   }
 }
 
+let hostsDue = null;
+function refreshHostsSoon() {
+  if (hostsDue === null) hostsDue = setTimeout(() => { hostsDue = null; loadHosts(); }, 300);
+}
+
 function onOutcome(event) {
   const row = rows.get(event.decision_id);
   if (!row) return;
@@ -146,7 +151,11 @@ function onAnswer(event) {
     questions.delete(event.question_id);
     updateQuestionCount();
   }
-  if (event.answer.endsWith("_always")) loadEntries();
+  if (event.answer.endsWith("_always")) {
+    // The entry is in force: a new policy revision and one more entry.
+    loadEntries();
+    loadStatus();
+  }
 }
 
 function updateQuestionCount() {
@@ -213,7 +222,7 @@ async function loadStatus() {
 
 function connect() {
   const source = new EventSource("/api/events");
-  source.addEventListener("decision", (e) => onDecision(JSON.parse(e.data)));
+  source.addEventListener("decision", (e) => { onDecision(JSON.parse(e.data)); refreshHostsSoon(); });
   source.addEventListener("outcome", (e) => onOutcome(JSON.parse(e.data)));
   source.addEventListener("question", (e) => { const q = JSON.parse(e.data).question; if (q) showQuestion(q); });
   source.addEventListener("answer", (e) => onAnswer(JSON.parse(e.data)));

@@ -7,6 +7,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use pexi_protocol::payload::{HttpRequest, Implementation};
 
+mod people;
+
 use crate::config::{Config, Listen};
 use crate::pipeline::{Caller, Pipeline};
 
@@ -53,6 +55,18 @@ enum Command {
         config: Option<PathBuf>,
         /// One of socket, audit, checkpoints, public_key, state_dir, runtime_dir; all of them when left out.
         which: Option<String>,
+    },
+    /// Answer the questions a running PEP holds for a person (docs/approvals.md), one key per answer:
+    /// a allow once, A allow always, p allow always for this method under the request's folder, d deny
+    /// once, D deny always, P deny always for the path, n next question, q quit.
+    Approve {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Print the address of the running PEP's dashboard, with this start's token.
+    Ui {
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// Work with policy bundles.
     Policy {
@@ -269,6 +283,14 @@ enum PolicyCommand {
         #[arg(default_value = "policies")]
         dir: PathBuf,
     },
+    /// List every allow and deny entry in force (config, data files, the approvals file) with its source.
+    List {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// One JSON document instead of lines.
+        #[arg(long)]
+        json: bool,
+    },
     /// Evaluate the configured query for the input document in FILE and print the whole result.
     Eval {
         #[arg(long)]
@@ -313,6 +335,11 @@ pub fn main() -> ExitCode {
             url,
         } => check(config, audit, method, url),
         Command::Paths { config, which } => paths(config, which),
+        Command::Approve { config } => people::approve(config),
+        Command::Ui { config } => people::ui(config),
+        Command::Policy {
+            command: PolicyCommand::List { config, json },
+        } => people::policy_list(config, json),
         Command::Policy {
             command: PolicyCommand::Test { dir },
         } => policy_test(&dir),
