@@ -120,11 +120,51 @@ async fn an_always_answer_lets_the_held_request_go_and_the_next_one_through_with
         "{entries}"
     );
 
+    // Removing the entry from the approvals file revokes it: after the hot reload the host is asked
+    // about again.
+    std::fs::write(pep.dir.join("approvals.json"), r#"{"allow": []}"#).expect("revoke");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, entries) = client.get("/api/entries").await.expect("entries");
+        if !entries.to_string().contains("new.test") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the revocation was not reloaded: {entries}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut guest = pep.guest().await;
+    let asked_again = {
+        let url = url.clone();
+        tokio::spawn(async move { guest.call(get(url), b"").await })
+    };
+    let again = questions(&client, 1).await;
+    let again_id = again[0]["id"].as_str().expect("id").to_string();
+    client
+        .post(
+            &format!("/api/questions/{again_id}/answer"),
+            &json!({"answer": "deny_once"}),
+        )
+        .await
+        .expect("answer");
+    let reply = asked_again.await.expect("asked again");
+    assert_eq!(
+        reply.error.as_ref().map(|e| e.code.as_str()),
+        Some("policy_denied")
+    );
+    assert_eq!(api.hits().len(), 2, "the revoked host got nothing more");
+
     // The audit: the asking decision, the question, the answer (who, through what), the later allow.
-    let question_record = pep.wait_record("the question", |r| r["kind"] == "approval_question");
+    let question_record = pep.wait_record("the question", |r| {
+        r["kind"] == "approval_question" && r["question_id"] == id
+    });
     assert_eq!(question_record["question_id"], id);
     assert_eq!(question_record["url"], url.as_str());
-    let answer = pep.wait_record("the answer", |r| r["kind"] == "approval_answer");
+    let answer = pep.wait_record("the answer", |r| {
+        r["kind"] == "approval_answer" && r["question_id"] == id
+    });
     assert_eq!(answer["answer"], "allow_always");
     assert_eq!(answer["surface"], "control");
     assert!(
@@ -142,7 +182,7 @@ async fn an_always_answer_lets_the_held_request_go_and_the_next_one_through_with
         .into_iter()
         .filter(|r| r["kind"] == "decision")
         .collect();
-    assert_eq!(decisions.len(), 2, "{decisions:?}");
+    assert_eq!(decisions.len(), 3, "{decisions:?}");
     assert_eq!(decisions[0]["decision_id"], asked_id);
     assert_eq!(decisions[0]["decision"]["allow"], false);
     assert_eq!(decisions[0]["decision"]["ask"], json!({"scope": "host"}));
