@@ -394,3 +394,39 @@ fn logs_written_to_a_pipe_or_file_are_plain_text() {
     assert!(stderr.contains("listening"), "{stderr}");
     assert!(!stderr.contains('\u{1b}'), "escape codes in {stderr:?}");
 }
+
+#[test]
+fn policy_list_shows_every_entry_with_its_source_the_approvals_file_included() {
+    let dir = support::temp_dir("cli-list");
+    // PEP_AUDIT_LOG puts the log (and so the approvals file beside it) in `dir`.
+    let none = pexi(&["policy", "list"], &[], &dir);
+    assert!(none.status.success(), "{}", text(&none.stderr));
+    assert_eq!(text(&none.stdout), "no entries: everything is denied\n");
+    std::fs::write(
+        dir.join("approvals.json"),
+        r#"{"allow": [{"host": "new.example", "ports": [443], "schemes": ["https"]}], "deny": [{"host": "bad.example"}]}"#,
+    )
+    .expect("approvals file");
+    let listed = pexi(
+        &["policy", "list"],
+        &[("PEP_ALLOWED_DOMAINS", "api.example")],
+        &dir,
+    );
+    assert!(listed.status.success(), "{}", text(&listed.stderr));
+    let file = dir.join("approvals.json").display().to_string();
+    assert_eq!(
+        text(&listed.stdout),
+        format!(
+            "allow  {{\"host\":\"api.example\"}}  (config)\n\
+             allow  {{\"host\":\"new.example\",\"ports\":[443],\"schemes\":[\"https\"]}}  ({file})\n\
+             deny   {{\"host\":\"bad.example\"}}  ({file})\n"
+        )
+    );
+    // An entry that does not validate fails the listing as it fails a load, naming the file.
+    std::fs::write(dir.join("approvals.json"), r#"{"allow": [{"host": "*.*"}]}"#)
+        .expect("approvals file");
+    let bad = pexi(&["policy", "list"], &[], &dir);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(text(&bad.stderr).contains("approvals.json"), "{}", text(&bad.stderr));
+    std::fs::remove_dir_all(&dir).expect("cleanup");
+}
