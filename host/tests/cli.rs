@@ -423,10 +423,17 @@ fn policy_list_shows_every_entry_with_its_source_the_approvals_file_included() {
         )
     );
     // An entry that does not validate fails the listing as it fails a load, naming the file.
-    std::fs::write(dir.join("approvals.json"), r#"{"allow": [{"host": "*.*"}]}"#)
-        .expect("approvals file");
+    std::fs::write(
+        dir.join("approvals.json"),
+        r#"{"allow": [{"host": "*.*"}]}"#,
+    )
+    .expect("approvals file");
     let bad = pexi(&["policy", "list"], &[], &dir);
     assert_eq!(bad.status.code(), Some(2));
-    assert!(text(&bad.stderr).contains("approvals.json"), "{}", text(&bad.stderr));
+    assert!(
+        text(&bad.stderr).contains("approvals.json"),
+        "{}",
+        text(&bad.stderr)
+    );
     std::fs::remove_dir_all(&dir).expect("cleanup");
 }
