@@ -102,6 +102,8 @@ pub struct Settled {
 pub enum AskError {
     #[error("{0} questions are already waiting for a person (pep.approvals.max_waiting); denied without asking")]
     TooManyWaiting(usize),
+    #[error("this session already has {0} questions waiting for a person (a quarter of pep.approvals.max_waiting); denied without asking")]
+    TooManyFromSession(usize),
 }
 
 /// Why an answer was not taken.
@@ -232,6 +234,15 @@ impl Broker {
         if state.open.len() >= self.max_waiting {
             return Err(AskError::TooManyWaiting(state.open.len()));
         }
+        // One guest cannot take every place: the others' requests would be denied unasked.
+        let mine = state
+            .open
+            .values()
+            .filter(|open| open.question.session_id == asking.session_id)
+            .count();
+        if mine >= self.per_session() {
+            return Err(AskError::TooManyFromSession(mine));
+        }
         let id = format!(
             "{}-{:04}",
             self.prefix,
@@ -272,6 +283,11 @@ impl Broker {
             settled,
             deadline: tokio::time::Instant::now() + self.timeout,
         })
+    }
+
+    /// Questions one session may have opened and waiting at once.
+    fn per_session(&self) -> usize {
+        (self.max_waiting / 4).max(1)
     }
 
     /// The questions waiting now, oldest first.
@@ -474,6 +490,28 @@ mod tests {
         assert_eq!(broker.waiting().len(), 1);
     }
 
+    #[test]
+    fn one_session_gets_a_quarter_of_the_places() {
+        let broker = Broker::new(Duration::from_secs(30), 8);
+        let mut places = Vec::new();
+        for n in 0..2 {
+            places.push(
+                broker
+                    .ask(asking(&format!("https://h{n}.example/"), "d"))
+                    .expect("ask"),
+            );
+        }
+        assert!(matches!(
+            broker.ask(asking("https://h9.example/", "d")),
+            Err(AskError::TooManyFromSession(2))
+        ));
+        // Joining a question already open takes no place.
+        assert!(broker.ask(asking("https://h0.example/", "d")).is_ok());
+        let mut other = asking("https://h9.example/", "d");
+        other.session_id = "another".into();
+        assert!(broker.ask(other).is_ok(), "another guest still gets asked");
+    }
+
     #[tokio::test]
     async fn a_question_without_an_answer_ends_at_its_deadline() {
         let broker = Broker::new(Duration::from_millis(50), 8);
@@ -483,12 +521,21 @@ mod tests {
 
     #[test]
     fn questions_are_bounded_and_withdrawn_when_nobody_waits() {
-        let broker = Broker::new(Duration::from_secs(30), 2);
-        let a = broker.ask(asking("https://a.example/", "d1")).expect("ask");
-        let _b = broker.ask(asking("https://b.example/", "d2")).expect("ask");
+        let broker = Broker::new(Duration::from_secs(30), 8);
+        let from = |url: &str, session: usize| {
+            let mut asking = asking(url, "d");
+            asking.session_id = format!("s{session}");
+            asking
+        };
+        let a = broker.ask(from("https://a.example/", 0)).expect("ask");
+        for n in 1..8 {
+            broker
+                .ask(from(&format!("https://b{n}.example/"), n))
+                .expect("ask");
+        }
         assert!(matches!(
-            broker.ask(asking("https://c.example/", "d3")),
-            Err(AskError::TooManyWaiting(2))
+            broker.ask(from("https://c.example/", 9)),
+            Err(AskError::TooManyWaiting(8))
         ));
         // Joining an open question needs no new place.
         let a2 = broker
@@ -496,7 +543,7 @@ mod tests {
             .expect("join");
         assert!(broker.leave(&a.question.id).is_none(), "one still waits");
         assert!(broker.leave(&a2.question.id).is_some(), "withdrawn");
-        assert!(broker.ask(asking("https://c.example/", "d5")).is_ok());
+        assert!(broker.ask(from("https://c.example/", 9)).is_ok());
     }
 
     #[test]

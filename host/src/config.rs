@@ -194,7 +194,8 @@ pub struct ApprovalsConfig {
     pub enabled: bool,
     /// How long a held request waits for an answer before it is denied ("no answer").
     pub approval_timeout_ms: u64,
-    /// Questions waiting at once, over all guests; a request that would open one more is denied at once.
+    /// Questions waiting at once, over all guests (a quarter of them per guest session); a request that
+    /// would open one more is denied at once.
     pub max_waiting: usize,
     /// The "always" answers: a policy data file of their own. "" is `approvals.json` beside the audit log.
     pub file: PathBuf,
