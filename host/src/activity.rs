@@ -71,7 +71,13 @@ impl Activity {
         } else {
             OTHER_HOSTS
         };
-        let counts = hosts.entry(key.to_string()).or_default();
+        // A host seen before costs no allocation.
+        if !hosts.contains_key(key) {
+            hosts.insert(key.to_string(), Counts::default());
+        }
+        let Some(counts) = hosts.get_mut(key) else {
+            return;
+        };
         match (allow, asked) {
             (true, _) => counts.allowed += 1,
             (false, true) => counts.asked += 1,

@@ -16,10 +16,10 @@ use tokio::sync::watch;
 use crate::policy::entries::{Entry, MethodName, PathPrefix, Port, Scheme};
 use crate::policy::{ApprovalsFile, AskScope};
 
-/// A waiting question, as `pexi approve` and the dashboard show it. Everything in it is redacted.
-#[derive(Clone, Debug, Serialize)]
-pub struct Question {
-    pub id: String,
+/// A hop as people are shown it (questions, the dashboard): from its redacted policy input, never from
+/// the request itself.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Shown {
     /// The HTTP method.
     pub method: String,
     /// Canonical and redacted.
@@ -31,6 +31,40 @@ pub struct Question {
     /// The guest's HELLO name and version, and its session.
     pub guest: String,
     pub session_id: String,
+}
+
+impl Shown {
+    /// From a policy input document (docs/policy.md, "The input").
+    pub fn of(input: &serde_json::Value) -> Shown {
+        let request = &input["request"];
+        let text = |value: &serde_json::Value| value.as_str().unwrap_or_default().to_string();
+        Shown {
+            method: text(&request["method"]),
+            url: text(&request["url"]),
+            scheme: text(&request["scheme"]),
+            host: text(&request["host"]),
+            port: request["port"]
+                .as_u64()
+                .and_then(|p| u16::try_from(p).ok())
+                .unwrap_or(0),
+            path: text(&request["path"]),
+            guest: format!(
+                "{} {}",
+                text(&input["session"]["guest"]["name"]),
+                text(&input["session"]["guest"]["version"])
+            ),
+            session_id: text(&input["session"]["id"]),
+        }
+    }
+}
+
+/// A waiting question, as `pexi approve` and the dashboard show it. Everything in it is redacted.
+#[derive(Clone, Debug, Serialize)]
+pub struct Question {
+    pub id: String,
+    /// What is asked about (its fields appear at the top level of the JSON).
+    #[serde(flatten)]
+    pub request: Shown,
     /// The policy's reasons for asking.
     pub reasons: Vec<String>,
     pub scope: AskScope,
@@ -147,16 +181,9 @@ pub struct Broker {
     state: Mutex<State>,
 }
 
-/// What a held request asks about (from its redacted policy input).
+/// What a held request asks about.
 pub struct Asking {
-    pub method: String,
-    pub url: String,
-    pub scheme: String,
-    pub host: String,
-    pub port: u16,
-    pub path: String,
-    pub guest: String,
-    pub session_id: String,
+    pub request: Shown,
     pub reasons: Vec<String>,
     pub scope: AskScope,
     pub decision_id: String,
@@ -216,7 +243,7 @@ impl Broker {
 
     /// Opens a question for `asking`, or joins the identical one already waiting.
     pub fn ask(&self, asking: Asking) -> Result<Place, AskError> {
-        let key = (asking.method.clone(), asking.url.clone());
+        let key = (asking.request.method.clone(), asking.request.url.clone());
         let mut state = self.state();
         if let Some(id) = state.by_key.get(&key).cloned() {
             if let Some(open) = state.open.get_mut(&id) {
@@ -238,7 +265,7 @@ impl Broker {
         let mine = state
             .open
             .values()
-            .filter(|open| open.question.session_id == asking.session_id)
+            .filter(|open| open.question.request.session_id == asking.request.session_id)
             .count();
         if mine >= self.per_session() {
             return Err(AskError::TooManyFromSession(mine));
@@ -251,14 +278,7 @@ impl Broker {
         let asked_ms = now_ms();
         let question = Question {
             id: id.clone(),
-            method: asking.method,
-            url: asking.url,
-            scheme: asking.scheme,
-            host: asking.host,
-            port: asking.port,
-            path: asking.path,
-            guest: asking.guest,
-            session_id: asking.session_id,
+            request: asking.request,
             reasons: asking.reasons,
             scope: asking.scope,
             asked_ms,
@@ -352,6 +372,7 @@ impl Broker {
 /// with a path prefix, the method too), so it covers the request asked about and nothing wider than the
 /// policy's `scope` lets it.
 pub fn entry_for(question: &Question, answer: &Answer) -> Result<(&'static str, Entry), String> {
+    let asked = &question.request;
     let (list, path_prefix) = match answer {
         Answer::AllowAlways { path_prefix } => ("allow", path_prefix),
         Answer::DenyAlways { path_prefix } => ("deny", path_prefix),
@@ -360,24 +381,24 @@ pub fn entry_for(question: &Question, answer: &Answer) -> Result<(&'static str, 
     if question.scope == AskScope::Path && path_prefix.is_none() {
         return Err(format!(
             "the policy lets an always answer about {} cover a path prefix only: give path_prefix",
-            question.host
+            asked.host
         ));
     }
     // An exact name, or for an IP literal the address itself: never a wildcard.
-    let mut entry = Entry::host(&question.host)?;
-    entry.ports = Some(vec![Port::new(question.port)?]);
-    entry.schemes = Some(vec![Scheme::parse(&question.scheme)?]);
+    let mut entry = Entry::host(&asked.host)?;
+    entry.ports = Some(vec![Port::new(asked.port)?]);
+    entry.schemes = Some(vec![Scheme::parse(&asked.scheme)?]);
     if let Some(prefix) = path_prefix {
         let prefix = PathPrefix::parse(prefix)?;
-        if !covers(prefix.as_str(), &question.path) {
+        if !covers(prefix.as_str(), &asked.path) {
             return Err(format!(
                 "path_prefix {:?} does not cover the request's path {:?}",
                 prefix.as_str(),
-                question.path
+                asked.path
             ));
         }
         entry.paths = Some(vec![prefix]);
-        entry.methods = Some(vec![MethodName::parse(&question.method)?]);
+        entry.methods = Some(vec![MethodName::parse(&asked.method)?]);
     }
     Ok((list, entry))
 }
@@ -444,14 +465,16 @@ mod tests {
     fn asking(url: &str, decision: &str) -> Asking {
         let parsed = url::Url::parse(url).expect("url");
         Asking {
-            method: "GET".into(),
-            url: url.into(),
-            scheme: parsed.scheme().into(),
-            host: parsed.host_str().unwrap_or_default().into(),
-            port: parsed.port_or_known_default().unwrap_or(0),
-            path: parsed.path().into(),
-            guest: "g 1".into(),
-            session_id: "s".into(),
+            request: Shown {
+                method: "GET".into(),
+                url: url.into(),
+                scheme: parsed.scheme().into(),
+                host: parsed.host_str().unwrap_or_default().into(),
+                port: parsed.port_or_known_default().unwrap_or(0),
+                path: parsed.path().into(),
+                guest: "g 1".into(),
+                session_id: "s".into(),
+            },
             reasons: vec!["host is not in the allowlist".into()],
             scope: AskScope::Host,
             decision_id: decision.into(),
@@ -508,7 +531,7 @@ mod tests {
         // Joining a question already open takes no place.
         assert!(broker.ask(asking("https://h0.example/", "d")).is_ok());
         let mut other = asking("https://h9.example/", "d");
-        other.session_id = "another".into();
+        other.request.session_id = "another".into();
         assert!(broker.ask(other).is_ok(), "another guest still gets asked");
     }
 
@@ -524,7 +547,7 @@ mod tests {
         let broker = Broker::new(Duration::from_secs(30), 8);
         let from = |url: &str, session: usize| {
             let mut asking = asking(url, "d");
-            asking.session_id = format!("s{session}");
+            asking.request.session_id = format!("s{session}");
             asking
         };
         let a = broker.ask(from("https://a.example/", 0)).expect("ask");

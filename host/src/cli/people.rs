@@ -23,14 +23,19 @@ fn socket_of(config: &Config) -> PathBuf {
     config.pep.control.socket_path(&config.pep.audit)
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
-    tokio::runtime::Builder::new_current_thread()
+/// The config (for the control socket's path) and a one-thread runtime to talk to it.
+fn config_and_runtime(
+    config: Option<PathBuf>,
+) -> Result<(Config, tokio::runtime::Runtime), ExitCode> {
+    let config = load(config.as_deref())?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|err| {
             eprintln!("pexi: cannot start the runtime: {err}");
             ExitCode::from(2)
-        })
+        })?;
+    Ok((config, runtime))
 }
 
 /// Text a guest chose (a URL, its HELLO name, a reason naming its host) made safe for a terminal: control
@@ -54,12 +59,8 @@ pub fn printable(text: &str) -> String {
 
 /// `pexi ui`: the dashboard's URL (with this start's token) from the running PEP.
 pub fn ui(config: Option<PathBuf>) -> ExitCode {
-    let config = match load(config.as_deref()) {
-        Ok(config) => config,
-        Err(code) => return code,
-    };
-    let runtime = match runtime() {
-        Ok(runtime) => runtime,
+    let (config, runtime) = match config_and_runtime(config) {
+        Ok(both) => both,
         Err(code) => return code,
     };
     let client = Client::new(&socket_of(&config), "control");
@@ -160,12 +161,8 @@ const KEYS: &str = "a allow once · A allow always · p allow always (this metho
 
 /// `pexi approve`: shows the waiting questions one at a time and answers the shown one with a key.
 pub fn approve(config: Option<PathBuf>) -> ExitCode {
-    let config = match load(config.as_deref()) {
-        Ok(config) => config,
-        Err(code) => return code,
-    };
-    let runtime = match runtime() {
-        Ok(runtime) => runtime,
+    let (config, runtime) = match config_and_runtime(config) {
+        Ok(both) => both,
         Err(code) => return code,
     };
     let socket = socket_of(&config);

@@ -62,14 +62,7 @@ impl Pipeline {
             .as_ref()
             .map_or(AskScope::Host, |ask| ask.scope);
         let asking = Asking {
-            method: seen.method.clone(),
-            url: seen.url.clone(),
-            scheme: seen.scheme.clone(),
-            host: seen.host.clone(),
-            port: seen.port,
-            path: seen.path.clone(),
-            guest: seen.guest.clone(),
-            session_id: seen.session_id.clone(),
+            request: seen.clone(),
             reasons: logged.decision.reasons.clone(),
             scope,
             decision_id: logged.decision_id.clone(),
@@ -234,7 +227,7 @@ impl Pipeline {
             "answer": answer,
             "by": answerer.by,
             "surface": answerer.surface,
-            "host": question.host,
+            "host": question.request.host,
         }));
         self.record_ticket(&record)
     }

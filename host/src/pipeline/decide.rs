@@ -5,7 +5,7 @@
 use serde_json::{json, Value};
 
 use super::input::{Asked, PolicyInput};
-use super::{Logged, Seen};
+use super::Logged;
 use crate::audit::records::{self, AuditRecord};
 use crate::audit::{AuditLog, Redactor};
 use crate::policy::PolicyEngine;
@@ -85,7 +85,7 @@ pub async fn decide_and_log(
             tracing::error!(%err, "audit log write failed; refusing to act on the decision");
             DecideError::AuditUnavailable(err)
         })?;
-    let seen = Seen::of(&input);
+    let seen = crate::approvals::Shown::of(&input);
     Ok(Logged {
         decision_id,
         decision,

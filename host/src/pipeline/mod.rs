@@ -132,45 +132,7 @@ pub struct Logged {
     pub decision_id: String,
     pub decision: Decision,
     /// What it was about, redacted: for questions and the dashboard.
-    pub seen: Seen,
-}
-
-/// A hop as people are shown it: from the redacted policy input, never the request itself.
-#[derive(Clone, Debug, Default, serde::Serialize)]
-pub struct Seen {
-    pub method: String,
-    pub url: String,
-    pub scheme: String,
-    pub host: String,
-    pub port: u16,
-    pub path: String,
-    /// The guest's HELLO name and version.
-    pub guest: String,
-    pub session_id: String,
-}
-
-impl Seen {
-    fn of(input: &Value) -> Seen {
-        let request = &input["request"];
-        let text = |value: &Value| value.as_str().unwrap_or_default().to_string();
-        Seen {
-            method: text(&request["method"]),
-            url: text(&request["url"]),
-            scheme: text(&request["scheme"]),
-            host: text(&request["host"]),
-            port: request["port"]
-                .as_u64()
-                .and_then(|p| u16::try_from(p).ok())
-                .unwrap_or(0),
-            path: text(&request["path"]),
-            guest: format!(
-                "{} {}",
-                text(&input["session"]["guest"]["name"]),
-                text(&input["session"]["guest"]["version"])
-            ),
-            session_id: text(&input["session"]["id"]),
-        }
-    }
+    pub seen: crate::approvals::Shown,
 }
 
 impl Pipeline {
