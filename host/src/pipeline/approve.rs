@@ -82,7 +82,7 @@ impl Pipeline {
                 url: seen.url.clone(),
                 host: seen.host.clone(),
                 reasons: logged.decision.reasons.clone(),
-                scope: json!(scope).as_str().unwrap_or("host").to_string(),
+                scope: scope.as_str().to_string(),
                 timeout_ms: self.config.pep.approvals.approval_timeout_ms,
             });
         }

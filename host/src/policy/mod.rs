@@ -49,6 +49,15 @@ pub enum AskScope {
     Path,
 }
 
+impl AskScope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AskScope::Host => "host",
+            AskScope::Path => "path",
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Ask {
     pub scope: AskScope,
