@@ -42,13 +42,20 @@ pub struct State {
     surfaces: Surfaces,
     watchers: Arc<AtomicUsize>,
     audit: Arc<tokio::sync::Mutex<Option<(Instant, Value)>>>,
+    /// Ends the event streams, so an open page does not hold a shutdown.
+    shutdown: tokio_util::sync::CancellationToken,
 }
 
 impl State {
-    pub fn new(pipeline: Arc<Pipeline>, surfaces: Surfaces) -> State {
+    pub fn new(
+        pipeline: Arc<Pipeline>,
+        surfaces: Surfaces,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> State {
         State {
             pipeline,
             surfaces,
+            shutdown,
             watchers: Arc::new(AtomicUsize::new(0)),
             audit: Arc::new(tokio::sync::Mutex::new(None)),
         }
@@ -163,24 +170,37 @@ async fn events(Shared(state): Shared<State>) -> Response {
     let receiver = state.pipeline.activity.subscribe();
     let recent: std::collections::VecDeque<Arc<Value>> =
         state.pipeline.activity.recent().into_iter().collect();
+    let shutdown = state.shutdown.clone();
     let stream = futures_util::stream::unfold(
         (recent, receiver, watching),
-        |(mut recent, mut receiver, watching)| async move {
-            use tokio::sync::broadcast::error::RecvError;
-            let event = match recent.pop_front() {
-                Some(event) => to_event(&event),
-                None => match receiver.recv().await {
-                    Ok(event) => to_event(&event),
-                    Err(RecvError::Lagged(missed)) => Event::default()
-                        .event("lagged")
-                        .data(json!({"type": "lagged", "missed": missed}).to_string()),
-                    Err(RecvError::Closed) => return None,
-                },
-            };
-            Some((
-                Ok::<_, std::convert::Infallible>(event),
-                (recent, receiver, watching),
-            ))
+        move |(mut recent, mut receiver, watching)| {
+            let shutdown = shutdown.clone();
+            async move {
+                use tokio::sync::broadcast::error::RecvError;
+                if shutdown.is_cancelled() {
+                    return None;
+                }
+                let event = match recent.pop_front() {
+                    Some(event) => to_event(&event),
+                    None => {
+                        let received = tokio::select! {
+                            () = shutdown.cancelled() => return None,
+                            received = receiver.recv() => received,
+                        };
+                        match received {
+                            Ok(event) => to_event(&event),
+                            Err(RecvError::Lagged(missed)) => Event::default()
+                                .event("lagged")
+                                .data(json!({"type": "lagged", "missed": missed}).to_string()),
+                            Err(RecvError::Closed) => return None,
+                        }
+                    }
+                };
+                Some((
+                    Ok::<_, std::convert::Infallible>(event),
+                    (recent, receiver, watching),
+                ))
+            }
         },
     );
     Sse::new(stream)

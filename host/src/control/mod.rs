@@ -75,7 +75,7 @@ pub(crate) async fn start(
     let inode = std::fs::symlink_metadata(&socket)
         .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
         .ok();
-    let state = api::State::new(pipeline.clone(), surfaces.clone());
+    let state = api::State::new(pipeline.clone(), surfaces.clone(), shutdown.clone());
     tracing::info!(socket = %socket.display(), "control socket listening");
     let app = api::router(state.clone()).layer(axum::middleware::from_fn(access::socket_peer));
     let stop = shutdown.clone();
