@@ -8,11 +8,12 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use serde::Serialize;
 use tokio::sync::watch;
 
+use crate::activity::now_ms;
 use crate::policy::entries::{Entry, MethodName, PathPrefix, Port, Scheme};
 use crate::policy::{ApprovalsFile, AskScope};
 
@@ -179,6 +180,8 @@ pub struct Broker {
     prefix: String,
     next: AtomicU64,
     state: Mutex<State>,
+    /// The approvals file is read, changed and replaced by one answer at a time.
+    file: Mutex<()>,
 }
 
 /// What a held request asks about.
@@ -216,12 +219,6 @@ impl Place {
     }
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
 impl Broker {
     pub fn new(timeout: Duration, max_waiting: usize) -> Broker {
         let seed = std::hash::BuildHasher::hash_one(
@@ -234,6 +231,7 @@ impl Broker {
             prefix: format!("q{:06x}", seed as u32 & 0x00ff_ffff),
             next: AtomicU64::new(1),
             state: Mutex::new(State::default()),
+            file: Mutex::new(()),
         }
     }
 
@@ -344,13 +342,30 @@ impl Broker {
         }
     }
 
+    /// Closes a question taken with [`Broker::begin`] to newcomers, right before its answer is recorded:
+    /// the question it returns names every request the answer will settle, and an identical request
+    /// that comes later opens a question of its own.
+    pub fn seal(&self, id: &str) -> Option<Question> {
+        let mut state = self.state();
+        let open = state.open.get(id)?;
+        let (question, key) = (open.question.clone(), open.key.clone());
+        state.forget_key(&key, id);
+        Some(question)
+    }
+
     /// Ends a question: every request waiting on it gets `settled`. Returns the question as it ended.
     pub fn finish(&self, id: &str, settled: Settled) -> Option<Question> {
         let mut state = self.state();
         let open = state.open.remove(id)?;
-        state.by_key.remove(&open.key);
+        state.forget_key(&open.key, id);
         open.settle.send_replace(Some(settled));
         Some(open.question)
+    }
+
+    /// Adds an "always" answer's entry to the approvals file; see [`add_to_file`].
+    pub fn add_entry(&self, path: &Path, list: &str, entry: &Entry) -> Result<bool, String> {
+        let _one_at_a_time = self.file.lock().unwrap_or_else(PoisonError::into_inner);
+        add_to_file(path, list, entry)
     }
 
     /// A waiting request went away (its stream was cancelled). When it was the last one and no answer is
@@ -363,8 +378,17 @@ impl Broker {
             return None;
         }
         let open = state.open.remove(id)?;
-        state.by_key.remove(&open.key);
+        state.forget_key(&open.key, id);
         Some(open.question)
+    }
+}
+
+impl State {
+    /// Unmaps `key` if it still leads to question `id` (after a seal it may lead to a newer one).
+    fn forget_key(&mut self, key: &(String, String), id: &str) {
+        if self.by_key.get(key).is_some_and(|mapped| mapped == id) {
+            self.by_key.remove(key);
+        }
     }
 }
 
@@ -415,7 +439,7 @@ fn covers(prefix: &str, path: &str) -> bool {
 /// Adds `entry` to `list` of the approvals file at `path` (unless it is there already), atomically: the
 /// file is written beside, synced and renamed over the old one, so a reader sees the old file or the new,
 /// never half of one. Returns whether it was added.
-pub fn add_to_file(path: &Path, list: &str, entry: &Entry) -> Result<bool, String> {
+fn add_to_file(path: &Path, list: &str, entry: &Entry) -> Result<bool, String> {
     let mut file = ApprovalsFile::read(path).map_err(|err| err.to_string())?;
     let entries = if list == "allow" {
         &mut file.allow
@@ -511,6 +535,58 @@ mod tests {
         assert_eq!(first.answer().await, Some(settled.clone()));
         assert_eq!(second.answer().await, Some(settled));
         assert_eq!(broker.waiting().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_sealed_question_names_every_request_it_settles_and_takes_no_newcomer() {
+        let broker = Broker::new(Duration::from_secs(30), 8);
+        let mut first = broker.ask(asking("https://a.example/", "d1")).expect("ask");
+        broker.begin(&first.question.id).expect("begin");
+        // Joins while the answer is being carried out (its entry written, the policy reloaded).
+        let mut joined = broker
+            .ask(asking("https://a.example/", "d2"))
+            .expect("join");
+        assert!(!joined.opened);
+        let sealed = broker.seal(&first.question.id).expect("seal");
+        assert_eq!(sealed.decision_ids, ["d1", "d2"]);
+        // After the seal an identical request opens its own question, which the first one's end
+        // leaves alone.
+        let later = broker.ask(asking("https://a.example/", "d3")).expect("ask");
+        assert!(later.opened);
+        let settled = Settled {
+            allow: true,
+            answer: "allow_always".into(),
+            reason: String::new(),
+        };
+        broker.finish(&first.question.id, settled.clone());
+        assert_eq!(first.answer().await, Some(settled.clone()));
+        assert_eq!(joined.answer().await, Some(settled));
+        let again = broker
+            .ask(asking("https://a.example/", "d4"))
+            .expect("join");
+        assert_eq!(
+            again.question.id, later.question.id,
+            "joins the newer question"
+        );
+    }
+
+    #[test]
+    fn concurrent_entries_all_reach_the_file() {
+        let dir = std::env::temp_dir().join(format!("pexi-approvals-race-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("approvals.json");
+        let broker = Broker::new(Duration::from_secs(1), 8);
+        std::thread::scope(|scope| {
+            for n in 0..8 {
+                let (broker, path) = (&broker, &path);
+                scope.spawn(move || {
+                    let entry = Entry::host(&format!("h{n}.example")).expect("entry");
+                    broker.add_entry(path, "allow", &entry).expect("add");
+                });
+            }
+        });
+        assert_eq!(ApprovalsFile::read(&path).expect("read").allow.len(), 8);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -204,15 +204,7 @@ pub struct ApprovalsConfig {
 impl ApprovalsConfig {
     /// The approvals file, once the audit path is known.
     pub fn file_path(&self, audit: &AuditConfig) -> PathBuf {
-        if self.file.as_os_str().is_empty() {
-            audit
-                .path
-                .parent()
-                .unwrap_or(Path::new("."))
-                .join("approvals.json")
-        } else {
-            self.file.clone()
-        }
+        audit.or_beside(&self.file, "approvals.json")
     }
 }
 
@@ -229,15 +221,7 @@ pub struct ControlConfig {
 
 impl ControlConfig {
     pub fn socket_path(&self, audit: &AuditConfig) -> PathBuf {
-        if self.socket.as_os_str().is_empty() {
-            audit
-                .path
-                .parent()
-                .unwrap_or(Path::new("."))
-                .join("control.sock")
-        } else {
-            self.socket.clone()
-        }
+        audit.or_beside(&self.socket, "control.sock")
     }
 
     /// The dashboard's address; only loopback addresses are accepted, so the page is host-only.
@@ -303,6 +287,16 @@ pub struct AuditConfig {
 }
 
 impl AuditConfig {
+    /// `configured`, or when it is empty the file `name` beside the log (the PEP's own files default
+    /// there: private, and apart for each PEP).
+    pub fn or_beside(&self, configured: &Path, name: &str) -> PathBuf {
+        if configured.as_os_str().is_empty() {
+            self.path.parent().unwrap_or(Path::new(".")).join(name)
+        } else {
+            configured.to_path_buf()
+        }
+    }
+
     pub fn settings(&self) -> crate::audit::AuditSettings {
         crate::audit::AuditSettings {
             path: self.path.clone(),

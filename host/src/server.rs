@@ -14,7 +14,6 @@ pub struct Server {
     pipeline: Arc<Pipeline>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
-    surfaces: crate::control::Surfaces,
 }
 
 impl Server {
@@ -25,7 +24,7 @@ impl Server {
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
         // Before any guest is served: the dashboard's address is in the address guard from the start.
-        let surfaces = crate::control::start(pipeline.clone(), shutdown.clone(), &tasks).await?;
+        crate::control::start(pipeline.clone(), shutdown.clone(), &tasks).await?;
         for listen in pipeline.config.pep.listen.clone() {
             if let Err(err) =
                 crate::transport::start(&listen, pipeline.clone(), shutdown.clone(), &tasks).await
@@ -39,17 +38,7 @@ impl Server {
             pipeline,
             shutdown,
             tasks,
-            surfaces,
         })
-    }
-
-    /// The control socket, and the dashboard's address and token.
-    pub fn control_socket(&self) -> &std::path::Path {
-        &self.surfaces.socket
-    }
-
-    pub fn dashboard_url(&self) -> Option<String> {
-        self.surfaces.dashboard.as_ref().map(|d| d.url())
     }
 
     pub fn pipeline(&self) -> &Arc<Pipeline> {

@@ -51,6 +51,13 @@ fn get(url: String) -> MethodCall {
     MethodCall::HttpRequest(HttpRequest::new("GET", url))
 }
 
+/// A GET from a guest session of its own, left running: it is held until its question ends.
+async fn held_get(pep: &TestPep, url: &str) -> tokio::task::JoinHandle<support::Reply> {
+    let mut guest = pep.guest().await;
+    let url = url.to_string();
+    tokio::spawn(async move { guest.call(get(url), b"").await })
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn an_always_answer_lets_the_held_request_go_and_the_next_one_through_without_asking() {
     if !support::in_isolated_netns(
@@ -62,11 +69,7 @@ async fn an_always_answer_lets_the_held_request_go_and_the_next_one_through_with
     let pep = asking_pep(30_000);
     let client = control(&pep);
     let url = format!("http://new.test:{}/headers", api.port());
-    let mut guest = pep.guest().await;
-    let held = {
-        let url = url.clone();
-        tokio::spawn(async move { guest.call(get(url), b"").await })
-    };
+    let held = held_get(&pep, &url).await;
     let asked = questions(&client, 1).await;
     let question = &asked[0];
     assert_eq!(question["method"], "GET");
@@ -135,11 +138,7 @@ async fn an_always_answer_lets_the_held_request_go_and_the_next_one_through_with
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let mut guest = pep.guest().await;
-    let asked_again = {
-        let url = url.clone();
-        tokio::spawn(async move { guest.call(get(url), b"").await })
-    };
+    let asked_again = held_get(&pep, &url).await;
     let again = questions(&client, 1).await;
     let again_id = again[0]["id"].as_str().expect("id").to_string();
     client
@@ -219,12 +218,7 @@ async fn no_answer_is_a_deny_and_identical_requests_share_one_question() {
     let pep = asking_pep(1_500);
     let client = control(&pep);
     let url = format!("http://new.test:{}/x", api.port());
-    let mut held = Vec::new();
-    for _ in 0..2 {
-        let mut guest = pep.guest().await;
-        let url = url.clone();
-        held.push(tokio::spawn(async move { guest.call(get(url), b"").await }));
-    }
+    let held = vec![held_get(&pep, &url).await, held_get(&pep, &url).await];
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let (_, body) = client.get("/api/questions").await.expect("questions");
@@ -437,11 +431,7 @@ async fn pexi_approve_answers_with_single_keys_shares_questions_and_lets_timeout
 
     // One request, answered "allow once" with `a`.
     let once = format!("http://new.test:{}/headers", api.port());
-    let mut guest = pep.guest().await;
-    let held = {
-        let url = once.clone();
-        tokio::spawn(async move { guest.call(get(url), b"").await })
-    };
+    let held = held_get(&pep, &once).await;
     at = terminal.wait_for(&once, at).await;
     at = terminal.wait_for("1 request(s) waiting", at).await;
     terminal.press("a");
@@ -451,12 +441,7 @@ async fn pexi_approve_answers_with_single_keys_shares_questions_and_lets_timeout
 
     // Two identical requests: one question, and `d` denies both.
     let shared = format!("http://new.test:{}/echo", api.port());
-    let mut held = Vec::new();
-    for _ in 0..2 {
-        let mut guest = pep.guest().await;
-        let url = shared.clone();
-        held.push(tokio::spawn(async move { guest.call(get(url), b"").await }));
-    }
+    let held = vec![held_get(&pep, &shared).await, held_get(&pep, &shared).await];
     at = terminal.wait_for("2 request(s) waiting", at).await;
     terminal.press("d");
     at = terminal.wait_for("-> deny_once", at).await;
@@ -475,11 +460,7 @@ async fn pexi_approve_answers_with_single_keys_shares_questions_and_lets_timeout
 
     // Nobody presses a key: the deadline denies.
     let ignored = format!("http://new.test:{}/status", api.port());
-    let mut guest = pep.guest().await;
-    let reply = {
-        let url = ignored.clone();
-        tokio::spawn(async move { guest.call(get(url), b"").await })
-    };
+    let reply = held_get(&pep, &ignored).await;
     at = terminal.wait_for(&ignored, at).await;
     let reply = reply.await.expect("held");
     let error = reply.error.expect("denied unanswered");

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 /// Low to high. A module may use modules of earlier layers only.
 const LAYERS: &[&[&str]] = &[
-    &["dirs", "policy", "audit"],
-    &["secrets", "approvals", "activity"],
+    &["dirs", "policy", "audit", "activity"],
+    &["secrets", "approvals"],
     &["config"],
     &["limits"],
     &["stream"],

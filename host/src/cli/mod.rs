@@ -53,7 +53,8 @@ enum Command {
     Paths {
         #[arg(long)]
         config: Option<PathBuf>,
-        /// One of socket, audit, checkpoints, public_key, state_dir, runtime_dir; all of them when left out.
+        /// One of socket, audit, checkpoints, public_key, control (the control socket), approvals (the
+        /// approvals file), state_dir, runtime_dir; all of them when left out.
         which: Option<String>,
     },
     /// Answer the questions a running PEP holds for a person (docs/approvals.md), one key per answer:
@@ -397,6 +398,28 @@ fn paths(config: Option<PathBuf>, which: Option<String>) -> ExitCode {
                     .audit
                     .keys_dir()
                     .join(crate::audit::seal::PUBLIC_KEY_FILE)
+                    .display()
+                    .to_string(),
+            ),
+        ),
+        (
+            "control",
+            Some(
+                config
+                    .pep
+                    .control
+                    .socket_path(&config.pep.audit)
+                    .display()
+                    .to_string(),
+            ),
+        ),
+        (
+            "approvals",
+            Some(
+                config
+                    .pep
+                    .approvals
+                    .file_path(&config.pep.audit)
                     .display()
                     .to_string(),
             ),

@@ -19,6 +19,7 @@ use axum::response::{IntoResponse, Response};
 use axum::serve::IncomingStream;
 
 use super::Dashboard;
+use crate::pipeline::Answerer;
 
 const COOKIE: &str = "pexi_dashboard";
 
@@ -46,14 +47,6 @@ impl axum::extract::connect_info::Connected<IncomingStream<'_, tokio::net::UnixL
     }
 }
 
-/// Who is asking, for the audit of answers: set by the surface's check.
-#[derive(Clone, Debug)]
-pub struct Caller {
-    pub by: String,
-    /// `terminal` for `pexi approve`, `control` for other clients of the socket, `dashboard`.
-    pub surface: String,
-}
-
 pub async fn socket_peer(
     ConnectInfo(peer): ConnectInfo<SocketPeer>,
     mut request: Request,
@@ -72,16 +65,15 @@ pub async fn socket_peer(
         .flatten()
         .map(|user| user.name)
         .unwrap_or_default();
-    let surface = match request
+    // Who is asking, for the audit of answers: `pexi approve` says it is the terminal; any other client
+    // of the socket is `control` (never `dashboard`, which only the dashboard's own check sets).
+    let terminal = request
         .headers()
         .get("x-pexi-surface")
         .map(HeaderValue::as_bytes)
-    {
-        Some(b"terminal") => "terminal",
-        Some(b"dashboard") => "dashboard",
-        _ => "control",
-    };
-    request.extensions_mut().insert(Caller {
+        == Some(b"terminal");
+    let surface = if terminal { "terminal" } else { "control" };
+    request.extensions_mut().insert(Answerer {
         by: format!("uid {uid} ({name})"),
         surface: surface.into(),
     });
@@ -180,7 +172,7 @@ fn check_dashboard(dashboard: &Dashboard, request: &mut Request) -> Result<(), R
             ));
         }
     }
-    request.extensions_mut().insert(Caller {
+    request.extensions_mut().insert(Answerer {
         by: "dashboard".into(),
         surface: "dashboard".into(),
     });

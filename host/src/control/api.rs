@@ -26,8 +26,8 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::access::{refuse, Caller};
-use super::{page, Surfaces};
+use super::access::refuse;
+use super::{page, Dashboard};
 use crate::approvals::{Answer, AnswerError};
 use crate::pipeline::{Answerer, Pipeline};
 
@@ -39,7 +39,8 @@ const AUDIT_FRESH: Duration = Duration::from_secs(5);
 #[derive(Clone)]
 pub struct State {
     pipeline: Arc<Pipeline>,
-    surfaces: Surfaces,
+    /// The dashboard's address and token, when it listens.
+    dashboard: Option<Dashboard>,
     watchers: Arc<AtomicUsize>,
     audit: Arc<tokio::sync::Mutex<Option<(Instant, Value)>>>,
     /// Ends the event streams, so an open page does not hold a shutdown.
@@ -49,12 +50,12 @@ pub struct State {
 impl State {
     pub fn new(
         pipeline: Arc<Pipeline>,
-        surfaces: Surfaces,
+        dashboard: Option<Dashboard>,
         shutdown: tokio_util::sync::CancellationToken,
     ) -> State {
         State {
             pipeline,
-            surfaces,
+            dashboard,
             shutdown,
             watchers: Arc::new(AtomicUsize::new(0)),
             audit: Arc::new(tokio::sync::Mutex::new(None)),
@@ -109,7 +110,7 @@ struct AnswerBody {
 
 async fn answer(
     Shared(state): Shared<State>,
-    Extension(caller): Extension<Caller>,
+    Extension(answerer): Extension<Answerer>,
     Path(id): Path<String>,
     body: Result<Json<AnswerBody>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
@@ -126,10 +127,6 @@ async fn answer(
     let answer = match Answer::parse(&body.answer, body.path_prefix) {
         Ok(answer) => answer,
         Err(message) => return refuse(StatusCode::BAD_REQUEST, "invalid_answer", &message),
-    };
-    let answerer = Answerer {
-        by: caller.by,
-        surface: caller.surface,
     };
     match state.pipeline.answer(&id, answer, answerer).await {
         Ok(settled) => Json(json!({
@@ -276,16 +273,19 @@ fn verify(config: &crate::config::AuditConfig) -> Value {
     }
 }
 
-async fn dashboard(Shared(state): Shared<State>, Extension(caller): Extension<Caller>) -> Response {
+async fn dashboard(
+    Shared(state): Shared<State>,
+    Extension(asking): Extension<Answerer>,
+) -> Response {
     // The page itself has no use for its token, and must not be able to hand it on.
-    if caller.surface == "dashboard" && caller.by == "dashboard" {
+    if asking.surface == "dashboard" {
         return refuse(
             StatusCode::NOT_FOUND,
             "not_here",
             "the dashboard's address is given on the control socket only",
         );
     }
-    match &state.surfaces.dashboard {
+    match &state.dashboard {
         Some(dashboard) => Json(json!({
             "url": dashboard.url(),
             "address": dashboard.addr.to_string(),

@@ -10,7 +10,7 @@ pub mod client;
 mod page;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
@@ -18,16 +18,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::pipeline::Pipeline;
 
-/// Where the surfaces listen.
+/// Where the dashboard listens, and this start's token that opens it (given only to the PEP's user).
 #[derive(Clone, Debug)]
-pub struct Surfaces {
-    pub socket: PathBuf,
-    /// The dashboard's URL with its token (the token is the key: print it only to its owner).
-    pub dashboard: Option<Dashboard>,
-}
-
-#[derive(Clone, Debug)]
-pub struct Dashboard {
+pub(crate) struct Dashboard {
     pub addr: SocketAddr,
     pub token: String,
 }
@@ -43,7 +36,7 @@ pub(crate) async fn start(
     pipeline: Arc<Pipeline>,
     shutdown: CancellationToken,
     tasks: &TaskTracker,
-) -> Result<Surfaces, String> {
+) -> Result<(), String> {
     let config = &pipeline.config.pep;
     let socket = config.control.socket_path(&config.audit);
     let dashboard_addr = config.control.dashboard_addr()?;
@@ -65,17 +58,17 @@ pub(crate) async fn start(
         }
         None => None,
     };
-    let surfaces = Surfaces {
-        socket: socket.clone(),
-        dashboard: dashboard.as_ref().map(|(_, d)| d.clone()),
-    };
     let unix = bind_socket(&socket)?;
     // Removed at the end only if it is still this PEP's (another PEP on the same paths may have
     // replaced it meanwhile).
     let inode = std::fs::symlink_metadata(&socket)
         .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
         .ok();
-    let state = api::State::new(pipeline.clone(), surfaces.clone(), shutdown.clone());
+    let state = api::State::new(
+        pipeline.clone(),
+        dashboard.as_ref().map(|(_, d)| d.clone()),
+        shutdown.clone(),
+    );
     tracing::info!(socket = %socket.display(), "control socket listening");
     let app = api::router(state.clone()).layer(axum::middleware::from_fn(access::socket_peer));
     let stop = shutdown.clone();
@@ -113,7 +106,7 @@ pub(crate) async fn start(
             }
         });
     }
-    Ok(surfaces)
+    Ok(())
 }
 
 fn bind_socket(path: &Path) -> Result<tokio::net::UnixListener, String> {

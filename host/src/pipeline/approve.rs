@@ -8,7 +8,7 @@ use serde_json::json;
 
 use super::failure::RequestError;
 use super::{Logged, Pipeline};
-use crate::approvals::{add_to_file, entry_for, Answer, AnswerError, Asking, Question, Settled};
+use crate::approvals::{entry_for, Answer, AnswerError, Asking, Question, Settled};
 use crate::audit::records::{ApprovalAnswer, ApprovalQuestion};
 use crate::policy::AskScope;
 
@@ -119,6 +119,7 @@ impl Pipeline {
         let id = place.question.id.clone();
         match self.approvals.begin(&id) {
             Ok(question) => {
+                let question = self.approvals.seal(&id).unwrap_or(question);
                 // Denied either way: no need to wait for the record before saying so.
                 drop(self.settled(&question, "no_answer", &Answerer::pep(), None));
                 self.approvals.finish(&id, settled.clone());
@@ -162,7 +163,9 @@ impl Pipeline {
             let (saved_path, saved_entry) = (path.clone(), entry.clone());
             // Writing, syncing and recompiling the bundle are blocking work.
             let saved = tokio::task::spawn_blocking(move || {
-                add_to_file(&saved_path, list, &saved_entry)?;
+                pipeline
+                    .approvals
+                    .add_entry(&saved_path, list, &saved_entry)?;
                 pipeline.reload_policy().map(|_| ())
             })
             .await
@@ -185,6 +188,8 @@ impl Pipeline {
                 answer.name()
             ),
         };
+        // Requests that joined while the entry was written are settled too: the record names them.
+        let question = self.approvals.seal(id).unwrap_or(question);
         let ticket = self.settled(&question, answer.name(), &answerer, written);
         if let Err(err) = ticket.done().await {
             // Not durable: nothing may act on it. The requests are denied; the entry (if any) stays,

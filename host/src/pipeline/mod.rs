@@ -86,7 +86,8 @@ pub struct Pipeline {
 /// The settings that differ between the config in service and a fresh read of its file, outside
 /// `[pep.policy]` (which a reload applies): the listeners, limits, network (address guard, DNS overrides,
 /// CA), audit, approvals, control surfaces and brokered secrets are built into the running PEP once, so
-/// a reload that changes any of them is refused rather than half-applied. Secret values are not compared (they are read at start).
+/// a reload that changes any of them is refused rather than half-applied. Secret values are not compared
+/// (they are read at start).
 fn restart_only_changes(running: &Config, fresh: &Config) -> Vec<&'static str> {
     let differ =
         |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
