@@ -408,7 +408,14 @@ pub fn entry_for(question: &Question, answer: &Answer) -> Result<(&'static str, 
             asked.host
         ));
     }
-    // An exact name, or for an IP literal the address itself: never a wildcard.
+    // An exact name, or for an IP literal the address itself: never a wildcard or a network, even if a
+    // host spelled like one ever got this far (the URL parser refuses them today).
+    if asked.host.contains(['*', '/']) {
+        return Err(format!(
+            "{:?} is not one exact host: no entry is written for it",
+            asked.host
+        ));
+    }
     let mut entry = Entry::host(&asked.host)?;
     entry.ports = Some(vec![Port::new(asked.port)?]);
     entry.schemes = Some(vec![Scheme::parse(&asked.scheme)?]);
@@ -681,6 +688,14 @@ mod tests {
         }
         question.scope = AskScope::Path;
         assert!(entry_for(&question, &Answer::AllowAlways { path_prefix: None }).is_err());
+        question.scope = AskScope::Host;
+        for pattern in ["*.example.com", "**.example.com", "10.0.0.0/8"] {
+            question.request.host = pattern.into();
+            assert!(
+                entry_for(&question, &Answer::AllowAlways { path_prefix: None }).is_err(),
+                "{pattern} would be a pattern, not the host asked about"
+            );
+        }
     }
 
     fn broker_question(url: &str) -> Question {
