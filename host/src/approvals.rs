@@ -14,7 +14,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::activity::now_ms;
-use crate::policy::entries::{Entry, MethodName, PathPrefix, Port, Scheme};
+use crate::policy::entries::{Entry, MethodName, PathPrefix, Port, Scheme, VmName};
 use crate::policy::{ApprovalsFile, AskScope};
 
 /// A hop as people are shown it (questions, the dashboard): from its redacted policy input, never from
@@ -32,6 +32,8 @@ pub struct Shown {
     /// The guest's HELLO name and version, and its session.
     pub guest: String,
     pub session_id: String,
+    /// The VM as the host knows it (`input.vm.name`); empty for a listener that names none.
+    pub vm: String,
 }
 
 impl Shown {
@@ -55,6 +57,7 @@ impl Shown {
                 text(&input["session"]["guest"]["version"])
             ),
             session_id: text(&input["session"]["id"]),
+            vm: text(&input["vm"]["name"]),
         }
     }
 }
@@ -161,7 +164,7 @@ impl AnswerError {
 
 struct Open {
     question: Question,
-    key: (String, String),
+    key: (String, String, String),
     settle: watch::Sender<Option<Settled>>,
     /// An answer is being carried out (its entry written, its record made durable): no other answer is
     /// taken, and requests still join it.
@@ -171,7 +174,7 @@ struct Open {
 #[derive(Default)]
 struct State {
     open: HashMap<String, Open>,
-    by_key: HashMap<(String, String), String>,
+    by_key: HashMap<(String, String, String), String>,
 }
 
 pub struct Broker {
@@ -241,7 +244,12 @@ impl Broker {
 
     /// Opens a question for `asking`, or joins the identical one already waiting.
     pub fn ask(&self, asking: Asking) -> Result<Place, AskError> {
-        let key = (asking.request.method.clone(), asking.request.url.clone());
+        // Per VM: an always answer for one VM writes an entry for that VM only (see `entry_for`).
+        let key = (
+            asking.request.method.clone(),
+            asking.request.url.clone(),
+            asking.request.vm.clone(),
+        );
         let mut state = self.state();
         if let Some(id) = state.by_key.get(&key).cloned() {
             if let Some(open) = state.open.get_mut(&id) {
@@ -385,7 +393,7 @@ impl Broker {
 
 impl State {
     /// Unmaps `key` if it still leads to question `id` (after a seal it may lead to a newer one).
-    fn forget_key(&mut self, key: &(String, String), id: &str) {
+    fn forget_key(&mut self, key: &(String, String, String), id: &str) {
         if self.by_key.get(key).is_some_and(|mapped| mapped == id) {
             self.by_key.remove(key);
         }
@@ -430,6 +438,10 @@ pub fn entry_for(question: &Question, answer: &Answer) -> Result<(&'static str, 
         }
         entry.paths = Some(vec![prefix]);
         entry.methods = Some(vec![MethodName::parse(&asked.method)?]);
+    }
+    // A person answering for one VM answers for that VM: other VMs on this PEP are asked themselves.
+    if !asked.vm.is_empty() {
+        entry.vms = Some(vec![VmName::parse(&asked.vm)?]);
     }
     Ok((list, entry))
 }
@@ -505,6 +517,7 @@ mod tests {
                 path: parsed.path().into(),
                 guest: "g 1".into(),
                 session_id: "s".into(),
+                vm: String::new(),
             },
             reasons: vec!["host is not in the allowlist".into()],
             scope: AskScope::Host,
@@ -696,6 +709,34 @@ mod tests {
                 "{pattern} would be a pattern, not the host asked about"
             );
         }
+    }
+
+    #[test]
+    fn an_answer_for_a_named_vm_is_for_that_vm_only() {
+        let mut question = broker_question("https://api.example.com/x");
+        question.request.vm = "alice".into();
+        let (_, entry) =
+            entry_for(&question, &Answer::AllowAlways { path_prefix: None }).expect("entry");
+        assert_eq!(
+            serde_json::to_value(&entry).expect("json"),
+            serde_json::json!({"host": "api.example.com", "ports": [443], "schemes": ["https"],
+                "vms": ["alice"]})
+        );
+    }
+
+    #[test]
+    fn two_vms_asking_the_same_thing_get_a_question_each() {
+        let broker = Broker::new(Duration::from_secs(30), 8);
+        let from = |vm: &str, decision: &str| {
+            let mut asked = asking("https://a.example/x", decision);
+            asked.request.vm = vm.into();
+            broker.ask(asked).expect("ask")
+        };
+        let (alice, bob, alice_again) =
+            (from("alice", "d1"), from("bob", "d2"), from("alice", "d3"));
+        assert!(alice.opened && bob.opened && !alice_again.opened);
+        assert_ne!(alice.question.id, bob.question.id);
+        assert_eq!(alice.question.id, alice_again.question.id);
     }
 
     fn broker_question(url: &str) -> Question {

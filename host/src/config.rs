@@ -62,7 +62,7 @@ struct File {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PepConfig {
-    pub listen: Vec<Listen>,
+    pub listen: Vec<Listener>,
     pub limits: LimitsConfig,
     pub policy: PolicyConfig,
     pub network: NetworkConfig,
@@ -406,6 +406,93 @@ impl<'de> Deserialize<'de> for Listen {
     }
 }
 
+/// Which VM a listener's guests are, as the host sets it up (`[pep] listen` entries written as tables,
+/// `pexi vm run --name`): the policy input's `vm`. Never taken from anything the guest says, so rules may
+/// trust it where they must not trust `session.guest`. Empty for a listener that names no VM.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct VmIdentity {
+    pub name: String,
+    pub profile: String,
+}
+
+impl VmIdentity {
+    pub fn is_named(&self) -> bool {
+        !self.name.is_empty()
+    }
+}
+
+/// One `[pep] listen` entry: where guests connect, and which VM they are. Written as `"unix:PATH"` (no
+/// identity) or `{ at = "unix:PATH", vm = "alice", profile = "openclaw" }`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Listener {
+    pub at: Listen,
+    pub vm: std::sync::Arc<VmIdentity>,
+}
+
+impl Listener {
+    pub fn anonymous(at: Listen) -> Listener {
+        Listener {
+            at,
+            vm: Default::default(),
+        }
+    }
+}
+
+impl fmt::Display for Listener {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.vm.name.as_str(), self.vm.profile.as_str()) {
+            ("", _) => write!(f, "{}", self.at),
+            (name, "") => write!(f, "{} (vm {name})", self.at),
+            (name, profile) => write!(f, "{} (vm {name}, profile {profile})", self.at),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Listener {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Table {
+            at: Listen,
+            vm: String,
+            #[serde(default)]
+            profile: String,
+        }
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Written {
+            Text(String),
+            Table(Table),
+        }
+        use serde::de::Error;
+        match Written::deserialize(deserializer).map_err(|_| {
+            D::Error::custom(
+                "a listener is \"unix:PATH\", \"connect:PATH\", \"vsock:PORT\" or a table \
+                 { at = \"unix:PATH\", vm = \"NAME\", profile = \"PROFILE\" } (profile optional)",
+            )
+        })? {
+            Written::Text(text) => text
+                .parse()
+                .map(Listener::anonymous)
+                .map_err(D::Error::custom),
+            Written::Table(table) => {
+                crate::policy::entries::vm_label("vm", &table.vm).map_err(D::Error::custom)?;
+                if !table.profile.is_empty() {
+                    crate::policy::entries::vm_label("profile", &table.profile)
+                        .map_err(D::Error::custom)?;
+                }
+                Ok(Listener {
+                    at: table.at,
+                    vm: std::sync::Arc::new(VmIdentity {
+                        name: table.vm,
+                        profile: table.profile,
+                    }),
+                })
+            }
+        }
+    }
+}
+
 pub use pexi_vm::{Accel, GuestArch, ProfileSettings, Runner, VmConfig};
 
 /// The configuration the PEP runs on, with the policy sources it names already read.
@@ -617,7 +704,7 @@ fn expand_user_dirs(
     }
     let mut paths: Vec<(&mut PathBuf, bool)> = Vec::new();
     for listen in pep.listen.iter_mut() {
-        if let Listen::Unix(path) | Listen::Connect(path) = listen {
+        if let Listen::Unix(path) | Listen::Connect(path) = &mut listen.at {
             paths.push((path, false));
         }
     }
@@ -1078,7 +1165,9 @@ memory_mb = 3000
         assert_eq!(config.pep.audit.path, dirs.state.join("audit.jsonl"));
         assert_eq!(
             config.pep.listen,
-            vec![Listen::Unix(dirs.runtime.join("pep.sock"))]
+            vec![Listener::anonymous(Listen::Unix(
+                dirs.runtime.join("pep.sock")
+            ))]
         );
         assert!(config.private_dirs.contains(&dirs.state));
         assert!(config.private_dirs.contains(&dirs.runtime));
@@ -1108,5 +1197,46 @@ memory_mb = 3000
         assert_eq!("vsock:4041".parse(), Ok(Listen::Vsock(4041)));
         assert!("vsock:x".parse::<Listen>().is_err());
         assert!("unix:".parse::<Listen>().is_err());
+    }
+
+    #[test]
+    fn a_listener_names_its_vm_in_a_table() {
+        #[derive(Deserialize)]
+        struct Doc {
+            listen: Vec<Listener>,
+        }
+        let doc: Doc = toml::from_str(
+            r#"listen = ["unix:/run/p.sock", { at = "vsock:4041", vm = "alice", profile = "openclaw" }, { at = "connect:/q", vm = "bob" }]"#,
+        )
+        .expect("parses");
+        assert_eq!(
+            doc.listen[0],
+            Listener::anonymous(Listen::Unix("/run/p.sock".into()))
+        );
+        assert_eq!(doc.listen[1].at, Listen::Vsock(4041));
+        assert_eq!(
+            (
+                doc.listen[1].vm.name.as_str(),
+                doc.listen[1].vm.profile.as_str()
+            ),
+            ("alice", "openclaw")
+        );
+        assert_eq!(
+            (
+                doc.listen[2].vm.name.as_str(),
+                doc.listen[2].vm.profile.as_str()
+            ),
+            ("bob", "")
+        );
+        for bad in [
+            r#"listen = [{ at = "unix:/p", vm = "" }]"#,
+            r#"listen = [{ at = "unix:/p", vm = "al ice" }]"#,
+            r#"listen = [{ at = "unix:/p", vm = "a", profile = "x/y" }]"#,
+            r#"listen = [{ at = "unix:/p" }]"#,
+            r#"listen = [{ at = "unix:/p", vm = "a", name = "b" }]"#,
+            r#"listen = ["tcp:1.2.3.4:5"]"#,
+        ] {
+            assert!(toml::from_str::<Doc>(bad).is_err(), "{bad}");
+        }
     }
 }

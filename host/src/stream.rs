@@ -15,13 +15,16 @@ use pexi_protocol::payload::{ErrorCode, ErrorPayload, Implementation, MethodCall
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::VmIdentity;
 use crate::limits::budget::SessionBudget;
 
-/// Who sent a stream: the session (as the host numbered it), the guest's self-description, the stream.
+/// Who sent a stream: the session (as the host numbered it), the guest's self-description, the VM the
+/// host knows it as (from the listener it came in on), the stream.
 #[derive(Clone, Debug)]
 pub struct Caller {
     pub session_id: u64,
     pub guest: Implementation,
+    pub vm: std::sync::Arc<VmIdentity>,
     pub stream_id: u32,
 }
 

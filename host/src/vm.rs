@@ -3,7 +3,7 @@
 
 use pexi_vm::{Pep, RunOptions, VmError};
 
-use crate::config::{Config, Listen};
+use crate::config::{Config, Listen, Listener, VmIdentity};
 use crate::server::Server;
 
 /// The PEP of one run.
@@ -17,9 +17,13 @@ impl Pep for RunPep {
     }
 }
 
-/// Boots the guest of `config`'s `[vm]`, served by a PEP on `config`'s other tables; returns the guest
-/// command's exit status.
-pub async fn run(mut config: Config, options: RunOptions) -> Result<i32, VmError> {
+/// Boots the guest of `config`'s `[vm]`, served by a PEP on `config`'s other tables, its guest known to
+/// the policy as `identity`; returns the guest command's exit status.
+pub async fn run(
+    mut config: Config,
+    options: RunOptions,
+    identity: VmIdentity,
+) -> Result<i32, VmError> {
     let vm = config
         .vm
         .clone()
@@ -28,7 +32,14 @@ pub async fn run(mut config: Config, options: RunOptions) -> Result<i32, VmError
     crate::dirs::ensure_private_all(&vm.private_dirs)
         .map_err(|err| VmError::Setup(err.to_string()))?;
     pexi_vm::run(&vm, options, |sockets| async move {
-        config.pep.listen = sockets.into_iter().map(Listen::Unix).collect();
+        let vm = std::sync::Arc::new(identity);
+        config.pep.listen = sockets
+            .into_iter()
+            .map(|path| Listener {
+                at: Listen::Unix(path),
+                vm: vm.clone(),
+            })
+            .collect();
         Server::start(config)
             .await
             .map(RunPep)

@@ -14,6 +14,7 @@
 #   "methods": ["GET", "POST"]    default: any
 #   "paths":   ["/v1/"]           prefixes; "/v1" matches /v1 and /v1/..., not /v10; default: any
 #   "schemes": ["https"]          default: http and https
+#   "vms":     ["alice"]          for these VMs only (input.vm.name, set by the host); default: every VM
 #   "tunnel": true                a tunnel-only destination: reached only with pep.net.connect (opaque TCP,
 #                                 for certificate-pinned clients), never with HTTP requests; host and
 #                                 ports only (default port 443)
@@ -108,12 +109,20 @@ candidates(list) := [entry |
 	some entry in list.hosts[name]
 	wildcard := trim_suffix(lower(entry.host), name)
 	wildcard in {true: {"", "**."}, false: {"*.", "**."}}[name == req.host]
+	vm_ok(entry)
 ] if req.host_kind == "dns"
 
 candidates(list) := [entry |
 	some length in object.get(list.lengths, substring(request_bits, 0, 2), [])
 	some entry in list.networks[substring(request_bits, 0, length + 2)]
+	vm_ok(entry)
 ] if req.host_kind != "dns"
+
+# An entry that names VMs (`vms`) is for those VMs only; to any other it is as if it were not listed.
+# `input.vm` is what the host set up (the listener, `pexi vm run --name`), never what the guest says.
+vm_ok(entry) if not entry.vms
+
+vm_ok(entry) if object.get(input, ["vm", "name"], "") in entry.vms
 
 # Computed once for both lists.
 request_bits := ip_bits(req.host) if req.host_kind != "dns"

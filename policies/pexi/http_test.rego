@@ -289,6 +289,41 @@ test_a_deny_entry_wins_over_a_tunnel_entry if {
 # Approvals: with them enabled, a request to a host on no list is a deny that asks a person; everything
 # else is decided as without them.
 
+# Entries for some VMs only (`vms`): input.vm is set by the host, per listener or `pexi vm run --name`.
+
+from_vm(inp, name) := object.union(inp, {"vm": {"name": name, "profile": ""}})
+
+test_an_entry_for_one_vm_allows_that_vm_only if {
+	entries := [{"host": "api.example.com", "vms": ["alice"]}]
+	allowed(from_vm(get("api.example.com"), "alice"), entries)
+	d := decide(from_vm(get("api.example.com"), "bob"), entries, [])
+	d.allow == false
+	d.reasons == ["host api.example.com is not in the allowlist"]
+	denied(get("api.example.com"), entries)
+	denied(from_vm(get("api.example.com"), ""), entries)
+}
+
+test_an_entry_for_several_vms_and_one_for_every_vm if {
+	entries := [{"host": "a.example.com", "vms": ["alice", "carol"]}, {"host": "b.example.com"}]
+	allowed(from_vm(get("a.example.com"), "carol"), entries)
+	denied(from_vm(get("a.example.com"), "bob"), entries)
+	allowed(from_vm(get("b.example.com"), "bob"), entries)
+	allowed(get("b.example.com"), entries)
+}
+
+test_a_deny_entry_for_one_vm_denies_that_vm_only if {
+	allow_list := [{"host": "**.example.com"}]
+	deny_list := [{"host": "files.example.com", "vms": ["bob"]}]
+	decide(from_vm(get("files.example.com"), "bob"), allow_list, deny_list).allow == false
+	decide(from_vm(get("files.example.com"), "alice"), allow_list, deny_list).allow == true
+}
+
+test_an_ip_entry_for_one_vm if {
+	entries := [{"host": "10.0.0.0/8", "vms": ["alice"]}]
+	allowed(from_vm(request("GET", "https", "10.1.2.3", "ipv4", 443, "/"), "alice"), entries)
+	denied(from_vm(request("GET", "https", "10.1.2.3", "ipv4", 443, "/"), "bob"), entries)
+}
+
 test_an_unlisted_host_is_asked_about_when_approvals_are_on if {
 	d := decide_asking(get("new.example.com"), [{"host": "api.example.com"}], [], {})
 	d == {"allow": false, "reasons": ["host new.example.com is not in the allowlist"], "ask": {"scope": "host"}}

@@ -186,6 +186,25 @@ pub struct Guest {
     pub version: String,
 }
 
+/// The VM a session comes from, as the host set it up (its listener, `pexi vm run --name`), never as the
+/// guest describes itself.
+#[derive(Clone, Debug, Serialize, JsonSchema)]
+pub struct Vm {
+    pub name: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub profile: String,
+}
+
+impl Vm {
+    /// `None` for a listener that names no VM, so such records stay as they were.
+    pub fn named(name: &str, profile: &str) -> Option<Vm> {
+        (!name.is_empty()).then(|| Vm {
+            name: name.into(),
+            profile: profile.into(),
+        })
+    }
+}
+
 /// A guest connection or session opened, ended, or was refused or closed by a limit.
 #[derive(Debug, Serialize, JsonSchema)]
 pub struct Session {
@@ -195,6 +214,8 @@ pub struct Session {
     pub session_id: Option<String>,
     /// Which transport connection (`unix:PATH#N`, `vsock:cidC:P`, ...).
     pub peer: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vm: Option<Vm>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub guest: Option<Guest>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -217,6 +238,7 @@ impl Session {
             event,
             session_id: None,
             peer: peer.into(),
+            vm: None,
             guest: None,
             protocol_version: None,
             code: None,
@@ -252,6 +274,9 @@ pub struct Decision {
     pub method: String,
     /// The guest's HELLO name and version.
     pub guest: Value,
+    /// The VM the host knows the session as, when its listener names one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vm: Option<Vm>,
     /// The request as the policy saw it: canonical and redacted (docs/policy.md).
     pub request: Value,
     /// 0 for the request, n for its n-th redirect.

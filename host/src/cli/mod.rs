@@ -9,7 +9,7 @@ use pexi_protocol::payload::{HttpRequest, Implementation};
 
 mod people;
 
-use crate::config::{Config, Listen};
+use crate::config::{Config, Listen, Listener};
 use crate::pipeline::{Caller, Pipeline};
 
 #[derive(Parser)]
@@ -43,6 +43,12 @@ enum Command {
         /// is a question about the policy, not a request).
         #[arg(long)]
         audit: bool,
+        /// Decide as for the VM of this name (`input.vm.name`; entries with `vms`).
+        #[arg(long, value_parser = parse_vm_name)]
+        vm: Option<String>,
+        /// ... and of this profile (`input.vm.profile`).
+        #[arg(long, value_parser = parse_vm_name, requires = "vm")]
+        profile: Option<String>,
         /// HTTP method, e.g. GET.
         method: String,
         /// Absolute http(s) URL.
@@ -140,6 +146,11 @@ enum VmCommand {
         /// A host folder the guest may write, mounted at /out (to hand files back).
         #[arg(long)]
         output: Option<PathBuf>,
+        /// This VM's name for the policy (`input.vm.name`, with `input.vm.profile` the profile's name),
+        /// the audit records and the metrics; allow and deny entries with `vms` apply to the VMs they
+        /// name (docs/fleet.md). Set here, by the host: nothing in the guest can change it.
+        #[arg(long, value_parser = parse_vm_name)]
+        name: Option<String>,
         /// The guest command (default: `[vm] command`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<String>,
@@ -148,6 +159,10 @@ enum VmCommand {
 
 fn parse_profile(spec: &str) -> Result<Box<pexi_vm::Profile>, String> {
     pexi_vm::Profile::load(spec).map(Box::new)
+}
+
+fn parse_vm_name(name: &str) -> Result<String, String> {
+    crate::policy::entries::vm_label("--name", name).map(|()| name.to_string())
 }
 
 fn parse_env(text: &str) -> Result<(String, String), String> {
@@ -197,6 +212,7 @@ fn vm(command: VmCommand) -> ExitCode {
         profile,
         profile_config,
         output,
+        name,
         command,
     } = command;
     let config = match Config::load(config.as_deref()) {
@@ -205,6 +221,13 @@ fn vm(command: VmCommand) -> ExitCode {
             eprintln!("pexi: {err}");
             return ExitCode::from(125);
         }
+    };
+    let identity = crate::config::VmIdentity {
+        name: name.unwrap_or_default(),
+        profile: profile
+            .as_ref()
+            .map(|profile| profile.name.clone())
+            .unwrap_or_default(),
     };
     let options = pexi_vm::RunOptions {
         command: shell_command(&command),
@@ -228,7 +251,7 @@ fn vm(command: VmCommand) -> ExitCode {
         Ok(runtime) => runtime,
         Err(_) => return ExitCode::from(125),
     };
-    match runtime.block_on(crate::vm::run(config, options)) {
+    match runtime.block_on(crate::vm::run(config, options, identity)) {
         Ok(status) => ExitCode::from(u8::try_from(status).unwrap_or(125)),
         Err(err) => {
             eprintln!("pexi vm: {err}");
@@ -332,9 +355,20 @@ pub fn main() -> ExitCode {
         Command::Check {
             config,
             audit,
+            vm,
+            profile,
             method,
             url,
-        } => check(config, audit, method, url),
+        } => check(
+            config,
+            audit,
+            crate::config::VmIdentity {
+                name: vm.unwrap_or_default(),
+                profile: profile.unwrap_or_default(),
+            },
+            method,
+            url,
+        ),
         Command::Paths { config, which } => paths(config, which),
         Command::Approve { config } => people::approve(config),
         Command::Ui { config } => people::ui(config),
@@ -377,10 +411,14 @@ fn paths(config: Option<PathBuf>, which: Option<String>) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let socket = config.pep.listen.iter().find_map(|listen| match listen {
-        Listen::Unix(path) => Some(path.display().to_string()),
-        _ => None,
-    });
+    let socket = config
+        .pep
+        .listen
+        .iter()
+        .find_map(|listen| match &listen.at {
+            Listen::Unix(path) => Some(path.display().to_string()),
+            _ => None,
+        });
     let dirs = crate::dirs::UserDirs::from_env().ok();
     let shown = |dir: Option<&PathBuf>| dir.map(|d| d.display().to_string());
     let all = [
@@ -735,7 +773,13 @@ impl Drop for ScratchDir {
     }
 }
 
-fn check(config: Option<PathBuf>, audit: bool, method: String, url: String) -> ExitCode {
+fn check(
+    config: Option<PathBuf>,
+    audit: bool,
+    vm: crate::config::VmIdentity,
+    method: String,
+    url: String,
+) -> ExitCode {
     let mut config = match Config::load(config.as_deref()) {
         Ok(config) => config,
         Err(err) => {
@@ -773,6 +817,7 @@ fn check(config: Option<PathBuf>, audit: bool, method: String, url: String) -> E
             name: "pexi check".into(),
             version: env!("CARGO_PKG_VERSION").into(),
         },
+        vm: std::sync::Arc::new(vm),
         stream_id: 0,
     };
     // A one-thread runtime for the decision's audit ticket; check itself does no I/O beyond the log.
@@ -810,7 +855,7 @@ fn serve(config: Option<PathBuf>, listen: Vec<Listen>, force: bool) -> ExitCode 
     };
     config.pep.audit.force = force;
     if !listen.is_empty() {
-        config.pep.listen = listen;
+        config.pep.listen = listen.into_iter().map(Listener::anonymous).collect();
     }
     match runtime(tokio::runtime::Builder::new_multi_thread()) {
         Ok(runtime) => runtime.block_on(run(config)),

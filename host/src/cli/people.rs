@@ -318,7 +318,11 @@ fn show(question: &Value, waiting: usize) {
         text("url")
     );
     println!(
-        "  guest {} · {} · {} request(s) waiting · denied unanswered in {left} s",
+        "  {}guest {} · {} · {} request(s) waiting · denied unanswered in {left} s",
+        match text("vm").as_str() {
+            "" => String::new(),
+            vm => format!("vm {vm} · "),
+        },
         text("guest"),
         reasons.join("; "),
         question["waiting"]

@@ -57,6 +57,7 @@ pub async fn decide_and_log(
         stream_id: hop.caller.stream_id,
         method: hop.method.to_string(),
         guest: input["session"]["guest"].clone(),
+        vm: records::Vm::named(&hop.caller.vm.name, &hop.caller.vm.profile),
         request: input["request"].clone(),
         hop: hop.number,
         previous_url: input["previous_url"].clone(),
@@ -131,6 +132,7 @@ mod tests {
                 name: "g".into(),
                 version: "1".into(),
             },
+            vm: Default::default(),
             stream_id: 1,
         };
         let prepared = Prepared {

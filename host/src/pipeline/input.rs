@@ -7,6 +7,7 @@ use serde::Serialize;
 use super::request::Prepared;
 use super::target::Endpoint;
 use crate::audit::{Redaction, Redactor};
+use crate::config::VmIdentity;
 use crate::stream::Caller;
 
 #[derive(Clone, Debug, Serialize)]
@@ -19,6 +20,9 @@ pub struct PolicyInput {
     /// The hop before this one (redacted), for redirects.
     pub previous_url: Option<String>,
     pub session: SessionInput,
+    /// The VM as the host set it up (its listener, `pexi vm run --name`): trustworthy, unlike
+    /// `session.guest`; empty strings for a listener that names none.
+    pub vm: VmIdentity,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -100,6 +104,7 @@ impl PolicyInput {
                     hop,
                     previous_url: None,
                     session,
+                    vm: caller.vm.as_ref().clone(),
                 };
                 return (input, redactions);
             }
@@ -142,6 +147,7 @@ impl PolicyInput {
             hop,
             previous_url: previous.map(|u| redactor.url(u)),
             session,
+            vm: caller.vm.as_ref().clone(),
         };
         (input, redactions)
     }
@@ -168,6 +174,7 @@ mod tests {
                 name: "g".into(),
                 version: "1".into(),
             },
+            vm: Default::default(),
             stream_id: 3,
         }
     }

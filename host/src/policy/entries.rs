@@ -26,6 +26,10 @@ pub struct Entry {
     /// upgraded connection carries bytes both ways past what `methods` and `paths` say.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upgrade: Option<Vec<UpgradeProtocol>>,
+    /// The VMs (by the name the host gives them: `input.vm.name`) this entry is for; any VM when absent.
+    /// To every other VM the entry is as if it were not listed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vms: Option<Vec<VmName>>,
 }
 
 impl Entry {
@@ -38,6 +42,7 @@ impl Entry {
             schemes: None,
             tunnel: None,
             upgrade: None,
+            vms: None,
         })
     }
 }
@@ -121,6 +126,24 @@ validated_string!(
         _ => Err(format!("upgrade {text:?} is not websocket")),
     }
 );
+
+validated_string!(
+    /// A VM's name as the host gives it (`[pep] listen` tables, `pexi vm run --name`).
+    VmName,
+    |text| vm_label("vm name", text).map(|()| text.to_string())
+);
+
+/// A VM name or profile: 1–64 of `A-Z a-z 0-9 . _ -`, so it reads the same in a policy, an audit record,
+/// a metric label and a log line.
+pub fn vm_label(what: &str, label: &str) -> Result<(), String> {
+    let fine = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+    if label.is_empty() || label.len() > 64 || !label.chars().all(fine) {
+        return Err(format!(
+            "{what} {label:?}: 1 to 64 of the letters A-Z a-z, digits, '.', '_' and '-'"
+        ));
+    }
+    Ok(())
+}
 
 /// A port number, 1 to 65535.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]

@@ -19,6 +19,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::records::{self, SessionEvent};
+use crate::config::VmIdentity;
 use crate::limits::admission::{Refusal, SessionSlot};
 use crate::limits::budget::SessionBudget;
 use crate::pipeline::Pipeline;
@@ -27,6 +28,32 @@ use crate::stream::{Caller, EndedBy, Progress, RequestBody, Responder, StreamReq
 /// After the drain deadline, how long the last ERRORs get to reach a guest before the connection is
 /// dropped anyway (a guest that reads nothing must not hold a shutdown).
 const LAST_WORDS: Duration = Duration::from_secs(1);
+
+/// The other end of a connection as the host knows it: where it came in (`unix:PATH#N`, `vsock:cidC:P`,
+/// ...) and the VM its listener names. Nothing here comes from the guest.
+#[derive(Clone, Debug)]
+pub struct Peer {
+    pub place: String,
+    pub vm: Arc<VmIdentity>,
+}
+
+impl Peer {
+    fn record(&self, event: SessionEvent) -> records::Session {
+        records::Session {
+            vm: records::Vm::named(&self.vm.name, &self.vm.profile),
+            ..records::Session::new(event, &self.place)
+        }
+    }
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.vm.name.as_str() {
+            "" => f.write_str(&self.place),
+            name => write!(f, "{} (vm {name})", self.place),
+        }
+    }
+}
 
 /// Whether a connection was admitted (see [`crate::limits::admission::Admission::admit`]).
 pub enum Admitted {
@@ -41,7 +68,7 @@ pub async fn serve_connection<T>(
     io: T,
     pipeline: Arc<Pipeline>,
     shutdown: CancellationToken,
-    peer: String,
+    peer: Peer,
     admitted: Admitted,
 ) where
     T: AsyncRead + AsyncWrite + Send + 'static,
@@ -68,7 +95,7 @@ pub async fn serve_connection<T>(
                 code: Some(error.code.as_str().to_string()),
                 message: Some(error.message.clone()),
                 limit: error.details.limit,
-                ..records::Session::new(SessionEvent::Refused, &peer)
+                ..peer.record(SessionEvent::Refused)
             });
             session.refuse_sessions(error);
             // `_refusing` is held until this connection has been answered.
@@ -82,7 +109,7 @@ async fn serve_session<T>(
     io: T,
     pipeline: Arc<Pipeline>,
     shutdown: CancellationToken,
-    peer: String,
+    peer: Peer,
     session: Session,
     slot: Option<SessionSlot>,
 ) where
@@ -143,7 +170,7 @@ struct Host {
     budget: SessionBudget,
     /// This session's reserved stream places (`session_reserved_streams`).
     own_streams: Arc<Semaphore>,
-    peer: String,
+    peer: Peer,
     /// Over a limit: the guest's HELLO is answered with a refusal and the connection then closes.
     refusing: bool,
     refusal_sent: bool,
@@ -234,7 +261,7 @@ impl Handler for Host {
                         version: info.peer.version.clone(),
                     }),
                     protocol_version: Some(info.version),
-                    ..records::Session::new(SessionEvent::Open, &self.peer)
+                    ..self.peer.record(SessionEvent::Open)
                 });
             }
             Event::Opened { stream_id, call } => self.open(link, stream_id, call),
@@ -323,7 +350,7 @@ impl Host {
                 .info()
                 .map(|i| format!("{:016x}", i.session_id)),
             limit_ms: limit.map(|l| l.as_millis() as u64),
-            ..records::Session::new(event, &self.peer)
+            ..self.peer.record(event)
         });
     }
 
@@ -365,6 +392,7 @@ impl Host {
                 name: info.peer.name.clone(),
                 version: info.peer.version.clone(),
             },
+            vm: self.peer.vm.clone(),
             stream_id,
         };
         let max_head = info.peer_receive.max_frame as usize;

@@ -17,27 +17,30 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::Listen;
+use crate::config::{Listen, Listener, VmIdentity};
 use crate::limits::admission::ListenerSlots;
 use crate::pipeline::Pipeline;
-use crate::serve::{serve_connection, Admitted};
+use crate::serve::{serve_connection, Admitted, Peer};
 
 /// Starts serving `listen`; connections are tracked in `tasks` so shutdown can wait for them.
 pub async fn start(
-    listen: &Listen,
+    listener: &Listener,
     pipeline: Arc<Pipeline>,
     shutdown: CancellationToken,
     tasks: &TaskTracker,
 ) -> std::io::Result<()> {
     // Each listener holds at most max_sessions_per_listener sessions, all of them max_sessions.
     let slots = pipeline.admission.listener();
+    let listen = &listener.at;
+    let vm = listener.vm.clone();
     match listen {
         Listen::Unix(path) => {
-            let listener = bind_unix(path)?;
-            tracing::info!(listen = %listen, "listening");
+            let bound = bind_unix(path)?;
+            tracing::info!(listen = %listener, "listening");
             tasks.spawn(accept_unix(
-                listener,
+                bound,
                 path.clone(),
+                vm,
                 pipeline,
                 shutdown,
                 tasks.clone(),
@@ -45,8 +48,8 @@ pub async fn start(
             ));
         }
         Listen::Connect(path) => {
-            tracing::info!(listen = %listen, "connecting");
-            tasks.spawn(connect_loop(path.clone(), pipeline, shutdown, slots));
+            tracing::info!(listen = %listener, "connecting");
+            tasks.spawn(connect_loop(path.clone(), vm, pipeline, shutdown, slots));
         }
         Listen::Vsock(port) => {
             // macOS has no AF_VSOCK for the host: Virtualization.framework's runner (vfkit) forwards the
@@ -61,10 +64,11 @@ pub async fn start(
                 ));
             }
             let addr = tokio_vsock::VsockAddr::new(tokio_vsock::VMADDR_CID_ANY, *port);
-            let listener = tokio_vsock::VsockListener::bind(addr)?;
-            tracing::info!(listen = %listen, "listening");
+            let bound = tokio_vsock::VsockListener::bind(addr)?;
+            tracing::info!(listen = %listener, "listening");
             tasks.spawn(accept_vsock(
-                listener,
+                bound,
+                vm,
                 pipeline,
                 shutdown,
                 tasks.clone(),
@@ -99,6 +103,7 @@ fn bind_unix(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
 async fn accept_unix(
     listener: tokio::net::UnixListener,
     path: std::path::PathBuf,
+    vm: Arc<VmIdentity>,
     pipeline: Arc<Pipeline>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
@@ -111,7 +116,7 @@ async fn accept_unix(
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     serial += 1;
-                    let peer = format!("unix:{}#{serial}", path.display());
+                    let peer = Peer { place: format!("unix:{}#{serial}", path.display()), vm: vm.clone() };
                     let admitted = admit(&pipeline, &slots);
                     tasks.spawn(serve_connection(stream, pipeline.clone(), shutdown.clone(), peer, admitted));
                 }
@@ -127,6 +132,7 @@ async fn accept_unix(
 
 async fn connect_loop(
     path: std::path::PathBuf,
+    vm: Arc<VmIdentity>,
     pipeline: Arc<Pipeline>,
     shutdown: CancellationToken,
     slots: ListenerSlots,
@@ -142,7 +148,10 @@ async fn connect_loop(
             Ok(stream) => {
                 backoff = Duration::from_millis(100);
                 serial += 1;
-                let peer = format!("connect:{}#{serial}", path.display());
+                let peer = Peer {
+                    place: format!("connect:{}#{serial}", path.display()),
+                    vm: vm.clone(),
+                };
                 tracing::info!(%peer, "connected");
                 let admitted = admit(&pipeline, &slots);
                 let refused = matches!(admitted, Admitted::No(_));
@@ -170,6 +179,7 @@ async fn connect_loop(
 
 async fn accept_vsock(
     listener: tokio_vsock::VsockListener,
+    vm: Arc<VmIdentity>,
     pipeline: Arc<Pipeline>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
@@ -180,7 +190,7 @@ async fn accept_vsock(
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, addr)) => {
-                    let peer = format!("vsock:cid{}:{}", addr.cid(), addr.port());
+                    let peer = Peer { place: format!("vsock:cid{}:{}", addr.cid(), addr.port()), vm: vm.clone() };
                     let admitted = admit(&pipeline, &slots);
                     tasks.spawn(serve_connection(stream, pipeline.clone(), shutdown.clone(), peer, admitted));
                 }

@@ -40,12 +40,14 @@ function onDecision(event) {
   row.className = result;
   row.dataset.host = (event.request.host || "").toLowerCase();
   row.dataset.result = result;
-  row.dataset.guest = event.request.guest || "";
+  // The VM (the host's name for it) first: the guest's own name is only what it says of itself.
+  const who = event.request.vm ? `vm ${event.request.vm} · ${event.request.guest}` : event.request.guest || "";
+  row.dataset.guest = who;
   cell(row, time(event.ts_ms));
   cell(row, result === "ask" ? "asked" : result === "allow" ? "allowed" : "denied", "result");
   cell(row, event.request.method);
   cell(row, event.request.url, "url");
-  cell(row, event.request.guest);
+  cell(row, who);
   cell(row, (event.reasons || []).join("; "));
   cell(row, "…", "outcome");
   row.hidden = !matches(row);
@@ -116,7 +118,7 @@ function showQuestion(question) {
   const waiting = document.createElement("span");
   waiting.className = "waiting";
   waiting.textContent = `${question.waiting} request(s) waiting`;
-  meta.textContent = `guest ${question.guest} · ${question.reasons.join("; ")} · asked ${time(question.asked_ms)} · denied unanswered at ${time(question.deadline_ms)} · `;
+  meta.textContent = `${question.vm ? `vm ${question.vm} · ` : ""}guest ${question.guest} · ${question.reasons.join("; ")} · asked ${time(question.asked_ms)} · denied unanswered at ${time(question.deadline_ms)} · `;
   meta.appendChild(waiting);
   const prefix = document.createElement("input");
   prefix.className = "prefix";
