@@ -69,6 +69,7 @@ pub struct PepConfig {
     pub audit: AuditConfig,
     pub approvals: ApprovalsConfig,
     pub control: ControlConfig,
+    pub metrics: MetricsConfig,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -226,23 +227,46 @@ impl ControlConfig {
 
     /// The dashboard's address; only loopback addresses are accepted, so the page is host-only.
     pub fn dashboard_addr(&self) -> Result<Option<std::net::SocketAddr>, String> {
-        if self.dashboard.is_empty() {
-            return Ok(None);
-        }
-        let addr: std::net::SocketAddr = self.dashboard.parse().map_err(|_| {
-            format!(
-                "pep.control.dashboard = {:?}: expected a loopback address and port such as \"127.0.0.1:0\", or \"\" for none",
-                self.dashboard
-            )
-        })?;
-        if !addr.ip().is_loopback() {
-            return Err(format!(
-                "pep.control.dashboard = {:?}: the dashboard listens on loopback only (127.0.0.0/8 or ::1)",
-                self.dashboard
-            ));
-        }
-        Ok(Some(addr))
+        loopback_addr("pep.control.dashboard", &self.dashboard, "127.0.0.1:0")
     }
+}
+
+/// `[pep.metrics]`: the Prometheus endpoint (docs/fleet.md).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// A loopback `address:port` serving `GET /metrics`, or "" for none.
+    pub listen: String,
+}
+
+impl MetricsConfig {
+    /// The endpoint's address; loopback only, so the counts stay on the host (a fleet scrapes them with
+    /// an agent on each host).
+    pub fn addr(&self) -> Result<Option<std::net::SocketAddr>, String> {
+        loopback_addr("pep.metrics.listen", &self.listen, "127.0.0.1:9464")
+    }
+}
+
+/// A loopback `address:port` from a config value ("" is none).
+fn loopback_addr(
+    key: &str,
+    value: &str,
+    example: &str,
+) -> Result<Option<std::net::SocketAddr>, String> {
+    if value.is_empty() {
+        return Ok(None);
+    }
+    let addr: std::net::SocketAddr = value.parse().map_err(|_| {
+        format!(
+            "{key} = {value:?}: expected a loopback address and port such as \"{example}\", or \"\" for none"
+        )
+    })?;
+    if !addr.ip().is_loopback() {
+        return Err(format!(
+            "{key} = {value:?}: it listens on loopback only (127.0.0.0/8 or ::1)"
+        ));
+    }
+    Ok(Some(addr))
 }
 
 #[derive(Clone, Debug, Deserialize)]

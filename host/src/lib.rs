@@ -30,6 +30,7 @@ pub mod config;
 pub mod control;
 mod dirs;
 mod limits;
+mod metrics;
 mod pipeline;
 pub mod policy;
 mod reload;

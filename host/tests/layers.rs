@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 /// Low to high. A module may use modules of earlier layers only.
 const LAYERS: &[&[&str]] = &[
-    &["dirs", "policy", "audit", "activity"],
+    &["dirs", "policy", "audit", "activity", "metrics"],
     &["secrets", "approvals"],
     &["config"],
     &["limits"],

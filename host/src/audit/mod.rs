@@ -107,12 +107,14 @@ pub struct AuditLog {
     path: PathBuf,
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    written_seq: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl AuditLog {
     /// Opens (or continues) the log at `settings.path` and starts its writer thread.
     pub fn open(settings: &AuditSettings) -> std::io::Result<AuditLog> {
         let writer = writer::Writer::open(settings)?;
+        let written_seq = writer.written_seq.clone();
         let (jobs, queue) = mpsc::channel();
         let batch = (settings.durability == Durability::Batch).then(|| {
             (
@@ -127,11 +129,18 @@ impl AuditLog {
             path: settings.path.clone(),
             jobs: Mutex::new(Some(jobs)),
             thread: Mutex::new(Some(thread)),
+            written_seq,
         })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The `seq` the next record will get: every record before it is in the file (not necessarily
+    /// synced).
+    pub fn written_seq(&self) -> u64 {
+        self.written_seq.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Queues a record. `body` must be a JSON object; the writer adds `v`, `seq`, `ts`, `kind`, `prev`.

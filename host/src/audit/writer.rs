@@ -58,6 +58,8 @@ pub(super) struct Writer {
     held_since: Option<Instant>,
     /// Records written but not yet `fsync`ed because nobody waited for them (batch mode).
     unsynced: bool,
+    /// The `seq` after the last record in the file, for the metrics (read from other threads).
+    pub(super) written_seq: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Records kept in memory while the log cannot be written (a full disk): about a few MiB at most.
@@ -394,6 +396,7 @@ impl Writer {
             held: Vec::new(),
             held_since: None,
             unsynced: false,
+            written_seq: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(seq)),
         };
         let (pid, version) = (std::process::id(), env!("CARGO_PKG_VERSION").to_string());
         let first = if kind == ChainStart::KIND {
@@ -475,6 +478,8 @@ impl Writer {
         let written = self.file.write_all(&self.pending);
         if written.is_ok() {
             self.written_len += self.pending.len() as u64;
+            self.written_seq
+                .store(self.seq, std::sync::atomic::Ordering::Relaxed);
         }
         self.pending.clear();
         written

@@ -2,11 +2,13 @@
 //! by its mode and by the peer's uid) for `pexi approve` and `pexi ui`, and on a loopback port for the
 //! dashboard page, where a per-start token and same-origin checks stand in for the socket's permissions
 //! (`access.rs`). The dashboard's address goes into the address guard before it accepts anything, so no
-//! guest request can reach it whatever `allowed_cidrs` says.
+//! guest request can reach it whatever `allowed_cidrs` says. The Prometheus endpoint (`metrics.rs`) is
+//! started here too, and guarded the same way.
 
 mod access;
 mod api;
 pub mod client;
+mod metrics;
 mod page;
 
 use std::net::SocketAddr;
@@ -40,6 +42,9 @@ pub(crate) async fn start(
     let config = &pipeline.config.pep;
     let socket = config.control.socket_path(&config.audit);
     let dashboard_addr = config.control.dashboard_addr()?;
+    if let Some(addr) = config.metrics.addr()? {
+        metrics::start(pipeline.clone(), addr, shutdown.clone(), tasks).await?;
+    }
     let dashboard = match dashboard_addr {
         Some(addr) => {
             let listener = tokio::net::TcpListener::bind(addr)

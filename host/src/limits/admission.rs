@@ -105,6 +105,11 @@ impl Admission {
         self.max_sessions as usize - self.sessions.available_permits()
     }
 
+    /// Streams open now, across every session.
+    pub fn streams(&self) -> usize {
+        self.max_streams as usize - self.streams.available_permits()
+    }
+
     pub fn admit(&self, listener: &ListenerSlots) -> Result<SessionSlot, Refusal> {
         let refusal = |error| Refusal {
             error,

@@ -78,6 +78,7 @@ pub async fn decide_and_log(
     });
     // The revision this decision was made under, not whatever is in service by now.
     body["policy_revision"] = json!(policy.revision());
+    let writing = std::time::Instant::now();
     audit
         .record(records::Decision::KIND, body)
         .done()
@@ -91,6 +92,7 @@ pub async fn decide_and_log(
         decision_id,
         decision,
         seen,
+        audit_wait: writing.elapsed(),
     })
 }
 

@@ -77,6 +77,8 @@ pub struct Pipeline {
     /// Questions to a person (docs/approvals.md), and what watchers are shown.
     approvals: crate::approvals::Broker,
     pub activity: crate::activity::Activity,
+    /// What the Prometheus endpoint shows (docs/fleet.md).
+    pub metrics: crate::metrics::Metrics,
     /// Reloads run one at a time (the watcher's and an "always" answer's).
     reloading: std::sync::Mutex<()>,
     /// Sessions, streams and buffered bytes: what all guests together may hold.
@@ -118,6 +120,7 @@ fn restart_only_changes(running: &Config, fresh: &Config) -> Vec<&'static str> {
         ("pep.audit", &r.audit, &f.audit),
         ("pep.approvals", &r.approvals, &f.approvals),
         ("pep.control", &r.control, &f.control),
+        ("pep.metrics", &r.metrics, &f.metrics),
         ("secrets", &running.secrets, &fresh.secrets),
     ] {
         if differ(a, b) {
@@ -134,6 +137,8 @@ pub struct Logged {
     pub decision: Decision,
     /// What it was about, redacted: for questions and the dashboard.
     pub seen: crate::approvals::Shown,
+    /// How long the decision record took to become durable.
+    pub audit_wait: std::time::Duration,
 }
 
 impl Pipeline {
@@ -200,6 +205,7 @@ impl Pipeline {
             reloading: std::sync::Mutex::new(()),
             approvals,
             activity: crate::activity::Activity::default(),
+            metrics: crate::metrics::Metrics::new(),
         };
         pipeline.record(&records::Policy {
             event: records::PolicyEvent::Load,
@@ -271,6 +277,10 @@ impl Pipeline {
                     previous_revision: None,
                     error: Some(error.clone()),
                 });
+                self.metrics
+                    .policy_reloads
+                    .get_or_create(&crate::metrics::ResultLabels { result: "refused" })
+                    .inc();
                 return Err(error);
             }
         };
@@ -287,6 +297,10 @@ impl Pipeline {
             previous_revision: Some(previous),
             error: None,
         });
+        self.metrics
+            .policy_reloads
+            .get_or_create(&crate::metrics::ResultLabels { result: "applied" })
+            .inc();
         Ok(Some(revision))
     }
 
@@ -373,6 +387,7 @@ impl Pipeline {
             self.decision_prefix,
             self.decisions.fetch_add(1, Ordering::Relaxed)
         );
+        let started = std::time::Instant::now();
         let hop = decide::Hop {
             caller,
             method,
@@ -390,6 +405,16 @@ impl Pipeline {
         .await
         .map_err(RequestError::from)?;
         let decision = &logged.decision;
+        self.metrics.decided(
+            decision.allow,
+            decision.ask.is_some(),
+            &decision.reasons,
+            &caller.vm.name,
+            started.elapsed().as_secs_f64(),
+        );
+        self.metrics
+            .audit_write_seconds
+            .observe(logged.audit_wait.as_secs_f64());
         self.activity
             .count(&logged.seen.host, decision.allow, decision.ask.is_some());
         self.activity.publish(json!({
@@ -413,6 +438,57 @@ impl Pipeline {
         }
     }
 
+    /// The metrics' OpenMetrics text, its gauges read now.
+    pub fn metrics_text(&self) -> String {
+        let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        let m = &self.metrics;
+        m.sessions.set(gauge(self.admission.sessions()));
+        m.streams.set(gauge(self.admission.streams()));
+        m.buffered_bytes
+            .set(gauge(self.admission.budget.pool_in_use()));
+        m.approvals_waiting
+            .set(gauge(self.approvals.waiting().len()));
+        m.audit_records
+            .set(i64::try_from(self.audit.written_seq()).unwrap_or(i64::MAX));
+        m.encode()
+    }
+
+    fn count_outcome(&self, outcome: &records::Outcome) {
+        use crate::metrics::{DirectionLabels, OutcomeLabels};
+        self.metrics
+            .requests
+            .get_or_create(&OutcomeLabels {
+                method: outcome.method.clone(),
+                outcome: outcome.error.clone().unwrap_or_else(|| "ok".into()),
+            })
+            .inc();
+        if let Some(ms) = outcome.duration_ms {
+            self.metrics.request_seconds.observe(ms as f64 / 1000.0);
+        }
+        let bytes = |body: &Option<records::BodyDigest>| {
+            body.as_ref()
+                .and_then(|b| b.bytes_delivered.or(b.bytes))
+                .unwrap_or(0)
+        };
+        let (mut up, mut down) = (bytes(&outcome.request_body), bytes(&outcome.response_body));
+        if let Some(tunnel) = &outcome.tunnel {
+            up += tunnel.bytes_to_upstream;
+            down += tunnel.bytes_to_guest;
+        }
+        if let Some(upgrade) = &outcome.upgrade {
+            up += upgrade["bytes_to_upstream"].as_u64().unwrap_or(0);
+            down += upgrade["bytes_to_guest"].as_u64().unwrap_or(0);
+        }
+        for (direction, n) in [("to_upstream", up), ("to_guest", down)] {
+            if n > 0 {
+                self.metrics
+                    .body_bytes
+                    .get_or_create(&DirectionLabels { direction })
+                    .inc_by(n);
+            }
+        }
+    }
+
     /// Records how a request ended. Best effort: the effect has already happened or failed.
     pub fn log_outcome(
         &self,
@@ -427,6 +503,7 @@ impl Pipeline {
         outcome.session_id = format!("{:016x}", caller.session_id);
         outcome.stream_id = caller.stream_id;
         outcome.method = method.to_string();
+        self.count_outcome(&outcome);
         self.activity.publish(json!({
             "type": "outcome",
             "ts_ms": crate::activity::now_ms(),

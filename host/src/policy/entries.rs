@@ -28,7 +28,11 @@ pub struct Entry {
     pub upgrade: Option<Vec<UpgradeProtocol>>,
     /// The VMs (by the name the host gives them: `input.vm.name`) this entry is for; any VM when absent.
     /// To every other VM the entry is as if it were not listed.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "some_vms"
+    )]
     pub vms: Option<Vec<VmName>>,
 }
 
@@ -132,6 +136,19 @@ validated_string!(
     VmName,
     |text| vm_label("vm name", text).map(|()| text.to_string())
 );
+
+/// `vms` names at least one VM: an empty list would be an entry for no VM at all, surely a mistake.
+fn some_vms<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Vec<VmName>>, D::Error> {
+    let vms = Vec::<VmName>::deserialize(deserializer)?;
+    if vms.is_empty() {
+        return Err(serde::de::Error::custom(
+            "vms = [] names no VM: leave vms out for an entry for every VM",
+        ));
+    }
+    Ok(Some(vms))
+}
 
 /// A VM name or profile: 1–64 of `A-Z a-z 0-9 . _ -`, so it reads the same in a policy, an audit record,
 /// a metric label and a log line.
@@ -336,6 +353,10 @@ mod tests {
         .expect("valid");
         assert_eq!(ok.methods.as_deref().map(|m| m[0].as_str()), Some("GET"));
         assert_eq!(ok.schemes.as_deref().map(|s| s[0].as_str()), Some("https"));
+        let for_two: Entry =
+            serde_json::from_str(r#"{"host": "a.example", "vms": ["alice", "bob.2"]}"#)
+                .expect("valid");
+        assert_eq!(for_two.vms.map(|v| v.len()), Some(2));
         for bad in [
             r#"{"host": "a.example", "port": [443]}"#,
             r#"{"host": "a.example", "ports": [0]}"#,
@@ -344,6 +365,9 @@ mod tests {
             r#"{"host": "a.example", "paths": ["v1"]}"#,
             r#"{"host": "a.example", "schemes": ["ftp"]}"#,
             r#"{"ports": [443]}"#,
+            r#"{"host": "a.example", "vms": []}"#,
+            r#"{"host": "a.example", "vms": ["a b"]}"#,
+            r#"{"host": "a.example", "vms": "alice"}"#,
         ] {
             assert!(
                 serde_json::from_str::<Entry>(bad).is_err(),
