@@ -70,6 +70,7 @@ pub struct PepConfig {
     pub approvals: ApprovalsConfig,
     pub control: ControlConfig,
     pub metrics: MetricsConfig,
+    pub export: ExportConfig,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -229,6 +230,104 @@ impl ControlConfig {
     pub fn dashboard_addr(&self) -> Result<Option<std::net::SocketAddr>, String> {
         loopback_addr("pep.control.dashboard", &self.dashboard, "127.0.0.1:0")
     }
+}
+
+/// `[pep.export]`: the audit log shipped to a SIEM (docs/fleet.md, "Audit export"). Each sink reads the
+/// log files on its own with a cursor of its own; none is on a decision's path.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportConfig {
+    /// Where each sink keeps its cursor (`export-otlp.cursor`, `export-syslog.cursor`). "" is beside the
+    /// audit log.
+    pub cursor_dir: PathBuf,
+    /// Records per OTLP request or syslog write.
+    pub batch_records: usize,
+    /// The longest wait between attempts while a sink is down (the first is 100 ms, then doubling).
+    pub retry_max_ms: u64,
+    pub otlp: OtlpConfig,
+    pub syslog: SyslogConfig,
+}
+
+impl ExportConfig {
+    pub fn cursor_path(&self, audit: &AuditConfig, sink: &str) -> PathBuf {
+        let name = format!("export-{sink}.cursor");
+        if self.cursor_dir.as_os_str().is_empty() {
+            audit.or_beside(Path::new(""), &name)
+        } else {
+            self.cursor_dir.join(name)
+        }
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if self.batch_records == 0 || self.batch_records > 10_000 {
+            return Err(format!(
+                "pep.export.batch_records = {}: 1 to 10000",
+                self.batch_records
+            ));
+        }
+        if !self.otlp.endpoint.is_empty() {
+            let url = url::Url::parse(&self.otlp.endpoint).map_err(|err| {
+                format!("pep.export.otlp.endpoint = {:?}: {err}", self.otlp.endpoint)
+            })?;
+            if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+                return Err(format!(
+                    "pep.export.otlp.endpoint = {:?}: an http(s) URL such as \"https://collector:4318/v1/logs\"",
+                    self.otlp.endpoint
+                ));
+            }
+        }
+        if !self.syslog.address.is_empty() {
+            let (host, port) = self.syslog.address.rsplit_once(':').ok_or_else(|| {
+                format!(
+                    "pep.export.syslog.address = {:?}: host:port, such as \"siem.example:6514\"",
+                    self.syslog.address
+                )
+            })?;
+            if host.is_empty() || port.parse::<u16>().map_or(true, |p| p == 0) {
+                return Err(format!(
+                    "pep.export.syslog.address = {:?}: host:port with a port 1-65535",
+                    self.syslog.address
+                ));
+            }
+            if !matches!(self.syslog.transport.as_str(), "tls" | "tcp") {
+                return Err(format!(
+                    "pep.export.syslog.transport = {:?}: \"tls\" or \"tcp\"",
+                    self.syslog.transport
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `[pep.export.otlp]`: OpenTelemetry logs over OTLP/HTTP (protobuf).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OtlpConfig {
+    /// The collector's logs URL (`https://collector:4318/v1/logs`); "" for none.
+    pub endpoint: String,
+    /// Extra CA certificates (PEM) for a collector with a private CA; "" for the public roots only.
+    pub ca_file: PathBuf,
+    /// Extra request headers (a tenant, an API key the collector wants).
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    pub timeout_ms: u64,
+}
+
+/// `[pep.export.syslog]`: RFC 5424 messages over TCP, octet-counted (RFC 6587), TLS by default (RFC 5425).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyslogConfig {
+    /// The receiver's `host:port`; "" for none.
+    pub address: String,
+    /// `tls` (RFC 5425) or `tcp`.
+    pub transport: String,
+    /// Extra CA certificates (PEM) for the receiver's certificate; "" for the public roots only.
+    pub ca_file: PathBuf,
+    /// The name the certificate must carry; "" is the address's host.
+    pub server_name: String,
+    /// The HOSTNAME field; "" is this machine's host name.
+    pub hostname: String,
 }
 
 /// `[pep.metrics]`: the Prometheus endpoint (docs/fleet.md).
@@ -591,9 +690,14 @@ impl Config {
         // the default's (the compiled-in policy, the repository's `target/vm`).
         let set_here = |key: &str| base.is_some() && user_keys.contains(key);
         pep.control.dashboard_addr().map_err(invalid)?;
+        pep.metrics.addr().map_err(invalid)?;
+        pep.export.check().map_err(invalid)?;
         for (key, path) in [
             ("pep.approvals.file", &mut pep.approvals.file),
             ("pep.control.socket", &mut pep.control.socket),
+            ("pep.export.cursor_dir", &mut pep.export.cursor_dir),
+            ("pep.export.otlp.ca_file", &mut pep.export.otlp.ca_file),
+            ("pep.export.syslog.ca_file", &mut pep.export.syslog.ca_file),
         ] {
             if let Some(base) = base.as_deref().filter(|_| set_here(key)) {
                 if !path.as_os_str().is_empty() && !crate::dirs::is_placeholder(path) {

@@ -29,6 +29,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 mod dirs;
+mod export;
 mod limits;
 mod metrics;
 mod pipeline;

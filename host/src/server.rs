@@ -25,6 +25,10 @@ impl Server {
         let tasks = TaskTracker::new();
         // Before any guest is served: the dashboard's address is in the address guard from the start.
         crate::control::start(pipeline.clone(), shutdown.clone(), &tasks).await?;
+        if let Err(err) = crate::export::start(pipeline.clone(), shutdown.clone(), &tasks) {
+            shutdown.cancel();
+            return Err(format!("pep.export: {err}"));
+        }
         for listen in pipeline.config.pep.listen.clone() {
             if let Err(err) =
                 crate::transport::start(&listen, pipeline.clone(), shutdown.clone(), &tasks).await

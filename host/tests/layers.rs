@@ -13,7 +13,7 @@ const LAYERS: &[&[&str]] = &[
     &["limits"],
     &["stream"],
     &["pipeline"],
-    &["serve", "reload", "control"],
+    &["serve", "reload", "control", "export"],
     &["transport"],
     &["server"],
     &["vm"],

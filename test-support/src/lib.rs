@@ -730,6 +730,9 @@ impl Upstream {
 /// A throwaway CA and a server certificate it signed for the given names.
 pub struct TestCa {
     pub ca_pem: String,
+    /// The server certificate and its key, PEM, for servers that read files (rsyslog).
+    pub cert_pem: String,
+    pub key_pem: String,
     cert_der: Vec<u8>,
     key_der: Vec<u8>,
 }
@@ -750,6 +753,8 @@ impl TestCa {
         let leaf = leaf_params.signed_by(&leaf_key, &ca).expect("leaf");
         TestCa {
             ca_pem: ca.pem(),
+            cert_pem: leaf.pem(),
+            key_pem: leaf_key.serialize_pem(),
             cert_der: leaf.der().to_vec(),
             key_der: leaf_key.serialize_der(),
         }

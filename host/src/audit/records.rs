@@ -40,6 +40,7 @@ kinds! {
     Outcome => "outcome",
     ApprovalQuestion => "approval_question",
     ApprovalAnswer => "approval_answer",
+    ExportGap => "export_gap",
 }
 
 /// One line of the audit log: the chain fields (`v`, `seq`, `ts`, `kind`, `prev`, `sig`) around the fields of
@@ -388,6 +389,16 @@ pub struct ApprovalQuestion {
     pub scope: String,
     /// When it is denied unanswered.
     pub timeout_ms: u64,
+}
+
+/// Records an export sink never shipped: retention removed their file first (docs/fleet.md). The
+/// receiver gets this record in their place.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct ExportGap {
+    /// `otlp` or `syslog`.
+    pub sink: String,
+    pub from_seq: u64,
+    pub to_seq: u64,
 }
 
 /// How a question ended: a person's answer (written, and durable, before any held request goes on), no

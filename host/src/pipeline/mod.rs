@@ -121,6 +121,7 @@ fn restart_only_changes(running: &Config, fresh: &Config) -> Vec<&'static str> {
         ("pep.approvals", &r.approvals, &f.approvals),
         ("pep.control", &r.control, &f.control),
         ("pep.metrics", &r.metrics, &f.metrics),
+        ("pep.export", &r.export, &f.export),
         ("secrets", &running.secrets, &fresh.secrets),
     ] {
         if differ(a, b) {

@@ -16,6 +16,49 @@ pub struct TestPep {
     pub dir: TestDir,
     pub socket: PathBuf,
     pub audit: PathBuf,
+    options: PepOptions,
+}
+
+/// `pexi serve` on the config in `dir`, as `options` say (a loopback-only namespace, logs to a file).
+fn spawn(dir: &std::path::Path, options: &PepOptions) -> Child {
+    let config_path = dir.join("config.toml");
+    let pexi = env!("CARGO_BIN_EXE_pexi");
+    let mut command = if options.isolated_network {
+        let mut c = Command::new("unshare");
+        c.args([
+            "-n",
+            "sh",
+            "-c",
+            "ip link set lo up && exec \"$0\" \"$@\"",
+            pexi,
+        ]);
+        c
+    } else {
+        Command::new(pexi)
+    };
+    command
+        .args(["serve", "--config"])
+        .arg(&config_path)
+        .env("RUST_LOG", "warn")
+        .env_remove("PEP_ALLOWED_DOMAINS")
+        .env_remove("PEP_AUDIT_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(if options.log_to_file {
+            Stdio::from(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(dir.join("pep.log"))
+                    .expect("pep.log"),
+            )
+        } else {
+            Stdio::inherit()
+        });
+    for (key, value) in &options.env {
+        command.env(key, value);
+    }
+    command.spawn().expect("spawn pexi")
 }
 
 impl TestPep {
@@ -32,51 +75,34 @@ impl TestPep {
         edit(&mut doc);
         let config = toml::to_string(&doc).expect("serialise config");
         copy_policies(&dir);
-        let config_path = dir.join("config.toml");
-        std::fs::write(&config_path, config).expect("config");
-        let pexi = env!("CARGO_BIN_EXE_pexi");
-        let mut command = if options.isolated_network {
-            let mut c = Command::new("unshare");
-            c.args([
-                "-n",
-                "sh",
-                "-c",
-                "ip link set lo up && exec \"$0\" \"$@\"",
-                pexi,
-            ]);
-            c
-        } else {
-            Command::new(pexi)
-        };
-        command
-            .args(["serve", "--config"])
-            .arg(&config_path)
-            .env("RUST_LOG", "warn")
-            .env_remove("PEP_ALLOWED_DOMAINS")
-            .env_remove("PEP_AUDIT_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(if options.log_to_file {
-                Stdio::from(std::fs::File::create(dir.join("pep.log")).expect("pep.log"))
-            } else {
-                Stdio::inherit()
-            });
-        for (key, value) in &options.env {
-            command.env(key, value);
-        }
-        let child = command.spawn().expect("spawn pexi");
+        std::fs::write(dir.join("config.toml"), config).expect("config");
+        let child = spawn(&dir, &options);
         let pep = TestPep {
             child,
             dir,
             socket,
             audit,
+            options,
         };
+        pep.wait_listening();
+        pep
+    }
+
+    /// Stops the PEP (SIGTERM) and starts it again on the same folder: the same config, audit log and
+    /// keys, as a restart of the service would.
+    pub fn restart(&mut self) {
+        let status = self.terminate();
+        assert!(status.success(), "pexi exited with {status}");
+        self.child = spawn(&self.dir, &self.options);
+        self.wait_listening();
+    }
+
+    fn wait_listening(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !pep.socket.exists() {
+        while !self.socket.exists() {
             assert!(Instant::now() < deadline, "pexi did not start listening");
             std::thread::sleep(Duration::from_millis(20));
         }
-        pep
     }
 
     pub async fn guest(&self) -> Guest {
