@@ -186,6 +186,97 @@ pub struct PolicyConfig {
     pub allow: Vec<Entry>,
     #[serde(default)]
     pub deny: Vec<Entry>,
+    pub bundle: BundleConfig,
+}
+
+/// `[pep.policy.bundle]`: policy from an OPA bundle server (docs/fleet.md).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BundleConfig {
+    /// The bundle's URL (`https://bundles.example/pexi.tar.gz`); "" for none.
+    pub url: String,
+    pub poll_seconds: u64,
+    /// The PEM public key its signature must verify with.
+    pub public_key: PathBuf,
+    pub algorithm: String,
+    /// When set, the signature must name this key.
+    pub key_id: String,
+    /// Must equal the signature's `scope`, as in OPA.
+    pub scope: String,
+    /// Extra CA certificates (PEM) for the bundle server; "" for the public roots only.
+    pub ca_file: PathBuf,
+    /// Where the last good bundle is kept; "" is `bundle/` beside the audit log.
+    pub dir: PathBuf,
+    pub timeout_ms: u64,
+    /// The largest archive accepted.
+    pub max_bytes: u64,
+}
+
+impl BundleConfig {
+    pub fn enabled(&self) -> bool {
+        !self.url.is_empty()
+    }
+
+    pub fn dir_path(&self, audit: &AuditConfig) -> PathBuf {
+        audit.or_beside(&self.dir, "bundle")
+    }
+
+    /// The key bundles must be signed with.
+    pub fn verification_key(&self) -> Result<crate::policy::opa_bundle::VerificationKey, String> {
+        let algorithm = crate::policy::opa_bundle::algorithm(&self.algorithm)
+            .map_err(|err| format!("pep.policy.bundle.{err}"))?;
+        if self.public_key.as_os_str().is_empty() {
+            return Err(
+                "pep.policy.bundle.public_key: a bundle is verified before it serves; name the PEM \
+                 public key its signature must verify with"
+                    .into(),
+            );
+        }
+        let pem = std::fs::read(&self.public_key).map_err(|err| {
+            format!(
+                "pep.policy.bundle.public_key {}: {err}",
+                self.public_key.display()
+            )
+        })?;
+        crate::policy::opa_bundle::VerificationKey::from_pem(
+            &pem,
+            algorithm,
+            (!self.key_id.is_empty()).then(|| self.key_id.clone()),
+            self.scope.clone(),
+        )
+        .map_err(|err| {
+            format!(
+                "pep.policy.bundle.public_key {}: {err}",
+                self.public_key.display()
+            )
+        })
+    }
+
+    pub fn limits(&self) -> crate::policy::opa_bundle::Limits {
+        crate::policy::opa_bundle::Limits {
+            max_bytes: self.max_bytes,
+            max_unpacked_bytes: self.max_bytes.saturating_mul(4),
+            ..Default::default()
+        }
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if !self.enabled() {
+            return Ok(());
+        }
+        let url = url::Url::parse(&self.url)
+            .map_err(|err| format!("pep.policy.bundle.url = {:?}: {err}", self.url))?;
+        if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+            return Err(format!(
+                "pep.policy.bundle.url = {:?}: an http(s) URL",
+                self.url
+            ));
+        }
+        if self.poll_seconds == 0 {
+            return Err("pep.policy.bundle.poll_seconds: at least 1".into());
+        }
+        self.verification_key().map(drop)
+    }
 }
 
 /// `[pep.approvals]`: asking a person about requests the policy holds (docs/approvals.md).
@@ -698,6 +789,12 @@ impl Config {
             ("pep.export.cursor_dir", &mut pep.export.cursor_dir),
             ("pep.export.otlp.ca_file", &mut pep.export.otlp.ca_file),
             ("pep.export.syslog.ca_file", &mut pep.export.syslog.ca_file),
+            (
+                "pep.policy.bundle.public_key",
+                &mut pep.policy.bundle.public_key,
+            ),
+            ("pep.policy.bundle.ca_file", &mut pep.policy.bundle.ca_file),
+            ("pep.policy.bundle.dir", &mut pep.policy.bundle.dir),
         ] {
             if let Some(base) = base.as_deref().filter(|_| set_here(key)) {
                 if !path.as_os_str().is_empty() && !crate::dirs::is_placeholder(path) {
@@ -705,6 +802,7 @@ impl Config {
                 }
             }
         }
+        pep.policy.bundle.check().map_err(invalid)?;
         let relative_note = |key: &str, value: &Path, resolved: &Path| {
             format!(
                 "{key} = {value:?} names {}, which does not exist (a relative path in a config file is relative \
@@ -839,6 +937,8 @@ fn expand_user_dirs(
     paths.push((&mut pep.audit.path, false));
     paths.push((&mut pep.approvals.file, false));
     paths.push((&mut pep.control.socket, false));
+    paths.push((&mut pep.policy.bundle.dir, false));
+    paths.push((&mut pep.export.cursor_dir, false));
     let mut key_file = PathBuf::from(&pep.audit.key_file);
     paths.push((&mut key_file, false));
     let private = expand_paths(paths, &mut user_dirs)?;

@@ -25,6 +25,7 @@
 mod activity;
 mod approvals;
 pub mod audit;
+mod bundle_sync;
 pub mod cli;
 pub mod config;
 pub mod control;

@@ -65,6 +65,13 @@ pub struct Metrics {
     pub shipping_lag_records: Family<SinkLabels, Gauge>,
     pub shipping_lag_seconds: Family<SinkLabels, Gauge>,
     pub shipping_errors: Family<SinkLabels, Counter>,
+    pub bundle_polls: Family<BundlePollLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BundlePollLabels {
+    /// `not_modified`, `activated`, `unchanged`, `refused`, `unreachable`.
+    pub result: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -171,7 +178,14 @@ impl Metrics {
             "Failed attempts to ship audit records (retried)",
             shipping_errors.clone(),
         );
+        let bundle_polls = Family::<BundlePollLabels, Counter>::default();
+        registry.register(
+            "bundle_polls",
+            "Polls of the bundle server, by result",
+            bundle_polls.clone(),
+        );
         Metrics {
+            bundle_polls,
             registry,
             decisions,
             decision_seconds,

@@ -29,6 +29,13 @@ impl Server {
             shutdown.cancel();
             return Err(format!("pep.export: {err}"));
         }
+        // Before guests: a reachable bundle server's newest bundle serves from the first request.
+        if let Err(err) =
+            crate::bundle_sync::start(pipeline.clone(), shutdown.clone(), &tasks).await
+        {
+            shutdown.cancel();
+            return Err(err);
+        }
         for listen in pipeline.config.pep.listen.clone() {
             if let Err(err) =
                 crate::transport::start(&listen, pipeline.clone(), shutdown.clone(), &tasks).await

@@ -13,7 +13,7 @@ const LAYERS: &[&[&str]] = &[
     &["limits"],
     &["stream"],
     &["pipeline"],
-    &["serve", "reload", "control", "export"],
+    &["serve", "reload", "control", "export", "bundle_sync"],
     &["transport"],
     &["server"],
     &["vm"],

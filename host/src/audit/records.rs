@@ -41,6 +41,7 @@ kinds! {
     ApprovalQuestion => "approval_question",
     ApprovalAnswer => "approval_answer",
     ExportGap => "export_gap",
+    BundleFetch => "bundle",
 }
 
 /// One line of the audit log: the chain fields (`v`, `seq`, `ts`, `kind`, `prev`, `sig`) around the fields of
@@ -150,6 +151,29 @@ pub enum PolicyEvent {
     Load,
     Reload,
     ReloadRejected,
+}
+
+/// The PEP's own traffic to the bundle server (docs/fleet.md): a bundle downloaded, one refused, or the
+/// server unreachable. Putting a downloaded bundle in service is the `policy` record that follows.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct BundleFetch {
+    /// `download` (a new bundle, verified), `refused` (it did not verify), `unreachable` (the server
+    /// could not be reached or answered with an error; once, until it answers again), `last_good` (the
+    /// bundle kept on disk serves from the start).
+    pub event: String,
+    /// Without user info or query.
+    pub url: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+    /// The bundle's `.manifest` revision.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub etag: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// The policy bundle was loaded, reloaded, or a reload rejected.

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use pexi_protocol::payload::{HttpRequest, Implementation};
 
+mod bundle;
 mod people;
 
 use crate::config::{Config, Listen, Listener};
@@ -323,6 +324,11 @@ enum PolicyCommand {
         #[arg(long)]
         input: PathBuf,
     },
+    /// OPA-format bundles for a bundle server (docs/fleet.md): build, sign, verify.
+    Bundle {
+        #[command(subcommand)]
+        command: bundle::BundleCommand,
+    },
 }
 
 pub fn main() -> ExitCode {
@@ -381,6 +387,9 @@ pub fn main() -> ExitCode {
         Command::Policy {
             command: PolicyCommand::Eval { config, input },
         } => policy_eval(config, &input),
+        Command::Policy {
+            command: PolicyCommand::Bundle { command },
+        } => bundle::run(command),
         Command::Audit {
             command:
                 AuditCommand::Verify {

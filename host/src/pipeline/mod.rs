@@ -26,6 +26,7 @@ mod guard;
 pub mod input;
 pub mod redirect;
 mod relay;
+pub mod remote;
 pub mod request;
 pub mod resolve;
 pub mod target;
@@ -40,7 +41,7 @@ use serde_json::{json, Value};
 use crate::audit::records::{self, AuditRecord};
 use crate::audit::{AuditLog, Redactor};
 use crate::config::Config;
-use crate::policy::{Bundle, Decision, PolicyEngine, PolicyError, PolicyStore};
+use crate::policy::{Bundle, Decision, PolicyEngine, PolicyError, PolicyRoot, PolicyStore};
 use address::AddressGuard;
 use failure::RequestError;
 use input::Asked;
@@ -79,8 +80,10 @@ pub struct Pipeline {
     pub activity: crate::activity::Activity,
     /// What the Prometheus endpoint shows (docs/fleet.md).
     pub metrics: crate::metrics::Metrics,
-    /// Reloads run one at a time (the watcher's and an "always" answer's).
+    /// Reloads run one at a time (the watcher's, an "always" answer's, a new bundle's).
     reloading: std::sync::Mutex<()>,
+    /// The verified bundle from the bundle server in service, if one is configured and has arrived.
+    remote: std::sync::Mutex<Option<std::sync::Arc<crate::policy::opa_bundle::OpaBundle>>>,
     /// Sessions, streams and buffered bytes: what all guests together may hold.
     pub admission: crate::limits::admission::Admission,
 }
@@ -122,6 +125,7 @@ fn restart_only_changes(running: &Config, fresh: &Config) -> Vec<&'static str> {
         ("pep.control", &r.control, &f.control),
         ("pep.metrics", &r.metrics, &f.metrics),
         ("pep.export", &r.export, &f.export),
+        ("pep.policy.bundle", &r.policy.bundle, &f.policy.bundle),
         ("secrets", &running.secrets, &fresh.secrets),
     ] {
         if differ(a, b) {
@@ -145,7 +149,28 @@ pub struct Logged {
 impl Pipeline {
     pub fn new(config: Config) -> Result<Pipeline, StartError> {
         config.ensure_private_dirs()?;
-        let policy = PolicyStore::new(load_policy(&config)?);
+        // With a bundle server configured, the last good bundle on disk serves from the start (verified
+        // again: the disk is not trusted more than the network); the server's newest follows
+        // (`crate::bundle_sync`).
+        let remote = remote::last_good(&config);
+        let engine = match &remote {
+            Some(bundle) => {
+                let root = PolicyRoot::Remote(bundle.clone(), config.pep.policy.bundle.url.clone());
+                match load_policy_at(&config, &root) {
+                    Ok(engine) => Some(engine),
+                    Err(err) => {
+                        tracing::error!(%err, "the last good bundle no longer loads; serving the local policy until the server's arrives");
+                        None
+                    }
+                }
+            }
+            None => None,
+        };
+        let remote = if engine.is_some() { remote } else { None };
+        let policy = PolicyStore::new(match engine {
+            Some(engine) => engine,
+            None => load_policy(&config)?,
+        });
         let audit_error = |source: std::io::Error| StartError::Audit {
             path: config.pep.audit.path.display().to_string(),
             source,
@@ -204,6 +229,7 @@ impl Pipeline {
             decision_prefix: format!("{:08x}", seed as u32),
             decisions: AtomicU64::new(0),
             reloading: std::sync::Mutex::new(()),
+            remote: std::sync::Mutex::new(remote),
             approvals,
             activity: crate::activity::Activity::default(),
             metrics: crate::metrics::Metrics::new(),
@@ -242,9 +268,13 @@ impl Pipeline {
             .reloading
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let root = self.policy_root(&self.config);
         // The embedded config does not change; its bundle's data can (the approvals file).
         let Some(path) = self.config.path.as_deref() else {
-            return self.swap_in(load_policy(&self.config).map_err(|err| err.to_string()));
+            return self.swap_in(
+                load_policy_at(&self.config, &root).map_err(|err| err.to_string()),
+                None,
+            );
         };
         let loaded = Config::load(Some(path))
             .map_err(|err| err.to_string())
@@ -261,19 +291,75 @@ impl Pipeline {
                     ))
                 }
             })
-            .and_then(|fresh| load_policy(&fresh).map_err(|err| err.to_string()));
-        self.swap_in(loaded)
+            .and_then(|fresh| {
+                // A bundle in service stays the root; otherwise the fresh config's folder.
+                let root = match root {
+                    PolicyRoot::Remote(..) => root,
+                    _ => fresh.policy_root.clone(),
+                };
+                load_policy_at(&fresh, &root).map_err(|err| err.to_string())
+            });
+        self.swap_in(loaded, None)
+    }
+
+    /// Where the policy comes from now: the bundle from the bundle server, once one has arrived, else
+    /// the configured folder (or the embedded policy).
+    fn policy_root(&self, config: &Config) -> PolicyRoot {
+        match self
+            .remote
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+        {
+            Some(bundle) => {
+                PolicyRoot::Remote(bundle.clone(), config.pep.policy.bundle.url.clone())
+            }
+            None => config.policy_root.clone(),
+        }
+    }
+
+    /// The bundle in service from the bundle server, if any.
+    pub fn remote_bundle(&self) -> Option<std::sync::Arc<crate::policy::opa_bundle::OpaBundle>> {
+        self.remote
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Puts a verified bundle from the bundle server in service through the reload gate (it compiles,
+    /// its tests pass, a probe decides); the one in service stays when it does not pass. Audited as a
+    /// `policy` record either way.
+    pub fn activate_bundle(
+        &self,
+        bundle: std::sync::Arc<crate::policy::opa_bundle::OpaBundle>,
+    ) -> Result<Option<String>, String> {
+        let _one_at_a_time = self
+            .reloading
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let root = PolicyRoot::Remote(bundle.clone(), self.config.pep.policy.bundle.url.clone());
+        let loaded = load_policy_at(&self.config, &root).map_err(|err| err.to_string());
+        let swapped = self.swap_in(loaded, Some(root.to_string()))?;
+        *self
+            .remote
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(bundle);
+        Ok(swapped)
     }
 
     /// Puts a freshly loaded bundle in service (or records why not); `None` when it is the one serving.
-    fn swap_in(&self, loaded: Result<PolicyEngine, String>) -> Result<Option<String>, String> {
+    fn swap_in(
+        &self,
+        loaded: Result<PolicyEngine, String>,
+        source: Option<String>,
+    ) -> Result<Option<String>, String> {
         let engine = match loaded {
             Ok(engine) => engine,
             Err(error) => {
                 self.record(&records::Policy {
                     event: records::PolicyEvent::ReloadRejected,
                     revision: None,
-                    source: None,
+                    source: source.clone(),
                     new_revision: None,
                     previous_revision: None,
                     error: Some(error.clone()),
@@ -293,7 +379,7 @@ impl Pipeline {
         self.record(&records::Policy {
             event: records::PolicyEvent::Reload,
             revision: None,
-            source: None,
+            source,
             new_revision: Some(revision.clone()),
             previous_revision: Some(previous),
             error: None,
@@ -523,8 +609,13 @@ impl Pipeline {
 
 /// Loads the bundle a configuration names and checks it can serve.
 pub fn load_policy(config: &Config) -> Result<PolicyEngine, PolicyError> {
+    load_policy_at(config, &config.policy_root)
+}
+
+/// Loads the policy from `root` with a configuration's entries and approvals, and checks it can serve.
+pub fn load_policy_at(config: &Config, root: &PolicyRoot) -> Result<PolicyEngine, PolicyError> {
     let bundle = Bundle::load_with(
-        &config.policy_root,
+        root,
         &config.pep.policy.allow,
         &config.pep.policy.deny,
         &approvals_of(config),

@@ -22,17 +22,40 @@ const EMBEDDED: &[(&str, &str)] = &[
 ];
 
 /// Where the Rego and data files come from.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub enum PolicyRoot {
     Embedded,
     Dir(PathBuf),
+    /// A verified OPA bundle from a bundle server (docs/fleet.md), and where it came from.
+    Remote(std::sync::Arc<super::opa_bundle::OpaBundle>, String),
 }
+
+impl PartialEq for PolicyRoot {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (PolicyRoot::Embedded, PolicyRoot::Embedded) => true,
+            (PolicyRoot::Dir(a), PolicyRoot::Dir(b)) => a == b,
+            (PolicyRoot::Remote(a, x), PolicyRoot::Remote(b, y)) => a.digest == b.digest && x == y,
+            _ => false,
+        }
+    }
+}
+
+impl Eq for PolicyRoot {}
 
 impl std::fmt::Display for PolicyRoot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             PolicyRoot::Embedded => f.write_str("<embedded policies>"),
             PolicyRoot::Dir(dir) => write!(f, "{}", dir.display()),
+            PolicyRoot::Remote(bundle, url) if bundle.manifest_revision.is_empty() => {
+                write!(f, "bundle {url} ({})", bundle.digest)
+            }
+            PolicyRoot::Remote(bundle, url) => write!(
+                f,
+                "bundle {url} (revision {}, {})",
+                bundle.manifest_revision, bundle.digest
+            ),
         }
     }
 }
@@ -132,6 +155,10 @@ impl Bundle {
                 .map(|(name, text)| (name.to_string(), text.to_string()))
                 .collect(),
             PolicyRoot::Dir(dir) => read_rego_files(dir)?,
+            PolicyRoot::Remote(bundle, _) => bundle.rego_files().map_err(|err| PolicyError {
+                file: root.to_string(),
+                message: err.to_string(),
+            })?,
         };
         files.sort();
         let (tests, modules): (Vec<_>, Vec<_>) = files
@@ -156,13 +183,25 @@ impl Bundle {
         add("config", allow, deny);
         let mut allow = allow.to_vec();
         let mut deny = deny.to_vec();
-        if let PolicyRoot::Dir(dir) = root {
-            for (path, file) in read_data_files(&dir.join("data"))? {
-                tracing::debug!(file = %path.display(), allow = file.allow.len(), deny = file.deny.len(), "policy data");
-                add(&path.display().to_string(), &file.allow, &file.deny);
-                allow.extend(file.allow);
-                deny.extend(file.deny);
+        match root {
+            PolicyRoot::Dir(dir) => {
+                for (path, file) in read_data_files(&dir.join("data"))? {
+                    tracing::debug!(file = %path.display(), allow = file.allow.len(), deny = file.deny.len(), "policy data");
+                    add(&path.display().to_string(), &file.allow, &file.deny);
+                    allow.extend(file.allow);
+                    deny.extend(file.deny);
+                }
             }
+            PolicyRoot::Remote(bundle, _) => {
+                let (bundle_allow, bundle_deny) = bundle.lists().map_err(|err| PolicyError {
+                    file: root.to_string(),
+                    message: err.to_string(),
+                })?;
+                add(&root.to_string(), &bundle_allow, &bundle_deny);
+                allow.extend(bundle_allow);
+                deny.extend(bundle_deny);
+            }
+            PolicyRoot::Embedded => {}
         }
         if let Some(path) = &approvals.file {
             let file = ApprovalsFile::read(path)?;

@@ -15,6 +15,7 @@
 mod bundle;
 pub mod entries;
 mod index;
+pub mod opa_bundle;
 mod testing;
 
 use std::sync::{Arc, Mutex, RwLock};
