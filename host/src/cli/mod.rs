@@ -323,6 +323,10 @@ enum PolicyCommand {
         /// A JSON input document (see docs/policy.md); `-` reads standard input.
         #[arg(long)]
         input: PathBuf,
+        /// INPUT holds one input document per line; one result per line is printed (compact JSON):
+        /// for a corpus, or to compare with another engine (scripts/test-opa).
+        #[arg(long)]
+        jsonl: bool,
     },
     /// OPA-format bundles for a bundle server (docs/fleet.md): build, sign, verify.
     Bundle {
@@ -385,8 +389,12 @@ pub fn main() -> ExitCode {
             command: PolicyCommand::Test { dir },
         } => policy_test(&dir),
         Command::Policy {
-            command: PolicyCommand::Eval { config, input },
-        } => policy_eval(config, &input),
+            command: PolicyCommand::Eval {
+                config,
+                input,
+                jsonl,
+            },
+        } => policy_eval(config, &input, jsonl),
         Command::Policy {
             command: PolicyCommand::Bundle { command },
         } => bundle::run(command),
@@ -719,18 +727,29 @@ fn policy_test(dir: &std::path::Path) -> ExitCode {
     ExitCode::from(if failed == 0 { 0 } else { 1 })
 }
 
-fn policy_eval(config: Option<PathBuf>, input: &std::path::Path) -> ExitCode {
+fn policy_eval(config: Option<PathBuf>, input: &std::path::Path, jsonl: bool) -> ExitCode {
     let text = if input == std::path::Path::new("-") {
         let mut text = String::new();
         std::io::Read::read_to_string(&mut std::io::stdin(), &mut text).map(|_| text)
     } else {
         std::fs::read_to_string(input)
     };
-    let document: serde_json::Value = match text
-        .map_err(|err| err.to_string())
-        .and_then(|t| serde_json::from_str(&t).map_err(|err| err.to_string()))
-    {
-        Ok(document) => document,
+    let documents: Vec<serde_json::Value> = match text.map_err(|err| err.to_string()).and_then(|t| {
+        if jsonl {
+            t.lines()
+                .filter(|line| !line.trim().is_empty())
+                .enumerate()
+                .map(|(n, line)| {
+                    serde_json::from_str(line).map_err(|err| format!("line {}: {err}", n + 1))
+                })
+                .collect()
+        } else {
+            serde_json::from_str(&t)
+                .map(|document| vec![document])
+                .map_err(|err| err.to_string())
+        }
+    }) {
+        Ok(documents) => documents,
         Err(err) => {
             eprintln!("pexi: input {}: {err}", input.display());
             return ExitCode::from(2);
@@ -746,18 +765,28 @@ fn policy_eval(config: Option<PathBuf>, input: &std::path::Path) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let result = match engine.evaluate(&document) {
-        Ok(value) => {
-            serde_json::json!({"revision": engine.revision(), "query": engine.query(), "result": value})
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    for document in &documents {
+        let result = match engine.evaluate(document) {
+            Ok(value) => {
+                serde_json::json!({"revision": engine.revision(), "query": engine.query(), "result": value})
+            }
+            Err(error) => {
+                serde_json::json!({"revision": engine.revision(), "query": engine.query(), "error": error})
+            }
+        };
+        let text = if jsonl {
+            serde_json::to_string(&result)
+        } else {
+            serde_json::to_string_pretty(&result)
+        };
+        if writeln!(out, "{}", text.unwrap_or_default()).is_err() {
+            return ExitCode::from(2);
         }
-        Err(error) => {
-            serde_json::json!({"revision": engine.revision(), "query": engine.query(), "error": error})
-        }
-    };
-    println!(
-        "{}",
-        serde_json::to_string_pretty(&result).unwrap_or_default()
-    );
+    }
+    if out.flush().is_err() {
+        return ExitCode::from(2);
+    }
     ExitCode::SUCCESS
 }
 
