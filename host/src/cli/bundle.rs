@@ -151,7 +151,6 @@ fn build(
     ))
 }
 
-
 fn sign(bundle: &Path, output: &Path, signing: &Signing) -> Result<String, String> {
     let key = signing
         .key()?

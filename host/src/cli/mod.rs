@@ -389,11 +389,12 @@ pub fn main() -> ExitCode {
             command: PolicyCommand::Test { dir },
         } => policy_test(&dir),
         Command::Policy {
-            command: PolicyCommand::Eval {
-                config,
-                input,
-                jsonl,
-            },
+            command:
+                PolicyCommand::Eval {
+                    config,
+                    input,
+                    jsonl,
+                },
         } => policy_eval(config, &input, jsonl),
         Command::Policy {
             command: PolicyCommand::Bundle { command },
@@ -734,27 +735,28 @@ fn policy_eval(config: Option<PathBuf>, input: &std::path::Path, jsonl: bool) ->
     } else {
         std::fs::read_to_string(input)
     };
-    let documents: Vec<serde_json::Value> = match text.map_err(|err| err.to_string()).and_then(|t| {
-        if jsonl {
-            t.lines()
-                .filter(|line| !line.trim().is_empty())
-                .enumerate()
-                .map(|(n, line)| {
-                    serde_json::from_str(line).map_err(|err| format!("line {}: {err}", n + 1))
-                })
-                .collect()
-        } else {
-            serde_json::from_str(&t)
-                .map(|document| vec![document])
-                .map_err(|err| err.to_string())
-        }
-    }) {
-        Ok(documents) => documents,
-        Err(err) => {
-            eprintln!("pexi: input {}: {err}", input.display());
-            return ExitCode::from(2);
-        }
-    };
+    let documents: Vec<serde_json::Value> =
+        match text.map_err(|err| err.to_string()).and_then(|t| {
+            if jsonl {
+                t.lines()
+                    .filter(|line| !line.trim().is_empty())
+                    .enumerate()
+                    .map(|(n, line)| {
+                        serde_json::from_str(line).map_err(|err| format!("line {}: {err}", n + 1))
+                    })
+                    .collect()
+            } else {
+                serde_json::from_str(&t)
+                    .map(|document| vec![document])
+                    .map_err(|err| err.to_string())
+            }
+        }) {
+            Ok(documents) => documents,
+            Err(err) => {
+                eprintln!("pexi: input {}: {err}", input.display());
+                return ExitCode::from(2);
+            }
+        };
     let engine = match Config::load(config.as_deref())
         .map_err(|err| err.to_string())
         .and_then(|config| crate::pipeline::load_policy(&config).map_err(|err| err.to_string()))

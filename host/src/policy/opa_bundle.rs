@@ -387,13 +387,15 @@ impl OpaBundle {
                     }
                     pexi
                 }
-                other => return Err(BundleError::File(
-                    name.clone(),
-                    format!(
+                other => {
+                    return Err(BundleError::File(
+                        name.clone(),
+                        format!(
                         "data.{}: a pexi bundle's data is data.pexi.allow and data.pexi.deny only",
                         other.replace('/', ".")
                     ),
-                )),
+                    ))
+                }
             };
             #[derive(Deserialize)]
             #[serde(deny_unknown_fields)]
