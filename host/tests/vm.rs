@@ -218,6 +218,12 @@ fn prove(variant: Variant) {
     let _ = std::fs::remove_file(&planted);
 
     let url_ok = format!("https://api.pexi.test:{}/hello", upstream.port());
+    let arch = variant
+        .env
+        .iter()
+        .find(|(name, _)| *name == "ARCH")
+        .map_or("guest", |(_, arch)| arch.as_str());
+    let vm_name = format!("proof-{arch}");
     let url_denied = "https://denied.pexi.test/exfiltrate?secret=1".to_string();
     let started = Instant::now();
     let mut command = Command::new(env!("CARGO_BIN_EXE_pexi"));
@@ -226,6 +232,8 @@ fn prove(variant: Variant) {
         .arg(&config)
         // The 3-minute budget is enforced by the run itself: past it, pexi vm run stops the VM and fails.
         .args(["--timeout", "170"])
+        // The host names the VM; every session and decision must say so (docs/fleet.md).
+        .args(["--name", &vm_name])
         .arg(format!("--env=URL_OK={url_ok}"))
         .arg(format!("--env=URL_DENIED={url_denied}"))
         .arg(format!("--env=UPSTREAM_PORT={}", upstream.port()))
@@ -321,6 +329,14 @@ fn prove(variant: Variant) {
         .map(|r| r["guest"]["name"].as_str().unwrap_or("").to_string())
         .collect();
     assert!(guests.contains("pexi-guest"), "{guests:?}");
+    // Whatever each guest program called itself, the host's name for the VM is on every session and
+    // every decision.
+    for record in records
+        .iter()
+        .filter(|r| r["kind"] == "decision" || (r["kind"] == "session" && r["event"] == "open"))
+    {
+        assert_eq!(record["vm"]["name"], vm_name.as_str(), "{record}");
+    }
     let verify = Command::new(env!("CARGO_BIN_EXE_pexi"))
         .args(["audit", "verify"])
         .arg(&audit)

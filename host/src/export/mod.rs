@@ -49,6 +49,40 @@ pub struct Cursor {
     pub next_seq: u64,
     /// Bytes of the checkpoint file shipped.
     pub checkpoint_offset: u64,
+    /// The digest of the last record shipped, to tell this log from a new one that restarted at `seq` 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_digest: Option<String>,
+}
+
+impl Cursor {
+    /// This cursor checked against the log at `log`: when the record before it is not the one it shipped
+    /// last (the log was replaced, say by `pexi serve --force`, and a new chain started at `seq` 0),
+    /// shipping starts over from the new log's beginning rather than waiting for a `seq` it may never
+    /// reach.
+    fn resume(self, log: &Path) -> Cursor {
+        let Some(last) = self.next_seq.checked_sub(1) else {
+            return self;
+        };
+        let same = match Tail::new(log, last).read(1) {
+            Ok(read) => match read.lines.first() {
+                Some(line) if line.seq == last => self
+                    .last_digest
+                    .as_deref()
+                    .is_none_or(|digest| digest == crate::audit::line_digest(line.text.as_bytes())),
+                // Retention removed it: the same log, with a gap the sink reports.
+                Some(_) => true,
+                // The log ends before what was shipped: not the log the cursor was made on.
+                None => false,
+            },
+            Err(_) => true,
+        };
+        if same {
+            self
+        } else {
+            tracing::warn!(log = %log.display(), shipped_up_to = last, "audit export: the log is not the one the cursor was made on (a new chain); shipping it from its start");
+            Cursor::default()
+        }
+    }
 }
 
 impl Cursor {
@@ -118,7 +152,7 @@ pub(crate) fn start(
     }
     for sink in sinks {
         let cursor_path = export.cursor_path(&config.audit, sink.name());
-        let cursor = Cursor::load(&cursor_path)?;
+        let cursor = Cursor::load(&cursor_path)?.resume(&config.audit.path);
         tracing::info!(
             sink = sink.name(),
             next_seq = cursor.next_seq,
@@ -238,6 +272,8 @@ impl Shipper {
                     for item in pending.items.drain(..) {
                         if let Item::Record(line) = item {
                             self.cursor.next_seq = line.seq + 1;
+                            self.cursor.last_digest =
+                                Some(crate::audit::line_digest(line.text.as_bytes()));
                         }
                     }
                     if let Some(offset) = pending.checkpoint_offset.take() {
@@ -339,5 +375,44 @@ impl Shipper {
             }
         }
         *last_save = Instant::now();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_log(path: &Path, texts: &[&str]) {
+        let lines: String = texts
+            .iter()
+            .enumerate()
+            .map(|(seq, text)| {
+                format!("{{\"v\":1,\"seq\":{seq},\"ts\":\"2026-12-02T00:00:00Z\",\"kind\":\"{text}\"}}\n")
+            })
+            .collect();
+        std::fs::write(path, lines).expect("log");
+    }
+
+    #[test]
+    fn a_cursor_made_on_another_log_starts_over() {
+        let dir = std::env::temp_dir().join(format!("pexi-cursor-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let log = dir.join("audit.jsonl");
+        write_log(&log, &["a", "b", "c", "d"]);
+        let line = Tail::new(&log, 2).read(1).expect("read").lines.remove(0);
+        let cursor = Cursor {
+            next_seq: 3,
+            checkpoint_offset: 10,
+            last_digest: Some(crate::audit::line_digest(line.text.as_bytes())),
+        };
+        assert_eq!(cursor.clone().resume(&log), cursor, "the same log");
+        // A new chain, longer than what was shipped: the record at seq 2 differs.
+        write_log(&log, &["x", "y", "z", "w", "v"]);
+        assert_eq!(cursor.clone().resume(&log), Cursor::default());
+        // A new chain, shorter than what was shipped.
+        write_log(&log, &["x"]);
+        assert_eq!(cursor.clone().resume(&log), Cursor::default());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
