@@ -42,24 +42,18 @@ pub enum BundleCommand {
         /// The PEM public key.
         #[arg(long)]
         public_key: PathBuf,
-        #[arg(long, default_value = "RS256")]
-        algorithm: String,
-        #[arg(long)]
-        key_id: Option<String>,
-        #[arg(long, default_value = "")]
-        scope: String,
+        #[command(flatten)]
+        token: Token,
     },
 }
 
+/// What the signature's token says besides the signature, as `[pep.policy.bundle]` checks it.
 #[derive(clap::Args)]
-pub struct Signing {
-    /// The PEM private key (PKCS#8, or PKCS#1 RSA / SEC1 EC).
-    #[arg(long)]
-    signing_key: Option<PathBuf>,
+pub struct Token {
     /// RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384 or EdDSA.
     #[arg(long, default_value = "RS256")]
     algorithm: String,
-    /// The `kid` the token names (a PEP with key_id set requires it).
+    /// The key's id (`kid`; a PEP with key_id set requires it).
     #[arg(long)]
     key_id: Option<String>,
     /// The token's `scope` (a PEP with scope set requires it).
@@ -67,14 +61,24 @@ pub struct Signing {
     scope: String,
 }
 
+#[derive(clap::Args)]
+pub struct Signing {
+    /// The PEM private key (PKCS#8, or PKCS#1 RSA / SEC1 EC).
+    #[arg(long)]
+    signing_key: Option<PathBuf>,
+    #[command(flatten)]
+    token: Token,
+}
+
 impl Signing {
     fn key(&self) -> Result<Option<SigningKey>, String> {
         let Some(path) = &self.signing_key else {
             return Ok(None);
         };
-        let algorithm = opa_bundle::algorithm(&self.algorithm)?;
+        let token = &self.token;
+        let algorithm = opa_bundle::algorithm(&token.algorithm)?;
         let pem = std::fs::read(path).map_err(|err| format!("{}: {err}", path.display()))?;
-        SigningKey::from_pem(&pem, algorithm, self.key_id.clone(), self.scope.clone())
+        SigningKey::from_pem(&pem, algorithm, token.key_id.clone(), token.scope.clone())
             .map(Some)
             .map_err(|err| format!("{}: {err}", path.display()))
     }
@@ -96,10 +100,8 @@ pub fn run(command: BundleCommand) -> ExitCode {
         BundleCommand::Verify {
             bundle,
             public_key,
-            algorithm,
-            key_id,
-            scope,
-        } => return verify(&bundle, &public_key, &algorithm, key_id, scope),
+            token,
+        } => return verify(&bundle, &public_key, token),
     };
     match done {
         Ok(message) => {
@@ -162,21 +164,15 @@ fn sign(bundle: &Path, output: &Path, signing: &Signing) -> Result<String, Strin
     Ok(format!(
         "{}: signed ({})",
         output.display(),
-        signing.algorithm
+        signing.token.algorithm
     ))
 }
 
-fn verify(
-    bundle: &Path,
-    public_key: &Path,
-    algorithm: &str,
-    key_id: Option<String>,
-    scope: String,
-) -> ExitCode {
-    let key = opa_bundle::algorithm(algorithm).and_then(|algorithm| {
+fn verify(bundle: &Path, public_key: &Path, token: Token) -> ExitCode {
+    let key = opa_bundle::algorithm(&token.algorithm).and_then(|algorithm| {
         let pem =
             std::fs::read(public_key).map_err(|err| format!("{}: {err}", public_key.display()))?;
-        VerificationKey::from_pem(&pem, algorithm, key_id, scope)
+        VerificationKey::from_pem(&pem, algorithm, token.key_id, token.scope)
             .map_err(|err| format!("{}: {err}", public_key.display()))
     });
     let parsed = std::fs::read(bundle)

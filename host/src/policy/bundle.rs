@@ -124,14 +124,14 @@ impl ApprovalsFile {
     }
 }
 
-/// A `policies/data/*.json` file.
+/// A `policies/data/*.json` file (and a bundle's `data.pexi`).
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct DataFile {
+pub(super) struct DataFile {
     #[serde(default)]
-    allow: Vec<Entry>,
+    pub allow: Vec<Entry>,
     #[serde(default)]
-    deny: Vec<Entry>,
+    pub deny: Vec<Entry>,
 }
 
 impl Bundle {
@@ -256,7 +256,7 @@ impl Bundle {
     }
 }
 
-fn read_rego_files(dir: &Path) -> Result<Vec<(String, String)>, PolicyError> {
+pub(super) fn read_rego_files(dir: &Path) -> Result<Vec<(String, String)>, PolicyError> {
     let mut out = Vec::new();
     let mut pending = vec![dir.to_path_buf()];
     while let Some(current) = pending.pop() {
@@ -285,7 +285,7 @@ fn read_rego_files(dir: &Path) -> Result<Vec<(String, String)>, PolicyError> {
     Ok(out)
 }
 
-fn read_data_files(dir: &Path) -> Result<Vec<(PathBuf, DataFile)>, PolicyError> {
+pub(super) fn read_data_files(dir: &Path) -> Result<Vec<(PathBuf, DataFile)>, PolicyError> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Ok(Vec::new());
     };

@@ -17,6 +17,7 @@ use std::path::{Component, Path};
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
 
+use super::bundle::{read_data_files, read_rego_files, DataFile};
 use super::entries::Entry;
 
 /// The signatures file, which the signature does not cover.
@@ -114,6 +115,23 @@ pub fn algorithm(name: &str) -> Result<jsonwebtoken::Algorithm, String> {
     })
 }
 
+/// Which kind of key an algorithm takes.
+enum KeyKind {
+    Rsa,
+    Ec,
+    Ed,
+}
+
+fn key_kind(algorithm: jsonwebtoken::Algorithm) -> Result<KeyKind, String> {
+    use jsonwebtoken::Algorithm::*;
+    match algorithm {
+        RS256 | RS384 | RS512 | PS256 | PS384 | PS512 => Ok(KeyKind::Rsa),
+        ES256 | ES384 => Ok(KeyKind::Ec),
+        EdDSA => Ok(KeyKind::Ed),
+        other => Err(format!("algorithm {other:?} is not allowed for bundles")),
+    }
+}
+
 impl VerificationKey {
     /// From a PEM public key (`PUBLIC KEY`, or `RSA PUBLIC KEY` for the RSA algorithms).
     pub fn from_pem(
@@ -122,14 +140,11 @@ impl VerificationKey {
         key_id: Option<String>,
         scope: String,
     ) -> Result<VerificationKey, String> {
-        use jsonwebtoken::Algorithm::*;
-        let key = match algorithm {
-            RS256 | RS384 | RS512 | PS256 | PS384 | PS512 => {
-                jsonwebtoken::DecodingKey::from_rsa_pem(pem)
-            }
-            ES256 | ES384 => jsonwebtoken::DecodingKey::from_ec_pem(pem),
-            EdDSA => jsonwebtoken::DecodingKey::from_ed_pem(pem),
-            other => return Err(format!("algorithm {other:?} is not allowed for bundles")),
+        use jsonwebtoken::DecodingKey;
+        let key = match key_kind(algorithm)? {
+            KeyKind::Rsa => DecodingKey::from_rsa_pem(pem),
+            KeyKind::Ec => DecodingKey::from_ec_pem(pem),
+            KeyKind::Ed => DecodingKey::from_ed_pem(pem),
         }
         .map_err(|err| format!("not a {algorithm:?} public key: {err}"))?;
         Ok(VerificationKey {
@@ -157,14 +172,11 @@ impl SigningKey {
         key_id: Option<String>,
         scope: String,
     ) -> Result<SigningKey, String> {
-        use jsonwebtoken::Algorithm::*;
-        let key = match algorithm {
-            RS256 | RS384 | RS512 | PS256 | PS384 | PS512 => {
-                jsonwebtoken::EncodingKey::from_rsa_pem(pem)
-            }
-            ES256 | ES384 => jsonwebtoken::EncodingKey::from_ec_pem(pem),
-            EdDSA => jsonwebtoken::EncodingKey::from_ed_pem(pem),
-            other => return Err(format!("algorithm {other:?} is not allowed for bundles")),
+        use jsonwebtoken::EncodingKey;
+        let key = match key_kind(algorithm)? {
+            KeyKind::Rsa => EncodingKey::from_rsa_pem(pem),
+            KeyKind::Ec => EncodingKey::from_ec_pem(pem),
+            KeyKind::Ed => EncodingKey::from_ed_pem(pem),
         }
         .map_err(|err| format!("not a {algorithm:?} private key: {err}"))?;
         Ok(SigningKey {
@@ -397,15 +409,7 @@ impl OpaBundle {
                     ))
                 }
             };
-            #[derive(Deserialize)]
-            #[serde(deny_unknown_fields)]
-            struct Lists {
-                #[serde(default)]
-                allow: Vec<Entry>,
-                #[serde(default)]
-                deny: Vec<Entry>,
-            }
-            let lists: Lists = serde_json::from_value(lists).map_err(|err| {
+            let lists: DataFile = serde_json::from_value(lists).map_err(|err| {
                 BundleError::File(
                     name.clone(),
                     format!("{err} (data.pexi holds allow and deny entries only)"),
@@ -421,53 +425,17 @@ impl OpaBundle {
     /// the modules at their paths, the entries merged into `pexi/data.json`, a `.manifest` with
     /// `revision` and the `pexi` root. Unsigned: sign it with [`OpaBundle::sign`].
     pub fn build(dir: &Path, revision: &str) -> Result<Vec<u8>, String> {
-        let mut files: BTreeMap<String, Vec<u8>> = BTreeMap::new();
-        let mut pending = vec![dir.to_path_buf()];
-        let mut data_files = Vec::new();
-        while let Some(current) = pending.pop() {
-            let entries = std::fs::read_dir(&current)
-                .map_err(|err| format!("{}: {err}", current.display()))?;
-            for entry in entries.flatten() {
-                let path = entry.path();
-                if path.is_dir() {
-                    pending.push(path);
-                    continue;
-                }
-                let relative = path.strip_prefix(dir).unwrap_or(&path);
-                let name = relative
-                    .components()
-                    .map(|c| c.as_os_str().to_string_lossy().into_owned())
-                    .collect::<Vec<_>>()
-                    .join("/");
-                if name.ends_with(".rego") {
-                    let bytes =
-                        std::fs::read(&path).map_err(|err| format!("{}: {err}", path.display()))?;
-                    files.insert(name, bytes);
-                } else if name.starts_with("data/") && name.ends_with(".json") {
-                    data_files.push(path);
-                }
-            }
-        }
+        let mut files: BTreeMap<String, Vec<u8>> = read_rego_files(dir)
+            .map_err(|err| err.to_string())?
+            .into_iter()
+            .map(|(name, text)| (name, text.into_bytes()))
+            .collect();
         if !files.keys().any(|name| !name.ends_with("_test.rego")) {
             return Err(format!("{}: no .rego policy files", dir.display()));
         }
-        data_files.sort();
         let mut allow = Vec::new();
         let mut deny = Vec::new();
-        for path in data_files {
-            let text = std::fs::read_to_string(&path)
-                .map_err(|err| format!("{}: {err}", path.display()))?;
-            #[derive(Deserialize)]
-            #[serde(deny_unknown_fields)]
-            struct DataFile {
-                #[serde(default)]
-                allow: Vec<Entry>,
-                #[serde(default)]
-                deny: Vec<Entry>,
-            }
-            let file: DataFile = serde_json::from_str(&text).map_err(|err| {
-                format!("{}:{}:{}: {err}", path.display(), err.line(), err.column())
-            })?;
+        for (_, file) in read_data_files(&dir.join("data")).map_err(|err| err.to_string())? {
             allow.extend(file.allow);
             deny.extend(file.deny);
         }
