@@ -27,7 +27,8 @@ struct Sync {
     etag: Option<String>,
     /// Set while the server cannot be reached, so an outage is one record, not one per poll.
     unreachable: bool,
-    /// The digest of the last bundle refused, so the same bad bundle is one record.
+    /// What the last refusal was about (the failure, or the digest of a bundle the reload gate refused),
+    /// so the same bad bundle is one record, and one the gate refused is not tried again every poll.
     refused: Option<String>,
 }
 
@@ -205,6 +206,11 @@ impl Sync {
                 return;
             }
         };
+        if self.refused.as_deref() == Some(bundle.digest.as_str()) {
+            self.etag = etag;
+            self.count("refused");
+            return;
+        }
         self.refused = None;
         if self
             .pipeline
@@ -215,7 +221,7 @@ impl Sync {
             self.count("unchanged");
             return;
         }
-        let previous_etag = std::mem::replace(&mut self.etag, etag);
+        self.etag = etag;
         self.record("download", Some(&bundle), Some(size), None);
         let bundle = Arc::new(bundle);
         let pipeline = self.pipeline.clone();
@@ -236,9 +242,10 @@ impl Sync {
                 }
             }
             Ok(Err(err)) => {
-                // Audited by the gate (`policy` reload_rejected). The same ETag must not hide it next time.
+                // Audited by the gate (`policy` reload_rejected); not tried again until the server
+                // serves another bundle.
                 self.count("refused");
-                self.etag = previous_etag;
+                self.refused = Some(bundle.digest.clone());
                 tracing::error!(url = %self.shown_url, %err, "bundle refused by the reload gate; the bundle in service keeps serving");
             }
             Err(err) => tracing::error!(%err, "bundle activation stopped"),

@@ -42,6 +42,10 @@ async fn bundle_server(served: Arc<Mutex<Served>>) -> (u16, tokio::task::JoinHan
                     .get("if-none-match")
                     .and_then(|v| v.to_str().ok())
                     .unwrap_or_default();
+                if served.etag.is_empty() {
+                    // A server that keeps no ETags: every poll downloads.
+                    return served.archive.clone().into_response();
+                }
                 if wanted == served.etag {
                     served.not_modified += 1;
                     return axum::http::StatusCode::NOT_MODIFIED.into_response();
@@ -92,6 +96,18 @@ fn rsa_keys(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
 
 /// The shipped policy with an allow list, built (and signed with `key`, if any) by `pexi policy bundle`.
 fn bundle(work: &Path, revision: &str, hosts: &[&str], port: u16, key: Option<&Path>) -> Vec<u8> {
+    bundle_with(work, revision, hosts, port, key, None)
+}
+
+/// As [`bundle`], with one more module.
+fn bundle_with(
+    work: &Path,
+    revision: &str,
+    hosts: &[&str],
+    port: u16,
+    key: Option<&Path>,
+    module: Option<(&str, &str)>,
+) -> Vec<u8> {
     let dir = work.join(format!("policy-{revision}"));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(dir.join("data")).expect("dir");
@@ -103,6 +119,9 @@ fn bundle(work: &Path, revision: &str, hosts: &[&str], port: u16, key: Option<&P
         .map(|h| serde_json::json!({"host": h, "ports": [port]}))
         .collect();
     std::fs::create_dir_all(policies.join("data")).expect("data dir");
+    if let Some((name, text)) = module {
+        std::fs::write(policies.join("pexi").join(name), text).expect("module");
+    }
     std::fs::write(
         policies.join("data/fleet.json"),
         serde_json::to_vec(&serde_json::json!({"allow": allow})).expect("json"),
@@ -154,10 +173,15 @@ fn tampered(archive: &[u8], name: &str, content: &[u8]) -> Vec<u8> {
     out.into_inner().expect("tar").finish().expect("gz")
 }
 
+/// Serves `archive` with ETag `etag` ("" for none).
 fn serve(served: &Arc<Mutex<Served>>, archive: Vec<u8>, etag: &str) {
     let mut served = served.lock().expect("served");
     served.archive = archive;
-    served.etag = format!("\"{etag}\"");
+    served.etag = if etag.is_empty() {
+        String::new()
+    } else {
+        format!("\"{etag}\"")
+    };
 }
 
 async fn status_of(pep: &TestPep, url: &str) -> String {
@@ -309,6 +333,52 @@ async fn signed_bundles_serve_and_tampered_unsigned_or_foreign_ones_are_refused(
     assert!(
         api.hits().iter().all(|hit| !hit.host.contains("evil")),
         "nothing reached the upstream for evil.test"
+    );
+
+    // Signed, but its own tests fail: the reload gate refuses it (a `policy` record names it), r2 keeps
+    // deciding, and it is not tried again on every poll.
+    let failing = bundle_with(
+        &work,
+        "r5",
+        &["evil.test"],
+        port,
+        Some(&private),
+        Some((
+            "broken_test.rego",
+            "package pexi.broken_test\n\nimport rego.v1\n\ntest_that_fails if false\n",
+        )),
+    );
+    // Served without an ETag, so every poll downloads it again.
+    serve(&served, failing, "");
+    let rejected = pep.wait_record("the gate's refusal", |r| {
+        r["kind"] == "policy"
+            && r["event"] == "reload_rejected"
+            && r["source"]
+                .as_str()
+                .is_some_and(|s| s.contains("revision r5"))
+    });
+    assert!(
+        rejected["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("test")),
+        "{rejected}"
+    );
+    assert_eq!(status_of(&pep, &evil).await, "policy_denied");
+    assert_eq!(status_of(&pep, &two).await, "200");
+    // Two more downloads of the same bundle.
+    let polled = served.lock().expect("served").requests;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while served.lock().expect("served").requests < polled + 2 {
+        assert!(Instant::now() < deadline, "no more polls");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let tries = bundle_records(&pep, "download")
+        .iter()
+        .filter(|r| r["revision"] == "r5")
+        .count();
+    assert_eq!(
+        tries, 1,
+        "a bundle the gate refused is not downloaded into service again"
     );
 
     // ETag polling: a bundle already held is not downloaded again.

@@ -83,9 +83,7 @@ impl Cursor {
             Cursor::default()
         }
     }
-}
 
-impl Cursor {
     fn load(path: &Path) -> Result<Cursor, String> {
         match std::fs::read(path) {
             Ok(bytes) => serde_json::from_slice(&bytes).map_err(|err| {
