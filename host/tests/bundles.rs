@@ -403,6 +403,19 @@ async fn signed_bundles_serve_and_tampered_unsigned_or_foreign_ones_are_refused(
     wait_record(&pep, "unreachable", 1).await;
     let last_good = wait_record(&pep, "last_good", 1).await;
     assert_eq!(last_good[0]["revision"], "r2");
+    let loads: Vec<Value> = pep
+        .audit_records()
+        .into_iter()
+        .filter(|r| r["kind"] == "policy" && r["event"] == "load")
+        .collect();
+    let source = loads
+        .last()
+        .and_then(|r| r["source"].as_str())
+        .unwrap_or_default();
+    assert!(
+        source.contains("revision r2"),
+        "the start's policy record names the bundle: {source}"
+    );
 
     // A last good bundle changed on disk is not trusted: the PEP falls back to its local policy (deny).
     let kept = pep.dir.join("bundle/bundle.tar.gz");

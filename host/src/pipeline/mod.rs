@@ -237,7 +237,7 @@ impl Pipeline {
         pipeline.record(&records::Policy {
             event: records::PolicyEvent::Load,
             revision: Some(pipeline.policy_revision()),
-            source: Some(pipeline.config.policy_root.to_string()),
+            source: Some(pipeline.policy_root(&pipeline.config).to_string()),
             new_revision: None,
             previous_revision: None,
             error: None,
