@@ -1273,6 +1273,48 @@ mod tests {
     }
 
     #[test]
+    fn fleet_settings_are_checked_when_the_file_loads() {
+        let refused = |text: &str, wanted: &str| {
+            let (result, _) = load_text(text);
+            let err = result.err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(err.contains(wanted), "{text}: {err}");
+        };
+        refused(
+            "[pep.policy.bundle]\nurl = \"https://b.example/p.tar.gz\"\n",
+            "pep.policy.bundle.public_key",
+        );
+        refused(
+            "[pep.policy.bundle]\nurl = \"ftp://b.example/p.tar.gz\"\npublic_key = \"k.pem\"\n",
+            "an http(s) URL",
+        );
+        refused(
+            "[pep.policy.bundle]\nurl = \"https://b.example/p\"\npublic_key = \"k.pem\"\nalgorithm = \"HS256\"\n",
+            "algorithm",
+        );
+        refused(
+            "[pep.policy.bundle]\nurl = \"https://b.example/p\"\npublic_key = \"missing.pem\"\n",
+            "missing.pem",
+        );
+        refused(
+            "[pep.export.otlp]\nendpoint = \"collector:4318\"\n",
+            "pep.export.otlp.endpoint",
+        );
+        refused(
+            "[pep.export.syslog]\naddress = \"siem.example\"\n",
+            "host:port",
+        );
+        refused(
+            "[pep.export.syslog]\naddress = \"siem.example:6514\"\ntransport = \"udp\"\n",
+            "transport",
+        );
+        refused(
+            "[pep.metrics]\nlisten = \"0.0.0.0:9464\"\n",
+            "loopback only",
+        );
+        refused("[pep.export]\nbatch_records = 0\n", "batch_records");
+    }
+
+    #[test]
     fn a_file_names_only_what_it_changes() {
         let (config, _) = load_text(
             "[pep.limits]\nmax_redirects = 2\n\n[pep.audit]\nbatch_ms = 7\n\n[[pep.policy.allow]]\nhost = \"api.example.com\"\n",
