@@ -19,13 +19,6 @@ use prost::Message;
 use serde_json::Value;
 use support::{loopback_options, TestCa, TestPep, Upstream};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
-
 /// What a receiver got, in arrival order: (kind, the line's text).
 type Received = Arc<Mutex<Vec<(String, String)>>>;
 
@@ -313,9 +306,9 @@ async fn every_record_reaches_rsyslog_and_an_otlp_receiver_in_order_across_resta
     let port = api.port();
     let ca = TestCa::new(&["siem.test"]);
     let work = support::temp_dir("export");
-    let syslog_port = free_port();
+    let syslog_port = support::free_port();
     let mut rsyslog = Rsyslog::start(&work.join("rsyslog"), syslog_port, &ca);
-    let otlp_port = free_port();
+    let otlp_port = support::free_port();
     let received: Received = Arc::default();
     let mut otlp = OtlpReceiver::start(otlp_port, received.clone()).await;
     std::fs::write(work.join("siem-ca.pem"), &ca.ca_pem).expect("ca");

@@ -190,14 +190,6 @@ fn pexi_check_decides_for_the_vm_it_is_given() {
     assert_eq!(bad.status.code(), Some(2), "{bad:?}");
 }
 
-/// A port free on 127.0.0.1 now (the test runs alone in its namespace, so nothing takes it meanwhile).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
-
 /// A plain HTTP/1.1 GET on loopback: status and body.
 fn http_get(port: u16, path: &str, host: &str) -> std::io::Result<(u16, String)> {
     use std::io::{Read, Write};
@@ -248,7 +240,7 @@ impl Prometheus {
             ),
         )
         .expect("prometheus.yml");
-        let port = free_port();
+        let port = support::free_port();
         let log = std::fs::File::create(dir.join("prometheus.log")).expect("log");
         let child = std::process::Command::new("prometheus")
             .arg(format!("--config.file={}", config.display()))
@@ -319,7 +311,7 @@ async fn prometheus_scrapes_the_decision_counts_of_a_run() {
     }
     let api = Upstream::http("127.0.0.1").await;
     let port = api.port();
-    let metrics_port = free_port();
+    let metrics_port = support::free_port();
     let pep = TestPep::start_with(
         loopback_options(
             &[("api.test", "127.0.0.1"), ("other.test", "127.0.0.1")],

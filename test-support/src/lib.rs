@@ -828,6 +828,15 @@ fn rerun_inside(test_name: &str, namespaces: &[&str], inside: &str, what: &str) 
     false
 }
 
+/// A port free on 127.0.0.1 now, for a server that must be told its port before it starts (Prometheus,
+/// rsyslog). Tests that use it run alone in a namespace of their own, so nothing takes it meanwhile.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
 pub fn loopback_options(names: &[(&str, &str)], allowed: &[&str]) -> PepOptions {
     PepOptions {
         allowed_domains: allowed.iter().map(|d| d.to_string()).collect(),

@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::Subcommand;
-use sha2::Digest;
 
 use crate::policy::opa_bundle::{self, Limits, OpaBundle, SigningKey, VerificationKey};
 
@@ -122,22 +121,7 @@ fn build(
     signing: &Signing,
 ) -> Result<String, String> {
     let key = signing.key()?;
-    // The revision names the content: built twice from the same files, the same revision.
-    let revision = match revision {
-        Some(revision) => revision,
-        None => {
-            let draft = OpaBundle::build(dir, "")?;
-            let parsed = OpaBundle::parse(&draft, Limits::default()).map_err(|e| e.to_string())?;
-            let mut hash = sha2::Sha256::new();
-            for (name, bytes) in parsed.files.iter().filter(|(name, _)| *name != ".manifest") {
-                hash.update(name.as_bytes());
-                hash.update([0]);
-                hash.update(bytes);
-            }
-            hex::encode(hash.finalize())
-        }
-    };
-    let mut archive = OpaBundle::build(dir, &revision)?;
+    let (mut archive, revision) = OpaBundle::build(dir, revision.as_deref())?;
     if let Some(key) = &key {
         archive = OpaBundle::sign(&archive, key, Limits::default())?;
     }

@@ -423,8 +423,9 @@ impl OpaBundle {
 
     /// A bundle from a policy folder in pexi's layout (`*.rego` anywhere, `data/*.json` entry files):
     /// the modules at their paths, the entries merged into `pexi/data.json`, a `.manifest` with
-    /// `revision` and the `pexi` root. Unsigned: sign it with [`OpaBundle::sign`].
-    pub fn build(dir: &Path, revision: &str) -> Result<Vec<u8>, String> {
+    /// `revision` (by default the digest of the files, so the same files get the same revision) and the
+    /// `pexi` root. Returns the archive and its revision. Unsigned: sign it with [`OpaBundle::sign`].
+    pub fn build(dir: &Path, revision: Option<&str>) -> Result<(Vec<u8>, String), String> {
         let mut files: BTreeMap<String, Vec<u8>> = read_rego_files(dir)
             .map_err(|err| err.to_string())?
             .into_iter()
@@ -444,12 +445,24 @@ impl OpaBundle {
             "pexi/data.json".into(),
             serde_json::to_vec_pretty(&data).map_err(|err| err.to_string())?,
         );
+        let revision = match revision {
+            Some(revision) => revision.to_string(),
+            None => {
+                let mut hash = sha2::Sha256::new();
+                for (name, bytes) in &files {
+                    hash.update(name.as_bytes());
+                    hash.update([0]);
+                    hash.update(bytes);
+                }
+                hex::encode(hash.finalize())
+            }
+        };
         let manifest = serde_json::json!({"revision": revision, "roots": ["pexi"]});
         files.insert(
             MANIFEST.into(),
             serde_json::to_vec_pretty(&manifest).map_err(|err| err.to_string())?,
         );
-        pack(&files, None)
+        Ok((pack(&files, None)?, revision))
     }
 
     /// The same archive with a `.signatures.json` (any old one replaced) that lists every other file.
@@ -923,7 +936,7 @@ mod tests {
         let dir = policy_dir();
         let (signing, verifying) = keys();
         let limits = Limits::default();
-        let unsigned = OpaBundle::build(&dir, "r1").expect("build");
+        let unsigned = OpaBundle::build(&dir, Some("r1")).expect("build").0;
         let parsed = OpaBundle::parse(&unsigned, limits).expect("parse");
         assert_eq!(parsed.verify(&verifying), Err(BundleError::Unsigned));
         let signed = OpaBundle::sign(&unsigned, &signing, limits).expect("sign");
@@ -1008,7 +1021,7 @@ mod tests {
     #[test]
     fn bundles_over_their_limits_or_with_links_are_refused() {
         let dir = policy_dir();
-        let archive = OpaBundle::build(&dir, "r").expect("build");
+        let archive = OpaBundle::build(&dir, Some("r")).expect("build").0;
         let small = Limits {
             max_bytes: 10,
             ..Limits::default()
